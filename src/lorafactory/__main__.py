@@ -1,0 +1,3 @@
+from lorafactory.cli import app
+
+app()

@@ -1,0 +1,247 @@
+"""The ``lorafactory`` command line: thin typer commands over the pipeline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from lorafactory.config import PRESETS, load_settings, read_toml, to_toml
+from lorafactory.errors import LorafactoryError
+from lorafactory.progress import RichProgress
+from lorafactory.workspace import STAGES, Workspace, slugify
+
+app = typer.Typer(help="Turn an anime character into a trained, evaluated, ready-to-publish LoRA.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+err = Console(stderr=True)
+out = Console()
+
+WorkspaceOpt = typer.Option(
+    Path(os.environ.get("LORAFACTORY_WORKSPACE", "workspace")), "--workspace", "-w", help="Folder for all characters and the state db."
+)
+DbOpt = typer.Option(None, "--db", help="State database URL (default: SQLite in the workspace; postgresql://… for fleets).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML settings file.")
+PresetOpt = typer.Option(None, "--preset", help=f"Named preset: {', '.join(PRESETS)}.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a setting, e.g. --set train.max_steps=800 (repeatable).")
+ForceOpt = typer.Option(None, "--force", help=f"Rerun from this stage onward: {', '.join(STAGES)}.")
+
+
+def _fail(exc: LorafactoryError) -> None:
+    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def _setup_logging() -> None:
+    # Read by diffusers, transformers and huggingface_hub when they are first imported (lazily, later).
+    for key in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(key, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    logging.getLogger("lorafactory").setLevel(logging.INFO)
+
+
+def _settings(workspace: Path, name: Optional[str], config: Optional[Path], preset: Optional[str], overrides: List[str]):
+    """Saved character settings (if any) < --config < --set; the name always comes from the command."""
+    base = None
+    if name:
+        saved = Workspace(workspace).character(slugify(name)).config_path
+        if saved.is_file():
+            base = read_toml(saved)
+    extra = list(overrides or [])
+    settings = load_settings(config, preset, extra, base=base)
+    if name:
+        settings.character.name = name
+    return settings
+
+
+def _run(name: str, until: str, workspace: Path, db: Optional[str], config, preset, overrides, force, source_overrides=()) -> None:
+    from lorafactory.pipeline import run_pipeline
+    from lorafactory.state import Store
+
+    _setup_logging()
+    try:
+        settings = _settings(workspace, name, config, preset, [*source_overrides, *(overrides or [])])
+        ws = Workspace(workspace)
+        ws.root.mkdir(parents=True, exist_ok=True)
+        store = Store(db or ws.default_db_url)
+        err.print(f"[bold]{settings.character.name}[/bold] → {ws.character(slugify(name)).path}  (preset {settings.preset})")
+        outcome = run_pipeline(ws, store, settings, RichProgress(err), until=until, force=force)
+    except LorafactoryError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]; run the same command again to resume where it stopped")
+        raise typer.Exit(130)
+    final = ws.character(outcome.slug).artifact(until)
+    err.print(f"[green]finished[/green] {until}: {final}")
+
+
+@app.command()
+def run(
+    name: str = typer.Argument(..., help='Character name, e.g. "Surtr (Arknights)".'),
+    from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="Use a local folder of images instead of a site."),
+    site: Optional[List[str]] = typer.Option(None, "--site", help="Image site to crawl (danbooru)."),
+    workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
+    config: Optional[Path] = ConfigOpt,
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: Optional[str] = ForceOpt,
+) -> None:
+    """Run the whole pipeline: crawl, prepare, train, evaluate, release."""
+    _run(name, "release", workspace, db, config, preset, set_, force, _source_overrides(from_dir, site))
+
+
+def _source_overrides(from_dir: Optional[Path], sites: Optional[List[str]]) -> list[str]:
+    if from_dir is not None and sites:
+        _fail(LorafactoryError("pass either --from-dir or --site, not both"))
+    if from_dir is not None:
+        return ['crawl.source="local"', f"crawl.from_dir={json.dumps(str(from_dir.expanduser().resolve()))}"]
+    for site in sites or []:
+        if site != "danbooru":
+            _fail(LorafactoryError(f"unknown site {site!r}; supported sites: danbooru"))
+    return ['crawl.source="danbooru"'] if sites else []
+
+
+def _stage_command(stage: str):
+    def command(
+        name: str = typer.Argument(..., help="Character name."),
+        from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="Local image folder (crawl)."),
+        site: Optional[List[str]] = typer.Option(None, "--site", help="Image site (crawl)."),
+        workspace: Path = WorkspaceOpt,
+        db: Optional[str] = DbOpt,
+        config: Optional[Path] = ConfigOpt,
+        preset: Optional[str] = PresetOpt,
+        set_: Optional[List[str]] = SetOpt,
+        force: Optional[str] = ForceOpt,
+    ) -> None:
+        _run(name, stage, workspace, db, config, preset, set_, force, _source_overrides(from_dir, site))
+
+    command.__doc__ = f"Run the pipeline up to the {stage} stage (earlier stages only if out of date)."
+    return command
+
+
+for _stage in STAGES:
+    app.command(name=_stage)(_stage_command(_stage))
+
+
+@app.command()
+def status(
+    name: Optional[str] = typer.Argument(None, help="Character name or slug; all characters when omitted."),
+    workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show characters, their latest run, stages, dataset counts and checkpoint metrics."""
+    from lorafactory.state import Store
+
+    try:
+        ws = Workspace(workspace)
+        if not ws.root.is_dir():
+            raise LorafactoryError(f"workspace {ws.root} does not exist; run `lorafactory run NAME` or pass --workspace")
+        store = Store(db or ws.default_db_url)
+        slugs = [slugify(name)] if name else ws.characters()
+        report = []
+        for slug in slugs:
+            summary = store.character_summary(slug)
+            if summary is None:
+                raise LorafactoryError(f"no character {name!r} in {ws.root}; `lorafactory status` lists them")
+            char = ws.character(slug)
+            summary["artifacts"] = {
+                stage: (m.counts if (m := char.manifest(stage)) else None) for stage in STAGES
+            }
+            report.append(summary)
+    except LorafactoryError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    for summary in report:
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    run_info = summary["latest_run"] or {}
+    out.print(f"[bold]{summary['name']}[/bold] ({summary['slug']}), trigger [cyan]{summary['trigger']}[/cyan], runs: {summary['runs']}")
+    if run_info:
+        out.print(f"  latest run #{run_info['id']}: {run_info['status']}" + (f" — {run_info['error']}" if run_info["error"] else ""))
+    table = Table("stage", "artifact", "last status", "counts")
+    last = {s["stage"]: s for s in run_info.get("stages", [])}
+    for stage in STAGES:
+        counts = summary["artifacts"][stage]
+        record = last.get(stage)
+        table.add_row(
+            stage,
+            "done" if counts is not None else "—",
+            (record["status"] + (f": {record['error']}" if record and record["error"] else "")) if record else "—",
+            ", ".join(f"{k} {v}" for k, v in (counts or {}).items()),
+        )
+    out.print(table)
+    if summary["checkpoints"]:
+        _print_metrics(summary["checkpoints"])
+
+
+def _print_metrics(checkpoints: list[dict]) -> None:
+    names = sorted({n for c in checkpoints for n in c["metrics"]})
+    table = Table("step", *names, "selected", title="checkpoint metrics")
+    for checkpoint in checkpoints:
+        values = ["missing" if checkpoint["metrics"].get(n) is None else f"{checkpoint['metrics'][n]:.3f}" for n in names]
+        table.add_row(str(checkpoint["step"]), *values, "✔" if checkpoint["selected"] else "")
+    out.print(table)
+
+
+@config_app.command("show")
+def config_show(
+    name: Optional[str] = typer.Argument(None, help="Character whose saved settings to start from."),
+    workspace: Path = WorkspaceOpt,
+    config: Optional[Path] = ConfigOpt,
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Print the effective settings as TOML."""
+    try:
+        settings = _settings(workspace, name, config, preset, set_ or [])
+    except LorafactoryError as exc:
+        _fail(exc)
+    sys.stdout.write(to_toml(settings))
+
+
+@app.command()
+def demo(
+    workspace: Path = typer.Option(Path("demo-workspace"), "--workspace", "-w", help="Where the demo's character folder goes."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Test-kit cache (default ~/.cache/lorafactory/testkit)."),
+    force: Optional[str] = ForceOpt,
+) -> None:
+    """Run the whole pipeline offline on tiny stand-in models and a synthetic character."""
+    from lorafactory.demo import DEMO_CHARACTER, default_cache, run_demo
+    from lorafactory.state import Store
+
+    err.print(
+        "[bold yellow]Demo:[/bold yellow] tiny random-initialised stand-in models and a synthetic character, on CPU. "
+        "It exercises every real code path, but [bold]neither the images nor the metrics mean anything[/bold]."
+    )
+    try:
+        with err.status("building the test kit (tiny SD pipeline, stand-in model hub, synthetic images)…"):
+            from lorafactory.demo import build_kit
+
+            build_kit(cache or default_cache())
+        run_demo(workspace, cache or default_cache(), ["--force", force] if force else [])
+        ws = Workspace(workspace)
+        summary = Store(ws.default_db_url).character_summary(slugify(DEMO_CHARACTER))
+    except LorafactoryError as exc:
+        _fail(exc)
+    release_dir = ws.character(slugify(DEMO_CHARACTER)).artifact("release")
+    _print_metrics(summary["checkpoints"])
+    out.print(f"Release: [bold]{release_dir}[/bold]")
+    for path in sorted(release_dir.rglob("*")):
+        if path.is_file() and path.parent.name != "previews":
+            out.print(f"  {path.relative_to(release_dir)}")
+    out.print("[yellow]Reminder: stand-in models — the release shows the pipeline works, not a usable LoRA.[/yellow]")

@@ -1,0 +1,297 @@
+"""Run settings: pydantic models per stage, named presets, TOML files and CLI overrides.
+
+Precedence, lowest first: the preset, the run's TOML file, then ``--set key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafactory.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DEFAULT_PRESET = "sd15-anime"
+
+
+class Section(BaseModel):
+    """Base for every settings section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CharacterSettings(Section):
+    name: str = ""
+    trigger: str = Field("", description="Trigger word; derived from the name when empty.")
+
+
+class CrawlSettings(Section):
+    source: Literal["local", "danbooru"] = "danbooru"
+    from_dir: str = Field("", description="Folder of images for source = 'local'.")
+    tags: list[str] = Field(default_factory=list, description="Site search tags; derived from the name when empty.")
+    limit: int = Field(300, ge=1, description="Maximum number of images to fetch.")
+    min_size: int = Field(800, ge=0, description="Choose the smallest variant whose sides are both at least this.")
+    danbooru_url: str = "https://danbooru.donmai.us"
+    user_agent: str = "lorafactory/0.1 (character LoRA dataset builder)"
+    page_size: int = Field(100, ge=1, le=200)
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    request_interval_s: float = Field(1.0, ge=0, description="Minimum seconds between requests to one site.")
+
+
+class VisionSettings(Section):
+    """Model names inside the imgutils repositories; the defaults are imgutils' own."""
+
+    person_model: str = "person_detect_v1.1_m"
+    halfbody_model: str = "halfbody_detect_v1.0_s"
+    head_model: str = "head_detect_v2.0_s"
+    ccip_model: str = "ccip-caformer-24-randaug-pruned"
+    tagger_model: str = "SwinV2_v3"
+    monochrome_model: str = "mobilenetv3_large_100_dist_safe2"
+
+
+class PrepareSettings(Section):
+    min_side: int = Field(256, ge=1, description="Drop raw images whose short side is smaller.")
+    max_area_side: int = Field(1600, ge=64, description="Downscale raw images above this side squared in area.")
+    monochrome_threshold: float = Field(0.5, ge=0, le=1)
+    crops: list[Literal["person", "halfbody", "head"]] = Field(default_factory=lambda: ["person", "halfbody", "head"])
+    head_scale: float = Field(1.5, ge=1.0, description="Head boxes are enlarged by this factor.")
+    min_crop_side: int = Field(180, ge=1)
+    general_threshold: float = Field(0.35, gt=0, lt=1)
+    drop_overlap: bool = True
+    core_tag_ratio: float = Field(0.35, gt=0, le=1)
+    prune_core_tags: bool = True
+    min_images: int = Field(10, ge=1, description="Fail when fewer images survive cleaning.")
+
+
+class TrainSettings(Section):
+    base_model: str = Field("deepghs/animefull-latest", description="Diffusers folder, .safetensors file or hub id.")
+    clip_skip: int = Field(2, ge=1, le=4, description="A1111 convention: 1 = last layer, 2 = penultimate.")
+    resolution: int = Field(512, ge=64, description="Target area is resolution squared.")
+    bucket_step: int = Field(64, ge=8)
+    max_steps: int = Field(1500, ge=1)
+    save_every: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    seed: int = 42
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(4.0, gt=0)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    )
+    unet_lr: float = Field(1e-4, gt=0)
+    embedding_lr: float = Field(3e-3, gt=0)
+    embedding_vectors: int = Field(4, ge=1, le=75)
+    embedding_init: str = Field("1girl", description="Init text for the trigger vectors; empty means random.")
+    weight_decay: float = Field(1e-3, ge=0)
+    embedding_weight_decay: float = Field(5e-4, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    shuffle_tags: bool = True
+    tag_dropout: float = Field(0.0, ge=0, lt=1)
+    caption_dropout: float = Field(0.0, ge=0, lt=1)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+
+
+class PromptSpec(Section):
+    name: str
+    prompt: str = Field(description="Use {trigger} where the trigger word goes.")
+    negative: str | None = None
+    count: int = Field(1, ge=1)
+    seed: int = 0
+
+
+def _default_prompts() -> list[PromptSpec]:
+    base = "best quality, masterpiece, solo, {trigger}"
+    items = [
+        ("portrait", "portrait, looking at viewer", 2),
+        ("full_body", "full body, standing", 1),
+        ("free", "", 2),
+        ("smile", "smile, upper body", 1),
+        ("maid", "maid, maid headdress, maid apron", 1),
+        ("yukata", "yukata, festival", 1),
+        ("bikini", "night, starry sky, beach, standing, looking at viewer, bikini, light smile", 2),
+    ]
+    return [
+        PromptSpec(name=name, prompt=f"{base}, {extra}".rstrip(", "), count=count, seed=1000 + 100 * i)
+        for i, (name, extra, count) in enumerate(items)
+    ]
+
+
+class EvaluateSettings(Section):
+    prompts: list[PromptSpec] = Field(default_factory=_default_prompts)
+    negative_prompt: str = "lowres, bad anatomy, bad hands, worst quality, low quality, jpeg artifacts, watermark"
+    sampler: Literal["dpmpp_2m_karras", "euler_a", "ddim"] = "dpmpp_2m_karras"
+    steps: int = Field(25, ge=1)
+    cfg_scale: float = Field(7.0, ge=0)
+    width: int = Field(512, ge=8)
+    height: int = Field(768, ge=8)
+    lora_scale: float = Field(0.8, ge=0)
+    batch_size: int = Field(4, ge=1)
+    ccip_threshold: float | None = Field(None, description="CCIP difference threshold; the model's own when unset.")
+
+
+class ReleaseSettings(Section):
+    license: str = "creativeml-openrail-m"
+    preview_count: int = Field(8, ge=0)
+
+
+class Settings(Section):
+    preset: str = DEFAULT_PRESET
+    character: CharacterSettings = Field(default_factory=CharacterSettings)
+    crawl: CrawlSettings = Field(default_factory=CrawlSettings)
+    vision: VisionSettings = Field(default_factory=VisionSettings)
+    prepare: PrepareSettings = Field(default_factory=PrepareSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    release: ReleaseSettings = Field(default_factory=ReleaseSettings)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sd15-anime": {},
+    # For the tiny stand-in models of lorafactory.testing: small images, few steps, fast on CPU.
+    "tiny-demo": {
+        "crawl": {"min_size": 0, "limit": 60, "request_interval_s": 0.0},
+        "prepare": {"min_side": 64, "min_crop_side": 40, "max_area_side": 512, "min_images": 4},
+        "train": {
+            "clip_skip": 1,
+            "resolution": 128,
+            "max_steps": 30,
+            "save_every": 10,
+            "batch_size": 2,
+            "lora_rank": 4,
+            "lora_alpha": 2.0,
+            "warmup_steps": 2,
+            "embedding_vectors": 2,
+            "unet_lr": 1e-3,
+            "embedding_lr": 1e-2,
+            "device": "cpu",
+        },
+        "evaluate": {
+            "steps": 6,
+            "width": 128,
+            "height": 128,
+            "batch_size": 4,
+            "prompts": [
+                {"name": "portrait", "prompt": "{trigger}, portrait, smile", "count": 2, "seed": 1000},
+                {"name": "full_body", "prompt": "{trigger}, full body, dress", "count": 1, "seed": 1100},
+                {"name": "bikini", "prompt": "{trigger}, beach, bikini", "count": 1, "seed": 1200},
+            ],
+        },
+        "release": {"preview_count": 4},
+    },
+}
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively with ``extra`` (neither is modified)."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``'train.max_steps=800'`` into ``{'train': {'max_steps': 800}}``; values use TOML syntax."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE; write it like --set train.max_steps=800")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML settings file, with one-line errors for a missing or malformed file."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing TOML file to --config")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _allowed_keys(loc: Sequence[Any]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [part for part in error["loc"]]
+    key = ".".join(str(part) for part in loc)
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key '{key}'{hint}"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def build_settings(data: dict[str, Any]) -> Settings:
+    """Validate a settings dict; errors name every bad key and what is allowed."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err) for err in exc.errors())
+        raise ConfigError(f"invalid config: {problems}") from None
+
+
+def load_settings(
+    config_file: Path | None = None,
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+    base: dict[str, Any] | None = None,
+) -> Settings:
+    """Build the effective settings from a preset, an optional saved base, a TOML file and overrides."""
+    layers: list[dict[str, Any]] = [base or {}]
+    if config_file is not None:
+        layers.append(read_toml(config_file))
+    layers.extend(parse_override(item) for item in overrides)
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    name = preset or merged.get("preset") or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    merged = deep_merge(PRESETS[name], merged)
+    merged["preset"] = name
+    return build_settings(merged)
+
+
+def to_toml(settings: Settings) -> str:
+    """Render settings as TOML (None values are omitted, as TOML has no null)."""
+    return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True))
+
+
+def settings_hash(*parts: BaseModel | dict[str, Any] | str) -> str:
+    """A stable short hash of settings sections and other fingerprint inputs."""
+    payload = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:16]

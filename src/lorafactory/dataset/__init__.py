@@ -1,0 +1,1 @@
+"""From raw images to a training dataset: cleaning, 3-stage crops, tags and captions."""

@@ -1,0 +1,82 @@
+"""The offline demo: build the test kit, serve a danbooru replay on loopback, run the whole pipeline.
+
+The pipeline runs in a child process so that ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` are set
+before huggingface_hub is imported; the child goes through exactly the code a real run uses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafactory.errors import StageError
+
+DEMO_CHARACTER = "Akane Hoshino"
+
+
+@dataclass(frozen=True)
+class Kit:
+    hub: Path
+    tiny_sd: Path
+    images: Path
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lorafactory" / "testkit"
+
+
+def build_kit(cache: Path) -> Kit:
+    """The stand-in hub, the tiny SD pipeline and the synthetic images, each built once and cached."""
+    from lorafactory.testing.standin_hub import build_standin_hub
+    from lorafactory.testing.synthetic import generate_dataset
+    from lorafactory.testing.tiny_sd import build_tiny_sd
+
+    hub = build_standin_hub(cache / "hub")
+    tiny = build_tiny_sd(cache / "tiny-sd")
+    images = cache / "images"
+    if not (images / ".complete").is_file():
+        generate_dataset(images, count=24, seed=0)
+        (images / ".complete").write_text("1")
+    return Kit(hub, tiny, images)
+
+
+def replay_for(kit: Kit):
+    """A danbooru replay serving the synthetic set; one stranger is mistagged as the character."""
+    from lorafactory.sources.danbooru import character_tag
+    from lorafactory.testing.replay import DanbooruReplay, ReplayImage
+
+    items = []
+    for path in sorted(kit.images.glob("*.*")):
+        if path.name.startswith("."):
+            continue
+        mistagged = path.name == "other_000.png"
+        character = [character_tag(DEMO_CHARACTER)] if not path.name.startswith("other_") or mistagged else ["someone_else"]
+        items.append(ReplayImage(path, ["1girl", "solo"], character))
+    return DanbooruReplay(items)
+
+
+def offline_env(kit: Kit) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(kit.hub), "HF_HUB_DISABLE_TELEMETRY": "1", "ONNX_MODE": "cpu"})
+    return env
+
+
+def run_demo(workspace: Path, cache: Path, extra_args: list[str] | None = None) -> None:
+    kit = build_kit(cache)
+    with replay_for(kit) as replay:
+        command = [
+            sys.executable, "-m", "lorafactory", "run", DEMO_CHARACTER,
+            "--site", "danbooru",
+            "--workspace", str(workspace),
+            "--preset", "tiny-demo",
+            "--set", f'crawl.danbooru_url="{replay.url}"',
+            "--set", f'train.base_model="{kit.tiny_sd}"',
+            *(extra_args or []),
+        ]  # fmt: skip
+        result = subprocess.run(command, env=offline_env(kit), check=False)
+    if result.returncode != 0:
+        raise StageError(f"the demo pipeline failed (exit {result.returncode}); see the messages above")

@@ -1,0 +1,1 @@
+"""Score every checkpoint on a fixed prompt set with fixed seeds, and pick the best step."""

@@ -1,0 +1,117 @@
+"""Image generation for evaluation: one base pipeline, checkpoints swapped in through diffusers' own loaders.
+
+Each checkpoint's released files (kohya LoRA, embedding) go through ``load_lora_weights`` and
+``load_textual_inversion``, so evaluation also proves that the files load in diffusers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from lorafactory.config import EvaluateSettings, PromptSpec
+from lorafactory.train.embedding import encode_text, token_names
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_name: str
+    index: int
+    prompt: str
+    negative: str
+    seed: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.prompt_name}_{self.index}.png"
+
+
+def jobs(prompts: list[PromptSpec], trigger: str, default_negative: str) -> list[Job]:
+    """Every image to render for one checkpoint; the same list (and seeds) for all checkpoints."""
+    return [
+        Job(spec.name, i, spec.prompt.replace("{trigger}", trigger), spec.negative or default_negative, spec.seed + i)
+        for spec in prompts
+        for i in range(spec.count)
+    ]
+
+
+def make_scheduler(name: str, config: dict):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    if name == "dpmpp_2m_karras":
+        return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True, algorithm_type="dpmsolver++")
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(config)
+    return DDIMScheduler.from_config(config)
+
+
+def a1111_parameters(job: Job, settings: EvaluateSettings, clip_skip: int, model: str) -> str:
+    """The ``parameters`` text chunk A1111 writes, so tools can read the prompt back."""
+    sampler = {"dpmpp_2m_karras": "DPM++ 2M Karras", "euler_a": "Euler a", "ddim": "DDIM"}[settings.sampler]
+    return (
+        f"{job.prompt}\nNegative prompt: {job.negative}\n"
+        f"Steps: {settings.steps}, Sampler: {sampler}, CFG scale: {settings.cfg_scale}, Seed: {job.seed}, "
+        f"Size: {settings.width}x{settings.height}, Model: {model}, Clip skip: {clip_skip}"
+    )
+
+
+class Generator:
+    """Holds the base pipeline; ``checkpoint()`` swaps adapter weights in and out."""
+
+    def __init__(self, pipe, settings: EvaluateSettings, clip_skip: int, device: torch.device) -> None:
+        self.pipe = pipe.to(device)
+        self.pipe.scheduler = make_scheduler(settings.sampler, dict(pipe.scheduler.config))
+        self.pipe.set_progress_bar_config(disable=True)
+        self.settings = settings
+        self.clip_skip = clip_skip
+        self.device = device
+
+    def load(self, lora_file: Path, embedding_file: Path, trigger: str) -> None:
+        self.pipe.load_lora_weights(str(lora_file), adapter_name="checkpoint")
+        self.pipe.set_adapters(["checkpoint"], adapter_weights=[self.settings.lora_scale])
+        self.pipe.load_textual_inversion(str(embedding_file), token=trigger)
+
+    def unload(self, trigger: str, vectors: int) -> None:
+        self.pipe.unload_lora_weights()
+        self.pipe.unload_textual_inversion(token_names(trigger, vectors))
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Prompt embeddings with clip skip, computed here: diffusers 0.42's own clip-skip path
+        reads ``text_encoder.text_model``, which transformers 5 no longer has."""
+        pipe = self.pipe
+        texts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)  # expands multi-vector triggers
+        ids = pipe.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return encode_text(pipe.text_encoder, ids, self.clip_skip)
+
+    def render(self, work: list[Job], on_image: Callable[[], None] | None = None) -> Iterator[tuple[Job, Image.Image]]:
+        s = self.settings
+        for start in range(0, len(work), s.batch_size):
+            batch = work[start : start + s.batch_size]
+            generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in batch]
+            output = self.pipe(
+                prompt_embeds=self.encode([job.prompt for job in batch]),
+                negative_prompt_embeds=self.encode([job.negative for job in batch]),
+                num_inference_steps=s.steps,
+                guidance_scale=s.cfg_scale,
+                width=s.width,
+                height=s.height,
+                generator=generators,
+            )
+            for job, image in zip(batch, output.images):
+                if on_image:
+                    on_image()
+                yield job, image
+
+
+def save_png(image: Image.Image, path: Path, parameters: str) -> None:
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(path, pnginfo=info)

@@ -1,0 +1,227 @@
+"""The stage graph: crawl -> prepare -> train -> evaluate -> release, with skip, resume and force.
+
+A stage is skipped when its artifact's manifest carries the fingerprint the current settings
+and upstream artifacts would produce. Work happens in ``<stage>.partial/``; the manifest is
+written last and the folder swapped in, so an interrupted stage leaves no half-written artifact
+and simply runs again next time. Every execution is recorded in the state store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lorafactory.config import Settings, settings_hash, to_toml
+from lorafactory.errors import ConfigError, LorafactoryError
+from lorafactory.progress import Progress
+from lorafactory.state import Store
+from lorafactory.workspace import STAGES, CharacterDir, Manifest, Workspace, slugify, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+CODE_VERSION = "1"  # bump when a stage's output format changes, so old artifacts are rebuilt
+
+_SECTIONS = {
+    "crawl": ("character", "crawl"),
+    "prepare": ("character", "prepare", "vision"),
+    "train": ("character", "train"),
+    "evaluate": ("character", "evaluate", "vision"),
+    "release": ("character", "release"),
+}
+
+
+@dataclass
+class Context:
+    settings: Settings
+    trigger: str
+    char: CharacterDir
+    progress: Progress
+    store: Store
+    run_id: int
+
+    def manifest(self, stage: str) -> Manifest:
+        found = self.char.manifest(stage)
+        if found is None:  # pragma: no cover - the runner guarantees upstream manifests
+            raise LorafactoryError(f"stage {stage} has no artifact yet; run `lorafactory {stage}` first")
+        return found
+
+
+@dataclass
+class StageOutput:
+    counts: dict
+    details: dict
+
+
+def trigger_for(settings: Settings) -> str:
+    trigger = settings.character.trigger or slugify(settings.character.name)
+    if not trigger.replace("_", "").isalnum() or not trigger.isascii() or trigger != trigger.lower():
+        raise ConfigError(f"character.trigger {trigger!r} must be lowercase ASCII letters, digits and underscores")
+    return trigger
+
+
+def _crawl(ctx: Context, out: Path) -> StageOutput:
+    from lorafactory.sources.crawl import crawl
+
+    posts, counts = crawl(ctx.settings, out, ctx.progress)
+    return StageOutput(counts, {"sites": sorted({p.site for p in posts})})
+
+
+def _prepare(ctx: Context, out: Path) -> StageOutput:
+    from lorafactory.dataset.prepare import prepare
+
+    counts, details = prepare(ctx.settings, ctx.trigger, ctx.char.artifact("crawl"), out, ctx.progress)
+    return StageOutput(counts, details)
+
+
+def _train(ctx: Context, out: Path) -> StageOutput:
+    from lorafactory.train.trainer import train
+
+    result = train(ctx.settings, ctx.trigger, ctx.char.artifact("prepare"), out, ctx.progress)
+    return StageOutput(result.counts, result.details)
+
+
+def _checkpoints(ctx: Context) -> dict[int, str]:
+    return {int(step): path for step, path in ctx.manifest("train").details["checkpoints"].items()}
+
+
+def _evaluate(ctx: Context, out: Path) -> StageOutput:
+    from lorafactory.evaluate.evaluator import evaluate
+
+    checkpoints = _checkpoints(ctx)
+    counts, details, metrics, selected = evaluate(
+        ctx.settings, ctx.trigger, ctx.char.artifact("prepare"), ctx.char.artifact("train"), checkpoints, out, ctx.progress
+    )
+    details["metrics"] = {str(step): values for step, values in metrics.items()}
+    train_dir = ctx.char.artifact("train")
+    ctx.store.record_checkpoints(ctx.run_id, {s: str(train_dir / p) for s, p in checkpoints.items()}, metrics, selected)
+    return StageOutput(counts, details)
+
+
+def _release(ctx: Context, out: Path) -> StageOutput:
+    from lorafactory.release.builder import release
+
+    evaluation = ctx.manifest("evaluate")
+    dataset = ctx.manifest("prepare")
+    stand_in = (Path(ctx.settings.train.base_model) / ".lorafactory-tiny-sd").is_file()
+    details = release(
+        ctx.settings,
+        ctx.trigger,
+        ctx.char.artifact("train"),
+        _checkpoints(ctx),
+        ctx.char.artifact("evaluate"),
+        evaluation.details,
+        {int(s): m for s, m in evaluation.details["metrics"].items()},
+        dataset.counts,
+        dataset.details.get("pruned_core_tags", []),
+        out,
+        stand_in,
+    )
+    return StageOutput({"files": len(details["files"])}, details)
+
+
+_RUNNERS: dict[str, Callable[[Context, Path], StageOutput]] = {
+    "crawl": _crawl,
+    "prepare": _prepare,
+    "train": _train,
+    "evaluate": _evaluate,
+    "release": _release,
+}
+
+
+def fingerprints(settings: Settings) -> dict[str, str]:
+    """Each stage's fingerprint: its settings sections chained with every upstream fingerprint."""
+    prints: dict[str, str] = {}
+    previous = ""
+    for stage in STAGES:
+        sections = [getattr(settings, name) for name in _SECTIONS[stage]]
+        previous = settings_hash(stage, CODE_VERSION, previous, *sections)
+        prints[stage] = previous
+    return prints
+
+
+@dataclass
+class RunOutcome:
+    slug: str
+    run_id: int
+    executed: list[str]
+    skipped: list[str]
+
+
+def run_pipeline(
+    workspace: Workspace,
+    store: Store,
+    settings: Settings,
+    progress: Progress,
+    until: str = "release",
+    force: str | None = None,
+) -> RunOutcome:
+    """Run every stage up to ``until``; ``force`` reruns from that stage onward."""
+    if until not in STAGES or (force is not None and force not in STAGES):
+        raise ConfigError(f"unknown stage {force if force not in STAGES else until!r}; stages are: {', '.join(STAGES)}")
+    if not settings.character.name:
+        raise ConfigError("the character has no name; pass NAME to the command")
+    trigger = trigger_for(settings)
+    slug = slugify(settings.character.name)
+    char = workspace.character(slug)
+    char.path.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(char.config_path, to_toml(settings).encode("utf-8"))
+
+    character_id = store.ensure_character(slug, settings.character.name, trigger)
+    prints = fingerprints(settings)
+    run_id = store.start_run(character_id, settings_hash(settings))
+    ctx = Context(settings, trigger, char, progress, store, run_id)
+    executed: list[str] = []
+    skipped: list[str] = []
+    stages = STAGES[: STAGES.index(until) + 1]
+    forced = set(STAGES[STAGES.index(force) :]) if force else set()
+    for stage in stages:
+        if stage in forced:
+            char.invalidate(stage)
+        existing = char.manifest(stage)
+        if existing is not None and existing.fingerprint == prints[stage]:
+            store.record_skip(run_id, stage, prints[stage])
+            progress.note(f"[dim]{stage}: up to date, skipped[/dim]")
+            skipped.append(stage)
+            continue
+        _execute(ctx, stage, prints, store)
+        executed.append(stage)
+    store.finish_run(run_id, "succeeded")
+    return RunOutcome(slug, run_id, executed, skipped)
+
+
+def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> None:
+    progress = ctx.progress
+    progress.note(f"[bold]{stage}[/bold]")
+    stage_id = store.start_stage(ctx.run_id, stage, prints[stage])
+    started = time.monotonic()
+    out = ctx.char.begin(stage)
+    try:
+        result = _RUNNERS[stage](ctx, out)
+    except KeyboardInterrupt:
+        store.finish_stage(stage_id, "interrupted", "interrupted by the user")
+        store.finish_run(ctx.run_id, "interrupted", f"interrupted during {stage}")
+        raise
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        store.finish_stage(stage_id, "failed", message)
+        store.finish_run(ctx.run_id, "failed", f"{stage}: {message}")
+        raise
+    upstream = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+    manifest = Manifest(
+        stage=stage,
+        fingerprint=prints[stage],
+        inputs={upstream: prints[upstream]} if upstream else {},
+        config_hash=settings_hash(*[getattr(ctx.settings, name) for name in _SECTIONS[stage]]),
+        counts=result.counts,
+        timings={"seconds": round(time.monotonic() - started, 3)},
+        details=result.details,
+    )
+    ctx.char.commit(stage, manifest)
+    store.finish_stage(stage_id, "succeeded", counts=result.counts)
+    progress.note(f"[green]{stage}: done[/green] in {manifest.timings['seconds']:.1f}s — {_summary(result.counts)}")
+
+
+def _summary(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())

@@ -1,0 +1,1 @@
+"""Where raw images come from: a local folder or an image site."""

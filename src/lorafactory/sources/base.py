@@ -1,0 +1,33 @@
+"""The normalised record of one fetched image."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+class Post(BaseModel):
+    """One image and its metadata, whatever the site."""
+
+    site: str
+    post_id: str
+    md5: str
+    filename: str = Field(description="File name inside the raw artifact's images/ folder.")
+    url: str = ""
+    width: int = 0
+    height: int = 0
+    rating: str = ""
+    score: int = 0
+    tags: dict[str, list[str]] = Field(default_factory=dict, description="Tags by category, e.g. general, character.")
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

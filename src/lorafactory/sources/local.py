@@ -1,0 +1,72 @@
+"""A local folder of images, with optional tag sidecar files (``image.png`` + ``image.txt``)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, UnidentifiedImageError
+
+from lorafactory.errors import InputError
+from lorafactory.sources.base import IMAGE_SUFFIXES, Post, file_md5
+
+log = logging.getLogger(__name__)
+
+
+def _sidecar_tags(image: Path) -> list[str]:
+    sidecar = image.with_suffix(".txt")
+    if not sidecar.is_file():
+        return []
+    text = sidecar.read_text(encoding="utf-8", errors="replace")
+    return [tag.strip() for tag in text.replace("\n", ",").split(",") if tag.strip()]
+
+
+def crawl_local(
+    folder: Path, images_dir: Path, limit: int, on_item: Callable[[], None] | None = None
+) -> tuple[list[Post], dict[str, int]]:
+    """Copy readable images (deduplicated by md5) into ``images_dir``; returns posts and counts."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"image folder {folder} does not exist; pass an existing folder to --from-dir")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); add images or point --from-dir elsewhere")
+    posts: list[Post] = []
+    seen: set[str] = set()
+    counts = {"found": len(files), "unreadable": 0, "duplicate": 0}
+    for path in files:
+        if len(posts) >= limit:
+            break
+        if on_item:
+            on_item()
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            with Image.open(path) as image:
+                width, height = image.size
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            log.warning("skipping unreadable image %s: %s", path.name, exc)
+            counts["unreadable"] += 1
+            continue
+        md5 = file_md5(path)
+        if md5 in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(md5)
+        name = f"local_{len(posts):05d}{path.suffix.lower()}"
+        shutil.copyfile(path, images_dir / name)
+        posts.append(
+            Post(
+                site="local",
+                post_id=str(path.relative_to(folder)),
+                md5=md5,
+                filename=name,
+                width=width,
+                height=height,
+                tags={"general": _sidecar_tags(path)},
+            )
+        )
+    counts["kept"] = len(posts)
+    return posts, counts

@@ -1,0 +1,242 @@
+"""Store: every write the pipeline makes to the state database goes through here.
+
+Nothing lives only in process memory: a worker on another machine pointed at the same
+database URL (PostgreSQL for fleets) sees the same characters, runs and stages.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lorafactory.errors import ConfigError
+from lorafactory.state.models import (
+    SCHEMA_VERSION,
+    Base,
+    Character,
+    Checkpoint,
+    Metric,
+    Run,
+    SchemaInfo,
+    StageExecution,
+)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Store:
+    """A handle on the state database at ``url`` (any SQLAlchemy URL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine: Engine = create_engine(url, future=True)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise ConfigError(f"cannot open state database {_safe_url(url)}: {exc}; check --db") from exc
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise ConfigError(f"cannot open state database {_safe_url(self.url)}: {exc.__class__.__name__}") from exc
+        with self.session() as session:
+            info = session.get(SchemaInfo, 1)
+            if info is None:
+                session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+            elif info.version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"state database schema v{info.version} is newer than this lorafactory (v{SCHEMA_VERSION}); upgrade lorafactory"
+                )
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    @property
+    def schema_version(self) -> int:
+        with self.session() as session:
+            return session.execute(select(SchemaInfo.version)).scalar_one()
+
+    # characters and runs -------------------------------------------------
+
+    def ensure_character(self, slug: str, name: str, trigger: str) -> int:
+        with self.session() as session:
+            character = session.execute(select(Character).where(Character.slug == slug)).scalar_one_or_none()
+            if character is None:
+                character = Character(slug=slug, name=name, trigger=trigger, created_at=_now())
+                session.add(character)
+                session.flush()
+            else:
+                character.name, character.trigger = name, trigger
+            return character.id
+
+    def start_run(self, character_id: int, config_hash: str) -> int:
+        self._mark_dead_runs(character_id)
+        with self.session() as session:
+            run = Run(
+                character_id=character_id,
+                status="running",
+                config_hash=config_hash,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=_now(),
+            )
+            session.add(run)
+            session.flush()
+            return run.id
+
+    def _mark_dead_runs(self, character_id: int) -> None:
+        """Runs left 'running' by a killed process on this host become 'interrupted'."""
+        host = socket.gethostname()
+        with self.session() as session:
+            stale = session.execute(
+                select(Run).where(Run.character_id == character_id, Run.status == "running", Run.host == host)
+            ).scalars()
+            for run in stale:
+                if run.pid != os.getpid() and not _pid_alive(run.pid):
+                    run.status = "interrupted"
+                    run.finished_at = run.finished_at or _now()
+                    for stage in run.stages:
+                        if stage.status == "running":
+                            stage.status = "interrupted"
+                            stage.finished_at = _now()
+
+    def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
+        with self.session() as session:
+            run = session.get(Run, run_id)
+            run.status, run.error, run.finished_at = status, error, _now()
+
+    # stages ----------------------------------------------------------------
+
+    def start_stage(self, run_id: int, stage: str, fingerprint: str) -> int:
+        with self.session() as session:
+            record = StageExecution(
+                run_id=run_id, stage=stage, status="running", fingerprint=fingerprint, started_at=_now()
+            )
+            session.add(record)
+            session.flush()
+            return record.id
+
+    def finish_stage(
+        self, stage_id: int, status: str, error: str | None = None, counts: dict[str, Any] | None = None
+    ) -> None:
+        with self.session() as session:
+            record = session.get(StageExecution, stage_id)
+            record.status, record.error, record.finished_at = status, error, _now()
+            if counts is not None:
+                record.counts = counts
+
+    def record_skip(self, run_id: int, stage: str, fingerprint: str) -> None:
+        now = _now()
+        with self.session() as session:
+            session.add(
+                StageExecution(
+                    run_id=run_id, stage=stage, status="skipped", fingerprint=fingerprint, started_at=now, finished_at=now
+                )
+            )
+
+    # checkpoints and metrics --------------------------------------------------
+
+    def record_checkpoints(
+        self, run_id: int, checkpoints: dict[int, str], metrics: dict[int, dict[str, float | None]], selected: int | None
+    ) -> None:
+        """Store each checkpoint with its metrics (None = could not be computed) and the chosen step."""
+        with self.session() as session:
+            for step, path in sorted(checkpoints.items()):
+                checkpoint = Checkpoint(run_id=run_id, step=step, path=path, selected=int(step == selected))
+                session.add(checkpoint)
+                session.flush()
+                for name, value in sorted(metrics.get(step, {}).items()):
+                    session.add(Metric(checkpoint_id=checkpoint.id, name=name, value=value))
+
+    # reading -------------------------------------------------------------------
+
+    def character_summary(self, slug: str) -> dict[str, Any] | None:
+        """The character, its latest run with stage records, and the newest checkpoint metrics."""
+        with self.session() as session:
+            character = session.execute(select(Character).where(Character.slug == slug)).scalar_one_or_none()
+            if character is None:
+                return None
+            runs = character.runs
+            latest = runs[-1] if runs else None
+            scored = next((run for run in reversed(runs) if run.checkpoints), None)
+            return {
+                "slug": character.slug,
+                "name": character.name,
+                "trigger": character.trigger,
+                "runs": len(runs),
+                "latest_run": None if latest is None else _run_dict(latest),
+                "checkpoints": [] if scored is None else [_checkpoint_dict(c) for c in scored.checkpoints],
+            }
+
+
+def _run_dict(run: Run) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "status": run.status,
+        "started_at": run.started_at.isoformat(),
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "error": run.error,
+        "stages": [
+            {
+                "stage": s.stage,
+                "status": s.status,
+                "started_at": s.started_at.isoformat(),
+                "finished_at": s.finished_at.isoformat() if s.finished_at else None,
+                "error": s.error,
+                "counts": s.counts,
+            }
+            for s in run.stages
+        ],
+    }
+
+
+def _checkpoint_dict(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {
+        "step": checkpoint.step,
+        "selected": bool(checkpoint.selected),
+        "metrics": {m.name: m.value for m in checkpoint.metrics},
+    }
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown only by its scheme
+        return url.split(":", 1)[0] + "://…"

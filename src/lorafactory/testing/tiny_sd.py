@@ -1,0 +1,129 @@
+"""A tiny, seeded, random-initialised SD1.5-architecture pipeline in diffusers format.
+
+Same component classes and tensor layout as Stable Diffusion 1.5 (CLIP text encoder,
+UNet2DConditionModel with cross-attention, an 8x AutoencoderKL), a few MB in all. The CLIP
+tokenizer is built locally from a byte-level vocabulary, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+BUILD_VERSION = "2"
+_WORDS = (
+    "best quality masterpiece solo portrait full body standing smile looking at viewer upper maid headdress apron "
+    "yukata festival night starry sky beach bikini light dress skirt coat shirt hair long red blue green girl "
+    "lowres bad anatomy hands worst low jpeg artifacts watermark 1girl"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character table (a documented part of its BPE format)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols]
+    merges: list[str] = []
+    for word in _WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            rule = f"{parts[0]} {parts[1]}"
+            if rule not in merges:
+                merges.append(rule)
+                tokens.append(merged)
+            parts = [merged] + parts[2:]
+    tokens = list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def build_tiny_sd(path: Path, seed: int = 0) -> Path:
+    """Build (once) the tiny pipeline at ``path`` and return it; a finished build is reused."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    stamp = path / ".lorafactory-tiny-sd"
+    if stamp.is_file() and stamp.read_text() == BUILD_VERSION:
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    work = path.with_name(path.name + ".building")
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "tok").mkdir(parents=True)
+
+    vocab, merges = _vocab_and_merges()
+    (work / "tok" / "vocab.json").write_text(json.dumps(vocab))
+    (work / "tok" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(work / "tok" / "vocab.json"), str(work / "tok" / "merges.txt"), model_max_length=77)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(work / "pipe", safe_serialization=True)
+    (work / "pipe" / stamp.name).write_text(BUILD_VERSION)
+    work.joinpath("pipe").rename(path)
+    shutil.rmtree(work)
+    return path

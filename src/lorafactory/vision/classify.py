@@ -1,0 +1,12 @@
+"""Image classifiers."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+
+def monochrome_score(image: Image.Image, model_name: str) -> float:
+    """P(monochrome). Use this with a threshold: imgutils' ``is_monochrome`` ignores its own."""
+    from imgutils.validate import get_monochrome_score
+
+    return float(get_monochrome_score(image, model_name=model_name))

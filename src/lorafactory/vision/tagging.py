@@ -1,0 +1,22 @@
+"""WD14 tagging and tag clean-up."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+
+def tag_image(image: Image.Image, model_name: str, general_threshold: float, drop_overlap: bool) -> dict[str, float]:
+    """General tags above the threshold, highest score first (imgutils returns CSV order)."""
+    from imgutils.tagging import drop_overlap_tags, get_wd14_tags
+
+    general = get_wd14_tags(image, model_name=model_name, general_threshold=general_threshold, fmt="general")
+    if drop_overlap:
+        general = drop_overlap_tags(general)
+    return dict(sorted(((tag, float(score)) for tag, score in general.items()), key=lambda item: (-item[1], item[0])))
+
+
+def is_character_trait(tag: str) -> bool:
+    """True for tags that describe the character herself (hair, eyes, ears...), per imgutils' rules."""
+    from imgutils.tagging import is_basic_character_tag
+
+    return bool(is_basic_character_tag(tag))

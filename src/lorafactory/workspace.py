@@ -1,0 +1,166 @@
+"""Per-character folders, stage artifacts and their manifests.
+
+Layout::
+
+    <workspace>/lorafactory.db          state store (SQLite default)
+    <workspace>/<slug>/config.toml       the run's effective settings
+    <workspace>/<slug>/<stage>/          a finished artifact, manifest.json written last
+    <workspace>/<slug>/<stage>.partial/  an artifact being built; swapped in when complete
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+STAGES = ("crawl", "prepare", "train", "evaluate", "release")
+_TRACKED_PACKAGES = ("lorafactory", "torch", "diffusers", "transformers", "peft", "dghs-imgutils", "onnxruntime", "numpy")
+
+
+def slugify(name: str) -> str:
+    """ASCII, lowercase, underscores: ``'Surtr (Arknights)'`` -> ``'surtr_arknights'``."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_")
+    if not slug:
+        slug = "char_" + "".join(f"{ord(c):x}" for c in name)[:24]
+    return slug
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_bytes_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+class Manifest(BaseModel):
+    """What an artifact is, what made it, and what it holds."""
+
+    stage: str
+    fingerprint: str = Field(description="Hash of the settings and upstream fingerprints that produced it.")
+    inputs: dict[str, str] = Field(default_factory=dict, description="Upstream stage -> fingerprint.")
+    config_hash: str = ""
+    versions: dict[str, str] = Field(default_factory=package_versions)
+    counts: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    details: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+def read_manifest(artifact: Path) -> Manifest | None:
+    """The artifact's manifest, or None when it is absent or unreadable (an unfinished artifact)."""
+    try:
+        return Manifest.model_validate_json((artifact / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class CharacterDir:
+    """One character's folder inside a workspace."""
+
+    root: Path
+    slug: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.slug
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    def artifact(self, stage: str) -> Path:
+        return self.path / stage
+
+    def partial(self, stage: str) -> Path:
+        return self.path / f"{stage}.partial"
+
+    def manifest(self, stage: str) -> Manifest | None:
+        return read_manifest(self.artifact(stage))
+
+    def begin(self, stage: str) -> Path:
+        """A fresh, empty folder to build ``stage``'s artifact in."""
+        partial = self.partial(stage)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        return partial
+
+    def commit(self, stage: str, manifest: Manifest) -> Path:
+        """Write the manifest last, then swap the partial folder in place of the old artifact."""
+        partial = self.partial(stage)
+        write_json_atomic(partial / MANIFEST, manifest.model_dump(mode="json"))
+        final = self.artifact(stage)
+        old = self.path / f"{stage}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(partial, final)
+        if old.exists():
+            shutil.rmtree(old)
+        return final
+
+    def invalidate(self, stage: str) -> None:
+        """Remove a finished artifact (used by --force)."""
+        for folder in (self.artifact(stage), self.partial(stage)):
+            if folder.exists():
+                shutil.rmtree(folder)
+
+
+class Workspace:
+    """The root folder that holds every character and, by default, the state database."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def default_db_url(self) -> str:
+        return f"sqlite:///{self.root / 'lorafactory.db'}"
+
+    def character(self, slug: str) -> CharacterDir:
+        return CharacterDir(self.root, slug)
+
+    def characters(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "config.toml").is_file())
