@@ -36,7 +36,7 @@ ForceOpt = typer.Option(None, "--force", help=f"Rerun from this stage onward: {'
 
 
 def _fail(exc: LorafactoryError) -> None:
-    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 

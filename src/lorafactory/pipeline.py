@@ -9,6 +9,7 @@ and simply runs again next time. Every execution is recorded in the state store.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,7 @@ def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> 
         raise
     except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        shutil.rmtree(out, ignore_errors=True)  # a failed stage leaves nothing half-written
         store.finish_stage(stage_id, "failed", message)
         store.finish_run(ctx.run_id, "failed", f"{stage}: {message}")
         raise

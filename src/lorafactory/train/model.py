@@ -42,7 +42,9 @@ def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32) -> 
     from diffusers import StableDiffusionPipeline
 
     path = Path(base_model).expanduser()
-    kwargs = {"torch_dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype != torch.float32:
+        kwargs["torch_dtype"] = torch_dtype
     try:
         if path.is_file():
             return StableDiffusionPipeline.from_single_file(str(path), **kwargs)

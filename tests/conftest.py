@@ -1,0 +1,56 @@
+"""Shared fixtures. The stand-in model hub is built and HF_HUB_* set before anything imports huggingface_hub."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from lorafactory.testing.standin_hub import build_standin_hub
+
+KIT_ROOT = Path(tempfile.mkdtemp(prefix="lorafactory-kit-"))
+HUB = build_standin_hub(KIT_ROOT / "hub")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = str(HUB)
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+from lorafactory.config import load_settings  # noqa: E402
+from lorafactory.demo import DEMO_CHARACTER, Kit, build_kit, replay_for  # noqa: E402
+from lorafactory.progress import SilentProgress  # noqa: E402
+from lorafactory.state import Store  # noqa: E402
+from lorafactory.workspace import Workspace  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kit() -> Kit:
+    return build_kit(KIT_ROOT)
+
+
+def demo_settings(kit: Kit, url: str, *extra: str):
+    return load_settings(
+        preset="tiny-demo",
+        overrides=[
+            f'character.name="{DEMO_CHARACTER}"',
+            'crawl.source="danbooru"',
+            f'crawl.danbooru_url="{url}"',
+            f'train.base_model="{kit.tiny_sd}"',
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_run(kit: Kit, tmp_path_factory):
+    """The whole pipeline, run once per session in-process against the danbooru replay."""
+    from lorafactory.pipeline import run_pipeline
+
+    workspace = Workspace(tmp_path_factory.mktemp("demo-ws"))
+    store = Store(workspace.default_db_url)
+    with replay_for(kit) as replay:
+        settings = demo_settings(kit, replay.url)
+        outcome = run_pipeline(workspace, store, settings, SilentProgress())
+        yield {"workspace": workspace, "store": store, "settings": settings, "outcome": outcome, "replay": replay}

@@ -1,0 +1,65 @@
+
+
+import pytest
+
+from lorafactory.config import PRESETS, Settings, load_settings, parse_override, settings_hash, to_toml, tomllib
+from lorafactory.errors import ConfigError
+
+
+def test_defaults_come_from_the_sd15_anime_preset():
+    settings = load_settings()
+    assert settings.preset == "sd15-anime"
+    assert settings.train.clip_skip == 2 and settings.train.embedding_vectors == 4
+    assert settings.evaluate.sampler == "dpmpp_2m_karras"
+
+
+def test_precedence_preset_then_file_then_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "tiny-demo"\n[train]\nmax_steps = 77\nlora_rank = 3\n')
+    settings = load_settings(path, overrides=["train.lora_rank=5", 'crawl.tags=["a_(b)", "solo"]'])
+    assert settings.preset == "tiny-demo"
+    assert settings.train.resolution == PRESETS["tiny-demo"]["train"]["resolution"]  # from the preset
+    assert settings.train.max_steps == 77  # from the file
+    assert settings.train.lora_rank == 5  # from the override
+    assert settings.crawl.tags == ["a_(b)", "solo"]
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=["train.rnak=4"])
+    message = str(info.value)
+    assert "unknown key 'train.rnak'" in message and "lora_rank" in message
+    assert "\n" not in message
+
+
+def test_bad_value_names_the_key_and_allowed_values():
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=['crawl.source="pixiv2"'])
+    assert "crawl.source" in str(info.value) and "'local' or 'danbooru'" in str(info.value)
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_settings(overrides=["train.max_steps=0"])
+
+
+def test_bad_preset_file_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_settings(preset="nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("train.max_steps")
+
+
+def test_unquoted_override_values_are_strings():
+    assert parse_override("train.base_model=/models/x")["train"]["base_model"] == "/models/x"
+
+
+def test_toml_round_trip_and_hash_stability():
+    settings = load_settings(preset="tiny-demo", overrides=['character.name="X"'])
+    again = Settings.model_validate(tomllib.loads(to_toml(settings)))
+    assert again == settings
+    assert settings_hash(settings.train) == settings_hash(again.train)
+    assert settings_hash(settings.train) != settings_hash(load_settings(overrides=["train.max_steps=9"]).train)

@@ -1,0 +1,121 @@
+"""The whole pipeline end to end, offline: artifacts, release, state, skip, force and failures."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lorafactory.cli import app
+from lorafactory.errors import InputError
+from lorafactory.pipeline import run_pipeline
+from lorafactory.progress import SilentProgress
+from lorafactory.state import Store
+from lorafactory.testing.synthetic import CHARACTERS, generate_dataset
+from lorafactory.train.model import load_pipeline
+from lorafactory.workspace import STAGES, Workspace
+
+from conftest import demo_settings
+
+TRIGGER = "akane_hoshino"
+
+
+def _char(demo_run):
+    return demo_run["workspace"].character(demo_run["outcome"].slug)
+
+
+def test_every_stage_has_a_manifest_with_counts(demo_run):
+    char = _char(demo_run)
+    assert demo_run["outcome"].executed == list(STAGES)
+    for stage in STAGES:
+        manifest = char.manifest(stage)
+        assert manifest is not None and manifest.counts and "torch" in manifest.versions
+    prepare = char.manifest("prepare")
+    assert prepare.counts["raw"] == char.manifest("crawl").counts["kept"]
+    assert prepare.counts["dropped_monochrome"] == 3  # the three greyscale copies
+    assert prepare.counts["dataset"] == sum(prepare.counts[f"crops_{g}"] for g in ("person", "halfbody", "head"))
+    assert "red_hair" in prepare.details["core_tags"]  # the stand-in tagger sees her hair colour
+
+
+def test_captions_start_with_the_trigger_and_drop_core_tags(demo_run):
+    dataset = _char(demo_run).artifact("prepare")
+    captions = [p.read_text().strip() for p in (dataset / "images").glob("*.txt")]
+    assert captions and all(c.split(", ")[0] == TRIGGER for c in captions)
+    assert not any("red hair" in c for c in captions)  # pruned into the trigger
+
+
+def test_release_loads_in_diffusers(demo_run, kit):
+    release = _char(demo_run).artifact("release")
+    expected = {f"{TRIGGER}.safetensors", f"{TRIGGER}_lora.safetensors", f"embeddings/{TRIGGER}.pt", f"embeddings/{TRIGGER}.safetensors", "README.md", "metrics.csv"}
+    assert expected <= {str(p.relative_to(release)) for p in release.rglob("*") if p.is_file()}
+    assert list((release / "previews").glob("*.png"))
+    pipe = load_pipeline(str(kit.tiny_sd))
+    pipe.load_lora_weights(str(release / f"{TRIGGER}_lora.safetensors"))
+    pipe.load_textual_inversion(str(release / "embeddings" / f"{TRIGGER}.safetensors"), token=TRIGGER)
+    image = pipe(f"{TRIGGER}, smile", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_model_card_and_metrics(demo_run):
+    release = _char(demo_run).artifact("release")
+    card = (release / "README.md").read_text()
+    assert card.startswith("---\n") and "instance_prompt: akane_hoshino" in card
+    assert "stand-in models" in card
+    assert str(demo_run["workspace"].root) not in card and "/tmp" not in card
+    rows = (release / "metrics.csv").read_text().strip().splitlines()
+    checkpoints = _char(demo_run).manifest("train").details["checkpoints"]
+    assert len(rows) == 1 + len(checkpoints)
+    assert sum(row.endswith(",1") for row in rows[1:]) == 1
+
+
+def test_state_store_has_checkpoints_and_metrics(demo_run):
+    summary = demo_run["store"].character_summary("akane_hoshino")
+    assert summary["latest_run"]["status"] == "succeeded"
+    assert [s["status"] for s in summary["latest_run"]["stages"]] == ["succeeded"] * len(STAGES)
+    assert len(summary["checkpoints"]) == 3 and sum(c["selected"] for c in summary["checkpoints"]) == 1
+    assert all(0.0 <= c["metrics"]["ccip_recscore"] <= 1.0 for c in summary["checkpoints"])
+
+
+def test_rerun_skips_and_force_reruns_downstream(demo_run):
+    ws, store, settings = demo_run["workspace"], demo_run["store"], demo_run["settings"]
+    again = run_pipeline(ws, store, settings, SilentProgress())
+    assert again.executed == [] and again.skipped == list(STAGES)
+    forced = run_pipeline(ws, store, settings, SilentProgress(), force="evaluate")
+    assert forced.executed == ["evaluate", "release"] and forced.skipped == ["crawl", "prepare", "train"]
+
+
+def test_status_json_reports_the_run(demo_run):
+    result = CliRunner().invoke(app, ["status", "Akane Hoshino", "--workspace", str(demo_run["workspace"].root), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)[0]
+    assert report["slug"] == "akane_hoshino" and report["artifacts"]["prepare"]["dataset"] > 0
+
+
+def test_empty_dataset_fails_cleanly(tmp_path, kit):
+    folder = tmp_path / "mono"
+    generate_dataset(folder, CHARACTERS[1], count=4, monochrome=0, near_duplicates=0, others=0)
+    from PIL import Image, ImageOps
+
+    for path in folder.glob("*.png"):
+        ImageOps.grayscale(Image.open(path)).save(path)
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    store = Store(ws.default_db_url)
+    settings = demo_settings(kit, "http://127.0.0.1:1", 'crawl.source="local"', f'crawl.from_dir="{folder}"', 'character.name="Midori Kaze"')
+    with pytest.raises(InputError, match=r"only 0 images left after cleaning.*prepare.min_images"):
+        run_pipeline(ws, store, settings, SilentProgress())
+    char = ws.character("midori_kaze")
+    assert not char.artifact("prepare").exists() and not char.partial("prepare").exists()
+    stages = store.character_summary("midori_kaze")["latest_run"]["stages"]
+    assert stages[-1]["stage"] == "prepare" and stages[-1]["status"] == "failed" and "only 0 images" in stages[-1]["error"]
+
+
+def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "X", "--from-dir", str(tmp_path / "missing"), "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 3
+    assert "does not exist" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["config", "show", "--set", "train.rnak=1", "--workspace", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown key 'train.rnak'" in result.output
+    result = runner.invoke(app, ["config", "show", "--preset", "tiny-demo", "--set", "train.max_steps=12", "--workspace", str(tmp_path)])
+    assert result.exit_code == 0 and "max_steps = 12" in result.output and 'preset = "tiny-demo"' in result.output

@@ -1,0 +1,59 @@
+import random
+
+import numpy as np
+from PIL import Image
+
+from lorafactory.dataset.tags import caption, core_tags, prompt_tag
+from lorafactory.evaluate.metrics import ccip_recscore
+from lorafactory.evaluate.select import best_step
+from lorafactory.train import buckets
+from lorafactory.train.data import build_caption
+from lorafactory.train.embedding import expand_trigger, token_names
+
+
+def test_buckets_never_upscale():
+    small = buckets.fit(100, 150, resolution=512, step=64)
+    assert small.resized == (100, 150) and small.bucket == (64, 128)
+    large = buckets.fit(2000, 1000, resolution=512, step=64)
+    w, h = large.resized
+    assert w * h <= 512 * 512 and abs(w / h - 2.0) < 0.01
+    assert large.bucket == (w // 64 * 64, h // 64 * 64)
+    assert buckets.fit(40, 500, 512, 64) is None
+    cropped = buckets.apply(Image.new("RGB", (100, 150)), small)
+    assert cropped.size == (64, 128)
+
+
+def test_caption_keeps_the_trigger_first():
+    rng = random.Random(0)
+    for _ in range(20):
+        text = build_caption("akane", ["a", "b", "c", "d"], rng, shuffle=True, tag_dropout=0.5, caption_dropout=0.0)
+        assert text.split(", ")[0] == "akane"
+    assert caption("akane", ["smile"]) == "akane, smile"
+    assert prompt_tag("surtr_(arknights)") == "surtr \\(arknights\\)"
+
+
+def test_trigger_expansion_matches_diffusers_naming():
+    assert token_names("akane", 3) == ["akane", "akane_1", "akane_2"]
+    assert expand_trigger("akane, smile", "akane", 3) == "akane akane_1 akane_2, smile"
+    assert expand_trigger("akane, smile", "akane", 1) == "akane, smile"
+
+
+def test_core_tags_need_ratio_and_trait():
+    lists = [["red_hair", "smile", "long_hair"], ["red_hair", "smile"], ["red_hair"], ["blue_eyes"]]
+    assert core_tags(lists, 0.5, lambda t: t.endswith(("hair", "eyes"))) == ["red_hair"]
+    assert core_tags([], 0.5, lambda t: True) == []
+
+
+def test_recscore_pairs_and_images():
+    diff = np.array([[0.1, 0.1, 0.5], [0.5, 0.5, 0.1]])
+    score = ccip_recscore(diff, threshold=0.2)
+    assert score.pair_share == 0.5
+    assert score.image_share == 0.5 and score.per_image == [2 / 3, 1 / 3]
+
+
+def test_best_step_ties_and_missing_values():
+    assert best_step({10: 0.5, 20: 0.7, 30: 0.7})[0] == 20
+    step, reason = best_step({10: None, 20: 0.1})
+    assert step == 20 and "0.100" in reason
+    step, reason = best_step({10: None, 20: None})
+    assert step == 20 and "no checkpoint could be scored" in reason

@@ -1,0 +1,57 @@
+"""imgutils' own code against the stand-in hub, through our facade."""
+
+import random
+
+from PIL import ImageOps
+
+from lorafactory.config import PrepareSettings, VisionSettings
+from lorafactory.dataset.crops import three_stage
+from lorafactory.testing.synthetic import CHARACTERS
+from lorafactory.vision.ccip import default_threshold, differences, extract_features
+from lorafactory.vision.classify import monochrome_score
+from lorafactory.vision.detect import detect
+from lorafactory.vision.tagging import is_character_trait, tag_image
+
+V = VisionSettings()
+
+
+def _draw(character, seed, size=(200, 300), outfit=0):
+    return character.draw(*size, outfit=outfit, rng=random.Random(seed))
+
+
+def test_detectors_box_the_character():
+    image = _draw(CHARACTERS[0], 1, (300, 420))
+    person = detect(image, "person", V.person_model)
+    assert len(person) == 1  # the shifted duplicate was removed by NMS, the weak box by the threshold
+    box = person[0]
+    assert box.x0 > 0 and box.x1 < 300 and box.y0 < 40 and box.y1 > 380
+    head = detect(image, "head", V.head_model)[0]
+    assert head.y1 < box.y0 + 0.3 * box.height
+
+
+def test_three_stage_crops_nest():
+    image = _draw(CHARACTERS[0], 2, (320, 480))
+    crops = three_stage(image, PrepareSettings(min_crop_side=20), V)
+    assert [c.group for c in crops] == ["person", "halfbody", "head"]
+    person, half, head = (c.image for c in crops)
+    assert half.height < person.height and head.height < half.height
+
+
+def test_ccip_tells_characters_apart():
+    same = [_draw(CHARACTERS[0], s, outfit=s % 3) for s in range(3)]
+    other = [_draw(c, 9) for c in CHARACTERS[1:]]
+    features = extract_features(same + other, V.ccip_model, batch_size=2)
+    assert features.shape == (6, 768)
+    diff = differences(features[:1], features[1:], V.ccip_model)[0]
+    threshold = default_threshold(V.ccip_model)
+    assert (diff[:2] < threshold).all() and (diff[2:] > threshold).all()
+
+
+def test_tagger_and_monochrome_follow_colours():
+    image = _draw(CHARACTERS[0], 3, (300, 300))
+    tags = tag_image(image, V.tagger_model, 0.35, drop_overlap=True)
+    assert list(tags.values()) == sorted(tags.values(), reverse=True)
+    assert "1girl" in tags and "red_hair" in tags
+    assert monochrome_score(ImageOps.grayscale(image).convert("RGB"), V.monochrome_model) > 0.5
+    assert monochrome_score(image, V.monochrome_model) < 0.5
+    assert is_character_trait("red_hair") and not is_character_trait("1girl")

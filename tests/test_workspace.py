@@ -1,0 +1,34 @@
+import json
+
+from lorafactory.workspace import Manifest, Workspace, read_manifest, slugify, write_json_atomic
+
+
+def test_slugify():
+    assert slugify("Surtr (Arknights)") == "surtr_arknights"
+    assert slugify("  Akane Hoshino ") == "akane_hoshino"
+    assert slugify("初音ミク").startswith("char_")
+
+
+def test_atomic_json_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "a" / "data.json"
+    write_json_atomic(target, {"x": 1})
+    write_json_atomic(target, {"x": 2})
+    assert json.loads(target.read_text()) == {"x": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["data.json"]
+
+
+def test_commit_swaps_in_the_partial_folder_with_the_manifest_last(tmp_path):
+    char = Workspace(tmp_path).character("alice")
+    work = char.begin("crawl")
+    (work / "one.txt").write_text("1")
+    assert read_manifest(work) is None  # unfinished artifacts have no manifest
+    char.commit("crawl", Manifest(stage="crawl", fingerprint="f1", counts={"n": 1}))
+    assert (char.artifact("crawl") / "one.txt").read_text() == "1"
+    assert not char.partial("crawl").exists()
+    # a rebuild replaces the old artifact whole
+    work = char.begin("crawl")
+    (work / "two.txt").write_text("2")
+    char.commit("crawl", Manifest(stage="crawl", fingerprint="f2"))
+    assert sorted(p.name for p in char.artifact("crawl").iterdir()) == ["manifest.json", "two.txt"]
+    manifest = char.manifest("crawl")
+    assert manifest.fingerprint == "f2" and "lorafactory" in manifest.versions
