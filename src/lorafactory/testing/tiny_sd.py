@@ -49,8 +49,12 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def build_tiny_sd(path: Path, seed: int = 0) -> Path:
-    """Build (once) the tiny pipeline at ``path`` and return it; a finished build is reused."""
+def build_tiny_sd(path: Path, seed: int = 0, full_size: bool = False) -> Path:
+    """Build (once) the tiny pipeline at ``path`` and return it; a finished build is reused.
+
+    ``full_size`` builds SD1.5's real shapes instead (860M-parameter UNet), still random and with
+    the local tokenizer: for GPU throughput checks, not for tests.
+    """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -75,40 +79,50 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
+            hidden_size=768 if full_size else 32,
+            intermediate_size=3072 if full_size else 64,
+            num_hidden_layers=12 if full_size else 3,
+            num_attention_heads=12 if full_size else 4,
             max_position_embeddings=77,
-            projection_dim=32,
+            projection_dim=768 if full_size else 32,
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-    )
+    if full_size:  # diffusers' defaults are SD1.5's UNet, apart from the text width
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            sample_size=512,
+        )
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=128,
+        )
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1
     )

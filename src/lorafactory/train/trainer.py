@@ -163,7 +163,8 @@ def train(settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, pr
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            log_file.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}) + "\n")
+            record = {"step": step, "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0], "t": round(time.monotonic() - started, 4)}
+            log_file.write(json.dumps(record) + "\n")
             task.advance()
             if step % t.save_every == 0 or step == t.max_steps:
                 folder = _save_checkpoint(out_dir, step, settings, trigger, base.unet, vectors, len(examples), tag_frequency)
