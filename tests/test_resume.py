@@ -1,5 +1,6 @@
 """A run killed during training resumes there: crawl and prepare are not redone."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,8 @@ from lorafactory.workspace import Workspace
 
 
 @pytest.mark.slow
-def test_kill_during_train_then_resume(kit, tmp_path):
+@pytest.mark.parametrize("how", ["kill", "ctrl-c"])
+def test_stop_during_train_then_resume(kit, tmp_path, how):
     ws = Workspace(tmp_path / "ws")
     with replay_for(kit) as replay:
         command = [
@@ -29,8 +31,12 @@ def test_kill_during_train_then_resume(kit, tmp_path):
                 break
             time.sleep(0.2)
         assert first.poll() is None, "the run ended before it could be killed during training"
-        first.kill()
-        first.wait()
+        if how == "kill":
+            first.kill()
+            assert first.wait() == -signal.SIGKILL
+        else:
+            first.send_signal(signal.SIGINT)
+            assert first.wait(timeout=60) == 130  # the CLI's exit code for an interrupted run
         char = ws.character("akane_hoshino")
         assert char.manifest("crawl") and char.manifest("prepare") and char.manifest("train") is None
         crawl_requests = sum(1 for _, path in replay.requests if path.startswith("/posts.json"))

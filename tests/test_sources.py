@@ -60,3 +60,45 @@ def test_danbooru_crawl_pages_and_limits(tmp_path, kit):
         pages = [path for _, path in replay.requests if path.startswith("/posts.json")]
         assert len(pages) == 2  # 3 + 3 posts seen before the limit of 5 was reached
         assert all("User-Agent" not in p for p in pages)
+
+
+def _replay(kit):
+    return DanbooruReplay([ReplayImage(kit.images / "main_000.png", [], ["akane"])])
+
+
+def test_retry_after_is_honoured_and_5xx_retried(kit):
+    replay = _replay(kit)
+    replay.faults += [(429, {"Retry-After": "0.5"}, b"slow down"), (503, {}, b"busy"), (502, {}, b"bad gateway")]
+    with replay, PoliteClient("lorafactory-tests", 5, max_retries=4, interval_s=0) as client:
+        response = client.get(f"{replay.url}/posts.json", params={"tags": "akane"})
+        assert response.status_code == 200 and len(response.json()) == 1
+        times = [t for t, _ in replay.requests]
+        assert len(times) == 4
+        assert times[1] - times[0] >= 0.5  # waited as Retry-After asked
+
+
+def test_retries_are_bounded(kit):
+    replay = _replay(kit)
+    replay.faults += [(500, {}, b"oops")] * 3
+    with replay, PoliteClient("lorafactory-tests", 5, max_retries=1, interval_s=0) as client:
+        assert client.get(f"{replay.url}/posts.json").status_code == 500
+        assert len(replay.requests) == 2
+
+
+def test_cloudflare_challenge_stops_the_site(kit, tmp_path):
+    from lorafactory.sources.http import CloudflareBlocked
+
+    replay = _replay(kit)
+    replay.faults.append((403, {"Server": "cloudflare", "cf-mitigated": "challenge"}, b"<html>Just a moment...</html>"))
+    with replay, PoliteClient("lorafactory-tests", 5, max_retries=3, interval_s=0) as client:
+        with pytest.raises(CloudflareBlocked, match="Cloudflare challenge"):
+            DanbooruSource(client, replay.url, 10).crawl(["akane"], tmp_path, 5, 0)
+        assert len(replay.requests) == 1  # no hammering
+
+
+def test_requests_are_spaced_by_the_interval(kit, tmp_path):
+    replay = DanbooruReplay([ReplayImage(p, [], ["akane"]) for p in sorted(kit.images.glob("main_*.png"))[:3]])
+    with replay, PoliteClient("lorafactory-tests", 5, max_retries=0, interval_s=0.2) as client:
+        DanbooruSource(client, replay.url, 2).crawl(["akane"], tmp_path, 3, 0)
+    times = [t for t, _ in replay.requests]
+    assert len(times) >= 5 and min(b - a for a, b in zip(times, times[1:])) >= 0.19

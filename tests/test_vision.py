@@ -55,3 +55,22 @@ def test_tagger_and_monochrome_follow_colours():
     assert monochrome_score(ImageOps.grayscale(image).convert("RGB"), V.monochrome_model) > 0.5
     assert monochrome_score(image, V.monochrome_model) < 0.5
     assert is_character_trait("red_hair") and not is_character_trait("1girl")
+
+
+def test_every_standin_model_runs_through_imgutils():
+    """Signatures of the models the pipeline does not call yet (LPIPS, aesthetic, portrait...) are right too."""
+    from imgutils.metrics import anime_dbaesthetic, lpips_clustering
+    from imgutils.tagging import drop_blacklisted_tags, drop_overlap_tags
+    from imgutils.validate import anime_completeness, anime_portrait
+
+    a = _draw(CHARACTERS[0], 4, (240, 320))
+    a2 = a.copy().rotate(0.5, fillcolor=(250, 250, 250))
+    b = _draw(CHARACTERS[1], 5, (240, 320))
+    labels = lpips_clustering([a, a2, b])
+    assert labels[0] == labels[1] and labels[2] != labels[0]
+    label, percentile = anime_dbaesthetic(a)
+    assert label in ("worst", "low", "normal", "good", "great", "best", "masterpiece") and 0 <= percentile <= 1
+    assert anime_portrait(a)[0] in ("person", "halfbody", "head")
+    assert anime_completeness(a)[0] in ("monochrome", "rough", "polished")
+    assert drop_blacklisted_tags({"cosplay": 0.9, "smile": 0.8}) == {"smile": 0.8}
+    assert drop_overlap_tags(["long_hair", "very_long_hair", "hair"]) == ["very_long_hair"]

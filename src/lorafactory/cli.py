@@ -224,6 +224,7 @@ def demo(
     from lorafactory.demo import DEMO_CHARACTER, default_cache, run_demo
     from lorafactory.state import Store
 
+    _setup_logging()
     err.print(
         "[bold yellow]Demo:[/bold yellow] tiny random-initialised stand-in models and a synthetic character, on CPU. "
         "It exercises every real code path, but [bold]neither the images nor the metrics mean anything[/bold]."

@@ -28,6 +28,9 @@ class DanbooruReplay:
 
     images: list[ReplayImage]
     requests: list[tuple[float, str]] = field(default_factory=list)
+    faults: list[tuple[int, dict[str, str], bytes]] = field(
+        default_factory=list, metadata={"doc": "(status, headers, body) answered, in order, before normal replies"}
+    )
     _server: ThreadingHTTPServer | None = None
 
     @property
@@ -79,15 +82,21 @@ class DanbooruReplay:
             def log_message(self, *_args: object) -> None:
                 return
 
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
+            def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 replay.requests.append((time.monotonic(), self.path))
+                if replay.faults:
+                    status, headers, body = replay.faults.pop(0)
+                    self._send(status, body, headers.pop("Content-Type", "text/html"), headers)
+                    return
                 parsed = urlparse(self.path)
                 if parsed.path == "/posts.json":
                     query = parse_qs(parsed.query)

@@ -26,7 +26,7 @@ from lorafactory.testing.onnx_graphs import (
     tensor,
 )
 
-BUILD_VERSION = "4"
+BUILD_VERSION = "5"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CCIP_THRESHOLD = 0.17847511429108218
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -286,7 +286,7 @@ def _lpips_diff() -> "onnx.ModelProto":  # noqa: F821
     total = terms[0]
     for term in terms[1:]:
         total = g.op("Add", total, term)
-    g.op("Mul", total, g.const(0.25), out="output")
+    g.op("Mul", total, g.const(2.5), out="output")
     return g.model(inputs, [tensor("output", [])])
 
 

@@ -40,6 +40,9 @@ def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
 def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32) -> Any:
     """A StableDiffusionPipeline from a folder, a ``.safetensors``/``.ckpt`` file or a hub id."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # stages show their own progress
 
     path = Path(base_model).expanduser()
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}

@@ -19,7 +19,7 @@ from lorafactory.errors import StageError
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import bundle_tensors, lora_metadata, unet_lora_tensors, write_safetensors
 from lorafactory.progress import Progress
-from lorafactory.train.data import batch_plan, build_caption, load_examples
+from lorafactory.train.data import batch_plan, build_caption, load_examples, read_metadata
 from lorafactory.train.embedding import encode_text, expand_trigger, install_trigger
 from lorafactory.train.model import load_base, resolve_device, resolve_dtype
 
@@ -93,7 +93,7 @@ def train(settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, pr
         module.to(device)
     base.vae.to(dtype=torch.float32)  # encoding once; float32 avoids NaN latents from half-precision VAEs
 
-    with progress.task("encoding images", total=None) as task:
+    with progress.task("encoding images", total=len(read_metadata(dataset_dir))) as task:
         examples, counts = load_examples(dataset_dir, base.vae, t.resolution, t.bucket_step, device, on_item=task.advance)
     if not examples:
         raise StageError(f"no training images fit train.resolution={t.resolution}; lower train.bucket_step or add larger images")
