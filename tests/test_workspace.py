@@ -1,5 +1,8 @@
 import json
 
+import pytest
+
+from lorafactory.errors import StageError
 from lorafactory.workspace import Manifest, Workspace, read_manifest, slugify, write_json_atomic
 
 
@@ -19,16 +22,27 @@ def test_atomic_json_leaves_no_temporary_files(tmp_path):
 
 def test_commit_swaps_in_the_partial_folder_with_the_manifest_last(tmp_path):
     char = Workspace(tmp_path).character("alice")
-    work = char.begin("crawl")
+    work = char.begin("crawl", "f1")
     (work / "one.txt").write_text("1")
     assert read_manifest(work) is None  # unfinished artifacts have no manifest
     char.commit("crawl", Manifest(stage="crawl", fingerprint="f1", counts={"n": 1}))
     assert (char.artifact("crawl") / "one.txt").read_text() == "1"
     assert not char.partial("crawl").exists()
     # a rebuild replaces the old artifact whole
-    work = char.begin("crawl")
+    work = char.begin("crawl", "f2")
     (work / "two.txt").write_text("2")
     char.commit("crawl", Manifest(stage="crawl", fingerprint="f2"))
     assert sorted(p.name for p in char.artifact("crawl").iterdir()) == ["manifest.json", "two.txt"]
     manifest = char.manifest("crawl")
     assert manifest.fingerprint == "f2" and "lorafactory" in manifest.versions
+
+
+def test_resumable_stages_keep_their_unfinished_folder_only_for_the_same_settings(tmp_path):
+    char = Workspace(tmp_path).character("alice")
+    (char.begin("train", "f1", resumable=True) / "state.pt").write_text("s")
+    assert (char.begin("train", "f1", resumable=True) / "state.pt").is_file()  # resumed
+    with pytest.raises(StageError, match="--force train"):
+        char.begin("train", "f2", resumable=True)
+    assert not (char.begin("crawl", "f1") / "state.pt").exists()
+    char.invalidate("train")  # what --force does
+    assert not (char.begin("train", "f2", resumable=True) / "state.pt").exists()

@@ -96,9 +96,25 @@ class TrainSettings(Section):
     weight_decay: float = Field(1e-3, ge=0)
     embedding_weight_decay: float = Field(5e-4, ge=0)
     warmup_steps: int = Field(50, ge=0)
+    embedding_pivot: float = Field(1.0, gt=0, le=1, description="Freeze the embedding after this fraction of the steps.")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
+    gradient_accumulation: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    noise_offset: float = Field(0.0, ge=0)
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting; 5 is common. Off when unset.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field("auto", description="'auto' reads the base model's scheduler.")
+    zero_terminal_snr: bool = False
+    keep_tokens: int = Field(0, ge=0, description="Leading tags (after the trigger) that shuffle and dropout never move.")
     shuffle_tags: bool = True
     tag_dropout: float = Field(0.0, ge=0, lt=1)
     caption_dropout: float = Field(0.0, ge=0, lt=1)
+    flip: bool = Field(False, description="Random horizontal flips (off for asymmetric characters).")
+    group_repeats: dict[str, int] = Field(default_factory=dict, description="Repeats per crop group, e.g. {head = 1, person = 2}.")
+    group_loss_weights: dict[str, float] = Field(default_factory=dict, description="Loss weight per crop group.")
+    latent_cache_dir: str = Field("", description="Cache VAE latents on disk here; memory only when empty.")
+    validation_split: float = Field(0.05, ge=0, lt=1, description="Share of images held out for the validation loss.")
+    validation_timesteps: list[int] = Field(default_factory=lambda: [200, 400, 600, 800])
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
 

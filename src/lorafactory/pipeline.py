@@ -22,7 +22,8 @@ from lorafactory.state import Store
 from lorafactory.workspace import STAGES, CharacterDir, Manifest, Workspace, slugify, write_bytes_atomic
 
 log = logging.getLogger(__name__)
-CODE_VERSION = "1"  # bump when a stage's output format changes, so old artifacts are rebuilt
+CODE_VERSION = "2"  # bump when a stage's output format changes, so old artifacts are rebuilt
+RESUMABLE = {"train"}  # stages that continue an interrupted run from their unfinished folder
 
 _SECTIONS = {
     "crawl": ("character", "crawl"),
@@ -91,8 +92,9 @@ def _evaluate(ctx: Context, out: Path) -> StageOutput:
     from lorafactory.evaluate.evaluator import evaluate
 
     checkpoints = _checkpoints(ctx)
+    validation = {int(step): losses["mean"] for step, losses in ctx.manifest("train").details.get("validation_loss", {}).items()}
     counts, details, metrics, selected = evaluate(
-        ctx.settings, ctx.trigger, ctx.char.artifact("prepare"), ctx.char.artifact("train"), checkpoints, out, ctx.progress
+        ctx.settings, ctx.trigger, ctx.char.artifact("prepare"), ctx.char.artifact("train"), checkpoints, validation, out, ctx.progress
     )
     details["metrics"] = {str(step): values for step, values in metrics.items()}
     train_dir = ctx.char.artifact("train")
@@ -197,8 +199,9 @@ def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> 
     progress.note(f"[bold]{stage}[/bold]")
     stage_id = store.start_stage(ctx.run_id, stage, prints[stage])
     started = time.monotonic()
-    out = ctx.char.begin(stage)
+    resumable = stage in RESUMABLE
     try:
+        out = ctx.char.begin(stage, prints[stage], resumable)
         result = _RUNNERS[stage](ctx, out)
     except KeyboardInterrupt:
         store.finish_stage(stage_id, "interrupted", "interrupted by the user")
@@ -206,7 +209,8 @@ def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> 
         raise
     except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        shutil.rmtree(out, ignore_errors=True)  # a failed stage leaves nothing half-written
+        if not resumable:  # a failed stage leaves nothing half-written; training keeps its saved state
+            shutil.rmtree(ctx.char.partial(stage), ignore_errors=True)
         store.finish_stage(stage_id, "failed", message)
         store.finish_run(ctx.run_id, "failed", f"{stage}: {message}")
         raise

@@ -24,7 +24,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from lorafactory.errors import StageError
+
 MANIFEST = "manifest.json"
+FINGERPRINT = ".fingerprint"
 STAGES = ("crawl", "prepare", "train", "evaluate", "release")
 _TRACKED_PACKAGES = ("lorafactory", "torch", "diffusers", "transformers", "peft", "dghs-imgutils", "onnxruntime", "numpy")
 
@@ -117,17 +120,31 @@ class CharacterDir:
     def manifest(self, stage: str) -> Manifest | None:
         return read_manifest(self.artifact(stage))
 
-    def begin(self, stage: str) -> Path:
-        """A fresh, empty folder to build ``stage``'s artifact in."""
+    def begin(self, stage: str, fingerprint: str, resumable: bool = False) -> Path:
+        """The folder to build ``stage``'s artifact in: fresh, or for a resumable stage, the
+        unfinished folder of an interrupted run with the same fingerprint.
+
+        An unfinished resumable folder made with other settings is never discarded silently.
+        """
         partial = self.partial(stage)
+        marker = partial / FINGERPRINT
+        if resumable and marker.is_file():
+            if marker.read_text() == fingerprint:
+                return partial
+            raise StageError(
+                f"an interrupted {stage} in {partial} was made with other settings; "
+                f"restore them to resume it, or rerun with --force {stage} to discard it"
+            )
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
+        marker.write_text(fingerprint)
         return partial
 
     def commit(self, stage: str, manifest: Manifest) -> Path:
         """Write the manifest last, then swap the partial folder in place of the old artifact."""
         partial = self.partial(stage)
+        (partial / FINGERPRINT).unlink(missing_ok=True)
         write_json_atomic(partial / MANIFEST, manifest.model_dump(mode="json"))
         final = self.artifact(stage)
         old = self.path / f"{stage}.old"

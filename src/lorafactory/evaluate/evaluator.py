@@ -22,7 +22,7 @@ from lorafactory.vision.ccip import default_threshold, differences, extract_feat
 from lorafactory.workspace import write_json_atomic
 
 log = logging.getLogger(__name__)
-METRIC_COLUMNS = ("ccip_recscore", "ccip_image_share")
+METRIC_COLUMNS = ("ccip_recscore", "ccip_image_share", "validation_loss")
 
 
 def step_dir(out_dir: Path, step: int) -> Path:
@@ -30,9 +30,17 @@ def step_dir(out_dir: Path, step: int) -> Path:
 
 
 def evaluate(
-    settings: Settings, trigger: str, dataset_dir: Path, train_dir: Path, checkpoints: dict[int, str], out_dir: Path, progress: Progress
+    settings: Settings,
+    trigger: str,
+    dataset_dir: Path,
+    train_dir: Path,
+    checkpoints: dict[int, str],
+    validation_loss: dict[int, float],
+    out_dir: Path,
+    progress: Progress,
 ) -> tuple[dict, dict, dict[int, dict[str, float | None]], int]:
-    """Returns (counts, details, metrics per step, selected step)."""
+    """Returns (counts, details, metrics per step, selected step); a metric that could not be
+    computed is None ("missing"), never zero."""
     e, v, t = settings.evaluate, settings.vision, settings.train
     dataset_images = []
     for record in read_metadata(dataset_dir):
@@ -59,7 +67,7 @@ def evaluate(
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 log.warning("checkpoint at step %d failed to load, skipped: %s", step, exc)
                 failed[step] = str(exc).splitlines()[0]
-                metrics[step] = {name: None for name in METRIC_COLUMNS}
+                metrics[step] = {name: None for name in METRIC_COLUMNS} | {"validation_loss": validation_loss.get(step)}
                 task.advance(len(work))
                 continue
             images = []
@@ -69,7 +77,11 @@ def evaluate(
             generator.unload(trigger, t.embedding_vectors)
             features = extract_features(images, v.ccip_model)
             score = ccip_recscore(differences(features, dataset_features, v.ccip_model), threshold)
-            metrics[step] = {"ccip_recscore": score.pair_share, "ccip_image_share": score.image_share}
+            metrics[step] = {
+                "ccip_recscore": score.pair_share,
+                "ccip_image_share": score.image_share,
+                "validation_loss": validation_loss.get(step),
+            }
             per_image[step] = {job.filename: value for job, value in zip(work, score.per_image)}
             write_json_atomic(target / "metrics.json", {"step": step, **metrics[step], "per_image": per_image[step]})
 

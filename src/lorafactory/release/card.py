@@ -44,11 +44,11 @@ def model_card(
             "instance_prompt": trigger,
         }
     )
-    rows = ["| step | CCIP RecScore | image share | selected |", "|---:|---:|---:|:---:|"]
+    rows = ["| step | CCIP RecScore | image share | validation loss | selected |", "|---:|---:|---:|---:|:---:|"]
     for step in sorted(metrics):
         m = metrics[step]
-        cells = ["missing" if m.get(k) is None else f"{m[k]:.3f}" for k in ("ccip_recscore", "ccip_image_share")]
-        rows.append(f"| {step} | {cells[0]} | {cells[1]} | {'**yes**' if step == selected_step else ''} |")
+        cells = ["missing" if m.get(k) is None else f"{m[k]:.3f}" for k in ("ccip_recscore", "ccip_image_share", "validation_loss")]
+        rows.append(f"| {step} | {' | '.join(cells)} | {'**yes**' if step == selected_step else ''} |")
     warning = (
         "\n> **These files come from tiny random-initialised stand-in models (the offline demo).**\n"
         "> Neither the images nor the metrics mean anything.\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lorafactory.train import buckets
 
@@ -21,19 +21,24 @@ log = logging.getLogger(__name__)
 @dataclass
 class Example:
     file: str
+    group: str
+    source: str  # the raw image the crop came from; held-out sets never share one with training
     tags: list[str]
     bucket: tuple[int, int]
     latent: torch.Tensor  # [4, h/8, w/8], already multiplied by the VAE scaling factor
+    flipped: torch.Tensor | None = None
 
 
-def build_caption(trigger: str, tags: list[str], rng: random.Random, shuffle: bool, tag_dropout: float, caption_dropout: float) -> str:
-    """Trigger first (never shuffled or dropped by tag dropout), then the tags."""
+def build_caption(
+    trigger: str, tags: list[str], rng: random.Random, shuffle: bool, tag_dropout: float, caption_dropout: float, keep_tokens: int = 0
+) -> str:
+    """Trigger first, then ``keep_tokens`` fixed tags, then the rest (shuffled, dropped out)."""
     if caption_dropout and rng.random() < caption_dropout:
         return ""
-    rest = [tag for tag in tags if not (tag_dropout and rng.random() < tag_dropout)]
+    fixed, rest = list(tags[:keep_tokens]), [tag for tag in tags[keep_tokens:] if not (tag_dropout and rng.random() < tag_dropout)]
     if shuffle:
         rng.shuffle(rest)
-    return ", ".join([trigger] + rest)
+    return ", ".join([trigger, *fixed, *rest])
 
 
 def read_metadata(dataset_dir: Path) -> list[dict]:
@@ -46,28 +51,53 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return data.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+class LatentCache:
+    """VAE latents keyed by image content, base model and bucket; in memory, optionally on disk."""
+
+    def __init__(self, vae: torch.nn.Module, model_key: str, device: torch.device, folder: Path | None) -> None:
+        self.vae, self.device, self.folder = vae, device, folder
+        self.model_key = model_key
+        self.scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+        self.memory: dict[str, torch.Tensor] = {}
+        self.encoded = 0
+
+    def get(self, pixels: Image.Image) -> torch.Tensor:
+        key = hashlib.sha256(pixels.tobytes() + f"{pixels.size}|{self.model_key}".encode()).hexdigest()
+        if key in self.memory:
+            return self.memory[key]
+        path = self.folder / f"{key}.pt" if self.folder else None
+        if path is not None and path.is_file():
+            latent = torch.load(path, weights_only=True)
+        else:
+            with torch.no_grad():
+                batch = _to_tensor(pixels).unsqueeze(0).to(self.device, dtype=self.vae.dtype)
+                latent = (self.vae.encode(batch).latent_dist.mean[0] * self.scale).float().cpu()
+            self.encoded += 1
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(latent, tmp)
+                tmp.replace(path)
+        self.memory[key] = latent
+        return latent
+
+
 def load_examples(
     dataset_dir: Path,
-    vae: torch.nn.Module,
+    cache: LatentCache,
     resolution: int,
     step: int,
-    device: torch.device,
+    flip: bool,
     on_item: Callable[[], None] | None = None,
 ) -> tuple[list[Example], dict[str, int]]:
-    """Bucket every dataset image and encode it once with the VAE (latents cached in memory).
-
-    Identical images share one latent (keyed by content hash and bucket).
-    """
-    cache: dict[str, torch.Tensor] = {}
+    """Bucket every dataset image and encode it once (and its mirror image when ``flip``)."""
     examples: list[Example] = []
     counts = {"unreadable": 0, "too_small": 0}
-    scale = float(getattr(vae.config, "scaling_factor", 0.18215))
     for record in read_metadata(dataset_dir):
         if on_item:
             on_item()
-        path = dataset_dir / record["file"]
         try:
-            with Image.open(path) as raw:
+            with Image.open(dataset_dir / record["file"]) as raw:
                 image = raw.convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:
             log.warning("skipping unreadable training image %s: %s", record["file"], exc)
@@ -78,20 +108,44 @@ def load_examples(
             counts["too_small"] += 1
             continue
         pixels = buckets.apply(image, placement)
-        key = hashlib.sha256(pixels.tobytes()).hexdigest() + f"{placement.bucket}"
-        if key not in cache:
-            with torch.no_grad():
-                batch = _to_tensor(pixels).unsqueeze(0).to(device, dtype=vae.dtype)
-                cache[key] = (vae.encode(batch).latent_dist.mean[0] * scale).float().cpu()
-        examples.append(Example(record["file"], list(record.get("tags", [])), placement.bucket, cache[key]))
+        examples.append(
+            Example(
+                file=record["file"],
+                group=record.get("group", "image"),
+                source=str(record.get("post_id", record["file"])),
+                tags=list(record.get("tags", [])),
+                bucket=placement.bucket,
+                latent=cache.get(pixels),
+                flipped=cache.get(ImageOps.mirror(pixels)) if flip else None,
+            )
+        )
     return examples, counts
 
 
-def batch_plan(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """One epoch of batches: indices shuffled within each bucket, then the batch order shuffled."""
+def split_validation(examples: list[Example], share: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out whole source images (all their crops) until ``share`` of the examples is reached."""
+    wanted = int(share * len(examples))
+    if wanted == 0:
+        return examples, []
+    sources = sorted({ex.source for ex in examples})
+    random.Random(seed).shuffle(sources)
+    held: set[str] = set()
+    count = 0
+    for source in sources:
+        if count >= wanted:
+            break
+        held.add(source)
+        count += sum(1 for ex in examples if ex.source == source)
+    if count >= len(examples):  # never hold out everything
+        return examples, []
+    return [ex for ex in examples if ex.source not in held], [ex for ex in examples if ex.source in held]
+
+
+def batch_plan(examples: list[Example], batch_size: int, rng: random.Random, repeats: dict[str, int]) -> list[list[int]]:
+    """One epoch of batches: each example ``repeats[group]`` times, shuffled within its bucket, batch order shuffled."""
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for index, example in enumerate(examples):
-        by_bucket.setdefault(example.bucket, []).append(index)
+        by_bucket.setdefault(example.bucket, []).extend([index] * repeats.get(example.group, 1))
     plan = []
     for bucket in sorted(by_bucket):
         indices = by_bucket[bucket][:]

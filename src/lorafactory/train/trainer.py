@@ -1,9 +1,15 @@
-"""The train stage: pivotal tuning on diffusers + peft, step-based, with a checkpoint every N steps."""
+"""The train stage: pivotal tuning on diffusers + peft, step-based, with a checkpoint every N steps.
+
+Each checkpoint writes the release formats (kohya LoRA, bundled LoRA, embeddings), a validation
+loss, and the full training state, so an interrupted run resumes exactly where it stopped.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -12,16 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lorafactory.config import Settings
+from lorafactory.config import Settings, settings_hash
 from lorafactory.errors import StageError
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import bundle_tensors, lora_metadata, unet_lora_tensors, write_safetensors
 from lorafactory.progress import Progress
-from lorafactory.train.data import batch_plan, build_caption, load_examples, read_metadata
+from lorafactory.train.data import Example, LatentCache, batch_plan, build_caption, load_examples, read_metadata, split_validation
 from lorafactory.train.embedding import encode_text, expand_trigger, install_trigger
 from lorafactory.train.model import load_base, resolve_device, resolve_dtype
+from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
+from lorafactory.train.optim import build_optimizer, build_scheduler
+from lorafactory.train.resume import LoopPosition, load_state, save_state, saved_step
+from lorafactory.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,7 @@ LORA_FILE = "lora.safetensors"
 BUNDLED_FILE = "bundled.safetensors"
 EMBEDDING_FILE = "embedding.safetensors"
 EMBEDDING_PT_FILE = "embedding.pt"
+LOG_FILE = "train_log.jsonl"
 
 
 @dataclass
@@ -36,6 +46,7 @@ class TrainResult:
     checkpoints: dict[int, str]
     counts: dict[str, int]
     details: dict
+    finished: bool = True
 
 
 def seed_everything(seed: int) -> None:
@@ -48,136 +59,223 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
     return out_dir / "checkpoints" / f"step-{step:06d}"
 
 
-def _save_checkpoint(
-    out_dir: Path, step: int, settings: Settings, trigger: str, unet, vectors: torch.Tensor, num_images: int, tag_frequency
-) -> Path:
-    folder = checkpoint_dir(out_dir, step)
-    folder.mkdir(parents=True, exist_ok=True)
-    t = settings.train
-    tensors = unet_lora_tensors(unet, t.lora_alpha)
-    common = dict(
-        trigger=trigger,
-        rank=t.lora_rank,
-        alpha=t.lora_alpha,
-        steps=step,
-        resolution=t.resolution,
-        clip_skip=t.clip_skip,
-        num_train_images=num_images,
-        tag_frequency=tag_frequency,
-        base_model_name=Path(t.base_model).name,
-        seed=t.seed,
-    )
-    write_safetensors(folder / LORA_FILE, tensors, lora_metadata(output_name=trigger, tensors=tensors, **common))
-    bundled = {**tensors, **bundle_tensors(trigger, vectors)}
-    write_safetensors(folder / BUNDLED_FILE, bundled, lora_metadata(output_name=trigger, tensors=bundled, **common))
-    write_embedding_safetensors(folder / EMBEDDING_FILE, vectors)
-    write_a1111_pt(folder / EMBEDDING_PT_FILE, trigger, vectors, step, Path(t.base_model).name)
-    return folder
+def _dataset_hash(dataset_dir: Path) -> str:
+    return hashlib.sha256((dataset_dir / "metadata.jsonl").read_bytes()).hexdigest()[:16]
 
 
-def train(settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, progress: Progress) -> TrainResult:
-    """Train a UNet LoRA plus the trigger embedding; checkpoints land in ``out_dir/checkpoints``."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from peft import LoraConfig
+def _rewind_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the saved state, before an interruption)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
 
-    t = settings.train
-    seed_everything(t.seed)
-    device = resolve_device(t.device)
-    dtype = resolve_dtype(t.mixed_precision, device)
-    started = time.monotonic()
 
-    base = load_base(t.base_model)
-    for module in (base.text_encoder, base.unet, base.vae):
-        module.requires_grad_(False)
-        module.to(device)
-    base.vae.to(dtype=torch.float32)  # encoding once; float32 avoids NaN latents from half-precision VAEs
+class _Run:
+    """Everything one training run holds; ``step()`` advances it by one optimizer step."""
 
-    with progress.task("encoding images", total=len(read_metadata(dataset_dir))) as task:
-        examples, counts = load_examples(dataset_dir, base.vae, t.resolution, t.bucket_step, device, on_item=task.advance)
-    if not examples:
-        raise StageError(f"no training images fit train.resolution={t.resolution}; lower train.bucket_step or add larger images")
-    base.vae.to("cpu")
+    def __init__(self, settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, progress: Progress) -> None:
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
 
-    base.text_encoder.to(dtype=dtype)
-    base.unet.to(dtype=dtype)
-    vectors = install_trigger(base.tokenizer, base.text_encoder, trigger, t.embedding_vectors, t.embedding_init, t.seed)
-    vectors.data = vectors.data.to(device)  # stays float32 while the frozen weights may be half precision
-    base.unet.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=list(t.lora_targets)))
-    lora_params = [p for p in base.unet.parameters() if p.requires_grad]
-    if not lora_params:
-        raise StageError(f"train.lora_targets {t.lora_targets} matched no UNet layer; use names such as to_q, to_k, to_v")
-    for param in lora_params:
-        param.data = param.data.float()
-    base.unet.train()
+        t = self.t = settings.train
+        self.settings, self.trigger, self.out_dir = settings, trigger, out_dir
+        seed_everything(t.seed)
+        self.device = resolve_device(t.device)
+        self.dtype = resolve_dtype(t.mixed_precision, self.device)
+        base = self.base = load_base(t.base_model)
+        for module in (base.text_encoder, base.unet, base.vae):
+            module.requires_grad_(False)
+            module.to(self.device)
+        base.vae.to(dtype=torch.float32)  # encoding once; float32 avoids NaN latents from half-precision VAEs
+        cache_dir = Path(t.latent_cache_dir).expanduser() if t.latent_cache_dir else None
+        model_key = settings_hash(t.base_model, json.loads(json.dumps(dict(base.vae.config), default=str)))
+        cache = LatentCache(base.vae, model_key, self.device, cache_dir)
+        with progress.task("encoding images", total=len(read_metadata(dataset_dir))) as task:
+            examples, self.counts = load_examples(dataset_dir, cache, t.resolution, t.bucket_step, t.flip, on_item=task.advance)
+        self.counts["latents_encoded"] = cache.encoded
+        base.vae.to("cpu")
+        self.examples, held_out = split_validation(examples, t.validation_split, t.seed)
+        if not self.examples:
+            raise StageError(f"no training images fit train.resolution={t.resolution}; lower train.bucket_step or add larger images")
 
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": lora_params, "lr": t.unet_lr, "weight_decay": t.weight_decay},
-            {"params": [vectors], "lr": t.embedding_lr, "weight_decay": t.embedding_weight_decay},
-        ]
-    )
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    prediction_type = noise_scheduler.config.prediction_type
+        base.text_encoder.to(dtype=self.dtype)
+        base.unet.to(dtype=self.dtype)
+        self.vectors = install_trigger(base.tokenizer, base.text_encoder, trigger, t.embedding_vectors, t.embedding_init, t.seed)
+        self.vectors.data = self.vectors.data.to(self.device)  # stays float32 while frozen weights may be half precision
+        base.unet.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=list(t.lora_targets)))
+        self.lora = {name: p for name, p in base.unet.named_parameters() if p.requires_grad}
+        if not self.lora:
+            raise StageError(f"train.lora_targets {t.lora_targets} matched no UNet layer; use names such as to_q, to_k, to_v")
+        for param in self.lora.values():
+            param.data = param.data.float()
+        if t.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+        base.unet.train()
 
-    tag_frequency = {"dataset": dict(Counter(tag for ex in examples for tag in [trigger] + ex.tags).most_common())}
-    rng = random.Random(t.seed)
-    generator = torch.Generator(device=device).manual_seed(t.seed)
-    plan: list[list[int]] = []
-    losses: list[float] = []
-    checkpoints: dict[int, str] = {}
-    log_path = out_dir / "train_log.jsonl"
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        config = dict(base.scheduler_config)
+        if t.prediction_type != "auto":
+            config["prediction_type"] = t.prediction_type
+        self.noise_scheduler = DDPMScheduler.from_config(config, rescale_betas_zero_snr=t.zero_terminal_snr)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.optimizer = build_optimizer(t, list(self.lora.values()), self.vectors, self.device)
+        self.lr_scheduler = build_scheduler(t, self.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.rng = random.Random(t.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
+        self.validation = ValidationSet(held_out, t.validation_timesteps, t.seed)
+        self.pivot_step = math.ceil(t.embedding_pivot * t.max_steps)
+        self.fingerprint = settings_hash(t, trigger, _dataset_hash(dataset_dir))
+        self.tag_frequency = {"dataset": dict(Counter(tag for ex in self.examples for tag in [trigger] + ex.tags).most_common())}
+        self.position = LoopPosition()
+        self.trainables = {**self.lora, "trigger_vectors": self.vectors}
 
-    with progress.task("training", total=t.max_steps) as task, log_path.open("w", encoding="utf-8") as log_file:
-        for step in range(1, t.max_steps + 1):
-            if not plan:
-                plan = batch_plan(examples, t.batch_size, rng)
-            batch = [examples[i] for i in plan.pop()]
-            latents = torch.stack([ex.latent for ex in batch]).to(device)
-            captions = [
-                expand_trigger(build_caption(trigger, ex.tags, rng, t.shuffle_tags, t.tag_dropout, t.caption_dropout), trigger, t.embedding_vectors)
-                for ex in batch
-            ]
-            ids = base.tokenizer(
-                captions, padding="max_length", truncation=True, max_length=base.tokenizer.model_max_length, return_tensors="pt"
-            ).input_ids.to(device)
-            noise = torch.randn(latents.shape, generator=generator, device=device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator, device=device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-            try:
-                with autocast:
-                    hidden = encode_text(base.text_encoder, ids, t.clip_skip)
-                    prediction = base.unet(noisy.to(dtype), timesteps, hidden).sample
-                loss = F.mse_loss(prediction.float(), target.float())
-                loss.backward()
-            except torch.cuda.OutOfMemoryError as exc:
-                raise StageError(
-                    "out of GPU memory while training; lower train.batch_size or train.resolution, or set train.mixed_precision = 'bf16'"
-                ) from exc
+    # --- pieces of a step -------------------------------------------------------------
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def condition(self, captions: list[str]) -> torch.Tensor:
+        tokenizer = self.base.tokenizer
+        texts = [expand_trigger(c, self.trigger, self.t.embedding_vectors) for c in captions]
+        ids = tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        return encode_text(self.base.text_encoder, ids.to(self.device), self.t.clip_skip)
+
+    def _micro_batch(self) -> torch.Tensor:
+        t = self.t
+        if not self.position.plan:
+            self.position.plan = batch_plan(self.examples, t.batch_size, self.rng, t.group_repeats)
+        batch: list[Example] = [self.examples[i] for i in self.position.plan.pop()]
+        latents = torch.stack(
+            [ex.flipped if ex.flipped is not None and self.rng.random() < 0.5 else ex.latent for ex in batch]
+        ).to(self.device)
+        captions = [build_caption(self.trigger, ex.tags, self.rng, t.shuffle_tags, t.tag_dropout, t.caption_dropout, t.keep_tokens) for ex in batch]
+        noise = sample_noise(latents, self.generator, t.noise_offset)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(batch),), generator=self.generator, device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = target_for(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
+        with self.autocast():
+            prediction = self.base.unet(noisy.to(self.dtype), timesteps, self.condition(captions)).sample
+        weights = snr_weights(self.noise_scheduler, timesteps, t.min_snr_gamma, self.prediction_type)
+        weights = weights * torch.tensor([t.group_loss_weights.get(ex.group, 1.0) for ex in batch], device=self.device)
+        return (per_sample_mse(prediction, target) * weights).mean()
+
+    def step(self) -> float:
+        t = self.t
+        step = self.position.step + 1
+        if step > self.pivot_step and self.vectors.requires_grad:
+            self.vectors.requires_grad_(False)  # the pivot: from here on only the LoRA trains
+        total = 0.0
+        for _ in range(t.gradient_accumulation):
+            loss = self._micro_batch() / t.gradient_accumulation
             if not torch.isfinite(loss):
                 raise StageError(f"training loss became {loss.item()} at step {step}; lower train.unet_lr or train.embedding_lr")
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            record = {"step": step, "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0], "t": round(time.monotonic() - started, 4)}
-            log_file.write(json.dumps(record) + "\n")
-            task.advance()
-            if step % t.save_every == 0 or step == t.max_steps:
-                folder = _save_checkpoint(out_dir, step, settings, trigger, base.unet, vectors, len(examples), tag_frequency)
-                checkpoints[step] = str(folder.relative_to(out_dir))
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.position.step = step
+        self.position.losses.append(total)
+        return total
 
-    counts.update({"images": len(examples), "steps": t.max_steps, "checkpoints": len(checkpoints)})
+    # --- checkpoints --------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float] | None:
+        if not self.validation:
+            return None
+        self.base.unet.eval()
+        with self.autocast():
+            result = self.validation.loss(
+                self.base.unet, self.noise_scheduler, self.prediction_type, self.condition, lambda ex: ", ".join([self.trigger, *ex.tags])
+            )
+        self.base.unet.train()
+        return result
+
+    def checkpoint(self) -> None:
+        t, step = self.t, self.position.step
+        folder = checkpoint_dir(self.out_dir, step)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = unet_lora_tensors(self.base.unet, t.lora_alpha)
+        common = dict(
+            output_name=self.trigger, trigger=self.trigger, rank=t.lora_rank, alpha=t.lora_alpha, steps=step,
+            resolution=t.resolution, clip_skip=t.clip_skip, num_train_images=len(self.examples),
+            tag_frequency=self.tag_frequency, base_model_name=Path(t.base_model).name, seed=t.seed,
+        )  # fmt: skip
+        write_safetensors(folder / LORA_FILE, tensors, lora_metadata(tensors=tensors, **common))
+        bundled = {**tensors, **bundle_tensors(self.trigger, self.vectors)}
+        write_safetensors(folder / BUNDLED_FILE, bundled, lora_metadata(tensors=bundled, **common))
+        write_embedding_safetensors(folder / EMBEDDING_FILE, self.vectors)
+        write_a1111_pt(folder / EMBEDDING_PT_FILE, self.trigger, self.vectors, step, Path(t.base_model).name)
+        self.position.checkpoints[step] = str(folder.relative_to(self.out_dir))
+        validation = self.validate()
+        if validation is not None:
+            self.position.validation[step] = validation
+        save_state(self.out_dir, self.fingerprint, self.trainables, self.optimizer, self.lr_scheduler, self.scaler, self.rng, self.generator, self.position)
+
+    def resume(self) -> None:
+        if saved_step(self.out_dir) is None:
+            return
+        self.position = load_state(
+            self.out_dir, self.fingerprint, self.trainables, self.optimizer, self.lr_scheduler, self.scaler, self.rng, self.generator
+        )
+        if self.position.step >= self.pivot_step:
+            self.vectors.requires_grad_(False)
+        log.info("resuming training at step %d", self.position.step)
+
+
+def train(
+    settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, progress: Progress, stop_after: int | None = None
+) -> TrainResult:
+    """Train a UNet LoRA plus the trigger embedding into ``out_dir``, resuming a saved state there.
+
+    ``stop_after`` ends the run (state saved) at the first checkpoint at or after that step;
+    calling again continues it exactly.
+    """
+    started = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(settings, trigger, dataset_dir, out_dir, progress)
+    run.resume()
+    t = run.t
+    log_path = out_dir / LOG_FILE
+    _rewind_log(log_path, run.position.step)
+    finished = True
+    try:
+        with progress.task("training", total=t.max_steps) as task, log_path.open("a", encoding="utf-8") as log_file:
+            task.advance(run.position.step)
+            while run.position.step < t.max_steps:
+                loss = run.step()
+                step = run.position.step
+                record = {"step": step, "loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], "t": round(time.monotonic() - started, 4)}
+                log_file.write(json.dumps(record) + "\n")
+                task.advance()
+                if step % t.save_every == 0 or step == t.max_steps:
+                    log_file.flush()
+                    run.checkpoint()
+                    if stop_after is not None and step >= stop_after and step < t.max_steps:
+                        finished = False
+                        break
+    except torch.cuda.OutOfMemoryError as exc:
+        raise StageError(
+            "out of GPU memory while training; lower train.batch_size or train.resolution, "
+            "or set train.gradient_checkpointing = true or train.mixed_precision = 'bf16'"
+        ) from exc
+
+    position = run.position
+    counts = {**run.counts, "images": len(run.examples), "validation_images": len(run.validation.examples), "steps": position.step, "checkpoints": len(position.checkpoints)}
     details = {
         "trigger": trigger,
-        "buckets": dict(Counter(f"{w}x{h}" for w, h in (ex.bucket for ex in examples))),
-        "final_loss": float(np.mean(losses[-10:])),
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "buckets": dict(Counter(f"{w}x{h}" for w, h in (ex.bucket for ex in run.examples))),
+        "final_loss": float(np.mean(position.losses[-10:])) if position.losses else None,
+        "validation_loss": {str(step): values for step, values in position.validation.items()},
+        "device": str(run.device),
+        "dtype": str(run.dtype).replace("torch.", ""),
+        "prediction_type": run.prediction_type,
         "seconds": round(time.monotonic() - started, 2),
-        "checkpoints": {str(step): path for step, path in checkpoints.items()},
+        "checkpoints": {str(step): path for step, path in position.checkpoints.items()},
     }
-    return TrainResult(checkpoints, counts, details)
+    return TrainResult(dict(position.checkpoints), counts, details, finished)

@@ -1,0 +1,36 @@
+"""Optimizers and learning-rate schedules, with the LoRA and the embedding in separate groups."""
+
+from __future__ import annotations
+
+import torch
+
+from lorafactory.config import TrainSettings
+from lorafactory.errors import ConfigError
+
+
+def build_optimizer(t: TrainSettings, lora_params: list[torch.nn.Parameter], vectors: torch.nn.Parameter, device: torch.device):
+    groups = [
+        {"params": lora_params, "lr": t.unet_lr, "weight_decay": t.weight_decay, "name": "lora"},
+        {"params": [vectors], "lr": t.embedding_lr, "weight_decay": t.embedding_weight_decay, "name": "embedding"},
+    ]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups)
+    if t.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise ConfigError("train.optimizer = 'adamw8bit' needs a CUDA GPU; use 'adamw' on CPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ConfigError("train.optimizer = 'adamw8bit' needs bitsandbytes; pip install bitsandbytes, or use 'adamw'") from exc
+        return bnb.optim.AdamW8bit(groups)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as exc:
+        raise ConfigError("train.optimizer = 'prodigy' needs prodigyopt; pip install prodigyopt, or use 'adamw'") from exc
+    return Prodigy(groups)
+
+
+def build_scheduler(t: TrainSettings, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)

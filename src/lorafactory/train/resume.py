@@ -1,0 +1,118 @@
+"""Exact resume: everything that decides the next training step, saved atomically at each checkpoint.
+
+The state holds the trainable weights, optimizer, scheduler and grad scaler, every RNG (Python's
+caption/data RNG, NumPy, torch CPU and CUDA, the noise generator), the rest of the epoch's batch
+plan, the losses so far and the checkpoints already written. It is tied to a fingerprint of the
+settings and the dataset: resuming with anything else is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafactory.errors import StageError
+from lorafactory.workspace import write_bytes_atomic
+
+STATE_DIR = "state"
+
+
+@dataclass
+class LoopPosition:
+    """The loop's position: what the next step starts from."""
+
+    step: int = 0
+    plan: list[list[int]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    checkpoints: dict[int, str] = field(default_factory=dict)
+    validation: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+def _rng_states(rng: random.Random, generator: torch.Generator) -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "python": rng.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "noise": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def save_state(
+    out_dir: Path,
+    fingerprint: str,
+    trainables: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    scaler,
+    rng: random.Random,
+    generator: torch.Generator,
+    position: LoopPosition,
+) -> None:
+    payload = {
+        "trainables": {name: tensor.detach().cpu().clone() for name, tensor in trainables.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_states(rng, generator),
+        "position": position,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    folder = out_dir / STATE_DIR
+    write_bytes_atomic(folder / "state.pt", buffer.getvalue())
+    write_bytes_atomic(folder / "state.json", json.dumps({"fingerprint": fingerprint, "step": position.step}).encode())
+
+
+def saved_step(out_dir: Path) -> tuple[str, int] | None:
+    """(fingerprint, step) of the saved state, or None when there is none."""
+    try:
+        meta = json.loads((out_dir / STATE_DIR / "state.json").read_text())
+        return meta["fingerprint"], int(meta["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def load_state(
+    out_dir: Path,
+    fingerprint: str,
+    trainables: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    scaler,
+    rng: random.Random,
+    generator: torch.Generator,
+) -> LoopPosition:
+    meta = saved_step(out_dir)
+    if meta is None:
+        raise StageError(f"no saved training state in {out_dir}")
+    if meta[0] != fingerprint:
+        raise StageError(
+            f"the saved training state in {out_dir / STATE_DIR} was made with a different base model, dataset or train settings; "
+            "restore them, or rerun with --force train to start over"
+        )
+    payload = torch.load(out_dir / STATE_DIR / "state.pt", weights_only=False)  # our own file: includes RNG tuples
+    with torch.no_grad():
+        for name, tensor in trainables.items():
+            tensor.copy_(payload["trainables"][name])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload["scaler"] is not None:
+        scaler.load_state_dict(payload["scaler"])
+    states = payload["rng"]
+    rng.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["noise"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    return payload["position"]

@@ -1,0 +1,77 @@
+"""Trainer behaviour on the tiny model: exact resume, options that change the update, validation loss."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafactory.errors import StageError
+from lorafactory.progress import SilentProgress
+from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir, train
+
+from conftest import demo_settings
+
+
+@pytest.fixture(scope="module")
+def dataset(demo_run):
+    return demo_run["workspace"].character("akane_hoshino").artifact("prepare")
+
+
+def _settings(kit, *extra):
+    return demo_settings(kit, "http://127.0.0.1:1", "train.max_steps=8", "train.save_every=4", *extra)
+
+
+def _weights(out, step):
+    folder = checkpoint_dir(out, step)
+    return {**load_file(folder / LORA_FILE), **{"emb": load_file(folder / EMBEDDING_FILE)["emb_params"]}}
+
+
+def test_stopped_and_resumed_equals_straight_through(kit, dataset, tmp_path):
+    settings = _settings(kit, "train.noise_offset=0.05", "train.tag_dropout=0.2", "train.flip=true")
+    straight = train(settings, "akane_hoshino", dataset, tmp_path / "straight", SilentProgress())
+    first = train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress(), stop_after=4)
+    assert not first.finished and list(first.checkpoints) == [4]
+    second = train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress())
+    assert second.finished and list(second.checkpoints) == [4, 8]
+    a, b = _weights(tmp_path / "straight", 8), _weights(tmp_path / "resumed", 8)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert straight.details["validation_loss"] == second.details["validation_loss"]
+    log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 9))
+
+
+def test_resuming_with_other_settings_is_refused(kit, dataset, tmp_path):
+    train(_settings(kit), "akane_hoshino", dataset, tmp_path, SilentProgress(), stop_after=4)
+    with pytest.raises(StageError, match="different base model, dataset or train settings"):
+        train(_settings(kit, "train.unet_lr=0.5"), "akane_hoshino", dataset, tmp_path, SilentProgress())
+
+
+def test_pivot_freezes_the_embedding(kit, dataset, tmp_path):
+    train(_settings(kit, "train.embedding_pivot=0.5"), "akane_hoshino", dataset, tmp_path, SilentProgress())
+    at_pivot, end = _weights(tmp_path, 4), _weights(tmp_path, 8)
+    assert torch.equal(at_pivot["emb"], end["emb"])
+    key = next(k for k in end if k.endswith("lora_up.weight"))
+    assert not torch.equal(at_pivot[key], end[key])  # the LoRA kept training
+
+
+def test_options_run_and_validation_is_reported(kit, dataset, tmp_path):
+    settings = _settings(
+        kit, "train.min_snr_gamma=5.0", "train.gradient_checkpointing=true", "train.gradient_accumulation=2",
+        'train.lr_scheduler="cosine"', 'train.prediction_type="v_prediction"', "train.zero_terminal_snr=true",
+        "train.group_repeats={head = 2}", "train.group_loss_weights={person = 0.5}", "train.keep_tokens=1",
+        f'train.latent_cache_dir="{tmp_path / "latents"}"', "train.validation_split=0.1",
+    )  # fmt: skip
+    result = train(settings, "akane_hoshino", dataset, tmp_path / "out", SilentProgress())
+    assert result.details["prediction_type"] == "v_prediction"
+    assert result.counts["validation_images"] > 0
+    losses = result.details["validation_loss"]
+    assert set(losses) == {"4", "8"} and set(losses["4"]) == {"t200", "t400", "t600", "t800", "mean"}
+    up = next(v for k, v in _weights(tmp_path / "out", 8).items() if k.endswith("lora_up.weight"))
+    assert up.abs().sum() > 0  # gradients reached the LoRA through checkpointing and accumulation
+    cached = list((tmp_path / "latents").glob("*.pt"))
+    assert cached and result.counts["latents_encoded"] == len(cached)
+    again = train(settings, "akane_hoshino", dataset, tmp_path / "out2", SilentProgress())
+    assert again.counts["latents_encoded"] == 0  # every latent came from the disk cache
