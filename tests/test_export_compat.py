@@ -1,96 +1,142 @@
-"""Our exported files, loaded by diffusers' own loaders, reproduce the model as it was in training."""
+"""Our exported files, loaded by diffusers' own loaders, reproduce the model as it was in training (SD1 and SDXL)."""
 
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lorafactory.config import TrainSettings
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import bundle_tensors, lora_metadata, tensors_hash, unet_lora_tensors, write_safetensors
-from lorafactory.train.embedding import encode_text, expand_trigger, install_trigger
+from lorafactory.testing.tiny_sd import build_tiny_sdxl
+from lorafactory.train.embedding import expand_trigger
 from lorafactory.train.model import load_base, load_pipeline
+from lorafactory.train.text import ENCODER_KEYS, TextEncoders, encode_prompts
+
+from conftest import KIT_ROOT
 
 TRIGGER, VECTORS, RANK, ALPHA = "akane_hoshino", 3, 4, 2.0
 PROMPT = "akane_hoshino, smile, red hair"
 
 
-def _ids(tokenizer, text):
-    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+def _model(kit, family):
+    return str(kit.tiny_sd) if family == "sd1" else str(build_tiny_sdxl(KIT_ROOT / "tiny-sdxl"))
 
 
-@pytest.fixture(scope="module")
-def trained(kit, tmp_path_factory):
+def _unet(unet, latents, timesteps, cond):
+    added = None
+    if cond.pooled is not None:
+        time_ids = torch.tensor([[128, 128, 0, 0, 128, 128]] * len(latents), dtype=torch.float32)
+        added = {"text_embeds": cond.pooled.expand(len(latents), -1), "time_ids": time_ids}
+    return unet(latents, timesteps, cond.hidden.expand(len(latents), -1, -1), added_cond_kwargs=added).sample
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def trained(kit, tmp_path_factory, request):
     """A LoRA + embedding as training leaves them (non-zero up weights, moved vectors), exported."""
     from peft import LoraConfig
 
+    family = request.param
     torch.manual_seed(0)
-    base = load_base(str(kit.tiny_sd))
-    vectors = install_trigger(base.tokenizer, base.text_encoder, TRIGGER, VECTORS, "1girl", seed=0)
+    base = load_base(_model(kit, family))
+    assert base.family == family
+    text = TextEncoders(base.family, base.tokenizers, base.text_encoders, TRIGGER, VECTORS, "1girl", clip_skip=2, seed=0)
     with torch.no_grad():
-        vectors.add_(torch.randn_like(vectors) * 0.5)
+        for vectors in text.vectors.values():
+            vectors.add_(torch.randn_like(vectors) * 0.5)
     base.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TrainSettings().lora_targets))
     for name, param in base.unet.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.3)
-    folder = tmp_path_factory.mktemp("export")
-    tensors = unet_lora_tensors(base.unet, ALPHA)
+    folder = tmp_path_factory.mktemp(f"export-{family}")
+    tensors = unet_lora_tensors(base.unet, ALPHA, family)
     meta = lora_metadata(
         output_name=TRIGGER, trigger=TRIGGER, rank=RANK, alpha=ALPHA, steps=10, resolution=128, clip_skip=2,
-        num_train_images=5, tag_frequency={"dataset": {TRIGGER: 5}}, base_model_name="tiny", seed=0, tensors=tensors,
+        num_train_images=5, tag_frequency={"dataset": {TRIGGER: 5}}, base_model_name="tiny", seed=0, tensors=tensors, family=family,
     )  # fmt: skip
     write_safetensors(folder / "lora.safetensors", tensors, meta)
-    write_safetensors(folder / "bundled.safetensors", {**tensors, **bundle_tensors(TRIGGER, vectors)}, meta)
-    write_embedding_safetensors(folder / "emb.safetensors", vectors)
-    write_a1111_pt(folder / "emb.pt", TRIGGER, vectors, 10, "tiny")
+    write_safetensors(folder / "bundled.safetensors", {**tensors, **bundle_tensors(TRIGGER, text.vectors)}, meta)
+    write_embedding_safetensors(folder / "emb.safetensors", text.vectors)
+    write_a1111_pt(folder / "emb.pt", TRIGGER, text.vectors, 10, "tiny")
 
-    ids = _ids(base.tokenizer, expand_trigger(PROMPT, TRIGGER, VECTORS))
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     timesteps = torch.tensor([100, 700])
     with torch.no_grad():
-        text = encode_text(base.text_encoder, ids, clip_skip=2)
-        unet_out = base.unet(latents, timesteps, text.expand(2, -1, -1)).sample
-    return {"folder": folder, "ids": ids, "text": text, "latents": latents, "timesteps": timesteps, "unet": unet_out, "vectors": vectors.detach().clone()}
+        cond = text([PROMPT], torch.device("cpu"))
+        unet_out = _unet(base.unet, latents, timesteps, cond)
+    return {
+        "family": family, "model": _model(kit, family), "folder": folder, "cond": cond, "latents": latents,
+        "timesteps": timesteps, "unet": unet_out, "vectors": {k: v.detach().clone() for k, v in text.vectors.items()},
+    }  # fmt: skip
+
+
+def _load_embedding(pipe, path, family):
+    if family == "sd1":
+        pipe.load_textual_inversion(str(path), token=TRIGGER)
+        return [(pipe.tokenizer, pipe.text_encoder)]
+    tensors = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+    for key, (tokenizer, encoder) in zip(ENCODER_KEYS, pairs):
+        pipe.load_textual_inversion(tensors[key], token=TRIGGER, tokenizer=tokenizer, text_encoder=encoder)
+    return pairs
 
 
 @pytest.mark.parametrize("embedding_file", ["emb.safetensors", "emb.pt"])
-def test_diffusers_loaders_reproduce_training_outputs(kit, trained, embedding_file):
-    pipe = load_pipeline(str(kit.tiny_sd))
+def test_diffusers_loaders_reproduce_training_outputs(trained, embedding_file):
+    family = trained["family"]
+    pipe = load_pipeline(trained["model"])
     pipe.load_lora_weights(str(trained["folder"] / "lora.safetensors"))
-    pipe.load_textual_inversion(str(trained["folder"] / embedding_file), token=TRIGGER)
-    ids = _ids(pipe.tokenizer, pipe.maybe_convert_prompt(PROMPT, pipe.tokenizer))
-    assert torch.equal(ids, trained["ids"])  # the trigger expands to the same tokens
+    pairs = _load_embedding(pipe, trained["folder"] / embedding_file, family)
+    text = pipe.maybe_convert_prompt(PROMPT, pipe.tokenizer)
+    assert text == expand_trigger(PROMPT, TRIGGER, VECTORS)  # the trigger expands to the same tokens
+    tokenizers, encoders = zip(*pairs)
     with torch.no_grad():
-        text = encode_text(pipe.text_encoder, ids, clip_skip=2)
-        torch.testing.assert_close(text, trained["text"], atol=1e-5, rtol=1e-4)
-        unet_out = pipe.unet(trained["latents"], trained["timesteps"], text.expand(2, -1, -1)).sample
+        cond = encode_prompts(family, list(tokenizers), list(encoders), [text], 2, torch.device("cpu"))
+        torch.testing.assert_close(cond.hidden, trained["cond"].hidden, atol=1e-5, rtol=1e-4)
+        if family == "sdxl":
+            torch.testing.assert_close(cond.pooled, trained["cond"].pooled, atol=1e-5, rtol=1e-4)
+        unet_out = _unet(pipe.unet, trained["latents"], trained["timesteps"], cond)
         torch.testing.assert_close(unet_out, trained["unet"], atol=1e-5, rtol=1e-4)
         pipe.unload_lora_weights()
-        without = pipe.unet(trained["latents"], trained["timesteps"], text.expand(2, -1, -1)).sample
+        without = _unet(pipe.unet, trained["latents"], trained["timesteps"], cond)
     assert (without - trained["unet"]).abs().max() > 1e-3  # the LoRA really changes the output
 
 
 def test_kohya_file_layout_and_metadata(trained):
+    family = trained["family"]
     with safe_open(str(trained["folder"] / "lora.safetensors"), "pt") as handle:
         keys = set(handle.keys())
         meta = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in keys}
-    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    if family == "sd1":
+        prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+        assert any("_proj_in." in k for k in keys) and meta["ss_base_model_version"] == "sd_v1"
+    else:  # original SDXL names: down block 1 (the first with attention), layer 0 -> input_blocks 4
+        prefix = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+        assert any(k.startswith("lora_unet_output_blocks_") for k in keys) and any("middle_block_1" in k for k in keys)
+        assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert not any("down_blocks" in k or "up_blocks" in k for k in keys)
     assert {f"{prefix}.lora_down.weight", f"{prefix}.lora_up.weight", f"{prefix}.alpha"} <= keys
-    assert any("_ff_net_0_proj." in k for k in keys) and any("_proj_in." in k for k in keys)
-    assert all(k.startswith("lora_unet_") for k in keys)
+    assert any("_ff_net_0_proj." in k for k in keys) and all(k.startswith("lora_unet_") for k in keys)
     assert tensors[f"{prefix}.lora_down.weight"].shape[0] == RANK and float(tensors[f"{prefix}.alpha"]) == ALPHA
     assert meta["ss_network_dim"] == str(RANK) and meta["ss_network_alpha"] == str(ALPHA)
-    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.trigger_phrase"] == TRIGGER
+    assert meta["modelspec.trigger_phrase"] == TRIGGER
     assert json.loads(meta["ss_tag_frequency"])["dataset"][TRIGGER] == 5
     assert meta["sshs_model_hash"] == tensors_hash(tensors)
+
+
+def test_bundled_and_a1111_embedding_layouts(trained):
+    vectors = trained["vectors"]
     with safe_open(str(trained["folder"] / "bundled.safetensors"), "pt") as handle:
-        bundled = handle.get_tensor(f"bundle_emb.{TRIGGER}.string_to_param.*")
-    torch.testing.assert_close(bundled, trained["vectors"])
-
-
-def test_a1111_pt_layout(trained):
+        bundle = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith("bundle_emb.")}
     data = torch.load(trained["folder"] / "emb.pt", weights_only=True)
-    assert list(data["string_to_param"]) == ["*"] and data["name"] == TRIGGER
-    assert data["string_to_param"]["*"].shape == (VECTORS, 32)
+    if trained["family"] == "sd1":
+        torch.testing.assert_close(bundle[f"bundle_emb.{TRIGGER}.string_to_param.*"], vectors["clip_l"])
+        assert list(data["string_to_param"]) == ["*"] and data["name"] == TRIGGER
+        assert data["string_to_param"]["*"].shape == (VECTORS, 32)
+    else:
+        assert set(bundle) == {f"bundle_emb.{TRIGGER}.clip_l", f"bundle_emb.{TRIGGER}.clip_g"}
+        assert data["clip_l"].shape == (VECTORS, 32) and data["clip_g"].shape == (VECTORS, 48)
+        torch.testing.assert_close(bundle[f"bundle_emb.{TRIGGER}.clip_g"], vectors["clip_g"])

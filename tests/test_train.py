@@ -75,3 +75,22 @@ def test_options_run_and_validation_is_reported(kit, dataset, tmp_path):
     assert cached and result.counts["latents_encoded"] == len(cached)
     again = train(settings, "akane_hoshino", dataset, tmp_path / "out2", SilentProgress())
     assert again.counts["latents_encoded"] == 0  # every latent came from the disk cache
+
+
+def test_sdxl_trains_and_evaluates(kit, dataset, tmp_path):
+    from lorafactory.evaluate.evaluator import evaluate
+    from lorafactory.testing.tiny_sd import build_tiny_sdxl
+
+    from conftest import KIT_ROOT
+
+    model = build_tiny_sdxl(KIT_ROOT / "tiny-sdxl")
+    settings = _settings(kit, f'train.base_model="{model}"', "train.max_steps=4", "train.save_every=2", "train.validation_split=0.1")
+    result = train(settings, "akane_hoshino", dataset, tmp_path / "train", SilentProgress())
+    assert result.details["family"] == "sdxl" and list(result.checkpoints) == [2, 4]
+    assert set(result.details["validation_loss"]["4"]) >= {"mean"}
+    counts, details, metrics, selected = evaluate(
+        settings, "akane_hoshino", dataset, tmp_path / "train", result.checkpoints, {}, tmp_path / "eval", SilentProgress()
+    )
+    assert counts["failed_checkpoints"] == 0 and selected in (2, 4)
+    assert all(m["ccip_recscore"] is not None and m["validation_loss"] is None for m in metrics.values())
+    assert len(list((tmp_path / "eval").rglob("*.png"))) == 2 * counts["images_per_checkpoint"]

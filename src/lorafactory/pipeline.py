@@ -120,6 +120,7 @@ def _release(ctx: Context, out: Path) -> StageOutput:
         dataset.details.get("pruned_core_tags", []),
         out,
         stand_in,
+        ctx.manifest("train").details.get("family", "sd1"),
     )
     return StageOutput({"files": len(details["files"])}, details)
 

@@ -42,6 +42,7 @@ def evaluate(
     """Returns (counts, details, metrics per step, selected step); a metric that could not be
     computed is None ("missing"), never zero."""
     e, v, t = settings.evaluate, settings.vision, settings.train
+    out_dir.mkdir(parents=True, exist_ok=True)
     dataset_images = []
     for record in read_metadata(dataset_dir):
         with Image.open(dataset_dir / record["file"]) as image:

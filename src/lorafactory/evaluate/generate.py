@@ -14,8 +14,12 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from safetensors.torch import load_file
+
 from lorafactory.config import EvaluateSettings, PromptSpec
-from lorafactory.train.embedding import encode_text, token_names
+from lorafactory.train.embedding import token_names
+from lorafactory.train.model import family_of
+from lorafactory.train.text import ENCODER_KEYS, Conditioning, encode_prompts
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,14 @@ def a1111_parameters(job: Job, settings: EvaluateSettings, clip_skip: int, model
 
 
 class Generator:
-    """Holds the base pipeline; ``checkpoint()`` swaps adapter weights in and out."""
+    """Holds the base pipeline; ``load()``/``unload()`` swap a checkpoint's adapter weights in and out."""
 
     def __init__(self, pipe, settings: EvaluateSettings, clip_skip: int, device: torch.device) -> None:
         self.pipe = pipe.to(device)
         self.pipe.scheduler = make_scheduler(settings.sampler, dict(pipe.scheduler.config))
         self.pipe.set_progress_bar_config(disable=True)
+        self.family = family_of(pipe)
+        self.pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if self.family == "sdxl" else [])
         self.settings = settings
         self.clip_skip = clip_skip
         self.device = device
@@ -74,36 +80,44 @@ class Generator:
     def load(self, lora_file: Path, embedding_file: Path, trigger: str) -> None:
         self.pipe.load_lora_weights(str(lora_file), adapter_name="checkpoint")
         self.pipe.set_adapters(["checkpoint"], adapter_weights=[self.settings.lora_scale])
-        self.pipe.load_textual_inversion(str(embedding_file), token=trigger)
+        if self.family == "sd1":
+            self.pipe.load_textual_inversion(str(embedding_file), token=trigger)
+            return
+        tensors = load_file(str(embedding_file))
+        for key, (tokenizer, encoder) in zip(ENCODER_KEYS, self.pairs):
+            self.pipe.load_textual_inversion(tensors[key], token=trigger, tokenizer=tokenizer, text_encoder=encoder)
 
     def unload(self, trigger: str, vectors: int) -> None:
         self.pipe.unload_lora_weights()
-        self.pipe.unload_textual_inversion(token_names(trigger, vectors))
+        for tokenizer, encoder in self.pairs:
+            self.pipe.unload_textual_inversion(token_names(trigger, vectors), tokenizer=tokenizer, text_encoder=encoder)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Prompt embeddings with clip skip, computed here: diffusers 0.42's own clip-skip path
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Prompt conditioning computed here, with clip skip: diffusers 0.42's own clip-skip path
         reads ``text_encoder.text_model``, which transformers 5 no longer has."""
-        pipe = self.pipe
-        texts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)  # expands multi-vector triggers
-        ids = pipe.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return encode_text(pipe.text_encoder, ids, self.clip_skip)
+        texts = self.pipe.maybe_convert_prompt(prompts, self.pipe.tokenizer)  # expands multi-vector triggers
+        tokenizers, encoders = zip(*self.pairs)
+        return encode_prompts(self.family, list(tokenizers), list(encoders), texts, self.clip_skip, self.device)
 
     def render(self, work: list[Job], on_image: Callable[[], None] | None = None) -> Iterator[tuple[Job, Image.Image]]:
         s = self.settings
         for start in range(0, len(work), s.batch_size):
             batch = work[start : start + s.batch_size]
             generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in batch]
+            positive, negative = self.encode([job.prompt for job in batch]), self.encode([job.negative for job in batch])
+            extra = {}
+            if self.family == "sdxl":
+                extra = {"pooled_prompt_embeds": positive.pooled, "negative_pooled_prompt_embeds": negative.pooled}
             output = self.pipe(
-                prompt_embeds=self.encode([job.prompt for job in batch]),
-                negative_prompt_embeds=self.encode([job.negative for job in batch]),
+                prompt_embeds=positive.hidden,
+                negative_prompt_embeds=negative.hidden,
                 num_inference_steps=s.steps,
                 guidance_scale=s.cfg_scale,
                 width=s.width,
                 height=s.height,
                 generator=generators,
+                **extra,
             )
             for job, image in zip(batch, output.images):
                 if on_image:

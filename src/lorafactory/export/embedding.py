@@ -1,4 +1,4 @@
-"""Textual-inversion files: AUTOMATIC1111 ``.pt`` and a single-tensor ``.safetensors``.
+"""Textual-inversion files: AUTOMATIC1111 ``.pt`` and ``.safetensors``, for SD1 and SDXL.
 
 A1111 takes the trigger word from the file name, so both files are named ``<trigger>.*``.
 """
@@ -14,20 +14,33 @@ from lorafactory.export.kohya import write_safetensors
 from lorafactory.workspace import write_bytes_atomic
 
 
-def write_a1111_pt(path: Path, trigger: str, vectors: torch.Tensor, step: int, base_model_name: str) -> None:
-    data = {
-        "string_to_token": {"*": 265},
-        "string_to_param": {"*": vectors.detach().float().cpu().contiguous()},
-        "name": trigger,
-        "step": step,
-        "sd_checkpoint": None,
-        "sd_checkpoint_name": base_model_name,
-    }
+def _plain(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: tensor.detach().float().cpu().contiguous() for key, tensor in vectors.items()}
+
+
+def write_a1111_pt(path: Path, trigger: str, vectors: dict[str, torch.Tensor], step: int, base_model_name: str) -> None:
+    """SD1: A1111's own layout (``string_to_param``); SDXL: ``{"clip_l", "clip_g"}``, which A1111 also reads."""
+    tensors = _plain(vectors)
+    if set(tensors) == {"clip_l"}:
+        data = {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": tensors["clip_l"]},
+            "name": trigger,
+            "step": step,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": base_model_name,
+        }
+    else:
+        data = tensors
     buffer = io.BytesIO()
     torch.save(data, buffer)
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def write_embedding_safetensors(path: Path, vectors: torch.Tensor) -> None:
-    """``{"emb_params": [N, dim]}``: read by A1111, ComfyUI and diffusers."""
-    write_safetensors(path, {"emb_params": vectors.detach().float().cpu().contiguous()})
+def write_embedding_safetensors(path: Path, vectors: dict[str, torch.Tensor]) -> None:
+    """SD1: ``{"emb_params": [N, 768]}``; SDXL: ``{"clip_l": [N, 768], "clip_g": [N, 1280]}``.
+
+    Both are read by A1111, ComfyUI and diffusers (SDXL: one ``load_textual_inversion`` per encoder).
+    """
+    tensors = _plain(vectors)
+    write_safetensors(path, {"emb_params": tensors["clip_l"]} if set(tensors) == {"clip_l"} else tensors)

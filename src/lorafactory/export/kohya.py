@@ -17,24 +17,54 @@ from safetensors.torch import save
 from lorafactory.workspace import write_bytes_atomic
 
 
-def unet_lora_tensors(unet: torch.nn.Module, alpha: float, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The UNet's peft LoRA layers as kohya tensors (float32, contiguous, on CPU)."""
+def sgm_module_name(name: str, layers_per_block: int) -> str:
+    """A diffusers UNet attention module path in SDXL's original (SGM/LDM) naming.
+
+    ``down_blocks.i.attentions.j`` -> ``input_blocks.{i*(L+1)+j+1}.1``, ``mid_block.attentions.0`` ->
+    ``middle_block.1``, ``up_blocks.i.attentions.j`` -> ``output_blocks.{i*(L+1)+j}.1``, L = layers per block.
+    """
+    parts = name.split(".")
+    if parts[0] == "down_blocks" and parts[2] == "attentions":
+        index = int(parts[1]) * (layers_per_block + 1) + int(parts[3]) + 1
+        return ".".join(["input_blocks", str(index), "1", *parts[4:]])
+    if parts[0] == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    if parts[0] == "up_blocks" and parts[2] == "attentions":
+        index = int(parts[1]) * (layers_per_block + 1) + int(parts[3])
+        return ".".join(["output_blocks", str(index), "1", *parts[4:]])
+    raise ValueError(f"no SDXL original name for UNet module {name!r}; only attention blocks are mapped")
+
+
+def unet_lora_tensors(unet: torch.nn.Module, alpha: float, family: str = "sd1", adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The UNet's peft LoRA layers as kohya tensors (float32, contiguous, on CPU).
+
+    SD1 keys use diffusers module names (what kohya's SD1 UNet copies); SDXL keys use the original
+    model's names, which A1111 requires for SDXL and every other loader accepts.
+    """
     from peft.tuners.lora import LoraLayer
 
+    layers = int(getattr(unet.config, "layers_per_block", 2))
     tensors: dict[str, torch.Tensor] = {}
     for name, module in unet.named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
-        key = "lora_unet_" + name.replace(".", "_")
+        module_name = sgm_module_name(name, layers) if family == "sdxl" else name
+        key = "lora_unet_" + module_name.replace(".", "_")
         tensors[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().float().cpu().contiguous()
         tensors[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
     return tensors
 
 
-def bundle_tensors(trigger: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A1111's LoRA-embedding bundle keys for an SD1 embedding (one key per embedding)."""
-    return {f"bundle_emb.{trigger}.string_to_param.*": vectors.detach().float().cpu().contiguous()}
+def bundle_tensors(trigger: str, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A1111's LoRA-embedding bundle keys: one ``string_to_param`` key for SD1, ``clip_l`` + ``clip_g`` for SDXL."""
+    if set(vectors) == {"clip_l"}:
+        return {f"bundle_emb.{trigger}.string_to_param.*": _plain(vectors["clip_l"])}
+    return {f"bundle_emb.{trigger}.{key}": _plain(tensor) for key, tensor in vectors.items()}
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().float().cpu().contiguous()
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -42,8 +72,15 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(save(tensors)).hexdigest()
 
 
+ARCHITECTURES = {
+    "sd1": ("sd_v1", "stable-diffusion-v1/lora"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+}
+
+
 def lora_metadata(
     *,
+    family: str = "sd1",
     output_name: str,
     trigger: str,
     rank: int,
@@ -59,7 +96,7 @@ def lora_metadata(
 ) -> dict[str, str]:
     """kohya ``ss_*`` keys plus ``modelspec.*`` and ``trained_words``; every value is a string."""
     metadata: dict[str, Any] = {
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": ARCHITECTURES[family][0],
         "ss_output_name": output_name,
         "ss_sd_model_name": base_model_name,
         "ss_network_module": "networks.lora",
@@ -74,7 +111,7 @@ def lora_metadata(
         "ss_training_comment": "pivotal tuning by lorafactory; trigger word " + trigger,
         "sshs_model_hash": tensors_hash(tensors),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": ARCHITECTURES[family][1],
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": output_name,
         "modelspec.resolution": f"{resolution}x{resolution}",

@@ -29,6 +29,7 @@ def release(
     core_tags: list[str],
     out_dir: Path,
     stand_in: bool,
+    family: str,
 ) -> dict:
     step = int(eval_details["selected_step"])
     source = train_dir / checkpoints[step]
@@ -58,6 +59,7 @@ def release(
         train_summary={k: getattr(settings.train, k) for k in _TRAIN_SUMMARY_KEYS},
         previews=[f"previews/{p.name}" for p in previews],
         stand_in=stand_in,
+        family=family,
     )
     write_bytes_atomic(out_dir / "README.md", card.encode("utf-8"))
     return {"step": step, "previews": len(previews), "files": sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())}

@@ -19,6 +19,20 @@ def _front_matter(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _diffusers_snippet(trigger: str, family: str) -> str:
+    lines = [f'pipe.load_lora_weights("{trigger}_lora.safetensors")']
+    if family == "sdxl":
+        lines += [
+            "from safetensors.torch import load_file",
+            f'emb = load_file("embeddings/{trigger}.safetensors")',
+            f'pipe.load_textual_inversion(emb["clip_l"], token="{trigger}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)',
+            f'pipe.load_textual_inversion(emb["clip_g"], token="{trigger}", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)',
+        ]
+    else:
+        lines.append(f'pipe.load_textual_inversion("embeddings/{trigger}.safetensors", token="{trigger}")')
+    return "\n".join(lines)
+
+
 def model_card(
     *,
     name: str,
@@ -33,6 +47,7 @@ def model_card(
     train_summary: dict,
     previews: list[str],
     stand_in: bool,
+    family: str = "sd1",
 ) -> str:
     base_name = base_model if not Path(base_model).is_absolute() else Path(base_model).name
     header = _front_matter(
@@ -79,8 +94,7 @@ Recommended weights: LoRA 0.6–0.85, trigger 0.8–1.1.
 diffusers:
 
 ```python
-pipe.load_lora_weights("{trigger}_lora.safetensors")
-pipe.load_textual_inversion("embeddings/{trigger}.safetensors", token="{trigger}")
+{_diffusers_snippet(trigger, family)}
 ```
 
 ## Step selection

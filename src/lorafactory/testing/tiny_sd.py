@@ -1,4 +1,4 @@
-"""A tiny, seeded, random-initialised SD1.5-architecture pipeline in diffusers format.
+"""Tiny, seeded, random-initialised SD1.5- and SDXL-architecture pipelines in diffusers format.
 
 Same component classes and tensor layout as Stable Diffusion 1.5 (CLIP text encoder,
 UNet2DConditionModel with cross-attention, an 8x AutoencoderKL), a few MB in all. The CLIP
@@ -136,6 +136,78 @@ def build_tiny_sd(path: Path, seed: int = 0, full_size: bool = False) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.save_pretrained(work / "pipe", safe_serialization=True)
+    (work / "pipe" / stamp.name).write_text(BUILD_VERSION)
+    work.joinpath("pipe").rename(path)
+    shutil.rmtree(work)
+    return path
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """Build (once) a tiny SDXL-architecture pipeline: two CLIP text encoders (the second with a
+    projection for the pooled embedding), a ``text_time`` UNet with linear projections, an 8x VAE."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    stamp = path / ".lorafactory-tiny-sd"
+    if stamp.is_file() and stamp.read_text() == BUILD_VERSION:
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    work = path.with_name(path.name + ".building")
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "tok").mkdir(parents=True)
+    vocab, merges = _vocab_and_merges()
+    (work / "tok" / "vocab.json").write_text(json.dumps(vocab))
+    (work / "tok" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizers = [
+        CLIPTokenizer(str(work / "tok" / "vocab.json"), str(work / "tok" / "merges.txt"), model_max_length=77, pad_token=pad)
+        for pad in ("<|endoftext|>", "!")
+    ]
+    torch.manual_seed(seed)
+
+    def clip(hidden: int, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+        )  # fmt: skip
+
+    text_encoder = CLIPTextModel(clip(32, 32))
+    text_encoder_2 = CLIPTextModelWithProjection(clip(48, 40))
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=32 + 48,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=40 + 6 * 8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
+        unet=unet, scheduler=scheduler,
+    )  # fmt: skip
     pipe.save_pretrained(work / "pipe", safe_serialization=True)
     (work / "pipe" / stamp.name).write_text(BUILD_VERSION)
     work.joinpath("pipe").rename(path)

@@ -24,8 +24,10 @@ class Example:
     group: str
     source: str  # the raw image the crop came from; held-out sets never share one with training
     tags: list[str]
-    bucket: tuple[int, int]
+    bucket: tuple[int, int]  # (width, height)
     latent: torch.Tensor  # [4, h/8, w/8], already multiplied by the VAE scaling factor
+    original_size: tuple[int, int]  # (height, width) before bucketing, for SDXL's size conditioning
+    crop: tuple[int, int]  # (top, left) of the bucket crop in the resized image
     flipped: torch.Tensor | None = None
 
 
@@ -108,6 +110,7 @@ def load_examples(
             counts["too_small"] += 1
             continue
         pixels = buckets.apply(image, placement)
+        (width, height), (bucket_w, bucket_h) = placement.resized, placement.bucket
         examples.append(
             Example(
                 file=record["file"],
@@ -116,6 +119,8 @@ def load_examples(
                 tags=list(record.get("tags", [])),
                 bucket=placement.bucket,
                 latent=cache.get(pixels),
+                original_size=(image.height, image.width),
+                crop=((height - bucket_h) // 2, (width - bucket_w) // 2),
                 flipped=cache.get(ImageOps.mirror(pixels)) if flip else None,
             )
         )

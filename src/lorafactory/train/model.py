@@ -1,20 +1,23 @@
-"""Loading the base model's components from a diffusers folder, a single file or a hub id."""
+"""Loading the base model from a diffusers folder, a single checkpoint file or a hub id (SD1.x or SDXL)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from lorafactory.errors import ConfigError
 
+Family = Literal["sd1", "sdxl"]
+
 
 @dataclass
 class BaseComponents:
-    tokenizer: Any
-    text_encoder: Any
+    family: Family
+    tokenizers: list[Any]  # one per text encoder: CLIP-L (SD1), CLIP-L + CLIP-G (SDXL)
+    text_encoders: list[Any]
     unet: Any
     vae: Any
     scheduler_config: dict[str, Any]
@@ -37,35 +40,50 @@ def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+def family_of(pipe: Any) -> Family:
+    return "sdxl" if hasattr(pipe, "text_encoder_2") else "sd1"
+
+
+def _single_file_is_sdxl(path: Path) -> bool:
+    """SDXL checkpoints hold a second text encoder under ``conditioner.embedders.1``."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return any(key.startswith("conditioner.embedders.1.") for key in handle.keys())
+
+
 def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32) -> Any:
-    """A StableDiffusionPipeline from a folder, a ``.safetensors``/``.ckpt`` file or a hub id."""
-    from diffusers import StableDiffusionPipeline
+    """An SD1.x or SDXL pipeline from a folder, a ``.safetensors``/``.ckpt`` file or a hub id."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # stages show their own progress
-
     path = Path(base_model).expanduser()
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    kwargs: dict[str, Any] = {}
     if torch_dtype != torch.float32:
         kwargs["torch_dtype"] = torch_dtype
     try:
         if path.is_file():
-            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-        if path.is_dir():
-            return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
-        if path.suffix in (".safetensors", ".ckpt") or base_model.startswith((".", "/", "~")):
+            cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
+            pipe = cls.from_single_file(str(path), **kwargs)
+        elif path.is_dir() or not (path.suffix in (".safetensors", ".ckpt") or base_model.startswith((".", "/", "~"))):
+            pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base_model, **kwargs)
+        else:
             raise ConfigError(f"base model {base_model} does not exist; set train.base_model to a model folder, file or hub id")
-        return StableDiffusionPipeline.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load base model {base_model!r}: {str(exc).splitlines()[0]}; check train.base_model") from exc
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ConfigError(f"base model {base_model!r} is a {type(pipe).__name__}; lorafactory trains SD1.x and SDXL models")
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    return pipe
 
 
 def load_base(base_model: str) -> BaseComponents:
     pipe = load_pipeline(base_model)
-    return BaseComponents(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        unet=pipe.unet,
-        vae=pipe.vae,
-        scheduler_config=dict(pipe.scheduler.config),
-    )
+    family = family_of(pipe)
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    return BaseComponents(family, tokenizers, encoders, pipe.unet, pipe.vae, dict(pipe.scheduler.config))

@@ -8,10 +8,10 @@ from lorafactory.config import TrainSettings
 from lorafactory.errors import ConfigError
 
 
-def build_optimizer(t: TrainSettings, lora_params: list[torch.nn.Parameter], vectors: torch.nn.Parameter, device: torch.device):
+def build_optimizer(t: TrainSettings, lora_params: list[torch.nn.Parameter], embedding_params: list[torch.nn.Parameter], device: torch.device):
     groups = [
         {"params": lora_params, "lr": t.unet_lr, "weight_decay": t.weight_decay, "name": "lora"},
-        {"params": [vectors], "lr": t.embedding_lr, "weight_decay": t.embedding_weight_decay, "name": "embedding"},
+        {"params": embedding_params, "lr": t.embedding_lr, "weight_decay": t.embedding_weight_decay, "name": "embedding"},
     ]
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups)

@@ -25,7 +25,7 @@ from lorafactory.export.embedding import write_a1111_pt, write_embedding_safeten
 from lorafactory.export.kohya import bundle_tensors, lora_metadata, unet_lora_tensors, write_safetensors
 from lorafactory.progress import Progress
 from lorafactory.train.data import Example, LatentCache, batch_plan, build_caption, load_examples, read_metadata, split_validation
-from lorafactory.train.embedding import encode_text, expand_trigger, install_trigger
+from lorafactory.train.text import TextEncoders
 from lorafactory.train.model import load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
@@ -84,7 +84,7 @@ class _Run:
         self.device = resolve_device(t.device)
         self.dtype = resolve_dtype(t.mixed_precision, self.device)
         base = self.base = load_base(t.base_model)
-        for module in (base.text_encoder, base.unet, base.vae):
+        for module in (*base.text_encoders, base.unet, base.vae):
             module.requires_grad_(False)
             module.to(self.device)
         base.vae.to(dtype=torch.float32)  # encoding once; float32 avoids NaN latents from half-precision VAEs
@@ -99,10 +99,12 @@ class _Run:
         if not self.examples:
             raise StageError(f"no training images fit train.resolution={t.resolution}; lower train.bucket_step or add larger images")
 
-        base.text_encoder.to(dtype=self.dtype)
-        base.unet.to(dtype=self.dtype)
-        self.vectors = install_trigger(base.tokenizer, base.text_encoder, trigger, t.embedding_vectors, t.embedding_init, t.seed)
-        self.vectors.data = self.vectors.data.to(self.device)  # stays float32 while frozen weights may be half precision
+        for module in (*base.text_encoders, base.unet):
+            module.to(dtype=self.dtype)
+        self.text = TextEncoders(
+            base.family, base.tokenizers, base.text_encoders, trigger, t.embedding_vectors, t.embedding_init, t.clip_skip, t.seed
+        )
+        self.text.to(self.device)
         base.unet.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=list(t.lora_targets)))
         self.lora = {name: p for name, p in base.unet.named_parameters() if p.requires_grad}
         if not self.lora:
@@ -118,7 +120,7 @@ class _Run:
             config["prediction_type"] = t.prediction_type
         self.noise_scheduler = DDPMScheduler.from_config(config, rescale_betas_zero_snr=t.zero_terminal_snr)
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        self.optimizer = build_optimizer(t, list(self.lora.values()), self.vectors, self.device)
+        self.optimizer = build_optimizer(t, list(self.lora.values()), self.text.parameters(), self.device)
         self.lr_scheduler = build_scheduler(t, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.rng = random.Random(t.seed)
@@ -128,18 +130,21 @@ class _Run:
         self.fingerprint = settings_hash(t, trigger, _dataset_hash(dataset_dir))
         self.tag_frequency = {"dataset": dict(Counter(tag for ex in self.examples for tag in [trigger] + ex.tags).most_common())}
         self.position = LoopPosition()
-        self.trainables = {**self.lora, "trigger_vectors": self.vectors}
+        self.trainables = {**self.lora, **{f"trigger_{key}": vec for key, vec in self.text.vectors.items()}}
 
     # --- pieces of a step -------------------------------------------------------------
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def condition(self, captions: list[str]) -> torch.Tensor:
-        tokenizer = self.base.tokenizer
-        texts = [expand_trigger(c, self.trigger, self.t.embedding_vectors) for c in captions]
-        ids = tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        return encode_text(self.base.text_encoder, ids.to(self.device), self.t.clip_skip)
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], batch: list[Example]) -> torch.Tensor:
+        """The UNet's prediction; SDXL also gets the pooled text embedding and size/crop conditioning."""
+        cond = self.text(captions, self.device)
+        added = None
+        if self.base.family == "sdxl":
+            time_ids = [[*ex.original_size, *ex.crop, ex.bucket[1], ex.bucket[0]] for ex in batch]
+            added = {"text_embeds": cond.pooled, "time_ids": torch.tensor(time_ids, device=self.device, dtype=cond.hidden.dtype)}
+        return self.base.unet(noisy.to(self.dtype), timesteps, cond.hidden, added_cond_kwargs=added).sample
 
     def _micro_batch(self) -> torch.Tensor:
         t = self.t
@@ -155,7 +160,7 @@ class _Run:
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = target_for(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
         with self.autocast():
-            prediction = self.base.unet(noisy.to(self.dtype), timesteps, self.condition(captions)).sample
+            prediction = self.predict(noisy, timesteps, captions, batch)
         weights = snr_weights(self.noise_scheduler, timesteps, t.min_snr_gamma, self.prediction_type)
         weights = weights * torch.tensor([t.group_loss_weights.get(ex.group, 1.0) for ex in batch], device=self.device)
         return (per_sample_mse(prediction, target) * weights).mean()
@@ -163,8 +168,8 @@ class _Run:
     def step(self) -> float:
         t = self.t
         step = self.position.step + 1
-        if step > self.pivot_step and self.vectors.requires_grad:
-            self.vectors.requires_grad_(False)  # the pivot: from here on only the LoRA trains
+        if step > self.pivot_step:
+            self.text.freeze_vectors()  # the pivot: from here on only the LoRA trains
         total = 0.0
         for _ in range(t.gradient_accumulation):
             loss = self._micro_batch() / t.gradient_accumulation
@@ -191,7 +196,10 @@ class _Run:
         self.base.unet.eval()
         with self.autocast():
             result = self.validation.loss(
-                self.base.unet, self.noise_scheduler, self.prediction_type, self.condition, lambda ex: ", ".join([self.trigger, *ex.tags])
+                self.noise_scheduler,
+                self.prediction_type,
+                lambda noisy, timestep, ex: self.predict(noisy, timestep, [", ".join([self.trigger, *ex.tags])], [ex]),
+                self.device,
             )
         self.base.unet.train()
         return result
@@ -200,17 +208,17 @@ class _Run:
         t, step = self.t, self.position.step
         folder = checkpoint_dir(self.out_dir, step)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = unet_lora_tensors(self.base.unet, t.lora_alpha)
+        tensors = unet_lora_tensors(self.base.unet, t.lora_alpha, self.base.family)
         common = dict(
             output_name=self.trigger, trigger=self.trigger, rank=t.lora_rank, alpha=t.lora_alpha, steps=step,
             resolution=t.resolution, clip_skip=t.clip_skip, num_train_images=len(self.examples),
-            tag_frequency=self.tag_frequency, base_model_name=Path(t.base_model).name, seed=t.seed,
+            tag_frequency=self.tag_frequency, base_model_name=Path(t.base_model).name, seed=t.seed, family=self.base.family,
         )  # fmt: skip
         write_safetensors(folder / LORA_FILE, tensors, lora_metadata(tensors=tensors, **common))
-        bundled = {**tensors, **bundle_tensors(self.trigger, self.vectors)}
+        bundled = {**tensors, **bundle_tensors(self.trigger, self.text.vectors)}
         write_safetensors(folder / BUNDLED_FILE, bundled, lora_metadata(tensors=bundled, **common))
-        write_embedding_safetensors(folder / EMBEDDING_FILE, self.vectors)
-        write_a1111_pt(folder / EMBEDDING_PT_FILE, self.trigger, self.vectors, step, Path(t.base_model).name)
+        write_embedding_safetensors(folder / EMBEDDING_FILE, self.text.vectors)
+        write_a1111_pt(folder / EMBEDDING_PT_FILE, self.trigger, self.text.vectors, step, Path(t.base_model).name)
         self.position.checkpoints[step] = str(folder.relative_to(self.out_dir))
         validation = self.validate()
         if validation is not None:
@@ -224,7 +232,7 @@ class _Run:
             self.out_dir, self.fingerprint, self.trainables, self.optimizer, self.lr_scheduler, self.scaler, self.rng, self.generator
         )
         if self.position.step >= self.pivot_step:
-            self.vectors.requires_grad_(False)
+            self.text.freeze_vectors()
         log.info("resuming training at step %d", self.position.step)
 
 
@@ -275,6 +283,7 @@ def train(
         "device": str(run.device),
         "dtype": str(run.dtype).replace("torch.", ""),
         "prediction_type": run.prediction_type,
+        "family": run.base.family,
         "seconds": round(time.monotonic() - started, 2),
         "checkpoints": {str(step): path for step, path in position.checkpoints.items()},
     }

@@ -24,19 +24,15 @@ class ValidationSet:
         return bool(self.examples)
 
     @torch.no_grad()
-    def loss(self, unet, scheduler, prediction_type: str, condition: Callable[[list[str]], torch.Tensor], caption: Callable[[Example], str]) -> dict[str, float]:
-        """Mean loss per timestep (``t200``…) and over all (``mean``)."""
-        device = next(p.device for p in unet.parameters())
-        dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)
+    def loss(self, scheduler, prediction_type: str, predict: Callable[[torch.Tensor, torch.Tensor, Example], torch.Tensor], device: torch.device) -> dict[str, float]:
+        """Mean loss per timestep (``t200``…) and over all (``mean``); ``predict(noisy, timestep, example)``."""
         totals = {t: 0.0 for t in self.timesteps}
         for example, noises in zip(self.examples, self.noise):
-            hidden = condition([caption(example)])
             latents = example.latent.unsqueeze(0).to(device)
             for t, noise in zip(self.timesteps, noises):
                 noise = noise.unsqueeze(0).to(device)
                 timestep = torch.tensor([t], device=device)
-                noisy = scheduler.add_noise(latents, noise, timestep)
-                prediction = unet(noisy.to(dtype), timestep, hidden).sample
+                prediction = predict(scheduler.add_noise(latents, noise, timestep), timestep, example)
                 totals[t] += per_sample_mse(prediction, target_for(scheduler, latents, noise, timestep, prediction_type)).item()
         result = {f"t{t}": total / len(self.examples) for t, total in totals.items()}
         result["mean"] = sum(totals.values()) / (len(self.examples) * len(self.timesteps))
