@@ -91,14 +91,15 @@ def build_tiny_sd(path: Path, seed: int = 0, full_size: bool = False) -> Path:
         )
     )
     if full_size:  # diffusers' defaults are SD1.5's UNet, apart from the text width
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            sample_size=512,
-        )
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # GPU init is minutes faster
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+            vae = AutoencoderKL(
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2,
+                sample_size=512,
+            )
     else:
         unet = UNet2DConditionModel(
             sample_size=16,
@@ -136,16 +137,20 @@ def build_tiny_sd(path: Path, seed: int = 0, full_size: bool = False) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(work / "pipe", safe_serialization=True)
+    (pipe.to(torch.float16) if full_size else pipe).save_pretrained(work / "pipe", safe_serialization=True)
     (work / "pipe" / stamp.name).write_text(BUILD_VERSION)
     work.joinpath("pipe").rename(path)
     shutil.rmtree(work)
     return path
 
 
-def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+def build_tiny_sdxl(path: Path, seed: int = 0, full_size: bool = False) -> Path:
     """Build (once) a tiny SDXL-architecture pipeline: two CLIP text encoders (the second with a
-    projection for the pooled embedding), a ``text_time`` UNet with linear projections, an 8x VAE."""
+    projection for the pooled embedding), a ``text_time`` UNet with linear projections, an 8x VAE.
+
+    ``full_size`` builds SDXL's real shapes (2.6B-parameter UNet, CLIP-L + CLIP-G), random, saved
+    in fp16, for GPU throughput checks.
+    """
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -176,6 +181,8 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
         )  # fmt: skip
 
+    if full_size:
+        return _full_sdxl(work, path, stamp, tokenizers, clip)
     text_encoder = CLIPTextModel(clip(32, 32))
     text_encoder_2 = CLIPTextModelWithProjection(clip(48, 40))
     unet = UNet2DConditionModel(
@@ -209,6 +216,53 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         unet=unet, scheduler=scheduler,
     )  # fmt: skip
     pipe.save_pretrained(work / "pipe", safe_serialization=True)
+    (work / "pipe" / stamp.name).write_text(BUILD_VERSION)
+    work.joinpath("pipe").rename(path)
+    shutil.rmtree(work)
+    return path
+
+
+def _full_sdxl(work: Path, path: Path, stamp: Path, tokenizers: list, clip) -> Path:
+    """SDXL's real shapes, initialised on the GPU when there is one (minutes faster), saved in fp16."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    def big_clip(hidden: int, layers: int, heads: int, projection: int):
+        config = clip(hidden, projection)
+        config.num_hidden_layers, config.num_attention_heads, config.intermediate_size = layers, heads, 4 * hidden
+        return config
+
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        text_encoder = CLIPTextModel(big_clip(768, 12, 12, 768))
+        text_encoder_2 = CLIPTextModelWithProjection(big_clip(1280, 32, 20, 1280))
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            sample_size=1024,
+        )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
+        unet=unet, scheduler=scheduler,
+    )  # fmt: skip
+    pipe.to(torch.float16).save_pretrained(work / "pipe", safe_serialization=True)
     (work / "pipe" / stamp.name).write_text(BUILD_VERSION)
     work.joinpath("pipe").rename(path)
     shutil.rmtree(work)

@@ -1,0 +1,111 @@
+"""Trainer throughput on random-initialised full-size SD1.5 and SDXL (bf16), run by hand on a CUDA GPU.
+
+For each model, resolution (512, 1024), gradient checkpointing (off, on) and batch (4, 8): steps/s
+and images/s after warm-up, and peak GPU memory, through our own trainer's step (LoRA + pivotal
+embedding, SDPA attention). Out-of-memory configurations are reported, not fatal.
+
+    PYTHONPATH=src python benchmarks/gpu_throughput.py [WORKDIR] [--tiny]
+
+``--tiny`` uses the tiny test models on CPU: a quick check of the script itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lorafactory.config import load_settings
+from lorafactory.progress import SilentProgress
+from lorafactory.testing.synthetic import CHARACTERS
+from lorafactory.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
+from lorafactory.train.trainer import _Run
+
+WARMUP, TIMED = 2, 6
+
+
+def make_dataset(folder: Path, side: int, count: int = 16) -> Path:
+    """Square images exactly ``side`` pixels wide, so every batch fills one bucket."""
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    lines = []
+    for i in range(count):
+        CHARACTERS[i % 2].draw(side, side, outfit=i % 3, rng=rng).save(folder / "images" / f"{i}.png")
+        lines.append(json.dumps({"file": f"images/{i}.png", "tags": ["1girl", "solo", "smile"], "post_id": str(i)}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def measure(run: _Run, batch: int, checkpointing: bool) -> dict:
+    run.t.batch_size = batch
+    run.position.plan = []
+    if checkpointing:
+        run.base.unet.enable_gradient_checkpointing()
+    else:
+        run.base.unet.disable_gradient_checkpointing()
+    cuda = run.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        for _ in range(WARMUP):
+            run.step()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(TIMED):
+            run.step()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / TIMED
+    except torch.cuda.OutOfMemoryError:
+        run.optimizer.zero_grad(set_to_none=True)
+        return {"batch": batch, "checkpointing": checkpointing, "result": "out of memory"}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {
+        "batch": batch, "checkpointing": checkpointing, "steps_per_s": round(1 / seconds, 3),
+        "images_per_s": round(batch / seconds, 2), "peak_gib": None if peak is None else round(peak, 2),
+    }  # fmt: skip
+
+
+def main(work: Path, tiny: bool) -> None:
+    models = {
+        "sd15": build_tiny_sd(work / "sd15", full_size=not tiny),
+        "sdxl": build_tiny_sdxl(work / "sdxl", full_size=not tiny),
+    }
+    sides = (64, 128) if tiny else (512, 1024)
+    rows = []
+    for name, model in models.items():
+        for side in sides:
+            dataset = make_dataset(work / f"data-{side}", side)
+            settings = load_settings(
+                overrides=[
+                    'character.name="Bench"', f'train.base_model="{model}"', f"train.resolution={side}",
+                    "train.validation_split=0.0", f'train.device="{"cpu" if tiny else "cuda"}"', "train.max_steps=1000",
+                ]
+            )  # fmt: skip
+            run = _Run(settings, "bench", dataset, work / "out", SilentProgress())
+            for checkpointing in (False, True):
+                for batch in (4, 8):
+                    row = {"model": name, "resolution": side, "dtype": str(run.dtype).replace("torch.", ""), **measure(run, batch, checkpointing)}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            del run
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    device = "CPU" if tiny else torch.cuda.get_device_name()
+    print(f"\n{device}: steps/s | images/s | peak GiB")
+    for r in rows:
+        figures = r.get("result") or f"{r['steps_per_s']:>7} | {r['images_per_s']:>7} | {r['peak_gib']}"
+        print(f"{r['model']:5} {r['resolution']:>5}px batch {r['batch']} gc {'on ' if r['checkpointing'] else 'off'}: {figures}")
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(Path(args[0] if args else "/tmp/lorafactory-bench"), "--tiny" in sys.argv)
