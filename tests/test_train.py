@@ -94,3 +94,12 @@ def test_sdxl_trains_and_evaluates(kit, dataset, tmp_path):
     assert counts["failed_checkpoints"] == 0 and selected in (2, 4)
     assert all(m["ccip_recscore"] is not None and m["validation_loss"] is None for m in metrics.values())
     assert len(list((tmp_path / "eval").rglob("*.png"))) == 2 * counts["images_per_checkpoint"]
+
+
+def test_uncached_latents_train_the_same_model(kit, dataset, tmp_path):
+    cached = train(_settings(kit), "akane_hoshino", dataset, tmp_path / "cached", SilentProgress())
+    uncached = train(_settings(kit, "train.cache_latents=false"), "akane_hoshino", dataset, tmp_path / "uncached", SilentProgress())
+    assert cached.counts["latents_encoded"] > 0 and uncached.counts["latents_encoded"] == uncached.counts["validation_images"]
+    a, b = _weights(tmp_path / "cached", 8), _weights(tmp_path / "uncached", 8)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)

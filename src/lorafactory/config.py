@@ -112,7 +112,8 @@ class TrainSettings(Section):
     flip: bool = Field(False, description="Random horizontal flips (off for asymmetric characters).")
     group_repeats: dict[str, int] = Field(default_factory=dict, description="Repeats per crop group, e.g. {head = 1, person = 2}.")
     group_loss_weights: dict[str, float] = Field(default_factory=dict, description="Loss weight per crop group.")
-    latent_cache_dir: str = Field("", description="Cache VAE latents on disk here; memory only when empty.")
+    cache_latents: bool = Field(True, description="Encode each image once; off re-encodes every batch.")
+    latent_cache_dir: str = Field("", description="Also keep cached latents on disk here, shared across runs.")
     validation_split: float = Field(0.05, ge=0, lt=1, description="Share of images held out for the validation loss.")
     validation_timesteps: list[int] = Field(default_factory=lambda: [200, 400, 600, 800])
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"

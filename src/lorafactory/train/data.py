@@ -25,10 +25,11 @@ class Example:
     source: str  # the raw image the crop came from; held-out sets never share one with training
     tags: list[str]
     bucket: tuple[int, int]  # (width, height)
-    latent: torch.Tensor  # [4, h/8, w/8], already multiplied by the VAE scaling factor
+    latent: torch.Tensor | None  # [4, h/8, w/8] times the VAE scaling factor; None when latents are not cached
     original_size: tuple[int, int]  # (height, width) before bucketing, for SDXL's size conditioning
     crop: tuple[int, int]  # (top, left) of the bucket crop in the resized image
     flipped: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None  # [3, h, w] in -1..1, kept instead of the latent when caching is off
 
 
 def build_caption(
@@ -48,7 +49,7 @@ def read_metadata(dataset_dir: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
+def to_tensor(image: Image.Image) -> torch.Tensor:
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
     return data.permute(2, 0, 1).float() / 127.5 - 1.0
 
@@ -63,6 +64,12 @@ class LatentCache:
         self.memory: dict[str, torch.Tensor] = {}
         self.encoded = 0
 
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents of a [B, 3, h, w] batch in -1..1 (no caching)."""
+        self.encoded += pixels.shape[0]
+        with torch.no_grad():
+            return self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist.mean.float() * self.scale
+
     def get(self, pixels: Image.Image) -> torch.Tensor:
         key = hashlib.sha256(pixels.tobytes() + f"{pixels.size}|{self.model_key}".encode()).hexdigest()
         if key in self.memory:
@@ -71,10 +78,7 @@ class LatentCache:
         if path is not None and path.is_file():
             latent = torch.load(path, weights_only=True)
         else:
-            with torch.no_grad():
-                batch = _to_tensor(pixels).unsqueeze(0).to(self.device, dtype=self.vae.dtype)
-                latent = (self.vae.encode(batch).latent_dist.mean[0] * self.scale).float().cpu()
-            self.encoded += 1
+            latent = self.encode(to_tensor(pixels).unsqueeze(0))[0].cpu()
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
@@ -90,9 +94,11 @@ def load_examples(
     resolution: int,
     step: int,
     flip: bool,
+    cached: bool = True,
     on_item: Callable[[], None] | None = None,
 ) -> tuple[list[Example], dict[str, int]]:
-    """Bucket every dataset image and encode it once (and its mirror image when ``flip``)."""
+    """Bucket every dataset image and encode it once (and its mirror image when ``flip``);
+    with ``cached`` off, keep the bucketed pixels for encoding at every step instead."""
     examples: list[Example] = []
     counts = {"unreadable": 0, "too_small": 0}
     for record in read_metadata(dataset_dir):
@@ -118,10 +124,11 @@ def load_examples(
                 source=str(record.get("post_id", record["file"])),
                 tags=list(record.get("tags", [])),
                 bucket=placement.bucket,
-                latent=cache.get(pixels),
+                latent=cache.get(pixels) if cached else None,
                 original_size=(image.height, image.width),
                 crop=((height - bucket_h) // 2, (width - bucket_w) // 2),
-                flipped=cache.get(ImageOps.mirror(pixels)) if flip else None,
+                flipped=cache.get(ImageOps.mirror(pixels)) if flip and cached else None,
+                pixels=None if cached else to_tensor(pixels),
             )
         )
     return examples, counts

@@ -66,4 +66,7 @@ class TextEncoders:
 
     def __call__(self, captions: list[str], device: torch.device) -> Conditioning:
         texts = [expand_trigger(caption, self.trigger, self.n_vectors) for caption in captions]
-        return encode_prompts(self.family, self.tokenizers, self.encoders, texts, self.clip_skip, device)
+        trainable = any(p.requires_grad for encoder in self.encoders for p in encoder.parameters())
+        # after the pivot nothing in the text encoders trains: skip their backward pass
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            return encode_prompts(self.family, self.tokenizers, self.encoders, texts, self.clip_skip, device)

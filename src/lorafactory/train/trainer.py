@@ -90,12 +90,18 @@ class _Run:
         base.vae.to(dtype=torch.float32)  # encoding once; float32 avoids NaN latents from half-precision VAEs
         cache_dir = Path(t.latent_cache_dir).expanduser() if t.latent_cache_dir else None
         model_key = settings_hash(t.base_model, json.loads(json.dumps(dict(base.vae.config), default=str)))
-        cache = LatentCache(base.vae, model_key, self.device, cache_dir)
+        self.cache = LatentCache(base.vae, model_key, self.device, cache_dir)
         with progress.task("encoding images", total=len(read_metadata(dataset_dir))) as task:
-            examples, self.counts = load_examples(dataset_dir, cache, t.resolution, t.bucket_step, t.flip, on_item=task.advance)
-        self.counts["latents_encoded"] = cache.encoded
-        base.vae.to("cpu")
+            examples, self.counts = load_examples(
+                dataset_dir, self.cache, t.resolution, t.bucket_step, t.flip, t.cache_latents, on_item=task.advance
+            )
         self.examples, held_out = split_validation(examples, t.validation_split, t.seed)
+        for example in held_out:  # the validation set is fixed: always encoded once
+            if example.latent is None:
+                example.latent = self.cache.encode(example.pixels.unsqueeze(0))[0].cpu()
+        self.counts["latents_encoded"] = self.cache.encoded
+        if t.cache_latents:
+            base.vae.to("cpu")
         if not self.examples:
             raise StageError(f"no training images fit train.resolution={t.resolution}; lower train.bucket_step or add larger images")
 
@@ -151,9 +157,13 @@ class _Run:
         if not self.position.plan:
             self.position.plan = batch_plan(self.examples, t.batch_size, self.rng, t.group_repeats)
         batch: list[Example] = [self.examples[i] for i in self.position.plan.pop()]
-        latents = torch.stack(
-            [ex.flipped if ex.flipped is not None and self.rng.random() < 0.5 else ex.latent for ex in batch]
-        ).to(self.device)
+        if t.cache_latents:
+            latents = torch.stack(
+                [ex.flipped if ex.flipped is not None and self.rng.random() < 0.5 else ex.latent for ex in batch]
+            ).to(self.device)
+        else:
+            pixels = [ex.pixels.flip(-1) if t.flip and self.rng.random() < 0.5 else ex.pixels for ex in batch]
+            latents = self.cache.encode(torch.stack(pixels))
         captions = [build_caption(self.trigger, ex.tags, self.rng, t.shuffle_tags, t.tag_dropout, t.caption_dropout, t.keep_tokens) for ex in batch]
         noise = sample_noise(latents, self.generator, t.noise_offset)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(batch),), generator=self.generator, device=self.device)

@@ -1,0 +1,149 @@
+"""Our trainer against a minimal diffusers-style loop: step time and peak memory on CPU, as ratios.
+
+Same tiny model, data, batch, resolution, LoRA rank and steps. The baseline is written here the way
+the diffusers example scripts do it: VAE-encode every batch, and train the trigger's tokens by
+making the whole token-embedding matrix trainable and restoring the other rows after each step.
+Ours is measured with latent caching off (re-encoding like the baseline) and on. Each
+configuration runs in its own process, so peak memory (max RSS) is its own.
+
+    PYTHONPATH=src python benchmarks/cpu_trainer_ratio.py [STEPS]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEPS, WARMUP, BATCH, RESOLUTION, RANK, VECTORS = 40, 5, 4, 128, 4, 2
+
+
+def _dataset(root: Path) -> Path:
+    import random
+
+    from lorafactory.testing.synthetic import CHARACTERS
+
+    folder = root / "data"
+    if not (folder / "metadata.jsonl").is_file():
+        (folder / "images").mkdir(parents=True)
+        rng = random.Random(0)
+        lines = []
+        for i in range(16):
+            CHARACTERS[0].draw(RESOLUTION, RESOLUTION, outfit=i % 3, rng=rng).save(folder / "images" / f"{i}.png")
+            lines.append(json.dumps({"file": f"images/{i}.png", "tags": ["1girl", "smile"], "post_id": str(i)}))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def run_ours(model: Path, data: Path, cached: bool, steps: int) -> list[float]:
+    from lorafactory.config import load_settings
+    from lorafactory.progress import SilentProgress
+    from lorafactory.train.trainer import _Run
+
+    settings = load_settings(
+        preset="tiny-demo",
+        overrides=[
+            'character.name="Bench"', f'train.base_model="{model}"', f"train.resolution={RESOLUTION}", f"train.batch_size={BATCH}",
+            f"train.lora_rank={RANK}", f"train.embedding_vectors={VECTORS}", "train.validation_split=0.0",
+            f"train.cache_latents={'true' if cached else 'false'}", "train.shuffle_tags=false", f"train.max_steps={steps}",
+        ],
+    )  # fmt: skip
+    run = _Run(settings, "bench", data, data.parent / "out", SilentProgress())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_baseline(model: Path, data: Path, steps: int) -> list[float]:
+    """A minimal diffusers-example-style loop with the same settings."""
+    import random
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from peft import LoraConfig
+    from PIL import Image
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False)
+    tokens = [f"<s{i}>" for i in range(VECTORS)]
+    tokenizer.add_tokens(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    ids_new = tokenizer.convert_tokens_to_ids(tokens)
+    embeddings = text_encoder.get_input_embeddings()
+    embeddings.weight.requires_grad_(True)
+    original = embeddings.weight.detach().clone()
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK / 2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]))
+    lora = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": lora, "lr": 1e-3}, {"params": [embeddings.weight], "lr": 1e-2}])
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    images = [torch.from_numpy(np.asarray(Image.open(data / r["file"]).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for r in records]
+    rng = random.Random(0)
+    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep[ids_new] = False
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch = rng.sample(range(len(images)), BATCH)
+        with torch.no_grad():
+            latents = vae.encode(torch.stack([images[i] for i in batch])).latent_dist.sample() * vae.config.scaling_factor
+        captions = [" ".join(tokens) + ", 1girl, smile"] * BATCH
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (BATCH,))
+        hidden = text_encoder(ids)[0]
+        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # retract: only the new rows may change
+            embeddings.weight[keep] = original[keep]
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def child(kind: str, steps: int) -> None:
+    root = Path(os.environ["BENCH_ROOT"])
+    from lorafactory.testing.tiny_sd import build_tiny_sd
+
+    model = build_tiny_sd(root / "tiny-sd")
+    data = _dataset(root)
+    times = run_baseline(model, data, steps) if kind == "baseline" else run_ours(model, data, kind == "ours-cached", steps)
+    timed = times[WARMUP:]
+    print(json.dumps({"kind": kind, "step_ms": 1000 * sum(timed) / len(timed), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main(steps: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="lorafactory-bench-"))
+    env = {**os.environ, "BENCH_ROOT": str(root), "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
+    subprocess.run([sys.executable, __file__, "--child", "baseline", str(WARMUP + 1)], env=env, check=True, capture_output=True)  # builds the kit
+    results = {}
+    for kind in ("baseline", "ours-uncached", "ours-cached"):
+        out = subprocess.run([sys.executable, __file__, "--child", kind, str(steps)], env=env, check=True, capture_output=True, text=True)
+        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = results["baseline"]
+    print(f"CPU, {torch.get_num_threads()} threads, tiny SD1 model, {RESOLUTION}px, batch {BATCH}, {steps} steps ({WARMUP} warm-up)")
+    print(f"{'loop':<16}{'ms/step':>10}{'peak MiB':>10}{'time ratio':>12}{'memory ratio':>14}")
+    for kind, r in results.items():
+        print(f"{kind:<16}{r['step_ms']:>10.1f}{r['peak_mib']:>10.0f}{r['step_ms'] / base['step_ms']:>12.2f}{r['peak_mib'] / base['peak_mib']:>14.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]))
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else STEPS)
