@@ -9,7 +9,14 @@ from safetensors.torch import load_file
 
 from lorafactory.config import TrainSettings
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
-from lorafactory.export.kohya import bundle_tensors, lora_metadata, tensors_hash, unet_lora_tensors, write_safetensors
+from lorafactory.export.kohya import (
+    bundle_tensors,
+    lora_metadata,
+    tensors_hash,
+    text_encoder_lora_tensors,
+    unet_lora_tensors,
+    write_safetensors,
+)
 from lorafactory.testing.tiny_sd import build_tiny_sdxl
 from lorafactory.train.embedding import expand_trigger
 from lorafactory.train.model import load_base, load_pipeline
@@ -17,7 +24,7 @@ from lorafactory.train.text import ENCODER_KEYS, TextEncoders, encode_prompts
 
 from conftest import KIT_ROOT
 
-TRIGGER, VECTORS, RANK, ALPHA = "akane_hoshino", 3, 4, 2.0
+TRIGGER, VECTORS, RANK, ALPHA, TE_ALPHA = "akane_hoshino", 3, 4, 2.0, 1.0
 PROMPT = "akane_hoshino, smile, red hair"
 
 
@@ -36,7 +43,7 @@ def _unet(unet, latents, timesteps, cond):
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])
 def trained(kit, tmp_path_factory, request):
     """A LoRA + embedding as training leaves them (non-zero up weights, moved vectors), exported."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     family = request.param
     torch.manual_seed(0)
@@ -47,11 +54,15 @@ def trained(kit, tmp_path_factory, request):
         for vectors in text.vectors.values():
             vectors.add_(torch.randn_like(vectors) * 0.5)
     base.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TrainSettings().lora_targets))
-    for name, param in base.unet.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
+    te_config = LoraConfig(r=2, lora_alpha=TE_ALPHA, target_modules=TrainSettings().text_encoder_lora_targets)
+    for encoder in base.text_encoders:  # the optional text-encoder LoRA, as the trainer adds it
+        inject_adapter_in_model(te_config, encoder)
+    for module in (base.unet, *base.text_encoders):
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.3)
     folder = tmp_path_factory.mktemp(f"export-{family}")
-    tensors = unet_lora_tensors(base.unet, ALPHA, family)
+    tensors = {**unet_lora_tensors(base.unet, ALPHA, family), **text_encoder_lora_tensors(base.text_encoders, TE_ALPHA)}
     meta = lora_metadata(
         output_name=TRIGGER, trigger=TRIGGER, rank=RANK, alpha=ALPHA, steps=10, resolution=128, clip_skip=2,
         num_train_images=5, tag_frequency={"dataset": {TRIGGER: 5}}, base_model_name="tiny", seed=0, tensors=tensors, family=family,
@@ -101,6 +112,8 @@ def test_diffusers_loaders_reproduce_training_outputs(trained, embedding_file):
         torch.testing.assert_close(unet_out, trained["unet"], atol=1e-5, rtol=1e-4)
         pipe.unload_lora_weights()
         without = _unet(pipe.unet, trained["latents"], trained["timesteps"], cond)
+        plain = encode_prompts(family, list(tokenizers), list(encoders), [text], 2, torch.device("cpu"))
+    assert (plain.hidden - trained["cond"].hidden).abs().max() > 1e-3  # the text-encoder LoRA mattered
     assert (without - trained["unet"]).abs().max() > 1e-3  # the LoRA really changes the output
 
 
@@ -119,7 +132,11 @@ def test_kohya_file_layout_and_metadata(trained):
         assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
         assert not any("down_blocks" in k or "up_blocks" in k for k in keys)
     assert {f"{prefix}.lora_down.weight", f"{prefix}.lora_up.weight", f"{prefix}.alpha"} <= keys
-    assert any("_ff_net_0_proj." in k for k in keys) and all(k.startswith("lora_unet_") for k in keys)
+    assert any("_ff_net_0_proj." in k for k in keys)
+    te_prefixes = ("lora_te_",) if family == "sd1" else ("lora_te1_", "lora_te2_")
+    for te_prefix in te_prefixes:
+        assert f"{te_prefix}text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert all(k.startswith(("lora_unet_", *te_prefixes)) for k in keys)
     assert tensors[f"{prefix}.lora_down.weight"].shape[0] == RANK and float(tensors[f"{prefix}.alpha"]) == ALPHA
     assert meta["ss_network_dim"] == str(RANK) and meta["ss_network_alpha"] == str(ALPHA)
     assert meta["modelspec.trigger_phrase"] == TRIGGER

@@ -89,6 +89,10 @@ class TrainSettings(Section):
     lora_targets: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
     )
+    text_encoder_lora_rank: int = Field(0, ge=0, description="LoRA rank on the text encoder(s); 0 = no text-encoder LoRA.")
+    text_encoder_lora_alpha: float = Field(2.0, gt=0)
+    text_encoder_lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    text_encoder_lr: float = Field(1e-5, gt=0)
     unet_lr: float = Field(1e-4, gt=0)
     embedding_lr: float = Field(3e-3, gt=0)
     embedding_vectors: int = Field(4, ge=1, le=75)

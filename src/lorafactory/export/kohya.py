@@ -35,24 +35,36 @@ def sgm_module_name(name: str, layers_per_block: int) -> str:
     raise ValueError(f"no SDXL original name for UNet module {name!r}; only attention blocks are mapped")
 
 
-def unet_lora_tensors(unet: torch.nn.Module, alpha: float, family: str = "sd1", adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The UNet's peft LoRA layers as kohya tensors (float32, contiguous, on CPU).
-
-    SD1 keys use diffusers module names (what kohya's SD1 UNet copies); SDXL keys use the original
-    model's names, which A1111 requires for SDXL and every other loader accepts.
-    """
+def lora_tensors(module: torch.nn.Module, prefix: str, alpha: float, rename=lambda name: name, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """A module's peft LoRA layers as kohya tensors (float32, contiguous, on CPU)."""
     from peft.tuners.lora import LoraLayer
 
-    layers = int(getattr(unet.config, "layers_per_block", 2))
     tensors: dict[str, torch.Tensor] = {}
-    for name, module in unet.named_modules():
-        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+    for name, layer in module.named_modules():
+        if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
             continue
-        module_name = sgm_module_name(name, layers) if family == "sdxl" else name
-        key = "lora_unet_" + module_name.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().float().cpu().contiguous()
-        tensors[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
+        key = prefix + rename(name).replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = _plain(layer.lora_A[adapter].weight)
+        tensors[f"{key}.lora_up.weight"] = _plain(layer.lora_B[adapter].weight)
         tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    return tensors
+
+
+def unet_lora_tensors(unet: torch.nn.Module, alpha: float, family: str = "sd1") -> dict[str, torch.Tensor]:
+    """SD1 keys use diffusers module names (what kohya's SD1 UNet copies); SDXL keys use the original
+    model's names, which A1111 requires for SDXL and every other loader accepts."""
+    if family == "sdxl":
+        layers = int(getattr(unet.config, "layers_per_block", 2))
+        return lora_tensors(unet, "lora_unet_", alpha, lambda name: sgm_module_name(name, layers))
+    return lora_tensors(unet, "lora_unet_", alpha)
+
+
+def text_encoder_lora_tensors(encoders: list[torch.nn.Module], alpha: float) -> dict[str, torch.Tensor]:
+    """``lora_te_`` (SD1) or ``lora_te1_`` / ``lora_te2_`` (SDXL) + the CLIP path under ``text_model``."""
+    prefixes = ["lora_te_"] if len(encoders) == 1 else ["lora_te1_", "lora_te2_"]
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, encoder in zip(prefixes, encoders):
+        tensors.update(lora_tensors(encoder, prefix, alpha, lambda name: name if name.startswith("text_model.") else "text_model." + name))
     return tensors
 
 
@@ -86,6 +98,7 @@ def lora_metadata(
     rank: int,
     alpha: float,
     steps: int,
+    epoch: int = 0,
     resolution: int,
     clip_skip: int,
     num_train_images: int,
@@ -103,6 +116,7 @@ def lora_metadata(
         "ss_network_dim": rank,
         "ss_network_alpha": alpha,
         "ss_steps": steps,
+        "ss_epoch": epoch,
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_clip_skip": clip_skip,
         "ss_num_train_images": num_train_images,

@@ -8,11 +8,20 @@ from lorafactory.config import TrainSettings
 from lorafactory.errors import ConfigError
 
 
-def build_optimizer(t: TrainSettings, lora_params: list[torch.nn.Parameter], embedding_params: list[torch.nn.Parameter], device: torch.device):
+def build_optimizer(
+    t: TrainSettings,
+    lora_params: list[torch.nn.Parameter],
+    embedding_params: list[torch.nn.Parameter],
+    text_lora_params: list[torch.nn.Parameter],
+    device: torch.device,
+):
+    """One parameter group each for the UNet LoRA, the trigger embedding and the text-encoder LoRA."""
     groups = [
         {"params": lora_params, "lr": t.unet_lr, "weight_decay": t.weight_decay, "name": "lora"},
         {"params": embedding_params, "lr": t.embedding_lr, "weight_decay": t.embedding_weight_decay, "name": "embedding"},
     ]
+    if text_lora_params:
+        groups.append({"params": text_lora_params, "lr": t.text_encoder_lr, "weight_decay": t.weight_decay, "name": "text_lora"})
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups)
     if t.optimizer == "adamw8bit":

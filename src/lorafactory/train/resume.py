@@ -29,6 +29,7 @@ class LoopPosition:
     """The loop's position: what the next step starts from."""
 
     step: int = 0
+    epoch: int = 0  # batch plans started (with repeats, one plan is one epoch)
     plan: list[list[int]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     checkpoints: dict[int, str] = field(default_factory=dict)

@@ -22,7 +22,7 @@ import torch
 from lorafactory.config import Settings, settings_hash
 from lorafactory.errors import StageError
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
-from lorafactory.export.kohya import bundle_tensors, lora_metadata, unet_lora_tensors, write_safetensors
+from lorafactory.export.kohya import bundle_tensors, lora_metadata, text_encoder_lora_tensors, unet_lora_tensors, write_safetensors
 from lorafactory.progress import Progress
 from lorafactory.train.data import Example, LatentCache, batch_plan, build_caption, load_examples, read_metadata, split_validation
 from lorafactory.train.text import TextEncoders
@@ -111,6 +111,7 @@ class _Run:
             base.family, base.tokenizers, base.text_encoders, trigger, t.embedding_vectors, t.embedding_init, t.clip_skip, t.seed
         )
         self.text.to(self.device)
+        self.text_lora = self._add_text_encoder_lora() if t.text_encoder_lora_rank else {}
         base.unet.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=list(t.lora_targets)))
         self.lora = {name: p for name, p in base.unet.named_parameters() if p.requires_grad}
         if not self.lora:
@@ -126,7 +127,7 @@ class _Run:
             config["prediction_type"] = t.prediction_type
         self.noise_scheduler = DDPMScheduler.from_config(config, rescale_betas_zero_snr=t.zero_terminal_snr)
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        self.optimizer = build_optimizer(t, list(self.lora.values()), self.text.parameters(), self.device)
+        self.optimizer = build_optimizer(t, list(self.lora.values()), self.text.parameters(), list(self.text_lora.values()), self.device)
         self.lr_scheduler = build_scheduler(t, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.rng = random.Random(t.seed)
@@ -136,7 +137,24 @@ class _Run:
         self.fingerprint = settings_hash(t, trigger, _dataset_hash(dataset_dir))
         self.tag_frequency = {"dataset": dict(Counter(tag for ex in self.examples for tag in [trigger] + ex.tags).most_common())}
         self.position = LoopPosition()
-        self.trainables = {**self.lora, **{f"trigger_{key}": vec for key, vec in self.text.vectors.items()}}
+        self.trainables = {**self.lora, **self.text_lora, **{f"trigger_{key}": vec for key, vec in self.text.vectors.items()}}
+
+    def _add_text_encoder_lora(self) -> dict[str, torch.nn.Parameter]:
+        """peft LoRA layers in every text encoder; their float32 parameters by name."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        t = self.t
+        params: dict[str, torch.nn.Parameter] = {}
+        config = LoraConfig(r=t.text_encoder_lora_rank, lora_alpha=t.text_encoder_lora_alpha, target_modules=list(t.text_encoder_lora_targets))
+        for index, encoder in enumerate(self.base.text_encoders):
+            inject_adapter_in_model(config, encoder)
+            for name, param in encoder.named_parameters():
+                if "lora_" in name:
+                    param.data = param.data.float()
+                    params[f"te{index}.{name}"] = param
+        if not params:
+            raise StageError(f"train.text_encoder_lora_targets {t.text_encoder_lora_targets} matched no text-encoder layer")
+        return params
 
     # --- pieces of a step -------------------------------------------------------------
 
@@ -156,6 +174,7 @@ class _Run:
         t = self.t
         if not self.position.plan:
             self.position.plan = batch_plan(self.examples, t.batch_size, self.rng, t.group_repeats)
+            self.position.epoch += 1
         batch: list[Example] = [self.examples[i] for i in self.position.plan.pop()]
         if t.cache_latents:
             latents = torch.stack(
@@ -219,8 +238,10 @@ class _Run:
         folder = checkpoint_dir(self.out_dir, step)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = unet_lora_tensors(self.base.unet, t.lora_alpha, self.base.family)
+        if self.text_lora:
+            tensors.update(text_encoder_lora_tensors(self.base.text_encoders, t.text_encoder_lora_alpha))
         common = dict(
-            output_name=self.trigger, trigger=self.trigger, rank=t.lora_rank, alpha=t.lora_alpha, steps=step,
+            output_name=self.trigger, trigger=self.trigger, rank=t.lora_rank, alpha=t.lora_alpha, steps=step, epoch=self.position.epoch,
             resolution=t.resolution, clip_skip=t.clip_skip, num_train_images=len(self.examples),
             tag_frequency=self.tag_frequency, base_model_name=Path(t.base_model).name, seed=t.seed, family=self.base.family,
         )  # fmt: skip
