@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lorafactory.errors import StageError
@@ -103,3 +104,21 @@ def test_uncached_latents_train_the_same_model(kit, dataset, tmp_path):
     a, b = _weights(tmp_path / "cached", 8), _weights(tmp_path / "uncached", 8)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+
+
+def test_regularization_images_and_fixed_buckets_train(kit, dataset, tmp_path):
+    from lorafactory.testing.synthetic import CHARACTERS, generate_dataset
+
+    folder = tmp_path / "reg"
+    made = generate_dataset(folder / "images", CHARACTERS[2], count=3, monochrome=0, near_duplicates=0, others=0)
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file": f"images/{m.filename}", "tags": ["1girl", "solo"], "post_id": m.filename}) + "\n" for m in made)
+    )
+    settings = _settings(kit, f'train.regularization_dir="{folder}"', "train.prior_loss_weight=0.5", 'train.bucket_mode="fixed"')
+    result = train(settings, "akane_hoshino", dataset, tmp_path / "out", SilentProgress())
+    assert result.counts["regularization_images"] == 3
+    assert all(int(w) * int(h) <= 128 * 128 for w, h in (b.split("x") for b in result.details["buckets"]))
+    with safe_open(str(checkpoint_dir(tmp_path / "out", 8) / LORA_FILE), "pt") as handle:
+        assert handle.metadata()["ss_num_train_images"] == str(result.counts["images"])  # the character's images only
+    with pytest.raises(StageError, match="not a prepared dataset"):
+        train(_settings(kit, f'train.regularization_dir="{tmp_path}"'), "akane_hoshino", dataset, tmp_path / "bad", SilentProgress())

@@ -57,3 +57,37 @@ def test_best_step_ties_and_missing_values():
     assert step == 20 and "0.100" in reason
     step, reason = best_step({10: None, 20: None})
     assert step == 20 and "no checkpoint could be scored" in reason
+
+
+def test_fixed_buckets_cover_and_may_upscale():
+    bucket_list = buckets.fixed_buckets(512, 64, 256, 1024)
+    assert (512, 512) in bucket_list and (448, 576) in bucket_list and (576, 448) in bucket_list
+    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in bucket_list)
+    small = buckets.fit_fixed(100, 150, bucket_list)
+    assert small.bucket == (384, 576) or abs(small.bucket[0] / small.bucket[1] - 100 / 150) < 0.1
+    assert small.resized[0] >= small.bucket[0] and small.resized[1] >= small.bucket[1]  # upscaled to cover
+    assert buckets.apply(Image.new("RGB", (100, 150)), small).size == small.bucket
+
+
+def test_regularization_is_balanced_against_training_samples():
+    import torch
+
+    from lorafactory.train.data import Example, batch_plan
+
+    def example(i, regularization, group="person"):
+        return Example(f"{i}.png", group, str(i), [], (64, 64), torch.zeros(1), (64, 64), (0, 0), regularization=regularization)
+
+    train = [example(i, False) for i in range(5)] + [example(5, False, "head")]
+    regular = [example(10 + i, True) for i in range(2)]
+    plan = batch_plan(train + regular, 4, random.Random(0), {"head": 3})
+    drawn = [i for batch in plan for i in batch]
+    n_train = sum(1 for i in drawn if i < 6)
+    assert n_train == 5 + 3  # repeats count
+    assert sum(1 for i in drawn if i >= 6) == n_train  # as many regularization samples as training samples
+    many = [example(20 + i, True) for i in range(30)]
+    drawn = [i for batch in batch_plan(train + many, 4, random.Random(0), {}) for i in batch]
+    assert sum(1 for i in drawn if i >= 6) == 6  # a larger set is subsampled
+
+
+def test_regularization_captions_have_no_trigger():
+    assert build_caption(None, ["1girl", "smile"], random.Random(0), False, 0, 0) == "1girl, smile"

@@ -1,8 +1,13 @@
-"""Aspect-ratio buckets that never upscale.
+"""Aspect-ratio buckets.
 
-An image larger than the target area is shrunk to that area, keeping its aspect ratio; a smaller
-one keeps its size. Its bucket is that size floored to multiples of ``step``, and the remainder is
-centre-cropped, never padded. Batches are drawn from one bucket at a time.
+Default (``no_upscale``): an image larger than the target area is shrunk to that area, keeping its
+aspect ratio; a smaller one keeps its size. Its bucket is that size floored to multiples of
+``step``, and the remainder is centre-cropped, never padded.
+
+``fixed`` (the classic mode): a fixed list of buckets of about the target area; each image goes to
+the bucket nearest its aspect ratio, scaled to cover it (small images are upscaled), centre-cropped.
+
+Batches are drawn from one bucket at a time.
 """
 
 from __future__ import annotations
@@ -46,3 +51,24 @@ def apply(image: Image.Image, placement: Fit) -> Image.Image:
     (w, h), (bw, bh) = placement.resized, placement.bucket
     left, top = (w - bw) // 2, (h - bh) // 2
     return image.crop((left, top, left + bw, top + bh))
+
+
+def fixed_buckets(resolution: int, step: int, min_side: int, max_side: int) -> list[tuple[int, int]]:
+    """The classic bucket list: the square bucket plus (w, h) and (h, w) for each width step."""
+    area = resolution * resolution
+    side = int(math.sqrt(area)) // step * step
+    found = {(side, side)}
+    for width in range(min_side, max_side + 1, step):
+        height = min(max_side, area // width // step * step)
+        if height >= min_side:
+            found |= {(width, height), (height, width)}
+    return sorted(found)
+
+
+def fit_fixed(width: int, height: int, bucket_list: list[tuple[int, int]]) -> Fit:
+    """The bucket nearest the image's aspect ratio; the image is scaled to cover it."""
+    ratio = width / height
+    bucket = min(bucket_list, key=lambda b: (abs(b[0] / b[1] - ratio), -b[0] * b[1]))
+    scale = max(bucket[0] / width, bucket[1] / height)
+    resized = (max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale)))
+    return Fit(resized, bucket)

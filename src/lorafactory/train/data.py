@@ -30,18 +30,20 @@ class Example:
     crop: tuple[int, int]  # (top, left) of the bucket crop in the resized image
     flipped: torch.Tensor | None = None
     pixels: torch.Tensor | None = None  # [3, h, w] in -1..1, kept instead of the latent when caching is off
+    regularization: bool = False  # a generic image: no trigger in its caption, its own loss weight
 
 
 def build_caption(
-    trigger: str, tags: list[str], rng: random.Random, shuffle: bool, tag_dropout: float, caption_dropout: float, keep_tokens: int = 0
+    trigger: str | None, tags: list[str], rng: random.Random, shuffle: bool, tag_dropout: float, caption_dropout: float, keep_tokens: int = 0
 ) -> str:
-    """Trigger first, then ``keep_tokens`` fixed tags, then the rest (shuffled, dropped out)."""
+    """Trigger first (none for regularization images), then ``keep_tokens`` fixed tags, then the
+    rest (shuffled, dropped out)."""
     if caption_dropout and rng.random() < caption_dropout:
         return ""
     fixed, rest = list(tags[:keep_tokens]), [tag for tag in tags[keep_tokens:] if not (tag_dropout and rng.random() < tag_dropout)]
     if shuffle:
         rng.shuffle(rest)
-    return ", ".join([trigger, *fixed, *rest])
+    return ", ".join([*([trigger] if trigger else []), *fixed, *rest])
 
 
 def read_metadata(dataset_dir: Path) -> list[dict]:
@@ -96,9 +98,12 @@ def load_examples(
     flip: bool,
     cached: bool = True,
     on_item: Callable[[], None] | None = None,
+    fixed: list[tuple[int, int]] | None = None,
+    regularization: bool = False,
 ) -> tuple[list[Example], dict[str, int]]:
     """Bucket every dataset image and encode it once (and its mirror image when ``flip``);
-    with ``cached`` off, keep the bucketed pixels for encoding at every step instead."""
+    with ``cached`` off, keep the bucketed pixels for encoding at every step instead.
+    ``fixed`` is a classic bucket list (see ``buckets.fixed_buckets``); None means never upscale."""
     examples: list[Example] = []
     counts = {"unreadable": 0, "too_small": 0}
     for record in read_metadata(dataset_dir):
@@ -111,7 +116,7 @@ def load_examples(
             log.warning("skipping unreadable training image %s: %s", record["file"], exc)
             counts["unreadable"] += 1
             continue
-        placement = buckets.fit(image.width, image.height, resolution, step)
+        placement = buckets.fit_fixed(image.width, image.height, fixed) if fixed else buckets.fit(image.width, image.height, resolution, step)
         if placement is None:
             counts["too_small"] += 1
             continue
@@ -129,6 +134,7 @@ def load_examples(
                 crop=((height - bucket_h) // 2, (width - bucket_w) // 2),
                 flipped=cache.get(ImageOps.mirror(pixels)) if flip and cached else None,
                 pixels=None if cached else to_tensor(pixels),
+                regularization=regularization,
             )
         )
     return examples, counts
@@ -154,10 +160,25 @@ def split_validation(examples: list[Example], share: float, seed: int) -> tuple[
 
 
 def batch_plan(examples: list[Example], batch_size: int, rng: random.Random, repeats: dict[str, int]) -> list[list[int]]:
-    """One epoch of batches: each example ``repeats[group]`` times, shuffled within its bucket, batch order shuffled."""
-    by_bucket: dict[tuple[int, int], list[int]] = {}
+    """One epoch of batches: each training example ``repeats[group]`` times, shuffled within its
+    bucket, batch order shuffled.
+
+    Regularization examples are balanced as kohya does: exactly as many regularization samples as
+    training samples per epoch (repeating the set round-robin, or drawing a different subset each
+    epoch when it is larger), sharing buckets and batches with the training samples.
+    """
+    chosen: list[int] = []
     for index, example in enumerate(examples):
-        by_bucket.setdefault(example.bucket, []).extend([index] * repeats.get(example.group, 1))
+        if not example.regularization:
+            chosen.extend([index] * repeats.get(example.group, 1))
+    regular = [index for index, example in enumerate(examples) if example.regularization]
+    if regular:
+        wanted = len(chosen)
+        rng.shuffle(regular)
+        chosen += (regular * (wanted // len(regular) + 1))[:wanted]
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index in chosen:
+        by_bucket.setdefault(examples[index].bucket, []).append(index)
     plan = []
     for bucket in sorted(by_bucket):
         indices = by_bucket[bucket][:]

@@ -24,6 +24,7 @@ from lorafactory.errors import StageError
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import bundle_tensors, lora_metadata, text_encoder_lora_tensors, unet_lora_tensors, write_safetensors
 from lorafactory.progress import Progress
+from lorafactory.train.buckets import fixed_buckets
 from lorafactory.train.data import Example, LatentCache, batch_plan, build_caption, load_examples, read_metadata, split_validation
 from lorafactory.train.text import TextEncoders
 from lorafactory.train.model import load_base, resolve_device, resolve_dtype
@@ -91,11 +92,18 @@ class _Run:
         cache_dir = Path(t.latent_cache_dir).expanduser() if t.latent_cache_dir else None
         model_key = settings_hash(t.base_model, json.loads(json.dumps(dict(base.vae.config), default=str)))
         self.cache = LatentCache(base.vae, model_key, self.device, cache_dir)
-        with progress.task("encoding images", total=len(read_metadata(dataset_dir))) as task:
-            examples, self.counts = load_examples(
-                dataset_dir, self.cache, t.resolution, t.bucket_step, t.flip, t.cache_latents, on_item=task.advance
-            )
+        fixed = fixed_buckets(t.resolution, t.bucket_step, t.resolution // 2, t.resolution * 2) if t.bucket_mode == "fixed" else None
+        regularization_dir = Path(t.regularization_dir).expanduser() if t.regularization_dir else None
+        if regularization_dir is not None and not (regularization_dir / "metadata.jsonl").is_file():
+            raise StageError(f"train.regularization_dir {regularization_dir} is not a prepared dataset (no metadata.jsonl)")
+        total = len(read_metadata(dataset_dir)) + (len(read_metadata(regularization_dir)) if regularization_dir else 0)
+        with progress.task("encoding images", total=total) as task:
+            load = dict(resolution=t.resolution, step=t.bucket_step, flip=t.flip, cached=t.cache_latents, on_item=task.advance, fixed=fixed)
+            examples, self.counts = load_examples(dataset_dir, self.cache, **load)
+            regular = load_examples(regularization_dir, self.cache, regularization=True, **load)[0] if regularization_dir else []
         self.examples, held_out = split_validation(examples, t.validation_split, t.seed)
+        self.counts["regularization_images"] = len(regular)
+        self.examples += regular
         for example in held_out:  # the validation set is fixed: always encoded once
             if example.latent is None:
                 example.latent = self.cache.encode(example.pixels.unsqueeze(0))[0].cpu()
@@ -134,8 +142,10 @@ class _Run:
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
         self.validation = ValidationSet(held_out, t.validation_timesteps, t.seed)
         self.pivot_step = math.ceil(t.embedding_pivot * t.max_steps)
-        self.fingerprint = settings_hash(t, trigger, _dataset_hash(dataset_dir))
-        self.tag_frequency = {"dataset": dict(Counter(tag for ex in self.examples for tag in [trigger] + ex.tags).most_common())}
+        self.fingerprint = settings_hash(t, trigger, _dataset_hash(dataset_dir), _dataset_hash(regularization_dir) if regularization_dir else "")
+        character = [ex for ex in self.examples if not ex.regularization]
+        self.character_images = len(character)
+        self.tag_frequency = {"dataset": dict(Counter(tag for ex in character for tag in [trigger] + ex.tags).most_common())}
         self.position = LoopPosition()
         self.trainables = {**self.lora, **self.text_lora, **{f"trigger_{key}": vec for key, vec in self.text.vectors.items()}}
 
@@ -183,7 +193,10 @@ class _Run:
         else:
             pixels = [ex.pixels.flip(-1) if t.flip and self.rng.random() < 0.5 else ex.pixels for ex in batch]
             latents = self.cache.encode(torch.stack(pixels))
-        captions = [build_caption(self.trigger, ex.tags, self.rng, t.shuffle_tags, t.tag_dropout, t.caption_dropout, t.keep_tokens) for ex in batch]
+        captions = [
+            build_caption(None if ex.regularization else self.trigger, ex.tags, self.rng, t.shuffle_tags, t.tag_dropout, t.caption_dropout, t.keep_tokens)
+            for ex in batch
+        ]
         noise = sample_noise(latents, self.generator, t.noise_offset)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(batch),), generator=self.generator, device=self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -191,7 +204,8 @@ class _Run:
         with self.autocast():
             prediction = self.predict(noisy, timesteps, captions, batch)
         weights = snr_weights(self.noise_scheduler, timesteps, t.min_snr_gamma, self.prediction_type)
-        weights = weights * torch.tensor([t.group_loss_weights.get(ex.group, 1.0) for ex in batch], device=self.device)
+        sample_weights = [t.prior_loss_weight if ex.regularization else t.group_loss_weights.get(ex.group, 1.0) for ex in batch]
+        weights = weights * torch.tensor(sample_weights, device=self.device)
         return (per_sample_mse(prediction, target) * weights).mean()
 
     def step(self) -> float:
@@ -242,7 +256,7 @@ class _Run:
             tensors.update(text_encoder_lora_tensors(self.base.text_encoders, t.text_encoder_lora_alpha))
         common = dict(
             output_name=self.trigger, trigger=self.trigger, rank=t.lora_rank, alpha=t.lora_alpha, steps=step, epoch=self.position.epoch,
-            resolution=t.resolution, clip_skip=t.clip_skip, num_train_images=len(self.examples),
+            resolution=t.resolution, clip_skip=t.clip_skip, num_train_images=self.character_images,
             tag_frequency=self.tag_frequency, base_model_name=Path(t.base_model).name, seed=t.seed, family=self.base.family,
         )  # fmt: skip
         write_safetensors(folder / LORA_FILE, tensors, lora_metadata(tensors=tensors, **common))
@@ -305,7 +319,7 @@ def train(
         ) from exc
 
     position = run.position
-    counts = {**run.counts, "images": len(run.examples), "validation_images": len(run.validation.examples), "steps": position.step, "checkpoints": len(position.checkpoints)}
+    counts = {**run.counts, "images": run.character_images, "validation_images": len(run.validation.examples), "steps": position.step, "checkpoints": len(position.checkpoints)}
     details = {
         "trigger": trigger,
         "buckets": dict(Counter(f"{w}x{h}" for w, h in (ex.bucket for ex in run.examples))),
