@@ -1,9 +1,11 @@
-"""GPU check of the trainer: a random-initialised full-size SD1.5 at 512 px, bf16 autocast.
+"""CUDA correctness check of the trainer (the CPU test suite cannot reach these paths).
 
-Prints one JSON line per batch size with steps/s (after warm-up) and peak GPU memory, and fails
-if the loss or the exported LoRA is not finite. Run by hand on a CUDA machine:
+For tiny SD1 and SDXL models, in bf16 and in fp16 (with the grad scaler), with a text-encoder LoRA
+and a validation loss: train 8 steps straight, train 4 + resume 4, compare the weights, then load
+the exported files with diffusers' own loaders on the GPU and render one image. Prints one JSON
+line per case and exits non-zero on any failure.
 
-    PYTHONPATH=src python benchmarks/gpu_train_check.py /tmp/lorafactory-gpu
+    PYTHONPATH=src python benchmarks/gpu_train_check.py [WORKDIR]
 """
 
 from __future__ import annotations
@@ -13,56 +15,78 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from lorafactory.config import load_settings
 from lorafactory.progress import SilentProgress
 from lorafactory.testing.synthetic import CHARACTERS
-from lorafactory.testing.tiny_sd import build_tiny_sd
-from lorafactory.train.trainer import LORA_FILE, train
+from lorafactory.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
+from lorafactory.train.model import load_pipeline
+from lorafactory.train.text import ENCODER_KEYS
+from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir, train
 
-WARMUP = 5
 
-
-def make_dataset(folder: Path, count: int) -> Path:
+def make_dataset(folder: Path) -> Path:
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    with (folder / "metadata.jsonl").open("w") as handle:
-        for i in range(count):
-            size = rng.choice([(512, 768), (768, 512), (640, 640), (704, 896)])
-            CHARACTERS[0].draw(*size, outfit=i % 3, rng=rng).save(folder / "images" / f"{i}.png")
-            handle.write(json.dumps({"file": f"images/{i}.png", "tags": ["1girl", "solo", "smile"]}) + "\n")
+    lines = []
+    for i in range(12):
+        size = rng.choice([(128, 192), (192, 128), (128, 128)])
+        CHARACTERS[0].draw(*size, outfit=i % 3, rng=rng).save(folder / "images" / f"{i}.png")
+        lines.append(json.dumps({"file": f"images/{i}.png", "tags": ["1girl", "smile"], "post_id": str(i)}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
 
+def check(model: Path, precision: str, data: Path, work: Path) -> dict:
+    settings = load_settings(
+        preset="tiny-demo",
+        overrides=[
+            'character.name="Check"', f'train.base_model="{model}"', 'train.device="cuda"', f'train.mixed_precision="{precision}"',
+            "train.max_steps=8", "train.save_every=4", "train.text_encoder_lora_rank=2", "train.validation_split=0.2",
+        ],
+    )  # fmt: skip
+    straight = train(settings, "check", data, work / "straight", SilentProgress())
+    train(settings, "check", data, work / "resumed", SilentProgress(), stop_after=4)
+    resumed = train(settings, "check", data, work / "resumed", SilentProgress())
+    a = load_file(checkpoint_dir(work / "straight", 8) / LORA_FILE)
+    b = load_file(checkpoint_dir(work / "resumed", 8) / LORA_FILE)
+    gap = max(float((a[k] - b[k]).abs().max()) for k in a)
+    finite = all(torch.isfinite(t).all() for t in a.values())
+
+    pipe = load_pipeline(str(model), torch_dtype=torch.float16).to("cuda")
+    folder = checkpoint_dir(work / "straight", 8)
+    pipe.load_lora_weights(str(folder / LORA_FILE))
+    if hasattr(pipe, "text_encoder_2"):
+        emb = load_file(folder / EMBEDDING_FILE)
+        for key, tok, enc in zip(ENCODER_KEYS, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2)):
+            pipe.load_textual_inversion(emb[key], token="check", tokenizer=tok, text_encoder=enc)
+    else:
+        pipe.load_textual_inversion(str(folder / EMBEDDING_FILE), token="check")
+    image = pipe("check, smile", num_inference_steps=4, height=128, width=128, output_type="np").images[0]
+    return {
+        "model": straight.details["family"], "precision": straight.details["dtype"], "resume_max_abs_gap": gap,
+        "finite": bool(finite), "validation_mean": straight.details["validation_loss"]["8"]["mean"],
+        "resumed_validation_equal": straight.details["validation_loss"] == resumed.details["validation_loss"],
+        "render_finite": bool(np.isfinite(image).all()),
+    }  # fmt: skip
+
+
 def main(work: Path) -> None:
-    model = build_tiny_sd(work / "sd15-random", full_size=True)
-    dataset = make_dataset(work / "dataset", 32)
-    for batch in (4, 8):
-        settings = load_settings(
-            overrides=[
-                'character.name="Akane Hoshino"', f'train.base_model="{model}"', "train.resolution=512",
-                f"train.batch_size={batch}", "train.max_steps=30", "train.save_every=30", 'train.device="cuda"',
-            ]
-        )  # fmt: skip
-        out = work / f"train-b{batch}"
-        out.mkdir(parents=True, exist_ok=True)
-        torch.cuda.reset_peak_memory_stats()
-        result = train(settings, "akane_hoshino", dataset, out, SilentProgress())
-        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-        span = log[-1]["t"] - log[WARMUP - 1]["t"]
-        lora = load_file(out / result.checkpoints[30] / LORA_FILE)
-        finite = all(torch.isfinite(t).all() for t in lora.values()) and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
-        print(json.dumps({
-            "gpu": torch.cuda.get_device_name(), "resolution": 512, "batch": batch, "dtype": result.details["dtype"],
-            "steps_per_s": round((len(log) - WARMUP) / span, 3), "images_per_s": round(batch * (len(log) - WARMUP) / span, 2),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "final_loss": round(result.details["final_loss"], 4),
-            "buckets": result.details["buckets"], "finite": bool(finite),
-        }), flush=True)  # fmt: skip
-        if not finite:
-            raise SystemExit("non-finite loss or LoRA weights")
+    data = make_dataset(work / "data")
+    models = {"sd1": build_tiny_sd(work / "tiny-sd"), "sdxl": build_tiny_sdxl(work / "tiny-sdxl")}
+    failed = False
+    for name, model in models.items():
+        for precision in ("bf16", "fp16"):
+            result = check(model, precision, data, work / f"{name}-{precision}")
+            ok = result["finite"] and result["render_finite"] and result["resume_max_abs_gap"] < 1e-2
+            failed |= not ok
+            print(json.dumps({**result, "ok": ok}), flush=True)
+    if failed:
+        raise SystemExit("a CUDA check failed")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/lorafactory-gpu"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/lorafactory-gpu-check"))

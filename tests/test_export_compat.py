@@ -157,3 +157,33 @@ def test_bundled_and_a1111_embedding_layouts(trained):
         assert set(bundle) == {f"bundle_emb.{TRIGGER}.clip_l", f"bundle_emb.{TRIGGER}.clip_g"}
         assert data["clip_l"].shape == (VECTORS, 32) and data["clip_g"].shape == (VECTORS, 48)
         torch.testing.assert_close(bundle[f"bundle_emb.{TRIGGER}.clip_g"], vectors["clip_g"])
+
+
+def test_sgm_names_round_trip_through_diffusers_on_the_real_sdxl_layout():
+    """Our original-name keys for every attention layer of a full-size SDXL UNet (built on the meta
+    device: shapes only) map back to the right modules through diffusers' own SGM converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    from lorafactory.export.kohya import sgm_module_name
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )  # fmt: skip
+    targets = TrainSettings().lora_targets
+    names = [n for n, _ in unet.named_modules() if any(n.endswith("." + t) for t in targets)]
+    assert len(names) > 700  # every attention/ff/proj layer of the real SDXL UNet
+    ours = {f"lora_unet_{sgm_module_name(n, 2).replace('.', '_')}.alpha": n for n in names}
+    assert any(k.startswith("lora_unet_input_blocks_8_1_transformer_blocks_9_") for k in ours)
+    mapped = _maybe_map_sgm_blocks_to_diffusers({k: torch.zeros(1) for k in ours}, unet.config)
+    # the converter restores diffusers' block and layer indices under the original block words,
+    # which its next step renames (input_blocks -> down_blocks, ...)
+    words = {"down_blocks": "input_blocks", "up_blocks": "output_blocks", "mid_block": "middle_block"}
+    expected = {f"lora_unet_{words[n.split('.')[0]]}_{'_'.join(n.split('.')[1:])}.alpha" for n in names}
+    assert set(mapped) == expected

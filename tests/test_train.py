@@ -122,3 +122,12 @@ def test_regularization_images_and_fixed_buckets_train(kit, dataset, tmp_path):
         assert handle.metadata()["ss_num_train_images"] == str(result.counts["images"])  # the character's images only
     with pytest.raises(StageError, match="not a prepared dataset"):
         train(_settings(kit, f'train.regularization_dir="{tmp_path}"'), "akane_hoshino", dataset, tmp_path / "bad", SilentProgress())
+
+
+def test_prodigy_trains_and_adamw8bit_needs_cuda(kit, dataset, tmp_path):
+    from lorafactory.errors import ConfigError
+
+    result = train(_settings(kit, 'train.optimizer="prodigy"', "train.unet_lr=1.0", "train.embedding_lr=1.0"), "akane_hoshino", dataset, tmp_path / "p", SilentProgress())
+    assert result.finished and all(torch.isfinite(v).all() for v in _weights(tmp_path / "p", 8).values())
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        train(_settings(kit, 'train.optimizer="adamw8bit"'), "akane_hoshino", dataset, tmp_path / "b", SilentProgress())
