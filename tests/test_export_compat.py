@@ -17,7 +17,7 @@ from lorafactory.export.kohya import (
     unet_lora_tensors,
     write_safetensors,
 )
-from lorafactory.testing.tiny_sd import build_tiny_sdxl
+from lorafactory.testing.tiny_sd import FULL_SDXL_UNET, build_tiny_sdxl
 from lorafactory.train.embedding import expand_trigger
 from lorafactory.train.model import load_base, load_pipeline
 from lorafactory.train.text import ENCODER_KEYS, TextEncoders, encode_prompts
@@ -168,14 +168,7 @@ def test_sgm_names_round_trip_through_diffusers_on_the_real_sdxl_layout():
     from lorafactory.export.kohya import sgm_module_name
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )  # fmt: skip
+        unet = UNet2DConditionModel(**FULL_SDXL_UNET)
     targets = TrainSettings().lora_targets
     names = [n for n, _ in unet.named_modules() if any(n.endswith("." + t) for t in targets)]
     assert len(names) > 700  # every attention/ff/proj layer of the real SDXL UNet

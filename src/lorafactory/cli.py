@@ -84,22 +84,6 @@ def _run(name: str, until: str, workspace: Path, db: Optional[str], config, pres
     err.print(f"[green]finished[/green] {until}: {final}")
 
 
-@app.command()
-def run(
-    name: str = typer.Argument(..., help='Character name, e.g. "Surtr (Arknights)".'),
-    from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="Use a local folder of images instead of a site."),
-    site: Optional[List[str]] = typer.Option(None, "--site", help="Image site to crawl (danbooru)."),
-    workspace: Path = WorkspaceOpt,
-    db: Optional[str] = DbOpt,
-    config: Optional[Path] = ConfigOpt,
-    preset: Optional[str] = PresetOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: Optional[str] = ForceOpt,
-) -> None:
-    """Run the whole pipeline: crawl, prepare, train, evaluate, release."""
-    _run(name, "release", workspace, db, config, preset, set_, force, _source_overrides(from_dir, site))
-
-
 def _source_overrides(from_dir: Optional[Path], sites: Optional[List[str]]) -> list[str]:
     if from_dir is not None and sites:
         _fail(LorafactoryError("pass either --from-dir or --site, not both"))
@@ -111,11 +95,11 @@ def _source_overrides(from_dir: Optional[Path], sites: Optional[List[str]]) -> l
     return ['crawl.source="danbooru"'] if sites else []
 
 
-def _stage_command(stage: str):
+def _stage_command(stage: str, doc: str):
     def command(
-        name: str = typer.Argument(..., help="Character name."),
-        from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="Local image folder (crawl)."),
-        site: Optional[List[str]] = typer.Option(None, "--site", help="Image site (crawl)."),
+        name: str = typer.Argument(..., help='Character name, e.g. "Surtr (Arknights)".'),
+        from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="Use a local folder of images (+ optional .txt tags)."),
+        site: Optional[List[str]] = typer.Option(None, "--site", help="Image site to crawl (danbooru)."),
         workspace: Path = WorkspaceOpt,
         db: Optional[str] = DbOpt,
         config: Optional[Path] = ConfigOpt,
@@ -125,12 +109,15 @@ def _stage_command(stage: str):
     ) -> None:
         _run(name, stage, workspace, db, config, preset, set_, force, _source_overrides(from_dir, site))
 
-    command.__doc__ = f"Run the pipeline up to the {stage} stage (earlier stages only if out of date)."
+    command.__doc__ = doc
     return command
 
 
+app.command(name="run")(_stage_command("release", "Run the whole pipeline: crawl, prepare, train, evaluate, release."))
 for _stage in STAGES:
-    app.command(name=_stage)(_stage_command(_stage))
+    app.command(name=_stage)(
+        _stage_command(_stage, f"Run the pipeline up to the {_stage} stage (earlier stages only if out of date).")
+    )
 
 
 @app.command()

@@ -48,23 +48,25 @@ def _rng_states(rng: random.Random, generator: torch.Generator) -> dict[str, Any
     return states
 
 
-def save_state(
-    out_dir: Path,
-    fingerprint: str,
-    trainables: dict[str, torch.Tensor],
-    optimizer,
-    scheduler,
-    scaler,
-    rng: random.Random,
-    generator: torch.Generator,
-    position: LoopPosition,
-) -> None:
+@dataclass
+class Stateful:
+    """The live objects whose state a checkpoint saves and a resume restores."""
+
+    trainables: dict[str, torch.Tensor]
+    optimizer: Any
+    scheduler: Any
+    scaler: Any  # torch.amp.GradScaler for fp16, else None
+    rng: random.Random
+    generator: torch.Generator
+
+
+def save_state(out_dir: Path, fingerprint: str, live: Stateful, position: LoopPosition) -> None:
     payload = {
-        "trainables": {name: tensor.detach().cpu().clone() for name, tensor in trainables.items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": _rng_states(rng, generator),
+        "trainables": {name: tensor.detach().cpu().clone() for name, tensor in live.trainables.items()},
+        "optimizer": live.optimizer.state_dict(),
+        "scheduler": live.scheduler.state_dict(),
+        "scaler": live.scaler.state_dict() if live.scaler is not None else None,
+        "rng": _rng_states(live.rng, live.generator),
         "position": position,
     }
     buffer = io.BytesIO()
@@ -83,16 +85,7 @@ def saved_step(out_dir: Path) -> tuple[str, int] | None:
         return None
 
 
-def load_state(
-    out_dir: Path,
-    fingerprint: str,
-    trainables: dict[str, torch.Tensor],
-    optimizer,
-    scheduler,
-    scaler,
-    rng: random.Random,
-    generator: torch.Generator,
-) -> LoopPosition:
+def load_state(out_dir: Path, fingerprint: str, live: Stateful) -> LoopPosition:
     meta = saved_step(out_dir)
     if meta is None:
         raise StageError(f"no saved training state in {out_dir}")
@@ -103,17 +96,17 @@ def load_state(
         )
     payload = torch.load(out_dir / STATE_DIR / "state.pt", weights_only=False)  # our own file: includes RNG tuples
     with torch.no_grad():
-        for name, tensor in trainables.items():
+        for name, tensor in live.trainables.items():
             tensor.copy_(payload["trainables"][name])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None and payload["scaler"] is not None:
-        scaler.load_state_dict(payload["scaler"])
+    live.optimizer.load_state_dict(payload["optimizer"])
+    live.scheduler.load_state_dict(payload["scheduler"])
+    if live.scaler is not None and payload["scaler"] is not None:
+        live.scaler.load_state_dict(payload["scaler"])
     states = payload["rng"]
-    rng.setstate(states["python"])
+    live.rng.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    generator.set_state(states["noise"])
+    live.generator.set_state(states["noise"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     return payload["position"]

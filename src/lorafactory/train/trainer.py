@@ -30,7 +30,7 @@ from lorafactory.train.text import TextEncoders
 from lorafactory.train.model import load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
-from lorafactory.train.resume import LoopPosition, load_state, save_state, saved_step
+from lorafactory.train.resume import LoopPosition, Stateful, load_state, save_state, saved_step
 from lorafactory.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)
@@ -268,14 +268,15 @@ class _Run:
         validation = self.validate()
         if validation is not None:
             self.position.validation[step] = validation
-        save_state(self.out_dir, self.fingerprint, self.trainables, self.optimizer, self.lr_scheduler, self.scaler, self.rng, self.generator, self.position)
+        save_state(self.out_dir, self.fingerprint, self.live(), self.position)
+
+    def live(self) -> Stateful:
+        return Stateful(self.trainables, self.optimizer, self.lr_scheduler, self.scaler, self.rng, self.generator)
 
     def resume(self) -> None:
         if saved_step(self.out_dir) is None:
             return
-        self.position = load_state(
-            self.out_dir, self.fingerprint, self.trainables, self.optimizer, self.lr_scheduler, self.scaler, self.rng, self.generator
-        )
+        self.position = load_state(self.out_dir, self.fingerprint, self.live())
         if self.position.step >= self.pivot_step:
             self.text.freeze_vectors()
         log.info("resuming training at step %d", self.position.step)
