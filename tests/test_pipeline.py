@@ -119,3 +119,11 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     assert result.exit_code == 2 and "unknown key 'train.rnak'" in result.output
     result = runner.invoke(app, ["config", "show", "--preset", "tiny-demo", "--set", "train.max_steps=12", "--workspace", str(tmp_path)])
     assert result.exit_code == 0 and "max_steps = 12" in result.output and 'preset = "tiny-demo"' in result.output
+
+
+def test_unknown_stage_names_are_config_errors(demo_run):
+    from lorafactory.errors import ConfigError
+
+    for kwargs in ({"until": "bake"}, {"force": "bake"}):
+        with pytest.raises(ConfigError, match="unknown stage 'bake'"):
+            run_pipeline(demo_run["workspace"], demo_run["store"], demo_run["settings"], SilentProgress(), **kwargs)

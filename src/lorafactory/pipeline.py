@@ -162,8 +162,9 @@ def run_pipeline(
     force: str | None = None,
 ) -> RunOutcome:
     """Run every stage up to ``until``; ``force`` reruns from that stage onward."""
-    if until not in STAGES or (force is not None and force not in STAGES):
-        raise ConfigError(f"unknown stage {force if force not in STAGES else until!r}; stages are: {', '.join(STAGES)}")
+    for stage in (until, force):
+        if stage is not None and stage not in STAGES:
+            raise ConfigError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
     if not settings.character.name:
         raise ConfigError("the character has no name; pass NAME to the command")
     trigger = trigger_for(settings)

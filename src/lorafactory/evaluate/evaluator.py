@@ -16,7 +16,7 @@ from lorafactory.evaluate.metrics import ccip_recscore
 from lorafactory.evaluate.select import best_step
 from lorafactory.progress import Progress
 from lorafactory.train.data import read_metadata
-from lorafactory.train.model import load_pipeline, resolve_device
+from lorafactory.train.model import load_pipeline, resolve_device, resolve_dtype
 from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE
 from lorafactory.vision.ccip import default_threshold, differences, extract_features
 from lorafactory.workspace import write_json_atomic
@@ -54,7 +54,7 @@ def evaluate(
 
     work = jobs(e.prompts, trigger, e.negative_prompt)
     device = resolve_device(t.device)
-    generator = Generator(load_pipeline(t.base_model), e, t.clip_skip, device)
+    generator = Generator(load_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device)), e, t.clip_skip, device)
     metrics: dict[int, dict[str, float | None]] = {}
     per_image: dict[int, dict[str, float]] = {}
     failed: dict[int, str] = {}
