@@ -32,9 +32,24 @@ def test_every_stage_has_a_manifest_with_counts(demo_run):
         assert manifest is not None and manifest.counts and "torch" in manifest.versions
     prepare = char.manifest("prepare")
     assert prepare.counts["raw"] == char.manifest("crawl").counts["kept"]
-    assert prepare.counts["dropped_monochrome"] == 3  # the three greyscale copies
     assert prepare.counts["dataset"] == sum(prepare.counts[f"crops_{g}"] for g in ("person", "halfbody", "head"))
     assert "red_hair" in prepare.details["core_tags"]  # the stand-in tagger sees her hair colour
+    assert set(prepare.details["ratios"]) == {"head", "halfbody", "dataset"}
+
+
+def test_cleaning_chain_removes_exactly_the_bad_images(demo_run):
+    """The synthetic set has 24 good images, 3 greyscale copies, 2 near-duplicates and one image of
+    another character mistagged as her: every filter is counted and removes exactly its kind."""
+    prepare = _char(demo_run).manifest("prepare")
+    removed = {step["step"]: step["in"] - step["out"] for step in prepare.details["filters"]}
+    assert removed == {
+        "decode": 0, "size": 0, "monochrome": 3, "anime class": 0, "exact duplicates": 0,
+        "near duplicates": 2, "person split": 0, "one head": 0, "ccip purity": 1,
+    }  # fmt: skip
+    replay = demo_run["replay"]
+    kept_posts = {json.loads(line)["post_id"] for line in (_char(demo_run).artifact("prepare") / "metadata.jsonl").read_text().splitlines()}
+    kept_files = {replay.images[7000000 - int(post)].path.name for post in kept_posts}
+    assert len(kept_files) == 24 and not any(name.startswith(("mono_", "other_")) for name in kept_files)
 
 
 def test_captions_start_with_the_trigger_and_drop_core_tags(demo_run):
@@ -89,6 +104,9 @@ def test_status_json_reports_the_run(demo_run):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)[0]
     assert report["slug"] == "akane_hoshino" and report["artifacts"]["prepare"]["dataset"] > 0
+    assert [step["step"] for step in report["dataset"]["filters"]][:3] == ["decode", "size", "monochrome"]
+    human = CliRunner().invoke(app, ["status", "--workspace", str(demo_run["workspace"].root)], env={"COLUMNS": "200"})
+    assert human.exit_code == 0 and "dataset cleaning" in human.output and "ccip purity" in human.output
 
 
 def test_empty_dataset_fails_cleanly(tmp_path, kit):

@@ -145,6 +145,9 @@ def status(
             summary["artifacts"] = {
                 stage: (m.counts if (m := char.manifest(stage)) else None) for stage in STAGES
             }
+            dataset = char.manifest("prepare")
+            if dataset is not None:
+                summary["dataset"] = {k: dataset.details.get(k) for k in ("filters", "ratios", "core_tags", "per_site")}
             report.append(summary)
     except LorafactoryError as exc:
         _fail(exc)
@@ -172,8 +175,19 @@ def _print_summary(summary: dict) -> None:
             ", ".join(f"{k} {v}" for k, v in (counts or {}).items()),
         )
     out.print(table)
+    if summary.get("dataset"):
+        _print_dataset(summary["dataset"])
     if summary["checkpoints"]:
         _print_metrics(summary["checkpoints"])
+
+
+def _print_dataset(dataset: dict) -> None:
+    table = Table("filter", "in", "out", "removed", title="dataset cleaning")
+    for step in dataset["filters"] or []:
+        table.add_row(step["step"], str(step["in"]), str(step["out"]), str(step["in"] - step["out"]))
+    out.print(table)
+    ratios = ", ".join(f"{k} {v:.2f}" for k, v in (dataset["ratios"] or {}).items())
+    out.print(f"  ratios: {ratios}; per site: {dataset['per_site']}; core tags: {', '.join(dataset['core_tags'] or []) or 'none'}")
 
 
 def _print_metrics(checkpoints: list[dict]) -> None:

@@ -59,17 +59,32 @@ class VisionSettings(Section):
     ccip_model: str = "ccip-caformer-24-randaug-pruned"
     tagger_model: str = "SwinV2_v3"
     monochrome_model: str = "mobilenetv3_large_100_dist_safe2"
+    classify_model: str = "mobilenetv3_v1.5_dist"
 
 
 class PrepareSettings(Section):
+    max_pixels: int = Field(80_000_000, ge=1, description="Decompression-bomb guard: larger images are dropped.")
     min_side: int = Field(256, ge=1, description="Drop raw images whose short side is smaller.")
+    min_area_side: int = Field(320, ge=1, description="Drop raw images smaller than this side squared in area.")
     max_area_side: int = Field(1600, ge=64, description="Downscale raw images above this side squared in area.")
     monochrome_threshold: float = Field(0.5, ge=0, le=1)
+    drop_classes: list[Literal["3d", "bangumi", "comic", "illustration", "not_painting"]] = Field(
+        default_factory=lambda: ["comic", "3d", "not_painting"], description="Anime-classifier labels to drop."
+    )
+    near_duplicates: Literal["lpips", "phash", "off"] = Field("lpips", description="A perceptual hash finds candidates; LPIPS decides.")
+    hash_distance: int = Field(6, ge=0, le=64)
+    lpips_threshold: float = Field(0.45, gt=0)
     crops: list[Literal["person", "halfbody", "head"]] = Field(default_factory=lambda: ["person", "halfbody", "head"])
+    single_head: bool = Field(True, description="Keep only person crops with exactly one head.")
+    purity: bool = Field(True, description="Keep only crops that CCIP judges to be the main character.")
+    purity_bootstrap: int = Field(15, ge=2, description="Images the reference cluster is bootstrapped from.")
+    purity_cluster_share: float = Field(0.6, gt=0, le=1)
+    purity_min_match: float = Field(0.5, gt=0, le=1, description="Share of the reference an image must match.")
     head_scale: float = Field(1.5, ge=1.0, description="Head boxes are enlarged by this factor.")
     min_crop_side: int = Field(180, ge=1)
     general_threshold: float = Field(0.35, gt=0, lt=1)
     drop_overlap: bool = True
+    drop_blacklisted: bool = True
     core_tag_ratio: float = Field(0.35, gt=0, le=1)
     prune_core_tags: bool = True
     min_images: int = Field(10, ge=1, description="Fail when fewer images survive cleaning.")
@@ -186,7 +201,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For the tiny stand-in models of lorafactory.testing: small images, few steps, fast on CPU.
     "tiny-demo": {
         "crawl": {"min_size": 0, "limit": 60, "request_interval_s": 0.0},
-        "prepare": {"min_side": 64, "min_crop_side": 40, "max_area_side": 512, "min_images": 4},
+        "prepare": {"min_side": 64, "min_area_side": 64, "min_crop_side": 40, "max_area_side": 512, "min_images": 4, "purity_bootstrap": 10},
         "train": {
             "clip_skip": 1,
             "resolution": 128,

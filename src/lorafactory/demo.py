@@ -7,6 +7,7 @@ before huggingface_hub is imported; the child goes through exactly the code a re
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from lorafactory.errors import StageError
 
 DEMO_CHARACTER = "Akane Hoshino"
+SYNTHETIC_VERSION = "2"  # bump when the synthetic images change, so cached kits are rebuilt
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,11 @@ def build_kit(cache: Path) -> Kit:
     hub = build_standin_hub(cache / "hub")
     tiny = build_tiny_sd(cache / "tiny-sd")
     images = cache / "images"
-    if not (images / ".complete").is_file():
+    if not (images / ".complete").is_file() or (images / ".complete").read_text() != SYNTHETIC_VERSION:
+        if images.exists():
+            shutil.rmtree(images)
         generate_dataset(images, count=24, seed=0)
-        (images / ".complete").write_text("1")
+        (images / ".complete").write_text(SYNTHETIC_VERSION)
     return Kit(hub, tiny, images)
 
 

@@ -98,11 +98,15 @@ def palette_fractions(g: GraphBuilder, rgb: str, pool: int) -> str:
 
 
 def saturation(g: GraphBuilder, rgb: str, pool: int) -> str:
-    """[N,3,H,W] -> [N,1] mean of (max channel - min channel): about 0 for greyscale images."""
+    """[N,3,H,W] -> [N,1] mean (max channel - min channel) over the non-background pixels:
+    about 0 for greyscale images, however much white background surrounds the figure."""
     small = g.op("AveragePool", rgb, kernel_shape=[pool, pool], strides=[pool, pool])
-    spread = g.op("Sub", g.op("ReduceMax", small, keepdims=1, axes=[1]), g.op("ReduceMin", small, keepdims=1, axes=[1]))
-    flat = g.op("Reshape", spread, g.const([0, -1], np.int64))
-    return g.op("ReduceMean", flat, axes=[1], keepdims=1)
+    darkest = g.op("ReduceMin", small, keepdims=1, axes=[1])
+    spread = g.op("Sub", g.op("ReduceMax", small, keepdims=1, axes=[1]), darkest)
+    figure = g.op("Cast", g.op("Less", darkest, g.const(0.9)), to=TensorProto.FLOAT)
+    total = g.op("ReduceSum", g.op("Reshape", g.op("Mul", spread, figure), g.const([0, -1], np.int64)), g.const([1], np.int64), keepdims=1)
+    count = g.op("ReduceSum", g.op("Reshape", figure, g.const([0, -1], np.int64)), g.const([1], np.int64), keepdims=1)
+    return g.op("Div", total, g.op("Add", count, g.const(1.0)))
 
 
 def orthonormal_rows(rows: int, cols: int, seed: int) -> np.ndarray:

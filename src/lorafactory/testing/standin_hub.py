@@ -26,7 +26,7 @@ from lorafactory.testing.onnx_graphs import (
     tensor,
 )
 
-BUILD_VERSION = "5"
+BUILD_VERSION = "8"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CCIP_THRESHOLD = 0.17847511429108218
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -163,8 +163,13 @@ def _ccip_metrics() -> "onnx.ModelProto":  # noqa: F821
 # WD14 -------------------------------------------------------------------------------------
 
 
-def _wd14_tags() -> list[tuple[str, int, np.ndarray, float]]:
-    """(name, category, weights over the palette, bias) for each tag, in CSV order."""
+def _wd14_tags() -> list[tuple[str, int, np.ndarray, float, bool]]:
+    """(name, category, weights over the palette, bias, relative) for each tag, in CSV order.
+
+    ``relative`` weights read colour shares of the figure (the non-white pixels), so a tag such as
+    ``red_hair`` does not depend on how much background surrounds her; the others read shares of
+    the whole picture.
+    """
     zero = np.zeros(len(PALETTE_NAMES), dtype=np.float32)
 
     def w(**colours: float) -> np.ndarray:
@@ -174,41 +179,44 @@ def _wd14_tags() -> list[tuple[str, int, np.ndarray, float]]:
         return vec
 
     tags = [
-        ("general", 9, zero, 3.0),
-        ("sensitive", 9, zero, -3.0),
-        ("questionable", 9, zero, -4.0),
-        ("explicit", 9, zero, -5.0),
-        ("1girl", 0, zero, 3.0),
-        ("solo", 0, zero, 2.0),
-        ("long_hair", 0, zero, 1.0),
-        ("very_long_hair", 0, w(brown=60.0), -2.0),
-        ("smile", 0, zero, 0.2),
-        ("looking_at_viewer", 0, zero, 0.0),
-        ("white_background", 0, w(white=8.0), -3.0),
-        ("simple_background", 0, w(white=8.0), -2.5),
-        ("monochrome", 0, w(gray=25.0, black=8.0), -5.0),
-        ("greyscale", 0, w(gray=25.0, black=8.0), -5.5),
-        ("hair_ornament", 0, w(yellow=40.0), -2.0),
-        ("dress", 0, w(blue=12.0, purple=12.0, pink=12.0), -1.5),
-        ("shirt", 0, w(white=3.0, cyan=15.0), -2.5),
-        ("skirt", 0, w(black=15.0, red=8.0), -2.0),
-        ("bikini", 0, w(orange=30.0), -2.5),
-        ("cosplay", 0, zero, -0.3),
+        ("general", 9, zero, 3.0, False),
+        ("sensitive", 9, zero, -3.0, False),
+        ("questionable", 9, zero, -4.0, False),
+        ("explicit", 9, zero, -5.0, False),
+        ("1girl", 0, zero, 3.0, False),
+        ("solo", 0, zero, 2.0, False),
+        ("long_hair", 0, zero, 1.0, False),
+        ("very_long_hair", 0, w(brown=12.0), -2.0, True),
+        ("smile", 0, zero, 0.2, False),
+        ("looking_at_viewer", 0, zero, 0.0, False),
+        ("white_background", 0, w(white=8.0), -3.0, False),
+        ("simple_background", 0, w(white=8.0), -2.5, False),
+        ("monochrome", 0, w(gray=8.0, black=3.0), -4.0, True),
+        ("greyscale", 0, w(gray=8.0, black=3.0), -4.5, True),
+        ("hair_ornament", 0, w(yellow=12.0), -2.0, True),
+        ("dress", 0, w(blue=4.0, purple=4.0, pink=4.0), -1.5, True),
+        ("shirt", 0, w(cyan=5.0), -1.0, True),
+        ("skirt", 0, w(black=5.0, red=3.0), -2.0, True),
+        ("bikini", 0, w(orange=10.0), -2.5, True),
+        ("cosplay", 0, zero, -0.3, False),
     ]
     for colour, tag in HAIR_TAGS.items():
-        tags.append((tag, 0, w(**{colour: 80.0}), -3.0))
-    tags += [("standin_character_(a)", 4, zero, -5.0), ("standin_character_(b)", 4, zero, -5.0)]
+        tags.append((tag, 0, w(**{colour: 20.0}), -2.0, True))
+    tags += [("standin_character_(a)", 4, zero, -5.0, False), ("standin_character_(b)", 4, zero, -5.0, False)]
     return tags
 
 
-def _wd14_model(tags: list[tuple[str, int, np.ndarray, float]]) -> "onnx.ModelProto":  # noqa: F821
+def _wd14_model(tags: list[tuple[str, int, np.ndarray, float, bool]]) -> "onnx.ModelProto":  # noqa: F821
     g = GraphBuilder()
     nchw = g.op("Transpose", "input_1:0", perm=[0, 3, 1, 2])
     rgb = g.op("Mul", g.op("Gather", nchw, g.const([2, 1, 0], np.int64), axis=1), g.const(1.0 / 255.0))
     hist = palette_fractions(g, rgb, pool=8)
-    weights = np.stack([t[2] for t in tags], axis=1)
+    white = g.op("Gather", hist, g.const([PALETTE_NAMES.index("white")], np.int64), axis=1)  # [N,1]
+    figure = g.op("Div", hist, g.op("Add", g.op("Sub", g.const(1.0), white), g.const(0.02)))
+    relative = np.stack([t[2] if t[4] else np.zeros_like(t[2]) for t in tags], axis=1)
+    absolute = np.stack([np.zeros_like(t[2]) if t[4] else t[2] for t in tags], axis=1)
     bias = np.array([t[3] for t in tags], dtype=np.float32)
-    logits = g.op("Add", g.op("MatMul", hist, g.const(weights)), g.const(bias))
+    logits = g.op("Add", g.op("Add", g.op("MatMul", figure, g.const(relative)), g.op("MatMul", hist, g.const(absolute))), g.const(bias))
     g.op("Sigmoid", logits, out="predictions_sigmoid")
     g.op("MatMul", hist, g.const(orthonormal_rows(len(PALETTE_NAMES), 1024, seed=11)), out="embedding")
     return g.model(
@@ -217,11 +225,11 @@ def _wd14_model(tags: list[tuple[str, int, np.ndarray, float]]) -> "onnx.ModelPr
     )
 
 
-def _selected_tags_csv(tags: list[tuple[str, int, np.ndarray, float]]) -> str:
+def _selected_tags_csv(tags: list[tuple[str, int, np.ndarray, float, bool]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["tag_id", "name", "category", "count"])
-    for i, (name, category, _, _) in enumerate(tags):
+    for i, (name, category, *_) in enumerate(tags):
         writer.writerow([100000 + i, name, category, 1000 - i])
     return buffer.getvalue()
 
@@ -241,9 +249,9 @@ def _classifier(labels: list[str], size: int, seed: int) -> "onnx.ModelProto":  
     bias = np.zeros(len(labels), dtype=np.float32)
     for i, label in enumerate(labels):
         if label in ("monochrome", "comic"):
-            sat_weight[0, i], bias[i] = -40.0, 2.4
+            sat_weight[0, i], bias[i] = -40.0, 4.0
         elif label in ("normal", "illustration", "polished"):
-            sat_weight[0, i], bias[i] = 40.0, -2.4
+            sat_weight[0, i], bias[i] = 40.0, -4.0
     logits = g.op(
         "Add",
         g.op("Add", g.op("MatMul", hist, g.const(mix)), g.op("MatMul", sat, g.const(sat_weight))),
@@ -286,7 +294,7 @@ def _lpips_diff() -> "onnx.ModelProto":  # noqa: F821
     total = terms[0]
     for term in terms[1:]:
         total = g.op("Add", total, term)
-    g.op("Mul", total, g.const(2.5), out="output")
+    g.op("Mul", total, g.const(4.0), out="output")
     return g.model(inputs, [tensor("output", [])])
 
 

@@ -35,9 +35,9 @@ class Character:
         bg = 250 + rng.randint(-3, 3)
         image = Image.new("RGB", (width, height), (bg, bg, bg))
         draw = ImageDraw.Draw(image)
-        top, bottom = height * rng.uniform(0.04, 0.08), height * rng.uniform(0.94, 0.98)
+        top, bottom = height * rng.uniform(0.03, 0.3), height * rng.uniform(0.8, 0.98)  # pose and framing vary
         body_h = bottom - top
-        cx = width * rng.uniform(0.45, 0.55)
+        cx = width * rng.uniform(0.3, 0.7)
         head_r = min(body_h * 0.11, width * 0.22)
         head_cy = top + head_r * 1.15
         hair = _rgb(self.hair, rng)

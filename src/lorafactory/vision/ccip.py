@@ -36,3 +36,10 @@ def default_threshold(model_name: str) -> float:
     from imgutils.metrics import ccip_default_threshold
 
     return float(ccip_default_threshold(model_name))
+
+
+def cluster(features: np.ndarray, model_name: str) -> np.ndarray:
+    """OPTICS cluster labels over CCIP features (-1 = noise), with the model's own parameters."""
+    from imgutils.metrics import ccip_clustering
+
+    return np.asarray(ccip_clustering(list(features), method="optics", model=model_name))

@@ -20,3 +20,11 @@ def is_character_trait(tag: str) -> bool:
     from imgutils.tagging import is_basic_character_tag
 
     return bool(is_basic_character_tag(tag))
+
+
+def drop_blacklisted(tags: dict[str, float]) -> dict[str, float]:
+    """Without tags on imgutils' preset blacklist (e.g. ``cosplay``), order kept."""
+    from imgutils.tagging import drop_blacklisted_tags
+
+    kept = drop_blacklisted_tags(tags)
+    return {tag: score for tag, score in tags.items() if tag in kept}
