@@ -131,3 +131,15 @@ def test_prodigy_trains_and_adamw8bit_needs_cuda(kit, dataset, tmp_path):
     assert result.finished and all(torch.isfinite(v).all() for v in _weights(tmp_path / "p", 8).values())
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         train(_settings(kit, 'train.optimizer="adamw8bit"'), "akane_hoshino", dataset, tmp_path / "b", SilentProgress())
+
+
+def test_out_of_memory_names_the_settings_to_lower(kit, dataset, tmp_path, monkeypatch):
+    """The GPU running out of memory (simulated at that edge) becomes a one-line, actionable error."""
+    from lorafactory.train import trainer
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer._Run, "predict", no_memory)
+    with pytest.raises(StageError, match="lower train.batch_size or train.resolution.*gradient_checkpointing"):
+        train(_settings(kit), "akane_hoshino", dataset, tmp_path, SilentProgress())
