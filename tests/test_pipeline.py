@@ -145,3 +145,28 @@ def test_unknown_stage_names_are_config_errors(demo_run):
     for kwargs in ({"until": "bake"}, {"force": "bake"}):
         with pytest.raises(ConfigError, match="unknown stage 'bake'"):
             run_pipeline(demo_run["workspace"], demo_run["store"], demo_run["settings"], SilentProgress(), **kwargs)
+
+
+def test_regularization_set_is_built_once_and_trained_with(kit, tmp_path):
+    from lorafactory.dataset.regularization import ensure_set
+    from lorafactory.testing.replay import DanbooruReplay, ReplayImage
+
+    mains = [ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in sorted(kit.images.glob("main_*.png"))[:12]]
+    generic = [ReplayImage(p, ["1girl", "solo"], ["someone_else"]) for p in sorted(kit.images.glob("other_*.png"))]
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    store = Store(ws.default_db_url)
+    with DanbooruReplay(mains + generic) as replay:
+        settings = demo_settings(kit, replay.url, 'regularization.mode="on"', 'regularization.tags=["solo"]', "train.max_steps=4", "train.save_every=4")
+        run_pipeline(ws, store, settings, SilentProgress(), until="train")
+        train = ws.character("akane_hoshino").manifest("train")
+        assert train.counts["regularization_images"] >= len(generic)
+        requests = len(replay.requests)
+        folder = ensure_set(settings, ws.root, SilentProgress())  # cached: shared, not rebuilt
+        assert len(replay.requests) == requests
+    captions = [p.read_text() for p in (folder / "images").glob("*.txt")]
+    assert captions and not any("akane_hoshino" in c for c in captions)  # generic: no trigger
+    auto_local = demo_settings(kit, "http://127.0.0.1:1", 'crawl.source="local"', f'crawl.from_dir="{kit.images}"', 'regularization.mode="auto"')
+    from lorafactory.dataset.regularization import wanted
+
+    assert not wanted(auto_local, 5)  # no generic source for a local character unless from_dir is set

@@ -180,6 +180,16 @@ class EvaluateSettings(Section):
     ccip_threshold: float | None = Field(None, description="CCIP difference threshold; the model's own when unset.")
 
 
+class RegularizationSettings(Section):
+    """A generic image set trained alongside the character to fight overfitting (see train.prior_loss_weight)."""
+
+    mode: Literal["off", "auto", "on"] = Field("auto", description="'auto' uses it when the dataset is smaller than 'below'.")
+    below: int = Field(300, ge=1)
+    tags: list[str] = Field(default_factory=lambda: ["solo", "1girl"], description="Site query for the generic images.")
+    limit: int = Field(300, ge=1)
+    from_dir: str = Field("", description="Use a local image folder instead of crawling.")
+
+
 class ReleaseSettings(Section):
     license: str = "creativeml-openrail-m"
     preview_count: int = Field(8, ge=0)
@@ -191,6 +201,7 @@ class Settings(Section):
     crawl: CrawlSettings = Field(default_factory=CrawlSettings)
     vision: VisionSettings = Field(default_factory=VisionSettings)
     prepare: PrepareSettings = Field(default_factory=PrepareSettings)
+    regularization: RegularizationSettings = Field(default_factory=RegularizationSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     release: ReleaseSettings = Field(default_factory=ReleaseSettings)
@@ -228,6 +239,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             ],
         },
         "release": {"preview_count": 4},
+        "regularization": {"mode": "off", "limit": 20},
     },
 }
 

@@ -28,7 +28,7 @@ RESUMABLE = {"train"}  # stages that continue an interrupted run from their unfi
 _SECTIONS = {
     "crawl": ("character", "crawl"),
     "prepare": ("character", "prepare", "vision"),
-    "train": ("character", "train"),
+    "train": ("character", "train", "regularization"),
     "evaluate": ("character", "evaluate", "vision"),
     "release": ("character", "release"),
 }
@@ -78,9 +78,14 @@ def _prepare(ctx: Context, out: Path) -> StageOutput:
 
 
 def _train(ctx: Context, out: Path) -> StageOutput:
+    from lorafactory.dataset.regularization import ensure_set, wanted
     from lorafactory.train.trainer import train
 
-    result = train(ctx.settings, ctx.trigger, ctx.char.artifact("prepare"), out, ctx.progress)
+    settings = ctx.settings
+    if not settings.train.regularization_dir and wanted(settings, ctx.manifest("prepare").counts.get("dataset", 0)):
+        settings = settings.model_copy(deep=True)
+        settings.train.regularization_dir = str(ensure_set(ctx.settings, ctx.char.root, ctx.progress))
+    result = train(settings, ctx.trigger, ctx.char.artifact("prepare"), out, ctx.progress)
     return StageOutput(result.counts, result.details)
 
 

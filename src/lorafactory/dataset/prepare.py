@@ -72,8 +72,8 @@ def _decode(raw_dir: Path, post: Post, max_area_side: int) -> Image.Image | str:
         return "unreadable"
 
 
-def prepare(settings: Settings, trigger: str, raw_dir: Path, out_dir: Path, progress: Progress) -> tuple[dict, dict]:
-    """Returns (counts, details) for the manifest."""
+def prepare(settings: Settings, trigger: str | None, raw_dir: Path, out_dir: Path, progress: Progress) -> tuple[dict, dict]:
+    """Returns (counts, details) for the manifest; ``trigger`` None makes a generic set (no trigger in captions)."""
     p, v = settings.prepare, settings.vision
     posts = read_posts(raw_dir)
     chain = Chain(progress)
@@ -138,7 +138,7 @@ def _tag_and_save(crops: list[tuple[Post, Crop]], settings: Settings, out_dir: P
     return records
 
 
-def _write_dataset(records: list[dict], chain: Chain, trigger: str, settings: Settings, out_dir: Path, raw: int) -> tuple[dict, dict]:
+def _write_dataset(records: list[dict], chain: Chain, trigger: str | None, settings: Settings, out_dir: Path, raw: int) -> tuple[dict, dict]:
     p = settings.prepare
     core = core_tags([list(r["scores"]) for r in records], p.core_tag_ratio, is_character_trait)
     pruned = set(core) if p.prune_core_tags else set()

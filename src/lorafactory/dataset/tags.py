@@ -20,5 +20,6 @@ def prompt_tag(tag: str) -> str:
     return tag.replace("_", " ").replace("(", "\\(").replace(")", "\\)")
 
 
-def caption(trigger: str, tags: Sequence[str]) -> str:
-    return ", ".join([trigger, *tags])
+def caption(trigger: str | None, tags: Sequence[str]) -> str:
+    """Trigger first; generic (regularization) images have none."""
+    return ", ".join([*([trigger] if trigger else []), *tags])

@@ -1,0 +1,73 @@
+"""Regularization sets: generic images, crawled and cleaned like a dataset, cached and shared.
+
+A set lives in ``<workspace>/_shared/regularization/<key>/`` with ``crawl`` and ``prepare``
+artifacts like a character's; the key covers the query, the source, the cleaning settings and the
+base model, so characters trained on the same base model share one set. The trainer balances it
+against each dataset (as many regularization samples as training samples per epoch), which sizes
+it for every dataset.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lorafactory.config import Settings, settings_hash
+from lorafactory.errors import ConfigError
+from lorafactory.progress import Progress
+from lorafactory.workspace import CharacterDir, Manifest
+
+SHARED = Path("_shared") / "regularization"
+
+
+def wanted(settings: Settings, dataset_images: int) -> bool:
+    """Whether to train with a regularization set. 'auto' needs a source for generic images: a site,
+    or ``regularization.from_dir`` when the character came from a local folder."""
+    r = settings.regularization
+    if r.mode == "auto" and settings.crawl.source == "local" and not r.from_dir:
+        return False
+    return r.mode == "on" or (r.mode == "auto" and dataset_images < r.below)
+
+
+def _set_settings(settings: Settings) -> Settings:
+    """The character's settings turned into a generic set's: the query as tags, no purity, no pruning."""
+    r = settings.regularization
+    generic = settings.model_copy(deep=True)
+    generic.character.name = "regularization"
+    crawl = generic.crawl
+    crawl.tags, crawl.limit = list(r.tags), r.limit
+    if r.from_dir:
+        crawl.source, crawl.from_dir = "local", r.from_dir
+    elif crawl.source == "local":
+        raise ConfigError("regularization.mode is 'on' but the character comes from a local folder; set regularization.from_dir")
+    generic.prepare.purity = False
+    generic.prepare.prune_core_tags = False
+    generic.prepare.min_images = 1
+    return generic
+
+
+def ensure_set(settings: Settings, workspace_root: Path, progress: Progress) -> Path:
+    """The prepared regularization set for these settings, built on first use; its dataset folder."""
+    from lorafactory.dataset.prepare import prepare
+    from lorafactory.sources.crawl import crawl
+
+    generic = _set_settings(settings)
+    key = settings_hash(generic.regularization, generic.crawl, generic.prepare, generic.vision, settings.train.base_model)
+    folder = CharacterDir(workspace_root / SHARED, key)
+    steps = {
+        "crawl": lambda out: (crawl(generic, out, progress)[1], {}),
+        "prepare": lambda out: prepare(generic, None, folder.artifact("crawl"), out, progress),
+    }
+    for stage, run in steps.items():
+        existing = folder.manifest(stage)
+        if existing is not None and existing.fingerprint == key:
+            continue
+        progress.note(f"regularization set: {stage}")
+        started = time.monotonic()
+        out = folder.begin(stage, key)
+        counts, details = run(out)
+        folder.commit(
+            stage,
+            Manifest(stage=stage, fingerprint=key, counts=counts, details=details, timings={"seconds": round(time.monotonic() - started, 3)}),
+        )
+    return folder.artifact("prepare")
