@@ -43,8 +43,8 @@ def demo_settings(kit: Kit, url: str, *extra: str):
         preset="tiny-demo",
         overrides=[
             f'character.name="{DEMO_CHARACTER}"',
-            'crawl.source="danbooru"',
-            f'crawl.danbooru_url="{url}"',
+            'crawl.source="sites"',
+            f'crawl.danbooru.base_url="{url}"',
             f'train.base_model="{kit.tiny_sd}"',
             *extra,
         ],

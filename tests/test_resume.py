@@ -28,7 +28,7 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
         command = [
             sys.executable, "-m", "lorafactory", "run", DEMO_CHARACTER, "--site", "danbooru",
             "--workspace", str(ws.root), "--preset", "tiny-demo",
-            "--set", f'crawl.danbooru_url="{replay.url}"', "--set", f'train.base_model="{kit.tiny_sd}"',
+            "--set", f'crawl.danbooru.base_url="{replay.url}"', "--set", f'train.base_model="{kit.tiny_sd}"',
             "--set", "train.max_steps=300", "--set", "train.save_every=150",
         ]  # fmt: skip
         state = ws.character("akane_hoshino").partial("train") / "state" / "state.json"
@@ -71,3 +71,36 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
         straight = load_file(tmp_path / "straight" / "checkpoints" / "step-000300" / "lora.safetensors")
         for key in straight:
             torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_crawl_killed_midway_resumes_without_refetching(kit, tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    with replay_for(kit) as replay:
+        replay.latency_s = 0.05
+        command = [
+            sys.executable, "-m", "lorafactory", "crawl", DEMO_CHARACTER, "--site", "danbooru", "--workspace", str(ws.root),
+            "--preset", "tiny-demo", "--set", f'crawl.danbooru.base_url="{replay.url}"', "--set", "crawl.danbooru.concurrency=1",
+        ]  # fmt: skip
+        images = ws.character("akane_hoshino").partial("crawl") / "images"
+        first = subprocess.Popen(command, env=offline_env(kit), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            if images.is_dir() and len([p for p in images.iterdir() if not p.name.startswith(".")]) >= 5:
+                break
+            time.sleep(0.02)
+        assert first.poll() is None, "the crawl ended before it could be killed"
+        first.kill()
+        first.wait()
+        landed = {p.name for p in images.iterdir() if not p.name.startswith(".")}
+        second = subprocess.run(command, env=offline_env(kit), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-2000:]
+
+    char = ws.character("akane_hoshino")
+    kept = {json.loads(line)["filename"] for line in (char.artifact("crawl") / "posts.jsonl").read_text().splitlines()}
+    expected_ids = {7000000 - i for i, item in enumerate(replay.images) if "akane_hoshino" in item.character}
+    assert kept == {f"danbooru_{i}{replay.images[7000000 - i].path.suffix}" for i in expected_ids}  # nothing lost
+    fetched = [path.rsplit("/", 1)[-1] for _, path in replay.requests if path.startswith("/data/")]
+    by_name = {replay.images[7000000 - int(name.split("_")[1].split(".")[0])].path.name: name for name in landed}
+    assert all(fetched.count(source) == 1 for source in by_name)  # what had landed was never fetched again
+    assert char.manifest("crawl").counts["from_archive"] >= len(landed)

@@ -1,8 +1,14 @@
+import asyncio
+
+import httpx
 import pytest
 
-from lorafactory.errors import InputError
-from lorafactory.sources.danbooru import DanbooruSource, character_tag, choose_variant
-from lorafactory.sources.http import PoliteClient
+from lorafactory.config import load_settings
+from lorafactory.errors import InputError, StageError
+from lorafactory.progress import SilentProgress
+from lorafactory.sources.crawl import MemoryArchive, crawl
+from lorafactory.sources.danbooru import character_tag, choose_variant
+from lorafactory.sources.http import CloudflareBlocked, RateLimit, SiteClient
 from lorafactory.sources.local import crawl_local
 from lorafactory.testing.replay import DanbooruReplay, ReplayImage
 
@@ -47,58 +53,114 @@ def test_variant_choice_prefers_the_smallest_big_enough():
     assert character_tag("Surtr (Arknights)") == "surtr_(arknights)"
 
 
-def test_danbooru_crawl_pages_and_limits(tmp_path, kit):
-    images = sorted(kit.images.glob("main_*.png"))[:7]
-    replay = DanbooruReplay([ReplayImage(p, ["1girl"], ["akane"]) for p in images] + [ReplayImage(kit.images / "other_000.png", [], ["x"])])
-    with replay, PoliteClient("lorafactory-tests", 5, 0, 0) as client:
-        source = DanbooruSource(client, replay.url, page_size=3)
-        posts, counts = source.crawl(["akane"], tmp_path, limit=5, min_size=0)
-        assert len(posts) == 5 and counts["kept"] == 5
-        assert len({p.md5 for p in posts}) == 5
-        assert posts[0].tags["character"] == ["akane"] and posts[0].site == "danbooru"
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.filename for p in posts)
-        pages = [path for _, path in replay.requests if path.startswith("/posts.json")]
-        assert len(pages) == 2  # 3 + 3 posts seen before the limit of 5 was reached
-        assert all("User-Agent" not in p for p in pages)
+def _settings(*replays, **extra):
+    overrides = ['character.name="Akane"', 'crawl.tags=["akane"]', "crawl.min_size=0", "crawl.page_size=3", "crawl.max_retries=3"]
+    names = ["danbooru", "safebooru"][: len(replays)]
+    overrides.append(f"crawl.sites={names!r}".replace("'", '"'))
+    for name, replay in zip(names, replays):
+        overrides += [f'crawl.{name}.base_url="{replay.url}"', f"crawl.{name}.requests_per_second={extra.get('rps', 100)}"]
+    overrides += extra.get("more", [])
+    return load_settings(overrides=overrides)
 
 
-def _replay(kit):
-    return DanbooruReplay([ReplayImage(kit.images / "main_000.png", [], ["akane"])])
+def _replay(kit, count=7, **kwargs):
+    images = sorted(kit.images.glob("main_*.png"))[:count]
+    return DanbooruReplay([ReplayImage(p, ["1girl"], ["akane"]) for p in images], **kwargs)
+
+
+def test_keyset_paging_goes_past_the_page_cap(tmp_path, kit):
+    with _replay(kit, page_cap=1) as replay:
+        posts, counts = crawl(_settings(replay), tmp_path, SilentProgress())
+    assert len(posts) == 7 and counts["downloaded"] == 7 and len({p.md5 for p in posts}) == 7
+    pages = [path for _, path in replay.requests if path.startswith("/posts.json")]
+    assert any("page=b" in p for p in pages) and not any("page=2" in p for p in pages)
+    assert posts[0].tags["character"] == ["akane"] and posts[0].site == "danbooru"
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(p.filename for p in posts)
+
+
+def test_limit_archive_and_cross_site_dedupe(tmp_path, kit):
+    with _replay(kit) as a, _replay(kit, count=5) as b:
+        archive = MemoryArchive()
+        posts, counts = crawl(_settings(a, b), tmp_path / "one", SilentProgress(), archive)
+        assert len(posts) == 7 and counts["duplicate"] >= 5  # the second site holds copies (same md5) of the first's
+        downloads = sum(1 for _, path in a.requests + b.requests if path.startswith("/data/"))
+        assert downloads == 7
+        again, counts = crawl(_settings(a, b), tmp_path / "two", SilentProgress(), archive, previous=tmp_path / "one" / "images")
+        assert counts.get("downloaded", 0) == 0 and counts["from_archive"] == 7  # nothing fetched twice
+        assert sum(1 for _, path in a.requests + b.requests if path.startswith("/data/")) == downloads
+        assert [p.post_id for p in again] == [p.post_id for p in posts]
+
+
+def test_rate_limit_holds_per_site(tmp_path, kit):
+    with _replay(kit, count=6) as replay:
+        crawl(_settings(replay, rps=8, more=["crawl.danbooru.concurrency=4"]), tmp_path, SilentProgress())
+    starts = sorted(t for t, _ in replay.requests)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(starts) >= 8 and min(gaps) >= 1 / 8 - 0.02  # request starts at most 8 per second
+
+
+def test_a_failing_site_does_not_stop_the_others(tmp_path, kit):
+    with _replay(kit) as good, _replay(kit, count=2) as bad:
+        bad.faults += [(500, {}, b"down")] * 50
+        posts, counts = crawl(_settings(bad, good, more=["crawl.max_retries=1"]), tmp_path, SilentProgress())
+    assert len(posts) == 7 and counts["danbooru_failed"] == 1
+
+
+def test_bad_bodies_never_land(tmp_path, kit):
+    with _replay(kit, count=3, latency_s=0.01) as replay:
+        replay.data_faults += [
+            (200, {"Content-Type": "text/html"}, b"<html>not an image</html>"),  # skipped
+            (200, {"Content-Type": "image/png", "Content-Length": "99999"}, b"\x89PNG truncated"),  # retried
+        ]
+        posts, counts = crawl(_settings(replay, more=["crawl.danbooru.concurrency=1"]), tmp_path, SilentProgress())
+    assert counts["failed"] == 1 and len(posts) == 2 and counts["downloaded"] == 2
+    files = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert files == sorted(p.filename for p in posts)  # no partial or rejected file landed
+
+
+def _client(replay, retries=4):
+    http = httpx.AsyncClient()
+    return http, SiteClient("danbooru", http, RateLimit(1000, 2), retries, ("sekrit",))
 
 
 def test_retry_after_is_honoured_and_5xx_retried(kit):
-    replay = _replay(kit)
-    replay.faults += [(429, {"Retry-After": "0.5"}, b"slow down"), (503, {}, b"busy"), (502, {}, b"bad gateway")]
-    with replay, PoliteClient("lorafactory-tests", 5, max_retries=4, interval_s=0) as client:
-        response = client.get(f"{replay.url}/posts.json", params={"tags": "akane"})
-        assert response.status_code == 200 and len(response.json()) == 1
-        times = [t for t, _ in replay.requests]
-        assert len(times) == 4
-        assert times[1] - times[0] >= 0.5  # waited as Retry-After asked
+    async def go(replay):
+        http, client = _client(replay)
+        async with http:
+            return await client.get(f"{replay.url}/posts.json", params={"tags": "akane"})
 
-
-def test_retries_are_bounded(kit):
-    replay = _replay(kit)
-    replay.faults += [(500, {}, b"oops")] * 3
-    with replay, PoliteClient("lorafactory-tests", 5, max_retries=1, interval_s=0) as client:
-        assert client.get(f"{replay.url}/posts.json").status_code == 500
-        assert len(replay.requests) == 2
-
-
-def test_cloudflare_challenge_stops_the_site(kit, tmp_path):
-    from lorafactory.sources.http import CloudflareBlocked
-
-    replay = _replay(kit)
-    replay.faults.append((403, {"Server": "cloudflare", "cf-mitigated": "challenge"}, b"<html>Just a moment...</html>"))
-    with replay, PoliteClient("lorafactory-tests", 5, max_retries=3, interval_s=0) as client:
-        with pytest.raises(CloudflareBlocked, match="Cloudflare challenge"):
-            DanbooruSource(client, replay.url, 10).crawl(["akane"], tmp_path, 5, 0)
-        assert len(replay.requests) == 1  # no hammering
-
-
-def test_requests_are_spaced_by_the_interval(kit, tmp_path):
-    replay = DanbooruReplay([ReplayImage(p, [], ["akane"]) for p in sorted(kit.images.glob("main_*.png"))[:3]])
-    with replay, PoliteClient("lorafactory-tests", 5, max_retries=0, interval_s=0.2) as client:
-        DanbooruSource(client, replay.url, 2).crawl(["akane"], tmp_path, 3, 0)
+    with _replay(kit, count=1) as replay:
+        replay.faults += [(429, {"Retry-After": "0.5"}, b"slow down"), (503, {}, b"busy"), (502, {}, b"bad gateway")]
+        response = asyncio.run(go(replay))
+    assert response.status_code == 200 and len(response.json()) == 1
     times = [t for t, _ in replay.requests]
-    assert len(times) >= 5 and min(b - a for a, b in zip(times, times[1:])) >= 0.19
+    assert len(times) == 4 and times[1] - times[0] >= 0.5  # waited as Retry-After asked
+
+
+def test_retries_are_bounded_and_secrets_redacted(kit):
+    async def go(replay):
+        http, client = _client(replay, retries=1)
+        async with http:
+            response = await client.get(f"{replay.url}/posts.json")
+            return response, client.redact("key=sekrit")
+
+    with _replay(kit, count=1) as replay:
+        replay.faults += [(500, {}, b"oops")] * 3
+        response, redacted = asyncio.run(go(replay))
+    assert response.status_code == 500 and len(replay.requests) == 2 and redacted == "key=***"
+
+
+def test_cloudflare_challenge_stops_the_site(tmp_path, kit):
+    with _replay(kit) as replay:
+        replay.faults.append((403, {"Server": "cloudflare", "cf-mitigated": "challenge"}, b"<html>Just a moment...</html>"))
+        with pytest.raises(CloudflareBlocked, match="Cloudflare challenge"):
+            crawl(_settings(replay), tmp_path, SilentProgress())
+    assert len(replay.requests) == 1  # no hammering
+
+
+def test_unknown_site_and_half_credentials(tmp_path, kit, monkeypatch):
+    with _replay(kit, count=1) as replay:
+        monkeypatch.setenv("LORAFACTORY_DANBOORU_LOGIN", "me")
+        with pytest.raises(InputError, match="LORAFACTORY_DANBOORU_API_KEY"):
+            crawl(_settings(replay), tmp_path, SilentProgress())
+    assert issubclass(CloudflareBlocked, StageError)

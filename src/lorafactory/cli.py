@@ -85,21 +85,23 @@ def _run(name: str, until: str, workspace: Path, db: Optional[str], config, pres
 
 
 def _source_overrides(from_dir: Optional[Path], sites: Optional[List[str]]) -> list[str]:
+    from lorafactory.config import SITE_NAMES
+
     if from_dir is not None and sites:
         _fail(LorafactoryError("pass either --from-dir or --site, not both"))
     if from_dir is not None:
         return ['crawl.source="local"', f"crawl.from_dir={json.dumps(str(from_dir.expanduser().resolve()))}"]
     for site in sites or []:
-        if site != "danbooru":
-            _fail(LorafactoryError(f"unknown site {site!r}; supported sites: danbooru"))
-    return ['crawl.source="danbooru"'] if sites else []
+        if site not in SITE_NAMES:
+            _fail(LorafactoryError(f"unknown site {site!r}; supported sites: {', '.join(SITE_NAMES)}"))
+    return ['crawl.source="sites"', f"crawl.sites={json.dumps(list(dict.fromkeys(sites)))}"] if sites else []
 
 
 def _stage_command(stage: str, doc: str):
     def command(
         name: str = typer.Argument(..., help='Character name, e.g. "Surtr (Arknights)".'),
         from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="Use a local folder of images (+ optional .txt tags)."),
-        site: Optional[List[str]] = typer.Option(None, "--site", help="Image site to crawl (danbooru)."),
+        site: Optional[List[str]] = typer.Option(None, "--site", help="Image site to crawl, repeatable: danbooru, safebooru."),
         workspace: Path = WorkspaceOpt,
         db: Optional[str] = DbOpt,
         config: Optional[Path] = ConfigOpt,

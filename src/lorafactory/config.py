@@ -36,18 +36,37 @@ class CharacterSettings(Section):
     trigger: str = Field("", description="Trigger word; derived from the name when empty.")
 
 
+class SiteSettings(Section):
+    base_url: str
+    requests_per_second: float = Field(1.0, gt=0, description="Request starts per second for this site.")
+    concurrency: int = Field(2, ge=1, description="Requests in flight at once for this site.")
+    tags: list[str] = Field(default_factory=list, description="Search tags on this site; crawl.tags or the name otherwise.")
+
+
+class DanbooruSite(SiteSettings):
+    base_url: str = "https://danbooru.donmai.us"
+
+
+class SafebooruSite(SiteSettings):
+    base_url: str = "https://safebooru.donmai.us"
+
+
+SITE_NAMES = ("danbooru", "safebooru")
+
+
 class CrawlSettings(Section):
-    source: Literal["local", "danbooru"] = "danbooru"
+    source: Literal["local", "sites"] = "sites"
+    sites: list[Literal["danbooru", "safebooru"]] = Field(default_factory=lambda: ["danbooru"])
     from_dir: str = Field("", description="Folder of images for source = 'local'.")
-    tags: list[str] = Field(default_factory=list, description="Site search tags; derived from the name when empty.")
-    limit: int = Field(300, ge=1, description="Maximum number of images to fetch.")
+    tags: list[str] = Field(default_factory=list, description="Search tags for every site; derived from the name when empty.")
+    limit: int = Field(300, ge=1, description="Maximum number of images, all sites together.")
     min_size: int = Field(800, ge=0, description="Choose the smallest variant whose sides are both at least this.")
-    danbooru_url: str = "https://danbooru.donmai.us"
     user_agent: str = "lorafactory/0.1 (character LoRA dataset builder)"
     page_size: int = Field(100, ge=1, le=200)
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(4, ge=0)
-    request_interval_s: float = Field(1.0, ge=0, description="Minimum seconds between requests to one site.")
+    danbooru: DanbooruSite = Field(default_factory=DanbooruSite)
+    safebooru: SafebooruSite = Field(default_factory=SafebooruSite)
 
 
 class VisionSettings(Section):
@@ -211,7 +230,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd15-anime": {},
     # For the tiny stand-in models of lorafactory.testing: small images, few steps, fast on CPU.
     "tiny-demo": {
-        "crawl": {"min_size": 0, "limit": 60, "request_interval_s": 0.0},
+        "crawl": {"min_size": 0, "limit": 60, "danbooru": {"requests_per_second": 50.0, "concurrency": 4}},
         "prepare": {"min_side": 64, "min_area_side": 64, "min_crop_side": 40, "max_area_side": 512, "min_images": 4, "purity_bootstrap": 10},
         "train": {
             "clip_skip": 1,

@@ -77,7 +77,7 @@ def run_demo(workspace: Path, cache: Path, extra_args: list[str] | None = None) 
             "--site", "danbooru",
             "--workspace", str(workspace),
             "--preset", "tiny-demo",
-            "--set", f'crawl.danbooru_url="{replay.url}"',
+            "--set", f'crawl.danbooru.base_url="{replay.url}"',
             "--set", f'train.base_model="{kit.tiny_sd}"',
             *(extra_args or []),
         ]  # fmt: skip

@@ -23,7 +23,7 @@ from lorafactory.workspace import STAGES, CharacterDir, Manifest, Workspace, slu
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "2"  # bump when a stage's output format changes, so old artifacts are rebuilt
-RESUMABLE = {"train"}  # stages that continue an interrupted run from their unfinished folder
+RESUMABLE = {"crawl", "train"}  # stages that continue an interrupted run from their unfinished folder
 
 _SECTIONS = {
     "crawl": ("character", "crawl"),
@@ -64,9 +64,11 @@ def trigger_for(settings: Settings) -> str:
 
 
 def _crawl(ctx: Context, out: Path) -> StageOutput:
-    from lorafactory.sources.crawl import crawl
+    from lorafactory.sources.crawl import StoreArchive, crawl
 
-    posts, counts = crawl(ctx.settings, out, ctx.progress)
+    previous = ctx.char.artifact("crawl") / "images"
+    archive = StoreArchive(ctx.store, ctx.char.slug)
+    posts, counts = crawl(ctx.settings, out, ctx.progress, archive, previous if previous.is_dir() else None)
     return StageOutput(counts, {"sites": sorted({p.site for p in posts})})
 
 
@@ -84,7 +86,7 @@ def _train(ctx: Context, out: Path) -> StageOutput:
     settings = ctx.settings
     if not settings.train.regularization_dir and wanted(settings, ctx.manifest("prepare").counts.get("dataset", 0)):
         settings = settings.model_copy(deep=True)
-        settings.train.regularization_dir = str(ensure_set(ctx.settings, ctx.char.root, ctx.progress))
+        settings.train.regularization_dir = str(ensure_set(ctx.settings, ctx.char.root, ctx.progress, ctx.store))
     result = train(settings, ctx.trigger, ctx.char.artifact("prepare"), out, ctx.progress)
     return StageOutput(result.counts, result.details)
 

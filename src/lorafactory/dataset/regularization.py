@@ -46,16 +46,16 @@ def _set_settings(settings: Settings) -> Settings:
     return generic
 
 
-def ensure_set(settings: Settings, workspace_root: Path, progress: Progress) -> Path:
+def ensure_set(settings: Settings, workspace_root: Path, progress: Progress, store=None) -> Path:
     """The prepared regularization set for these settings, built on first use; its dataset folder."""
     from lorafactory.dataset.prepare import prepare
-    from lorafactory.sources.crawl import crawl
+    from lorafactory.sources.crawl import StoreArchive, crawl
 
     generic = _set_settings(settings)
     key = settings_hash(generic.regularization, generic.crawl, generic.prepare, generic.vision, settings.train.base_model)
     folder = CharacterDir(workspace_root / SHARED, key)
     steps = {
-        "crawl": lambda out: (crawl(generic, out, progress)[1], {}),
+        "crawl": lambda out: (crawl(generic, out, progress, StoreArchive(store, f"_regularization/{key}") if store else None)[1], {}),
         "prepare": lambda out: prepare(generic, None, folder.artifact("crawl"), out, progress),
     }
     for stage, run in steps.items():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, AsyncIterator, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -31,3 +33,21 @@ def file_md5(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A post worth downloading and the URL of its chosen variant."""
+
+    post: Post
+    url: str
+
+
+class Site(Protocol):
+    """An image site: paged search results and the normalised post of each."""
+
+    name: str
+
+    def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]: ...
+
+    def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None: ...

@@ -1,35 +1,196 @@
-"""The crawl stage: fetch raw images and their metadata into ``<artifact>/images`` + ``posts.jsonl``."""
+"""The crawl stage: fetch raw images and their metadata into ``<artifact>/images`` + ``posts.jsonl``.
+
+Sites are crawled concurrently through one async client, each under its own rate limit. Every
+download is recorded in the download archive (the state store) once its file has landed, so a
+rerun, after a kill or with a higher limit, fetches only posts it does not have yet. Images are
+deduplicated by md5 across sites; a site that fails or blocks does not stop the others.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol
 
-from lorafactory.config import Settings
-from lorafactory.errors import InputError
+import httpx
+
+from lorafactory.config import SITE_NAMES, Settings
+from lorafactory.errors import InputError, StageError
 from lorafactory.progress import Progress
-from lorafactory.sources.base import Post
-from lorafactory.sources.danbooru import DanbooruSource, character_tag
-from lorafactory.sources.http import PoliteClient
+from lorafactory.sources.base import Candidate, Post
+from lorafactory.sources.danbooru import Danbooru, character_tag
+from lorafactory.sources.http import RateLimit, SiteClient
 from lorafactory.sources.local import crawl_local
 
+log = logging.getLogger(__name__)
 
-def crawl(settings: Settings, out_dir: Path, progress: Progress) -> tuple[list[Post], dict[str, int]]:
+
+class Archive(Protocol):
+    def archived(self) -> dict[tuple[str, str], dict]: ...
+
+    def record(self, post: Post) -> None: ...
+
+
+@dataclass
+class StoreArchive:
+    """The download archive of one collection (a character, or a shared set) in the state store."""
+
+    store: object  # lorafactory.state.Store
+    collection: str
+
+    def archived(self) -> dict[tuple[str, str], dict]:
+        return self.store.archived(self.collection)
+
+    def record(self, post: Post) -> None:
+        self.store.archive(self.collection, post.site, post.post_id, post.md5, post.filename, post.model_dump(mode="json"))
+
+
+@dataclass
+class MemoryArchive:
+    """An archive that lives only as long as the run (library use without a state store)."""
+
+    posts: dict[tuple[str, str], dict] = field(default_factory=dict)
+
+    def archived(self) -> dict[tuple[str, str], dict]:
+        return dict(self.posts)
+
+    def record(self, post: Post) -> None:
+        self.posts[(post.site, post.post_id)] = post.model_dump(mode="json")
+
+
+def _credentials(site: str) -> tuple[str, str] | None:
+    """``LORAFACTORY_<SITE>_LOGIN`` and ``..._API_KEY`` from the environment, never from files we write."""
+    login, key = os.environ.get(f"LORAFACTORY_{site.upper()}_LOGIN"), os.environ.get(f"LORAFACTORY_{site.upper()}_API_KEY")
+    if bool(login) != bool(key):
+        raise InputError(f"set both LORAFACTORY_{site.upper()}_LOGIN and LORAFACTORY_{site.upper()}_API_KEY, or neither")
+    return (login, key) if login and key else None
+
+
+class _SiteCrawl:
+    """Shared state of one crawl over several sites."""
+
+    def __init__(self, settings: Settings, images_dir: Path, archive: Archive, previous: Path | None, on_item: Callable[[], None]) -> None:
+        self.settings, self.images_dir, self.archive, self.previous, self.on_item = settings, images_dir, archive, previous, on_item
+        self.done = archive.archived()
+        self.done_by_md5 = {post["md5"]: post for post in self.done.values() if post.get("md5")}
+        self.kept: list[tuple[int, int, Post]] = []  # (site order, search order, post) as fetched
+        self.reserved = 0
+        self.seen_md5: set[str] = set()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def full(self) -> bool:
+        return self.reserved >= self.settings.crawl.limit
+
+    async def run_site(self, order: int, name: str, http: httpx.AsyncClient) -> None:
+        c = self.settings.crawl
+        site_settings = getattr(c, name)
+        auth = _credentials(name)
+        client = SiteClient(name, http, RateLimit(site_settings.requests_per_second, site_settings.concurrency), c.max_retries, auth or ())
+        site = Danbooru(client, site_settings.base_url, c.page_size, name=name, auth=auth)
+        tags = site_settings.tags or c.tags or [character_tag(self.settings.character.name)]
+        tasks: list[asyncio.Task] = []
+        index = 0
+        async for raw in site.posts(tags):
+            if self.full:
+                break
+            self.counts["found"] += 1
+            candidate = site.candidate(raw, c.min_size)
+            if candidate is None:
+                self.counts["no_file"] += 1
+                continue
+            md5 = candidate.post.md5
+            if md5 and md5 in self.seen_md5:
+                self.counts["duplicate"] += 1
+                continue
+            self.seen_md5.add(md5)
+            self.reserved += 1
+            tasks.append(asyncio.create_task(self.fetch(client, candidate, (order, index))))
+            index += 1
+        await asyncio.gather(*tasks)
+
+    async def fetch(self, client: SiteClient, candidate: Candidate, order: tuple[int, int]) -> None:
+        post = candidate.post
+        suffix = Path(candidate.url.split("?")[0]).suffix.lower() or ".jpg"
+        post = post.model_copy(update={"filename": f"{post.site}_{post.post_id}{suffix}"})
+        archived = self.done.get((post.site, post.post_id)) or self.done_by_md5.get(post.md5)
+        if archived is not None and self._reuse(self.images_dir / archived["filename"]):
+            post = Post.model_validate(archived)  # the copy already fetched, from whichever site
+            self.counts["from_archive"] += 1
+        else:
+            target = self.images_dir / post.filename
+            try:
+                await client.download(candidate.url, target)
+            except StageError as exc:
+                log.warning("skipping %s post %s: %s", post.site, post.post_id, exc)
+                self.counts["failed"] += 1
+                self.reserved -= 1
+                return
+            self.archive.record(post)
+            self.counts["downloaded"] += 1
+        self.kept.append((*order, post))
+        self.on_item()
+
+    def _reuse(self, target: Path) -> bool:
+        """An archived post's file, from this (resumed) folder or the previous finished crawl."""
+        if target.is_file():
+            return True
+        if self.previous is not None and (self.previous / target.name).is_file():
+            shutil.copyfile(self.previous / target.name, target)
+            return True
+        return False
+
+
+async def _crawl_sites(crawl_state: _SiteCrawl) -> None:
+    c = crawl_state.settings.crawl
+    async with httpx.AsyncClient(headers={"User-Agent": c.user_agent}, timeout=c.timeout_s, follow_redirects=True) as http:
+        results = await asyncio.gather(*(crawl_state.run_site(i, name, http) for i, name in enumerate(c.sites)), return_exceptions=True)
+    errors = []
+    for name, result in zip(c.sites, results):
+        if isinstance(result, BaseException):
+            if not isinstance(result, StageError):
+                raise result
+            log.warning("%s stopped: %s", name, result)
+            crawl_state.counts[f"{name}_failed"] = 1
+            errors.append(result)
+    if errors and len(errors) == len(c.sites) and not crawl_state.kept:
+        raise errors[0]
+
+
+def _order(sites: list[str], post: Post) -> tuple:
+    """A stable order for any run that keeps the same posts: by site, then newest first."""
+    key = (-int(post.post_id), "") if post.post_id.isdigit() else (0, post.post_id)
+    return (sites.index(post.site) if post.site in sites else len(sites), *key)
+
+
+def crawl(
+    settings: Settings, out_dir: Path, progress: Progress, archive: Archive | None = None, previous: Path | None = None
+) -> tuple[list[Post], dict[str, int]]:
+    """Fetch into ``out_dir``; ``previous`` is the last finished crawl's images folder, reused for archived posts."""
     c = settings.crawl
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    with progress.task(f"crawling {c.source}", total=c.limit) as task:
+    with progress.task(f"crawling {c.from_dir if c.source == 'local' else ', '.join(c.sites)}", total=c.limit) as task:
         if c.source == "local":
             if not c.from_dir:
                 raise InputError("crawl.source is 'local' but no folder was given; pass --from-dir DIR")
             posts, counts = crawl_local(Path(c.from_dir), images_dir, c.limit, on_item=task.advance)
         else:
-            tags = c.tags or [character_tag(settings.character.name)]
-            with PoliteClient(c.user_agent, c.timeout_s, c.max_retries, c.request_interval_s) as client:
-                source = DanbooruSource(client, c.danbooru_url, c.page_size)
-                posts, counts = source.crawl(tags, images_dir, c.limit, c.min_size, on_item=task.advance)
+            unknown = [s for s in c.sites if s not in SITE_NAMES]
+            if unknown:
+                raise InputError(f"unknown site {unknown[0]!r}; supported sites: {', '.join(SITE_NAMES)}")
+            state = _SiteCrawl(settings, images_dir, archive or MemoryArchive(), previous, task.advance)
+            asyncio.run(_crawl_sites(state))
+            posts = sorted((post for *_, post in state.kept), key=lambda post: _order(c.sites, post))
+            counts = {**state.counts, "kept": len(posts)}
     if not posts:
-        where = c.from_dir if c.source == "local" else f"{c.source} tags {c.tags or [character_tag(settings.character.name)]}"
+        where = c.from_dir if c.source == "local" else f"{', '.join(c.sites)} with tags {c.tags or [character_tag(settings.character.name)]}"
         raise InputError(f"no usable images found in {where}; check the name, --site/--from-dir, or crawl.tags")
     with (out_dir / "posts.jsonl").open("w", encoding="utf-8") as handle:
         for post in posts:

@@ -1,18 +1,14 @@
-"""Danbooru (and sites on its software): ``/posts.json`` search, variant choice, downloads."""
+"""Danbooru and sites on its software (safebooru.donmai.us): ``/posts.json`` search with keyset
+paging (``page=b<id>``), which goes past the 1000-page cap, and the smallest big-enough variant."""
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any, Callable, Iterator
-
-from PIL import Image, UnidentifiedImageError
+from typing import Any, AsyncIterator
 
 from lorafactory.errors import StageError
-from lorafactory.sources.base import Post
-from lorafactory.sources.http import PoliteClient
+from lorafactory.sources.base import Candidate, Post
+from lorafactory.sources.http import SiteClient
 
-log = logging.getLogger(__name__)
 _CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 
 
@@ -38,94 +34,50 @@ def choose_variant(raw: dict[str, Any], min_size: int) -> tuple[str, int, int] |
     return max(variants, key=lambda v: v[1] * v[2])
 
 
-def to_post(raw: dict[str, Any], url: str, width: int, height: int, filename: str) -> Post:
-    return Post(
-        site="danbooru",
-        post_id=str(raw["id"]),
-        md5=raw.get("md5") or "",
-        filename=filename,
-        url=url,
-        width=width,
-        height=height,
-        rating=raw.get("rating") or "",
-        score=int(raw.get("score") or 0),
-        tags={c: (raw.get(f"tag_string_{c}") or "").split() for c in _CATEGORIES},
-    )
+class Danbooru:
+    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "danbooru", auth: tuple[str, str] | None = None) -> None:
+        self.client, self.base_url, self.page_size, self.name = client, base_url.rstrip("/"), page_size, name
+        self.auth = auth
 
-
-class DanbooruSource:
-    def __init__(self, client: PoliteClient, base_url: str, page_size: int) -> None:
-        self.client = client
-        self.base_url = base_url.rstrip("/")
-        self.page_size = page_size
-
-    def search(self, tags: list[str]) -> Iterator[dict[str, Any]]:
-        """Raw posts, newest first, paging until an empty or short page."""
-        page = 1
+    async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
+        """Raw posts, newest first; after the first page, keyset paging below the lowest id seen."""
+        page = "1"
         while True:
-            response = self.client.get(
-                f"{self.base_url}/posts.json", params={"tags": " ".join(tags), "limit": self.page_size, "page": page}
-            )
+            params = {"tags": " ".join(tags), "limit": self.page_size, "page": page}
+            if self.auth:
+                params.update({"login": self.auth[0], "api_key": self.auth[1]})
+            response = await self.client.get(f"{self.base_url}/posts.json", params=params)
             if response.status_code == 410:
-                return  # past the page cap
+                return  # past a page cap (keyset paging should never get here)
             if response.status_code != 200:
-                raise StageError(f"danbooru search failed with HTTP {response.status_code}: {response.text[:200]}")
+                raise StageError(f"{self.name} search failed with HTTP {response.status_code}: {self.client.redact(response.text[:200])}")
             try:
                 items = response.json()
             except ValueError as exc:
-                raise StageError(f"danbooru returned a page that is not JSON (page {page})") from exc
-            yield from items
-            if len(items) < self.page_size:
+                raise StageError(f"{self.name} returned a page that is not JSON") from exc
+            if not items:
                 return
-            page += 1
+            for item in items:
+                yield item
+            page = f"b{min(int(item['id']) for item in items)}"
 
-    def crawl(
-        self, tags: list[str], images_dir: Path, limit: int, min_size: int, on_item: Callable[[], None] | None = None
-    ) -> tuple[list[Post], dict[str, int]]:
-        posts: list[Post] = []
-        seen: set[str] = set()
-        counts = {"found": 0, "no_file": 0, "duplicate": 0, "failed": 0, "unreadable": 0}
-        for raw in self.search(tags):
-            if len(posts) >= limit:
-                break
-            counts["found"] += 1
-            if raw.get("is_deleted") or raw.get("is_banned"):
-                counts["no_file"] += 1
-                continue
-            variant = choose_variant(raw, min_size)
-            if variant is None:
-                counts["no_file"] += 1
-                continue
-            md5 = raw.get("md5") or ""
-            if md5 and md5 in seen:
-                counts["duplicate"] += 1
-                continue
-            url, width, height = variant
-            suffix = Path(url.split("?")[0]).suffix.lower() or ".jpg"
-            filename = f"danbooru_{raw['id']}{suffix}"
-            try:
-                self.client.download(url, images_dir / filename)
-            except StageError as exc:
-                log.warning("skipping danbooru post %s: %s", raw["id"], exc)
-                counts["failed"] += 1
-                continue
-            if not _readable(images_dir / filename):
-                (images_dir / filename).unlink()
-                counts["unreadable"] += 1
-                continue
-            seen.add(md5)
-            posts.append(to_post(raw, url, width, height, filename))
-            if on_item:
-                on_item()
-        counts["kept"] = len(posts)
-        return posts, counts
-
-
-def _readable(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        log.warning("skipping unreadable download %s: %s", path.name, exc)
-        return False
+    def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
+        if raw.get("is_deleted") or raw.get("is_banned"):
+            return None
+        variant = choose_variant(raw, min_size)
+        if variant is None:
+            return None
+        url, width, height = variant
+        post = Post(
+            site=self.name,
+            post_id=str(raw["id"]),
+            md5=raw.get("md5") or "",
+            filename="",
+            url=url,
+            width=width,
+            height=height,
+            rating=raw.get("rating") or "",
+            score=int(raw.get("score") or 0),
+            tags={c: (raw.get(f"tag_string_{c}") or "").split() for c in _CATEGORIES},
+        )
+        return Candidate(post, url)

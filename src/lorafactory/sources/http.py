@@ -1,11 +1,14 @@
-"""A polite HTTP client: honest user agent, spacing between requests, bounded retries.
+"""Polite asynchronous HTTP: one httpx client, a rate limit per site, bounded retries.
 
-Retries honour ``Retry-After`` on 429 and back off exponentially (with jitter) on 5xx and
-timeouts. A Cloudflare challenge stops the site at once instead of hammering it.
+Each site gets its own requests-per-second and concurrency. Retries honour ``Retry-After`` on 429
+and back off exponentially with jitter on 5xx and timeouts. A Cloudflare challenge stops that site
+at once instead of hammering it. Downloads land through a temporary file, checked for size and
+image type, and renamed only when complete. Credentials never appear in messages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -19,82 +22,96 @@ from lorafactory.errors import StageError
 
 log = logging.getLogger(__name__)
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
 
 
 class CloudflareBlocked(StageError):
     """The site answered with a Cloudflare challenge page."""
 
 
-def _is_cloudflare_challenge(response: httpx.Response) -> bool:
+def is_cloudflare_challenge(response: httpx.Response) -> bool:
     return response.status_code in (403, 503) and (
-        response.headers.get("server", "").lower() == "cloudflare" and "challenge" in response.text.lower()
-        or response.headers.get("cf-mitigated") == "challenge"
+        response.headers.get("cf-mitigated") == "challenge"
+        or (response.headers.get("server", "").lower() == "cloudflare" and "challenge" in response.text.lower())
     )
 
 
-class PoliteClient:
-    def __init__(self, user_agent: str, timeout_s: float, max_retries: int, interval_s: float) -> None:
-        self._client = httpx.Client(headers={"User-Agent": user_agent}, timeout=timeout_s, follow_redirects=True)
-        self.max_retries = max_retries
-        self.interval_s = interval_s
-        self._last = 0.0
+class RateLimit:
+    """At most ``per_second`` request starts per second, and ``concurrency`` requests at once."""
 
-    def close(self) -> None:
-        self._client.close()
+    def __init__(self, per_second: float, concurrency: int) -> None:
+        self.interval = 1.0 / per_second if per_second > 0 else 0.0
+        self._slots = asyncio.Semaphore(concurrency)
+        self._lock = asyncio.Lock()
+        self._next = 0.0
 
-    def __enter__(self) -> PoliteClient:
-        return self
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+        async with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
 
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
+    async def __aexit__(self, *_exc: object) -> None:
+        self._slots.release()
 
-    def _wait_turn(self) -> None:
-        delay = self._last + self.interval_s - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        self._last = time.monotonic()
 
-    def get(self, url: str, params: dict | None = None) -> httpx.Response:
-        """GET with retries; raises StageError with the status when retries run out."""
+class SiteClient:
+    """Requests to one site through the shared client, under that site's rate limit."""
+
+    def __init__(self, site: str, http: httpx.AsyncClient, limit: RateLimit, max_retries: int, secrets: tuple[str, ...] = ()) -> None:
+        self.site, self.http, self.limit, self.max_retries = site, http, limit, max_retries
+        self.secrets = tuple(s for s in secrets if s)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    async def get(self, url: str, params: dict | None = None, headers: dict | None = None) -> httpx.Response:
+        """GET with retries; the last response is returned when retries run out."""
         attempt = 0
         while True:
-            self._wait_turn()
             try:
-                response = self._client.get(url, params=params)
+                async with self.limit:
+                    response = await self.http.get(url, params=params, headers=headers)
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
-                    raise StageError(f"request to {url} failed after {attempt + 1} tries: {exc.__class__.__name__}") from exc
-                self._sleep_backoff(attempt, None)
+                    raise StageError(f"{self.site}: request failed after {attempt + 1} tries ({exc.__class__.__name__})") from None
+                await self._backoff(attempt, None)
                 attempt += 1
                 continue
-            if _is_cloudflare_challenge(response):
-                raise CloudflareBlocked(f"{httpx.URL(url).host} answered with a Cloudflare challenge; stopping this site")
+            if is_cloudflare_challenge(response):
+                raise CloudflareBlocked(f"{self.site} answered with a Cloudflare challenge; stopping this site (try later, or from another network)")
             if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
-                self._sleep_backoff(attempt, response.headers.get("retry-after"))
+                await self._backoff(attempt, response.headers.get("retry-after"))
                 attempt += 1
                 continue
             return response
 
-    def _sleep_backoff(self, attempt: int, retry_after: str | None) -> None:
-        if retry_after is not None:
-            try:
-                delay = float(retry_after)
-            except ValueError:
-                delay = 2.0**attempt
-        else:
+    async def _backoff(self, attempt: int, retry_after: str | None) -> None:
+        try:
+            delay = float(retry_after) if retry_after is not None else None
+        except ValueError:
+            delay = None
+        if delay is None:
             delay = min(60.0, 0.5 * 2.0**attempt) * random.uniform(0.5, 1.5)
-        log.info("retrying in %.1fs", delay)
-        time.sleep(delay)
+        log.info("%s: retrying in %.1fs", self.site, delay)
+        await asyncio.sleep(delay)
 
-    def download(self, url: str, dest: Path) -> int:
-        """Fetch ``url`` into ``dest`` through a temporary file; a partial body never lands."""
-        response = self.get(url)
+    async def download(self, url: str, dest: Path) -> int:
+        """Fetch an image into ``dest``; a truncated or non-image body never lands."""
+        response = await self.get(url)
         if response.status_code != 200:
-            raise StageError(f"download of {url} failed with HTTP {response.status_code}")
-        expected = response.headers.get("content-length")
+            raise StageError(f"{self.site}: download failed with HTTP {response.status_code}")
         body = response.content
+        expected = response.headers.get("content-length")
         if expected is not None and int(expected) != len(body):
-            raise StageError(f"download of {url} was truncated ({len(body)} of {expected} bytes)")
+            raise StageError(f"{self.site}: download truncated ({len(body)} of {expected} bytes)")
+        if not body.startswith(IMAGE_MAGIC):
+            raise StageError(f"{self.site}: download is not an image ({response.headers.get('content-type', 'unknown type')})")
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as handle:

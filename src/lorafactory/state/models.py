@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Base(DeclarativeBase):
@@ -93,3 +93,19 @@ class Metric(Base):
     value: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     checkpoint: Mapped[Checkpoint] = relationship(back_populates="metrics")
+
+
+class Download(Base):
+    """The download archive: every post fetched for a collection (a character or a shared set)."""
+
+    __tablename__ = "downloads"
+    __table_args__ = (UniqueConstraint("collection", "site", "post_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    collection: Mapped[str] = mapped_column(String(200), index=True)
+    site: Mapped[str] = mapped_column(String(40))
+    post_id: Mapped[str] = mapped_column(String(100))
+    md5: Mapped[str] = mapped_column(String(64), index=True)
+    filename: Mapped[str] = mapped_column(Text)
+    post: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

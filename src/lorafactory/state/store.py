@@ -23,6 +23,7 @@ from lorafactory.state.models import (
     Base,
     Character,
     Checkpoint,
+    Download,
     Metric,
     Run,
     SchemaInfo,
@@ -75,6 +76,8 @@ class Store:
             info = session.get(SchemaInfo, 1)
             if info is None:
                 session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+            elif info.version < SCHEMA_VERSION:
+                info.version = SCHEMA_VERSION  # migrations so far only add tables, which create_all did
             elif info.version > SCHEMA_VERSION:
                 raise ConfigError(
                     f"state database schema v{info.version} is newer than this lorafactory (v{SCHEMA_VERSION}); upgrade lorafactory"
@@ -181,6 +184,22 @@ class Store:
                 session.flush()
                 for name, value in sorted(metrics.get(step, {}).items()):
                     session.add(Metric(checkpoint_id=checkpoint.id, name=name, value=value))
+
+    # the download archive --------------------------------------------------------
+
+    def archived(self, collection: str) -> dict[tuple[str, str], dict]:
+        """(site, post_id) -> the stored post, for everything downloaded for ``collection``."""
+        with self.session() as session:
+            rows = session.execute(select(Download).where(Download.collection == collection)).scalars()
+            return {(row.site, row.post_id): dict(row.post) for row in rows}
+
+    def archive(self, collection: str, site: str, post_id: str, md5: str, filename: str, post: dict) -> None:
+        with self.session() as session:
+            exists = session.execute(
+                select(Download.id).where(Download.collection == collection, Download.site == site, Download.post_id == post_id)
+            ).first()
+            if exists is None:
+                session.add(Download(collection=collection, site=site, post_id=post_id, md5=md5, filename=filename, post=post, created_at=_now()))
 
     # reading -------------------------------------------------------------------
 

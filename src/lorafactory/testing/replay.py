@@ -31,6 +31,9 @@ class DanbooruReplay:
     faults: list[tuple[int, dict[str, str], bytes]] = field(
         default_factory=list, metadata={"doc": "(status, headers, body) answered, in order, before normal replies"}
     )
+    data_faults: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)  # the same, for image requests only
+    page_cap: int = 1000  # numbered pages beyond this answer 410, as danbooru's do past 1000
+    latency_s: float = 0.0  # simulated server time per request
     _server: ThreadingHTTPServer | None = None
 
     @property
@@ -87,14 +90,18 @@ class DanbooruReplay:
                 self.send_header("Content-Type", content_type)
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
+                if "Content-Length" not in (headers or {}):  # a fault may announce more than it sends
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 replay.requests.append((time.monotonic(), self.path))
-                if replay.faults:
-                    status, headers, body = replay.faults.pop(0)
+                if replay.latency_s:
+                    time.sleep(replay.latency_s)
+                queue = replay.data_faults if self.path.startswith("/data/") and replay.data_faults else replay.faults
+                if queue:
+                    status, headers, body = queue.pop(0)
                     self._send(status, body, headers.pop("Content-Type", "text/html"), headers)
                     return
                 parsed = urlparse(self.path)
@@ -102,12 +109,16 @@ class DanbooruReplay:
                     query = parse_qs(parsed.query)
                     wanted = set(query.get("tags", [""])[0].split())
                     limit = int(query.get("limit", ["20"])[0])
-                    page = int(query.get("page", ["1"])[0])
-                    if page > 1000:
-                        self._send(410, b'{"success": false, "message": "You cannot go beyond page 1000."}', "application/json")
-                        return
+                    page = query.get("page", ["1"])[0]
                     matching = [p for p in posts_holder[0] if wanted <= set(p["tag_string"].split())]
-                    chunk = matching[(page - 1) * limit : page * limit]
+                    if page.startswith("b"):  # keyset: posts below an id, newest first
+                        chunk = [p for p in matching if p["id"] < int(page[1:])][:limit]
+                    elif int(page) > replay.page_cap:
+                        message = f'{{"success": false, "message": "You cannot go beyond page {replay.page_cap}."}}'
+                        self._send(410, message.encode(), "application/json")
+                        return
+                    else:
+                        chunk = matching[(int(page) - 1) * limit : int(page) * limit]
                     self._send(200, json.dumps(chunk).encode(), "application/json")
                 elif parsed.path.startswith("/data/") and parsed.path[6:] in files:
                     path = files[parsed.path[6:]]
