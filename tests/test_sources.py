@@ -164,3 +164,36 @@ def test_unknown_site_and_half_credentials(tmp_path, kit, monkeypatch):
         with pytest.raises(InputError, match="LORAFACTORY_DANBOORU_API_KEY"):
             crawl(_settings(replay), tmp_path, SilentProgress())
     assert issubclass(CloudflareBlocked, StageError)
+
+
+@pytest.mark.parametrize("site", ["gelbooru", "yandere", "konachan"])
+def test_other_site_apis_page_past_their_caps(tmp_path, kit, site):
+    from lorafactory.testing.replay import GelbooruReplay, MoebooruReplay
+
+    kind = GelbooruReplay if site == "gelbooru" else MoebooruReplay
+    images = sorted(kit.images.glob("main_*.png"))[:7]
+    with kind([ReplayImage(p, ["1girl"], ["akane"]) for p in images], page_cap=1) as replay:
+        settings = load_settings(
+            overrides=['character.name="Akane"', 'crawl.tags=["akane"]', "crawl.min_size=0", "crawl.page_size=3",
+                       f'crawl.sites=["{site}"]', f'crawl.{site}.base_url="{replay.url}"', f"crawl.{site}.requests_per_second=100"]
+        )  # fmt: skip
+        posts, counts = crawl(settings, tmp_path, SilentProgress())
+    assert len(posts) == 7 and counts["downloaded"] == 7 and {p.site for p in posts} == {site}
+    assert [int(p.post_id) for p in posts] == sorted((int(p.post_id) for p in posts), reverse=True)
+    assert all("id:<" not in path for _, path in replay.requests[:1]) and any("id%3A%3C" in path for _, path in replay.requests)
+
+
+def test_gelbooru_without_credentials_says_which_to_set(tmp_path, kit, monkeypatch):
+    from lorafactory.testing.replay import GelbooruReplay
+
+    replay = GelbooruReplay([ReplayImage(kit.images / "main_000.png", [], ["akane"])])
+    replay.credentials = ("123", "secret-key")
+    with replay:
+        settings = load_settings(overrides=['character.name="Akane"', 'crawl.tags=["akane"]', 'crawl.sites=["gelbooru"]', f'crawl.gelbooru.base_url="{replay.url}"'])
+        with pytest.raises(StageError, match="LORAFACTORY_GELBOORU_USER_ID"):
+            crawl(settings, tmp_path / "a", SilentProgress())
+        monkeypatch.setenv("LORAFACTORY_GELBOORU_USER_ID", "123")
+        monkeypatch.setenv("LORAFACTORY_GELBOORU_API_KEY", "secret-key")
+        posts, _ = crawl(settings, tmp_path / "b", SilentProgress())
+    assert len(posts) == 1
+    assert "secret-key" not in (tmp_path / "b" / "posts.jsonl").read_text()

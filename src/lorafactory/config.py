@@ -51,12 +51,25 @@ class SafebooruSite(SiteSettings):
     base_url: str = "https://safebooru.donmai.us"
 
 
-SITE_NAMES = ("danbooru", "safebooru")
+class GelbooruSite(SiteSettings):
+    base_url: str = "https://gelbooru.com"
+
+
+class YandereSite(SiteSettings):
+    base_url: str = "https://yande.re"
+
+
+class KonachanSite(SiteSettings):
+    base_url: str = "https://konachan.com"
+
+
+SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan")
+SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan"]
 
 
 class CrawlSettings(Section):
     source: Literal["local", "sites"] = "sites"
-    sites: list[Literal["danbooru", "safebooru"]] = Field(default_factory=lambda: ["danbooru"])
+    sites: list[SiteName] = Field(default_factory=lambda: ["danbooru"])
     from_dir: str = Field("", description="Folder of images for source = 'local'.")
     tags: list[str] = Field(default_factory=list, description="Search tags for every site; derived from the name when empty.")
     limit: int = Field(300, ge=1, description="Maximum number of images, all sites together.")
@@ -67,6 +80,9 @@ class CrawlSettings(Section):
     max_retries: int = Field(4, ge=0)
     danbooru: DanbooruSite = Field(default_factory=DanbooruSite)
     safebooru: SafebooruSite = Field(default_factory=SafebooruSite)
+    gelbooru: GelbooruSite = Field(default_factory=GelbooruSite)
+    yandere: YandereSite = Field(default_factory=YandereSite)
+    konachan: KonachanSite = Field(default_factory=KonachanSite)
 
 
 class VisionSettings(Section):

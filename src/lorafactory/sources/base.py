@@ -51,3 +51,14 @@ class Site(Protocol):
     def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]: ...
 
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None: ...
+
+
+def smallest_fit(variants: list[tuple[str, int, int]], min_size: int) -> tuple[str, int, int] | None:
+    """The smallest (url, width, height) whose sides are both at least ``min_size``, else the largest."""
+    variants = [v for v in variants if v[0]]
+    if not variants:
+        return None
+    big_enough = [v for v in variants if min(v[1], v[2]) >= min_size]
+    if big_enough:
+        return min(big_enough, key=lambda v: v[1] * v[2])
+    return max(variants, key=lambda v: v[1] * v[2])

@@ -25,6 +25,8 @@ from lorafactory.errors import InputError, StageError
 from lorafactory.progress import Progress
 from lorafactory.sources.base import Candidate, Post
 from lorafactory.sources.danbooru import Danbooru, character_tag
+from lorafactory.sources.gelbooru import Gelbooru
+from lorafactory.sources.moebooru import Moebooru
 from lorafactory.sources.http import RateLimit, SiteClient
 from lorafactory.sources.local import crawl_local
 
@@ -64,12 +66,23 @@ class MemoryArchive:
         self.posts[(post.site, post.post_id)] = post.model_dump(mode="json")
 
 
+# site -> (API class, the two credential variables after LORAFACTORY_<SITE>_)
+SITES: dict[str, tuple[type, tuple[str, str]]] = {
+    "danbooru": (Danbooru, ("LOGIN", "API_KEY")),
+    "safebooru": (Danbooru, ("LOGIN", "API_KEY")),
+    "gelbooru": (Gelbooru, ("USER_ID", "API_KEY")),
+    "yandere": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
+    "konachan": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
+}
+
+
 def _credentials(site: str) -> tuple[str, str] | None:
-    """``LORAFACTORY_<SITE>_LOGIN`` and ``..._API_KEY`` from the environment, never from files we write."""
-    login, key = os.environ.get(f"LORAFACTORY_{site.upper()}_LOGIN"), os.environ.get(f"LORAFACTORY_{site.upper()}_API_KEY")
-    if bool(login) != bool(key):
-        raise InputError(f"set both LORAFACTORY_{site.upper()}_LOGIN and LORAFACTORY_{site.upper()}_API_KEY, or neither")
-    return (login, key) if login and key else None
+    """The site's two credential variables from the environment (never from files we write), or None."""
+    names = [f"LORAFACTORY_{site.upper()}_{part}" for part in SITES[site][1]]
+    values = [os.environ.get(name) for name in names]
+    if any(values) and not all(values):
+        raise InputError(f"set both {names[0]} and {names[1]}, or neither")
+    return (values[0], values[1]) if all(values) else None
 
 
 class _SiteCrawl:
@@ -93,7 +106,7 @@ class _SiteCrawl:
         site_settings = getattr(c, name)
         auth = _credentials(name)
         client = SiteClient(name, http, RateLimit(site_settings.requests_per_second, site_settings.concurrency), c.max_retries, auth or ())
-        site = Danbooru(client, site_settings.base_url, c.page_size, name=name, auth=auth)
+        site = SITES[name][0](client, site_settings.base_url, c.page_size, name=name, auth=auth)
         tags = site_settings.tags or c.tags or [character_tag(self.settings.character.name)]
         tasks: list[asyncio.Task] = []
         index = 0

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from lorafactory.errors import StageError
-from lorafactory.sources.base import Candidate, Post
-from lorafactory.sources.http import SiteClient
+from lorafactory.sources.base import Candidate, Post, smallest_fit
+from lorafactory.sources.http import SiteClient, keyset
 
 _CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 
@@ -26,12 +25,7 @@ def choose_variant(raw: dict[str, Any], min_size: int) -> tuple[str, int, int] |
     ]
     if raw.get("file_url"):
         variants.append((raw["file_url"], int(raw.get("image_width", 0)), int(raw.get("image_height", 0))))
-    if not variants:
-        return None
-    big_enough = [v for v in variants if min(v[1], v[2]) >= min_size]
-    if big_enough:
-        return min(big_enough, key=lambda v: v[1] * v[2])
-    return max(variants, key=lambda v: v[1] * v[2])
+    return smallest_fit(variants, min_size)
 
 
 class Danbooru:
@@ -39,27 +33,16 @@ class Danbooru:
         self.client, self.base_url, self.page_size, self.name = client, base_url.rstrip("/"), page_size, name
         self.auth = auth
 
-    async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
-        """Raw posts, newest first; after the first page, keyset paging below the lowest id seen."""
-        page = "1"
-        while True:
-            params = {"tags": " ".join(tags), "limit": self.page_size, "page": page}
+    def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
+        """Raw posts, newest first; keyset paging (``page=b<id>``) goes past the 1000-page cap."""
+
+        async def page(below: int | None) -> list[dict]:
+            params = {"tags": " ".join(tags), "limit": self.page_size, "page": f"b{below}" if below is not None else "1"}
             if self.auth:
                 params.update({"login": self.auth[0], "api_key": self.auth[1]})
-            response = await self.client.get(f"{self.base_url}/posts.json", params=params)
-            if response.status_code == 410:
-                return  # past a page cap (keyset paging should never get here)
-            if response.status_code != 200:
-                raise StageError(f"{self.name} search failed with HTTP {response.status_code}: {self.client.redact(response.text[:200])}")
-            try:
-                items = response.json()
-            except ValueError as exc:
-                raise StageError(f"{self.name} returned a page that is not JSON") from exc
-            if not items:
-                return
-            for item in items:
-                yield item
-            page = f"b{min(int(item['id']) for item in items)}"
+            return await self.client.get_json(f"{self.base_url}/posts.json", params)
+
+        return keyset(page)
 
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
         if raw.get("is_deleted") or raw.get("is_banned"):

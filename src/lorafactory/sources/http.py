@@ -15,6 +15,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpx
 
@@ -91,6 +92,18 @@ class SiteClient:
                 continue
             return response
 
+    async def get_json(self, url: str, params: dict, refusals: dict[int, str] | None = None) -> Any:
+        """A JSON API page; a refusal or a body that is not JSON is a one-line StageError
+        (``refusals`` gives the message for statuses that need one, such as 401)."""
+        response = await self.get(url, params=params)
+        if response.status_code != 200:
+            hint = (refusals or {}).get(response.status_code, self.redact(response.text[:200]))
+            raise StageError(f"{self.site} search failed with HTTP {response.status_code}: {hint}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise StageError(f"{self.site} returned a page that is not JSON") from exc
+
     async def _backoff(self, attempt: int, retry_after: str | None) -> None:
         try:
             delay = float(retry_after) if retry_after is not None else None
@@ -121,3 +134,15 @@ class SiteClient:
             Path(tmp).unlink(missing_ok=True)
             raise
         return len(body)
+
+
+async def keyset(fetch: Callable[[int | None], Awaitable[list[dict]]]) -> AsyncIterator[dict]:
+    """Posts page by page, each page asked for ids below the lowest seen (no page number, so no page cap)."""
+    below: int | None = None
+    while True:
+        items = await fetch(below)
+        if not items:
+            return
+        for item in items:
+            yield item
+        below = min(int(item["id"]) for item in items)

@@ -1,4 +1,9 @@
-"""A loopback HTTP server that replays danbooru-style API responses and serves the images."""
+"""Loopback HTTP servers that replay image-site APIs and serve the images.
+
+Each replay answers its site's search endpoint in the site's own JSON shape (with its paging
+rules and caps) and serves the files under ``/data/``. Every request is logged with its time,
+so tests can check rate limits; ``faults`` and ``data_faults`` inject error replies.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from urllib.parse import parse_qs, urlparse
 
 from PIL import Image
 
+Reply = tuple[int, bytes]
+
 
 @dataclass
 class ReplayImage:
@@ -23,16 +30,24 @@ class ReplayImage:
 
 
 @dataclass
-class DanbooruReplay:
-    """Serves ``/posts.json`` (tag search, ``limit``, ``page``) and ``/data/<file>`` on 127.0.0.1."""
+class _Post:
+    id: int
+    md5: str
+    width: int
+    height: int
+    tags: list[str]
+    image: ReplayImage
+
+
+@dataclass
+class Replay:
+    """The server machinery; subclasses answer their site's API in ``api()``."""
 
     images: list[ReplayImage]
     requests: list[tuple[float, str]] = field(default_factory=list)
-    faults: list[tuple[int, dict[str, str], bytes]] = field(
-        default_factory=list, metadata={"doc": "(status, headers, body) answered, in order, before normal replies"}
-    )
-    data_faults: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)  # the same, for image requests only
-    page_cap: int = 1000  # numbered pages beyond this answer 410, as danbooru's do past 1000
+    faults: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)  # (status, headers, body), in order
+    data_faults: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)  # the same, image requests only
+    page_cap: int = 1000  # numbered pages beyond this are refused, as real sites refuse deep paging
     latency_s: float = 0.0  # simulated server time per request
     _server: ThreadingHTTPServer | None = None
 
@@ -42,44 +57,29 @@ class DanbooruReplay:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def _posts(self) -> list[dict]:
+    def _index(self) -> list[_Post]:
         posts = []
         for index, item in enumerate(self.images):
-            data = item.path.read_bytes()
             with Image.open(item.path) as image:
                 width, height = image.size
-            general = sorted(item.general)
-            posts.append(
-                {
-                    "id": 7000000 - index,
-                    "md5": hashlib.md5(data).hexdigest(),
-                    "rating": "g",
-                    "score": 10 + index,
-                    "image_width": width,
-                    "image_height": height,
-                    "file_ext": item.path.suffix.lstrip("."),
-                    "tag_string": " ".join(sorted(general + item.character)),
-                    "tag_string_general": " ".join(general),
-                    "tag_string_character": " ".join(item.character),
-                    "tag_string_copyright": "",
-                    "tag_string_artist": "",
-                    "tag_string_meta": "",
-                    "is_deleted": False,
-                    "is_banned": False,
-                    "file_url": f"{self.url}/data/{item.path.name}",
-                    "media_asset": {
-                        "variants": [
-                            {"type": "original", "url": f"{self.url}/data/{item.path.name}", "width": width, "height": height}
-                        ]
-                    },
-                }
-            )
+            md5 = hashlib.md5(item.path.read_bytes()).hexdigest()
+            posts.append(_Post(7000000 - index, md5, width, height, sorted(item.general + item.character), item))
         return posts
 
-    def start(self) -> DanbooruReplay:
+    def file_url(self, post: _Post) -> str:
+        return f"{self.url}/data/{post.image.path.name}"
+
+    def matching(self, wanted: set[str]) -> list[_Post]:
+        """Posts carrying every wanted tag; ``id:<N`` filters by id, as the sites' search syntax does."""
+        below = next((int(tag[4:]) for tag in wanted if tag.startswith("id:<")), None)
+        plain = {tag for tag in wanted if not tag.startswith("id:<")}
+        return [p for p in self.posts if plain <= set(p.tags) and (below is None or p.id < below)]
+
+    def api(self, path: str, query: dict[str, str]) -> Reply:  # pragma: no cover - every replay overrides it
+        raise NotImplementedError
+
+    def start(self) -> Replay:
         replay = self
-        files = {item.path.name: item.path for item in self.images}
-        posts_holder: list[list[dict]] = []
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *_args: object) -> None:
@@ -102,32 +102,20 @@ class DanbooruReplay:
                 queue = replay.data_faults if self.path.startswith("/data/") and replay.data_faults else replay.faults
                 if queue:
                     status, headers, body = queue.pop(0)
+                    headers = dict(headers)
                     self._send(status, body, headers.pop("Content-Type", "text/html"), headers)
                     return
                 parsed = urlparse(self.path)
-                if parsed.path == "/posts.json":
-                    query = parse_qs(parsed.query)
-                    wanted = set(query.get("tags", [""])[0].split())
-                    limit = int(query.get("limit", ["20"])[0])
-                    page = query.get("page", ["1"])[0]
-                    matching = [p for p in posts_holder[0] if wanted <= set(p["tag_string"].split())]
-                    if page.startswith("b"):  # keyset: posts below an id, newest first
-                        chunk = [p for p in matching if p["id"] < int(page[1:])][:limit]
-                    elif int(page) > replay.page_cap:
-                        message = f'{{"success": false, "message": "You cannot go beyond page {replay.page_cap}."}}'
-                        self._send(410, message.encode(), "application/json")
-                        return
-                    else:
-                        chunk = matching[(int(page) - 1) * limit : int(page) * limit]
-                    self._send(200, json.dumps(chunk).encode(), "application/json")
-                elif parsed.path.startswith("/data/") and parsed.path[6:] in files:
+                if parsed.path.startswith("/data/") and parsed.path[6:] in files:
                     path = files[parsed.path[6:]]
                     self._send(200, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
-                else:
-                    self._send(404, b'{"success": false}', "application/json")
+                    return
+                status, body = replay.api(parsed.path, {k: v[0] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()})
+                self._send(status, body, "application/json")
 
+        files = {item.path.name: item.path for item in self.images}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        posts_holder.append(self._posts())
+        self.posts = self._index()
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -137,8 +125,94 @@ class DanbooruReplay:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> DanbooruReplay:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def _json(data: object) -> Reply:
+    return 200, json.dumps(data).encode()
+
+
+class DanbooruReplay(Replay):
+    """``/posts.json`` with ``tags``, ``limit`` and ``page`` (numbers, or ``b<id>`` keyset); 410 past the cap."""
+
+    def api(self, path: str, query: dict[str, str]) -> Reply:
+        if path != "/posts.json":
+            return 404, b'{"success": false}'
+        limit, page = int(query.get("limit", "20")), query.get("page", "1")
+        matching = self.matching(set(query.get("tags", "").split()))
+        if page.startswith("b"):
+            chunk = [p for p in matching if p.id < int(page[1:])][:limit]
+        elif int(page) > self.page_cap:
+            return 410, json.dumps({"success": False, "message": f"You cannot go beyond page {self.page_cap}."}).encode()
+        else:
+            chunk = matching[(int(page) - 1) * limit : int(page) * limit]
+        general = lambda p: sorted(p.image.general)  # noqa: E731
+        return _json(
+            [
+                {
+                    "id": p.id, "md5": p.md5, "rating": "g", "score": 10, "image_width": p.width, "image_height": p.height,
+                    "file_ext": p.image.path.suffix.lstrip("."), "tag_string": " ".join(p.tags),
+                    "tag_string_general": " ".join(general(p)), "tag_string_character": " ".join(p.image.character),
+                    "tag_string_copyright": "", "tag_string_artist": "", "tag_string_meta": "", "is_deleted": False,
+                    "is_banned": False, "file_url": self.file_url(p),
+                    "media_asset": {"variants": [{"type": "original", "url": self.file_url(p), "width": p.width, "height": p.height}]},
+                }  # fmt: skip
+                for p in chunk
+            ]
+        )
+
+
+class GelbooruReplay(Replay):
+    """``/index.php?page=dapi&s=post&q=index&json=1`` with ``pid`` paging; ``{"@attributes", "post"}``,
+    and no ``post`` key on an empty page. ``credentials`` = (user_id, api_key) makes them required (401)."""
+
+    credentials: tuple[str, str] | None = None
+
+    def api(self, path: str, query: dict[str, str]) -> Reply:
+        if path != "/index.php" or query.get("page") != "dapi":
+            return 404, b"{}"
+        if self.credentials and (query.get("user_id"), query.get("api_key")) != self.credentials:
+            return 401, b'{"success": false, "message": "Missing authentication"}'
+        limit, pid = int(query.get("limit", "100")), int(query.get("pid", "0"))
+        if pid * limit >= self.page_cap * limit:
+            return _json({"@attributes": {"limit": limit, "offset": pid * limit, "count": 0}})
+        matching = self.matching(set(query.get("tags", "").split()))
+        chunk = matching[pid * limit : (pid + 1) * limit]
+        body: dict = {"@attributes": {"limit": limit, "offset": pid * limit, "count": len(matching)}}
+        if chunk:
+            body["post"] = [
+                {
+                    "id": p.id, "md5": p.md5, "width": p.width, "height": p.height, "score": 3, "rating": "general",
+                    "tags": " ".join(p.tags), "file_url": self.file_url(p), "sample_url": "", "sample_width": 0,
+                    "sample_height": 0, "status": "active",
+                }  # fmt: skip
+                for p in chunk
+            ]
+        return _json(body)
+
+
+class MoebooruReplay(Replay):
+    """``/post.json`` with ``tags``, ``limit``, ``page`` (yande.re, konachan); an empty list past the cap."""
+
+    def api(self, path: str, query: dict[str, str]) -> Reply:
+        if path != "/post.json":
+            return 404, b"[]"
+        limit, page = int(query.get("limit", "100")), int(query.get("page", "1"))
+        if page > self.page_cap:
+            return _json([])
+        matching = self.matching(set(query.get("tags", "").split()))
+        return _json(
+            [
+                {
+                    "id": p.id, "md5": p.md5, "tags": " ".join(p.tags), "rating": "s", "score": 5, "width": p.width,
+                    "height": p.height, "file_url": self.file_url(p), "file_ext": p.image.path.suffix.lstrip("."),
+                    "sample_url": self.file_url(p), "sample_width": p.width, "sample_height": p.height,
+                    "jpeg_url": self.file_url(p), "jpeg_width": p.width, "jpeg_height": p.height, "status": "active",
+                }  # fmt: skip
+                for p in matching[(page - 1) * limit : page * limit]
+            ]
+        )

@@ -1,0 +1,44 @@
+"""Moebooru sites (yande.re, konachan): ``/post.json`` with keyset paging via ``id:<N``.
+
+Each post offers ``file``, ``jpeg`` and ``sample`` variants; the smallest one big enough is fetched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from lorafactory.sources.base import Candidate, Post, smallest_fit
+from lorafactory.sources.http import SiteClient, keyset
+
+
+class Moebooru:
+    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str, auth: tuple[str, str] | None = None) -> None:
+        self.client, self.base_url, self.page_size, self.name, self.auth = client, base_url.rstrip("/"), min(page_size, 100), name, auth
+
+    def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
+        async def page(below: int | None) -> list[dict]:
+            query = tags + ([f"id:<{below}"] if below is not None else [])
+            params = {"tags": " ".join(query), "limit": self.page_size, "page": 1}
+            if self.auth:
+                params.update({"login": self.auth[0], "password_hash": self.auth[1]})
+            return await self.client.get_json(f"{self.base_url}/post.json", params)
+
+        return keyset(page)
+
+    def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
+        if raw.get("status") == "deleted":
+            return None
+        variants = [
+            (raw.get(f"{kind}_url") or "", int(raw.get(f"{kind}_width" if kind != "file" else "width") or 0),
+             int(raw.get(f"{kind}_height" if kind != "file" else "height") or 0))
+            for kind in ("sample", "jpeg", "file")
+        ]  # fmt: skip
+        chosen = smallest_fit(variants, min_size)
+        if chosen is None:
+            return None
+        url, width, height = chosen
+        post = Post(
+            site=self.name, post_id=str(raw["id"]), md5=raw.get("md5") or "", filename="", url=url, width=width, height=height,
+            rating=raw.get("rating") or "", score=int(raw.get("score") or 0), tags={"general": (raw.get("tags") or "").split()},
+        )  # fmt: skip
+        return Candidate(post, url)
