@@ -197,3 +197,20 @@ def test_gelbooru_without_credentials_says_which_to_set(tmp_path, kit, monkeypat
         posts, _ = crawl(settings, tmp_path / "b", SilentProgress())
     assert len(posts) == 1
     assert "secret-key" not in (tmp_path / "b" / "posts.jsonl").read_text()
+
+
+def test_zerochan_rules_redirects_and_control_characters(tmp_path, kit):
+    from lorafactory.testing.replay import ZerochanReplay
+
+    images = sorted(kit.images.glob("main_*.png"))[:5]
+    replay = ZerochanReplay([ReplayImage(p, ["Female"], ["Akane Hoshino"]) for p in images])
+    replay.aliases = {"Hoshino Akane": "Akane Hoshino"}
+    overrides = ['character.name="Hoshino Akane"', "crawl.min_size=0", "crawl.page_size=2", 'crawl.sites=["zerochan"]']
+    with replay:
+        overrides += [f'crawl.zerochan.base_url="{replay.url}"', "crawl.zerochan.requests_per_second=100"]
+        with pytest.raises(InputError, match="crawl.zerochan.username"):
+            crawl(load_settings(overrides=overrides), tmp_path / "a", SilentProgress())
+        posts, counts = crawl(load_settings(overrides=[*overrides, 'crawl.zerochan.username="tester"']), tmp_path / "b", SilentProgress())
+    assert len(posts) == 5 and counts["downloaded"] == 5 and posts[0].site == "zerochan"
+    assert posts[0].tags["general"] and all(agent.endswith(" - tester") for agent in replay.agents)
+    assert any(path.startswith("/Hoshino+Akane") for _, path in replay.requests)  # followed the redirect

@@ -63,8 +63,13 @@ class KonachanSite(SiteSettings):
     base_url: str = "https://konachan.com"
 
 
-SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan")
-SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan"]
+class ZerochanSite(SiteSettings):
+    base_url: str = "https://www.zerochan.net"
+    username: str = Field("", description="Your Zerochan username: Zerochan requires it in the User-Agent.")
+
+
+SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan")
+SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan"]
 
 
 class CrawlSettings(Section):
@@ -83,6 +88,7 @@ class CrawlSettings(Section):
     gelbooru: GelbooruSite = Field(default_factory=GelbooruSite)
     yandere: YandereSite = Field(default_factory=YandereSite)
     konachan: KonachanSite = Field(default_factory=KonachanSite)
+    zerochan: ZerochanSite = Field(default_factory=ZerochanSite)
 
 
 class VisionSettings(Section):

@@ -27,6 +27,7 @@ from lorafactory.sources.base import Candidate, Post
 from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
 from lorafactory.sources.moebooru import Moebooru
+from lorafactory.sources.zerochan import Zerochan
 from lorafactory.sources.http import RateLimit, SiteClient
 from lorafactory.sources.local import crawl_local
 
@@ -73,6 +74,7 @@ SITES: dict[str, tuple[type, tuple[str, str]]] = {
     "gelbooru": (Gelbooru, ("USER_ID", "API_KEY")),
     "yandere": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
     "konachan": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
+    "zerochan": (Zerochan, ("LOGIN", "PASSWORD")),  # unused for now: anonymous listing only
 }
 
 
@@ -105,9 +107,16 @@ class _SiteCrawl:
         c = self.settings.crawl
         site_settings = getattr(c, name)
         auth = _credentials(name)
-        client = SiteClient(name, http, RateLimit(site_settings.requests_per_second, site_settings.concurrency), c.max_retries, auth or ())
+        headers = {}
+        if name == "zerochan":  # Zerochan's rule: the User-Agent names the project and a Zerochan user
+            if not site_settings.username:
+                raise InputError("zerochan requires your Zerochan username in the User-Agent; set crawl.zerochan.username")
+            headers["User-Agent"] = f"{c.user_agent} - {site_settings.username}"
+        limit = RateLimit(site_settings.requests_per_second, site_settings.concurrency)
+        client = SiteClient(name, http, limit, c.max_retries, auth or (), headers)
         site = SITES[name][0](client, site_settings.base_url, c.page_size, name=name, auth=auth)
-        tags = site_settings.tags or c.tags or [character_tag(self.settings.character.name)]
+        tag_for = getattr(site, "tag_for", character_tag)
+        tags = site_settings.tags or c.tags or [tag_for(self.settings.character.name)]
         tasks: list[asyncio.Task] = []
         index = 0
         async for raw in site.posts(tags):

@@ -62,9 +62,12 @@ class RateLimit:
 class SiteClient:
     """Requests to one site through the shared client, under that site's rate limit."""
 
-    def __init__(self, site: str, http: httpx.AsyncClient, limit: RateLimit, max_retries: int, secrets: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, site: str, http: httpx.AsyncClient, limit: RateLimit, max_retries: int, secrets: tuple[str, ...] = (), headers: dict | None = None
+    ) -> None:
         self.site, self.http, self.limit, self.max_retries = site, http, limit, max_retries
         self.secrets = tuple(s for s in secrets if s)
+        self.headers = headers or {}  # sent with every request to this site (e.g. its own User-Agent rule)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -77,7 +80,7 @@ class SiteClient:
         while True:
             try:
                 async with self.limit:
-                    response = await self.http.get(url, params=params, headers=headers)
+                    response = await self.http.get(url, params=params, headers={**self.headers, **(headers or {})})
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
                     raise StageError(f"{self.site}: request failed after {attempt + 1} tries ({exc.__class__.__name__})") from None

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote_plus, unquote_plus, urlparse
 
 from PIL import Image
 
@@ -49,6 +49,7 @@ class Replay:
     data_faults: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)  # the same, image requests only
     page_cap: int = 1000  # numbered pages beyond this are refused, as real sites refuse deep paging
     latency_s: float = 0.0  # simulated server time per request
+    agents: list[str] = field(default_factory=list)  # User-Agent of each API request
     _server: ThreadingHTTPServer | None = None
 
     @property
@@ -111,6 +112,10 @@ class Replay:
                     self._send(200, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
                     return
                 status, body = replay.api(parsed.path, {k: v[0] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()})
+                if 300 <= status < 400:  # the body names the new path; the query is kept
+                    self._send(status, b"", "text/plain", {"Location": f"/{body.decode()}?{parsed.query}"})
+                    return
+                replay.agents.append(self.headers.get("User-Agent", ""))
                 self._send(status, body, "application/json")
 
         files = {item.path.name: item.path for item in self.images}
@@ -216,3 +221,35 @@ class MoebooruReplay(Replay):
                 for p in matching[(page - 1) * limit : page * limit]
             ]
         )
+
+
+class ZerochanReplay(Replay):
+    """``/<Tag+Name>?json&p=&l=`` lists with ``next``, ``/<id>?json`` items; ``aliases`` redirect
+    (301) to the canonical tag; every JSON reply carries a raw control character, as Zerochan's
+    sometimes do; the User-Agent of each request is kept in ``agents``."""
+
+    aliases: dict[str, str] = {}
+
+    def api(self, path: str, query: dict[str, str]) -> Reply:
+        name = unquote_plus(path.lstrip("/"))
+        if name in self.aliases:
+            return 301, quote_plus(self.aliases[name]).encode()
+        if name.isdigit():
+            post = next((p for p in self.posts if p.id == int(name)), None)
+            if post is None:
+                return 404, b"{}"
+            return _raw_control({"id": post.id, "small": "", "medium": "", "large": "", "full": self.file_url(post),
+                                 "width": post.width, "height": post.height, "hash": post.md5, "tags": post.tags})  # fmt: skip
+        tags = set(name.split(","))
+        matching = [p for p in self.posts if tags <= set(p.image.character)]
+        if not matching:
+            return 404, b"{}"
+        limit, page = int(query.get("l", "20")), int(query.get("p", "1"))
+        chunk = matching[(page - 1) * limit : page * limit]
+        items = [{"id": p.id, "width": p.width, "height": p.height, "md5": p.md5, "tag": name, "tags": p.tags} for p in chunk]
+        return _raw_control({"items": items, "next": page * limit < len(matching)})
+
+
+def _raw_control(data: object) -> Reply:
+    """JSON with a raw control byte between a key and its colon: invalid unless stripped."""
+    return 200, json.dumps(data).encode().replace(b'"tags":', b'"tags"\x01:', 1)
