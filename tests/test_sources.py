@@ -214,3 +214,25 @@ def test_zerochan_rules_redirects_and_control_characters(tmp_path, kit):
     assert len(posts) == 5 and counts["downloaded"] == 5 and posts[0].site == "zerochan"
     assert posts[0].tags["general"] and all(agent.endswith(" - tester") for agent in replay.agents)
     assert any(path.startswith("/Hoshino+Akane") for _, path in replay.requests)  # followed the redirect
+
+
+@pytest.mark.parametrize("site", ["danbooru", "gelbooru", "yandere"])
+def test_the_name_is_looked_up_as_the_most_posted_character_tag(tmp_path, kit, site):
+    from lorafactory.testing.replay import GelbooruReplay, MoebooruReplay
+
+    kind = {"danbooru": DanbooruReplay, "gelbooru": GelbooruReplay, "yandere": MoebooruReplay}[site]
+    mains = sorted(kit.images.glob("main_*.png"))
+    images = [ReplayImage(p, ["1girl"], ["akane_hoshino_(idol)"]) for p in mains[:5]]
+    images += [ReplayImage(p, ["1girl"], ["akane_hoshino_(cosplay)"]) for p in mains[5:7]]  # a rarer namesake
+    archive = MemoryArchive()
+    with kind(images) as replay:
+        overrides = ['character.name="Akane Hoshino"', "crawl.min_size=0", f'crawl.sites=["{site}"]',
+                     f'crawl.{site}.base_url="{replay.url}"', f"crawl.{site}.requests_per_second=100"]  # fmt: skip
+        posts, counts = crawl(load_settings(overrides=overrides), tmp_path / "a", SilentProgress(), archive)
+        assert counts["tags"] == {site: "akane_hoshino_(idol)"} and len(posts) == 5
+        marker = {"danbooru": "/autocomplete.json", "gelbooru": "s=tag", "yandere": "/tag.json"}[site]
+        first_run = len(replay.requests)
+        assert sum(marker in path for _, path in replay.requests) == 1
+        crawl(load_settings(overrides=overrides), tmp_path / "b", SilentProgress(), archive)
+        assert not any(marker in path for _, path in replay.requests[first_run:])  # remembered, not asked again
+    assert archive.site_tag(site, "Akane Hoshino") == ("akane_hoshino_(idol)", 5)

@@ -35,9 +35,15 @@ log = logging.getLogger(__name__)
 
 
 class Archive(Protocol):
+    """What a crawl remembers across runs: the posts downloaded and the tag chosen on each site."""
+
     def archived(self) -> dict[tuple[str, str], dict]: ...
 
     def record(self, post: Post) -> None: ...
+
+    def site_tag(self, site: str, name: str) -> tuple[str, int] | None: ...
+
+    def remember_site_tag(self, site: str, name: str, tag: str, post_count: int) -> None: ...
 
 
 @dataclass
@@ -53,18 +59,31 @@ class StoreArchive:
     def record(self, post: Post) -> None:
         self.store.archive(self.collection, post.site, post.post_id, post.md5, post.filename, post.model_dump(mode="json"))
 
+    def site_tag(self, site: str, name: str) -> tuple[str, int] | None:
+        return self.store.site_tag(site, name)
+
+    def remember_site_tag(self, site: str, name: str, tag: str, post_count: int) -> None:
+        self.store.remember_site_tag(site, name, tag, post_count)
+
 
 @dataclass
 class MemoryArchive:
     """An archive that lives only as long as the run (library use without a state store)."""
 
     posts: dict[tuple[str, str], dict] = field(default_factory=dict)
+    tags: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
 
     def archived(self) -> dict[tuple[str, str], dict]:
         return dict(self.posts)
 
     def record(self, post: Post) -> None:
         self.posts[(post.site, post.post_id)] = post.model_dump(mode="json")
+
+    def site_tag(self, site: str, name: str) -> tuple[str, int] | None:
+        return self.tags.get((site, name))
+
+    def remember_site_tag(self, site: str, name: str, tag: str, post_count: int) -> None:
+        self.tags[(site, name)] = (tag, post_count)
 
 
 # site -> (API class, the two credential variables after LORAFACTORY_<SITE>_)
@@ -98,6 +117,7 @@ class _SiteCrawl:
         self.reserved = 0
         self.seen_md5: set[str] = set()
         self.counts: Counter[str] = Counter()
+        self.chosen: dict[str, str] = {}  # site -> the tag the lookup chose
 
     @property
     def full(self) -> bool:
@@ -115,8 +135,7 @@ class _SiteCrawl:
         limit = RateLimit(site_settings.requests_per_second, site_settings.concurrency)
         client = SiteClient(name, http, limit, c.max_retries, auth or (), headers)
         site = SITES[name][0](client, site_settings.base_url, c.page_size, name=name, auth=auth)
-        tag_for = getattr(site, "tag_for", character_tag)
-        tags = site_settings.tags or c.tags or [tag_for(self.settings.character.name)]
+        tags = site_settings.tags or c.tags or [await self.character_tag(site, name)]
         tasks: list[asyncio.Task] = []
         index = 0
         async for raw in site.posts(tags):
@@ -136,6 +155,24 @@ class _SiteCrawl:
             tasks.append(asyncio.create_task(self.fetch(client, candidate, (order, index))))
             index += 1
         await asyncio.gather(*tasks)
+
+    async def character_tag(self, site, name: str) -> str:
+        """The site's tag for the character: remembered, else the most-posted character tag its own
+        lookup finds, else the name in the site's tag style."""
+        character = self.settings.character.name
+        known = self.archive.site_tag(name, character)
+        if known is None and hasattr(site, "character_tags"):
+            found = await site.character_tags(character)
+            if found:
+                known = max(found, key=lambda item: item[1])
+                self.archive.remember_site_tag(name, character, *known)
+        if known is None:
+            fallback = getattr(site, "tag_for", character_tag)(character)
+            log.warning("%s: no character tag found for %r; searching %r (set crawl.%s.tags to choose)", name, character, fallback, name)
+            return fallback
+        log.info("%s: using tag %r (%d posts)", name, known[0], known[1])
+        self.chosen[name] = known[0]
+        return known[0]
 
     async def fetch(self, client: SiteClient, candidate: Candidate, order: tuple[int, int]) -> None:
         post = candidate.post
@@ -210,7 +247,7 @@ def crawl(
             state = _SiteCrawl(settings, images_dir, archive or MemoryArchive(), previous, task.advance)
             asyncio.run(_crawl_sites(state))
             posts = sorted((post for *_, post in state.kept), key=lambda post: _order(c.sites, post))
-            counts = {**state.counts, "kept": len(posts)}
+            counts = {**state.counts, "kept": len(posts), **({"tags": state.chosen} if state.chosen else {})}
     if not posts:
         where = c.from_dir if c.source == "local" else f"{', '.join(c.sites)} with tags {c.tags or [character_tag(settings.character.name)]}"
         raise InputError(f"no usable images found in {where}; check the name, --site/--from-dir, or crawl.tags")

@@ -44,6 +44,12 @@ class Danbooru:
 
         return keyset(page)
 
+    async def character_tags(self, name: str) -> list[tuple[str, int]]:
+        """Character tags (category 4) matching the name, through the site's autocomplete."""
+        params = {"search[query]": character_tag(name), "search[type]": "tag_query", "limit": 10}
+        found = await self.client.get_json(f"{self.base_url}/autocomplete.json", params)
+        return [(item["value"], int(item.get("post_count") or 0)) for item in found if int(item.get("category", -1)) == 4]
+
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
         if raw.get("is_deleted") or raw.get("is_banned"):
             return None

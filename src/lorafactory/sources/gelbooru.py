@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from lorafactory.sources.base import Candidate, Post, smallest_fit
+from lorafactory.sources.danbooru import character_tag
 from lorafactory.sources.http import SiteClient, keyset
 
 RATINGS = {"general": "g", "sensitive": "s", "questionable": "q", "explicit": "e"}
@@ -34,6 +35,14 @@ class Gelbooru:
             return body.get("post") or []  # no "post" key at all on an empty page
 
         return keyset(page)
+
+    async def character_tags(self, name: str) -> list[tuple[str, int]]:
+        """Character tags (type 4) containing the name, through the dapi tag index."""
+        params = {"page": "dapi", "s": "tag", "q": "index", "json": "1", "name_pattern": f"%{character_tag(name)}%", "limit": 100}
+        if self.auth:
+            params.update({"user_id": self.auth[0], "api_key": self.auth[1]})
+        found = (await self.client.get_json(f"{self.base_url}/index.php", params)).get("tag") or []
+        return [(item["name"], int(item.get("count") or 0)) for item in found if int(item.get("type", -1)) == 4]
 
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
         variants = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from lorafactory.sources.base import Candidate, Post, smallest_fit
+from lorafactory.sources.danbooru import character_tag
 from lorafactory.sources.http import SiteClient, keyset
 
 
@@ -24,6 +25,11 @@ class Moebooru:
             return await self.client.get_json(f"{self.base_url}/post.json", params)
 
         return keyset(page)
+
+    async def character_tags(self, name: str) -> list[tuple[str, int]]:
+        """Character tags (type 4) containing the name, most posted first, through ``/tag.json``."""
+        found = await self.client.get_json(f"{self.base_url}/tag.json", {"name": character_tag(name), "order": "count", "limit": 20})
+        return [(item["name"], int(item.get("count") or 0)) for item in found if int(item.get("type", -1)) == 4]
 
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
         if raw.get("status") == "deleted":

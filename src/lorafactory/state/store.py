@@ -27,6 +27,7 @@ from lorafactory.state.models import (
     Metric,
     Run,
     SchemaInfo,
+    SiteTag,
     StageExecution,
 )
 
@@ -200,6 +201,19 @@ class Store:
             ).first()
             if exists is None:
                 session.add(Download(collection=collection, site=site, post_id=post_id, md5=md5, filename=filename, post=post, created_at=_now()))
+
+    def site_tag(self, site: str, name: str) -> tuple[str, int] | None:
+        with self.session() as session:
+            row = session.execute(select(SiteTag).where(SiteTag.site == site, SiteTag.name == name)).scalar_one_or_none()
+            return None if row is None else (row.tag, row.post_count)
+
+    def remember_site_tag(self, site: str, name: str, tag: str, post_count: int) -> None:
+        with self.session() as session:
+            row = session.execute(select(SiteTag).where(SiteTag.site == site, SiteTag.name == name)).scalar_one_or_none()
+            if row is None:
+                session.add(SiteTag(site=site, name=name, tag=tag, post_count=post_count, created_at=_now()))
+            else:
+                row.tag, row.post_count = tag, post_count
 
     # reading -------------------------------------------------------------------
 

@@ -76,6 +76,14 @@ class Replay:
         plain = {tag for tag in wanted if not tag.startswith("id:<")}
         return [p for p in self.posts if plain <= set(p.tags) and (below is None or p.id < below)]
 
+    def character_counts(self) -> dict[str, int]:
+        """Character tag -> number of posts, for the sites' tag-lookup endpoints."""
+        counts: dict[str, int] = {}
+        for post in self.posts:
+            for tag in post.image.character:
+                counts[tag] = counts.get(tag, 0) + 1
+        return counts
+
     def api(self, path: str, query: dict[str, str]) -> Reply:  # pragma: no cover - every replay overrides it
         raise NotImplementedError
 
@@ -145,6 +153,14 @@ class DanbooruReplay(Replay):
     """``/posts.json`` with ``tags``, ``limit`` and ``page`` (numbers, or ``b<id>`` keyset); 410 past the cap."""
 
     def api(self, path: str, query: dict[str, str]) -> Reply:
+        if path == "/autocomplete.json":
+            prefix = query.get("search[query]", "").rstrip("*")
+            found = [
+                {"type": "tag", "label": tag.replace("_", " "), "value": tag, "category": 4, "post_count": count, "antecedent": None}
+                for tag, count in self.character_counts().items()
+                if tag.startswith(prefix)
+            ]
+            return _json(sorted(found, key=lambda t: -t["post_count"])[:10])
         if path != "/posts.json":
             return 404, b'{"success": false}'
         limit, page = int(query.get("limit", "20")), query.get("page", "1")
@@ -182,6 +198,10 @@ class GelbooruReplay(Replay):
             return 404, b"{}"
         if self.credentials and (query.get("user_id"), query.get("api_key")) != self.credentials:
             return 401, b'{"success": false, "message": "Missing authentication"}'
+        if query.get("s") == "tag":
+            needle = query.get("name_pattern", "").strip("%")
+            tags = [{"id": i, "name": t, "count": n, "type": 4, "ambiguous": 0} for i, (t, n) in enumerate(self.character_counts().items()) if needle in t]
+            return _json({"@attributes": {"limit": 100, "offset": 0, "count": len(tags)}, **({"tag": tags} if tags else {})})
         limit, pid = int(query.get("limit", "100")), int(query.get("pid", "0"))
         if pid * limit >= self.page_cap * limit:
             return _json({"@attributes": {"limit": limit, "offset": pid * limit, "count": 0}})
@@ -204,6 +224,10 @@ class MoebooruReplay(Replay):
     """``/post.json`` with ``tags``, ``limit``, ``page`` (yande.re, konachan); an empty list past the cap."""
 
     def api(self, path: str, query: dict[str, str]) -> Reply:
+        if path == "/tag.json":
+            needle = query.get("name", "")
+            tags = [{"id": i, "name": t, "count": n, "type": 4, "ambiguous": False} for i, (t, n) in enumerate(self.character_counts().items()) if needle in t]
+            return _json(sorted(tags, key=lambda t: -t["count"]))
         if path != "/post.json":
             return 404, b"[]"
         limit, page = int(query.get("limit", "100")), int(query.get("page", "1"))
