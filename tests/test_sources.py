@@ -236,3 +236,56 @@ def test_the_name_is_looked_up_as_the_most_posted_character_tag(tmp_path, kit, s
         crawl(load_settings(overrides=overrides), tmp_path / "b", SilentProgress(), archive)
         assert not any(marker in path for _, path in replay.requests[first_run:])  # remembered, not asked again
     assert archive.site_tag(site, "Akane Hoshino") == ("akane_hoshino_(idol)", 5)
+
+
+def test_disk_full_stops_the_crawl_and_leaves_no_partial_file(tmp_path, kit, monkeypatch):
+    """A full disk (simulated at that edge: the write fails with ENOSPC) stops the crawl cleanly."""
+    import errno
+    import os as os_module
+
+    from lorafactory.sources import http as http_module
+    from lorafactory.sources.http import StorageFull
+
+    real_fdopen = os_module.fdopen
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(http_module.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with _replay(kit, count=3) as replay:
+        with pytest.raises(StorageFull, match="No space left on device; free disk space"):
+            crawl(_settings(replay), tmp_path, SilentProgress())
+    assert list((tmp_path / "images").iterdir()) == []  # no partial file landed
+
+
+def test_cli_crawls_two_sites_with_a_limit(tmp_path, kit):
+    from typer.testing import CliRunner
+
+    from lorafactory.cli import app
+    from lorafactory.testing.replay import ZerochanReplay
+
+    mains = sorted(kit.images.glob("main_*.png"))
+    with DanbooruReplay([ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in mains[:6]]) as booru, ZerochanReplay(
+        [ReplayImage(p, ["Female"], ["Akane Hoshino"]) for p in mains[4:10]]
+    ) as zerochan:
+        result = CliRunner().invoke(
+            app,
+            ["crawl", "Akane Hoshino", "--site", "danbooru", "--site", "zerochan", "--limit", "500", "--workspace", str(tmp_path),
+             "--set", f'crawl.danbooru.base_url="{booru.url}"', "--set", f'crawl.zerochan.base_url="{zerochan.url}"',
+             "--set", 'crawl.zerochan.username="tester"', "--set", "crawl.zerochan.requests_per_second=50",
+             "--set", "crawl.danbooru.requests_per_second=50", "--set", "crawl.min_size=0"],
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    posts = (tmp_path / "akane_hoshino" / "crawl" / "posts.jsonl").read_text().splitlines()
+    assert len(posts) == 10  # 6 + 6 with 2 shared images, deduplicated by md5
+    assert {'"site":"danbooru"' in p or '"site": "danbooru"' in p for p in posts} == {True, False}

@@ -102,6 +102,7 @@ def _stage_command(stage: str, doc: str):
         name: str = typer.Argument(..., help='Character name, e.g. "Surtr (Arknights)".'),
         from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="Use a local folder of images (+ optional .txt tags)."),
         site: Optional[List[str]] = typer.Option(None, "--site", help="Image site to crawl, repeatable: danbooru, safebooru, gelbooru, yandere, konachan, zerochan."),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Maximum number of images to crawl (crawl.limit)."),
         workspace: Path = WorkspaceOpt,
         db: Optional[str] = DbOpt,
         config: Optional[Path] = ConfigOpt,
@@ -109,7 +110,8 @@ def _stage_command(stage: str, doc: str):
         set_: Optional[List[str]] = SetOpt,
         force: Optional[str] = ForceOpt,
     ) -> None:
-        _run(name, stage, workspace, db, config, preset, set_, force, _source_overrides(from_dir, site))
+        sources = _source_overrides(from_dir, site) + ([f"crawl.limit={limit}"] if limit else [])
+        _run(name, stage, workspace, db, config, preset, set_, force, sources)
 
     command.__doc__ = doc
     return command

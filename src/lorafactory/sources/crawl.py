@@ -28,7 +28,7 @@ from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
 from lorafactory.sources.moebooru import Moebooru
 from lorafactory.sources.zerochan import Zerochan
-from lorafactory.sources.http import RateLimit, SiteClient
+from lorafactory.sources.http import RateLimit, SiteClient, StorageFull
 from lorafactory.sources.local import crawl_local
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,8 @@ class _SiteCrawl:
             target = self.images_dir / post.filename
             try:
                 await client.download(candidate.url, target)
+            except StorageFull:
+                raise
             except StageError as exc:
                 log.warning("skipping %s post %s: %s", post.site, post.post_id, exc)
                 self.counts["failed"] += 1
@@ -213,7 +215,7 @@ async def _crawl_sites(crawl_state: _SiteCrawl) -> None:
     errors = []
     for name, result in zip(c.sites, results):
         if isinstance(result, BaseException):
-            if not isinstance(result, StageError):
+            if not isinstance(result, StageError) or isinstance(result, StorageFull):
                 raise result
             log.warning("%s stopped: %s", name, result)
             crawl_state.counts[f"{name}_failed"] = 1

@@ -30,6 +30,10 @@ class CloudflareBlocked(StageError):
     """The site answered with a Cloudflare challenge page."""
 
 
+class StorageFull(StageError):
+    """A download could not be written: the whole crawl stops (finished files are kept)."""
+
+
 def is_cloudflare_challenge(response: httpx.Response) -> bool:
     return response.status_code in (403, 503) and (
         response.headers.get("cf-mitigated") == "challenge"
@@ -128,11 +132,17 @@ class SiteClient:
             raise StageError(f"{self.site}: download truncated ({len(body)} of {expected} bytes)")
         if not body.startswith(IMAGE_MAGIC):
             raise StageError(f"{self.site}: download is not an image ({response.headers.get('content-type', 'unknown type')})")
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        except OSError as exc:
+            raise StorageFull(f"cannot write into {dest.parent}: {exc.strerror}; free disk space and rerun (finished downloads are kept)") from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(body)
             os.replace(tmp, dest)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StorageFull(f"cannot write {dest.name}: {exc.strerror}; free disk space and rerun (finished downloads are kept)") from exc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
