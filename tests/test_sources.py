@@ -289,3 +289,19 @@ def test_cli_crawls_two_sites_with_a_limit(tmp_path, kit):
     posts = (tmp_path / "akane_hoshino" / "crawl" / "posts.jsonl").read_text().splitlines()
     assert len(posts) == 10  # 6 + 6 with 2 shared images, deduplicated by md5
     assert {'"site":"danbooru"' in p or '"site": "danbooru"' in p for p in posts} == {True, False}
+
+
+def test_anime_pictures_pages_details_and_downloads(tmp_path, kit):
+    from lorafactory.testing.replay import AnimePicturesReplay
+
+    images = [ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in sorted(kit.images.glob("main_*.png"))[:6]]
+    with AnimePicturesReplay(images) as replay:
+        settings = load_settings(
+            overrides=['character.name="Akane Hoshino"', "crawl.min_size=0", 'crawl.sites=["anime_pictures"]',
+                       f'crawl.anime_pictures.base_url="{replay.url}"', "crawl.anime_pictures.requests_per_second=100"]
+        )  # fmt: skip
+        posts, counts = crawl(settings, tmp_path, SilentProgress())
+    assert len(posts) == 6 and counts["downloaded"] == 6
+    assert "akane hoshino" in posts[0].tags["general"]  # tags come from the detail request
+    assert any("search_tag=akane+hoshino" in path for _, path in replay.requests)  # its tag style: spaces
+    assert {p.name for p in (tmp_path / "images").iterdir()} == {p.filename for p in posts}

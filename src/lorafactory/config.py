@@ -68,8 +68,12 @@ class ZerochanSite(SiteSettings):
     username: str = Field("", description="Your Zerochan username: Zerochan requires it in the User-Agent.")
 
 
-SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan")
-SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan"]
+class AnimePicturesSite(SiteSettings):
+    base_url: str = "https://api.anime-pictures.net"
+
+
+SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures")
+SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures"]
 
 
 class CrawlSettings(Section):
@@ -89,6 +93,7 @@ class CrawlSettings(Section):
     yandere: YandereSite = Field(default_factory=YandereSite)
     konachan: KonachanSite = Field(default_factory=KonachanSite)
     zerochan: ZerochanSite = Field(default_factory=ZerochanSite)
+    anime_pictures: AnimePicturesSite = Field(default_factory=AnimePicturesSite)
 
 
 class VisionSettings(Section):

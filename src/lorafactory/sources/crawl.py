@@ -23,6 +23,7 @@ import httpx
 from lorafactory.config import SITE_NAMES, Settings
 from lorafactory.errors import InputError, StageError
 from lorafactory.progress import Progress
+from lorafactory.sources.anime_pictures import AnimePictures
 from lorafactory.sources.base import Candidate, Post
 from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
@@ -94,6 +95,7 @@ SITES: dict[str, tuple[type, tuple[str, str]]] = {
     "yandere": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
     "konachan": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
     "zerochan": (Zerochan, ("LOGIN", "PASSWORD")),  # unused for now: anonymous listing only
+    "anime_pictures": (AnimePictures, ("LOGIN", "PASSWORD")),  # likewise
 }
 
 

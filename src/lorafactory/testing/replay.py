@@ -277,3 +277,28 @@ class ZerochanReplay(Replay):
 def _raw_control(data: object) -> Reply:
     """JSON with a raw control byte between a key and its colon: invalid unless stripped."""
     return 200, json.dumps(data).encode().replace(b'"tags":', b'"tags"\x01:', 1)
+
+
+class AnimePicturesReplay(Replay):
+    """``/api/v3/posts`` (``page`` from 0, ``max_pages``), ``/api/v3/posts/<id>`` details and
+    ``/pictures/download_image/<file>``; ``search_tag`` joins tags with ``&&``."""
+
+    def api(self, path: str, query: dict[str, str]) -> Reply:
+        per_page = 4
+        if path.startswith("/pictures/download_image/"):
+            name = unquote_plus(path.rsplit("/", 1)[-1])
+            post = next((p for p in self.posts if p.image.path.name == name), None)
+            return (404, b"") if post is None else (200, post.image.path.read_bytes())
+        if path.startswith("/api/v3/posts/"):
+            post = next((p for p in self.posts if p.id == int(path.rsplit("/", 1)[-1])), None)
+            if post is None:
+                return 404, b"{}"
+            return _json({"post": {"id": post.id}, "tags": [{"tag": {"tag": t.replace("_", " ")}} for t in post.tags], "file_url": post.image.path.name})
+        if path != "/api/v3/posts":
+            return 404, b"{}"
+        wanted = {t.replace(" ", "_") for t in query.get("search_tag", "").split("&&") if t}
+        matching = self.matching(wanted)
+        page = int(query.get("page", "0"))
+        chunk = matching[page * per_page : (page + 1) * per_page]
+        posts = [{"id": p.id, "md5": p.md5, "ext": p.image.path.suffix, "width": p.width, "height": p.height, "erotics": 0, "score_number": 3} for p in chunk]
+        return _json({"posts": posts, "page_number": page, "posts_count": len(matching), "max_pages": -(-len(matching) // per_page)})
