@@ -305,3 +305,36 @@ def test_anime_pictures_pages_details_and_downloads(tmp_path, kit):
     assert "akane hoshino" in posts[0].tags["general"]  # tags come from the detail request
     assert any("search_tag=akane+hoshino" in path for _, path in replay.requests)  # its tag style: spaces
     assert {p.name for p in (tmp_path / "images").iterdir()} == {p.filename for p in posts}
+
+
+def test_sankaku_cursor_paging_typed_tags_and_expired_links(tmp_path, kit):
+    from lorafactory.testing.replay import SankakuReplay
+
+    images = [ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in sorted(kit.images.glob("main_*.png"))[:5]]
+    replay = SankakuReplay(images)
+    replay.expired = {images[0].path.name}
+    with replay:
+        settings = load_settings(
+            overrides=['character.name="Akane Hoshino"', "crawl.min_size=0", "crawl.page_size=2", 'crawl.sites=["sankaku"]',
+                       f'crawl.sankaku.base_url="{replay.url}"', "crawl.sankaku.requests_per_second=100"]
+        )  # fmt: skip
+        posts, counts = crawl(settings, tmp_path, SilentProgress())
+    assert len(posts) == 4 and counts["failed"] == 1  # the expired link was refused, not saved as a picture
+    assert posts[0].tags["character"] == ["akane_hoshino"] and not posts[0].post_id.isdigit()
+    assert sum("next=" in path for _, path in replay.requests) == 2  # 5 posts, 2 a page: two cursors followed
+    assert all("expired" not in p.name for p in (tmp_path / "images").iterdir())
+
+
+def test_rate_limit_reset_header_is_honoured(kit):
+    import time as time_module
+
+    async def go(replay):
+        http, client = _client(replay)
+        async with http:
+            return await client.get(f"{replay.url}/posts.json", params={"tags": "akane"})
+
+    with _replay(kit, count=1) as replay:
+        replay.faults.append((429, {"X-RateLimit-Reset": str(int(time_module.time()) + 2)}, b"slow down"))
+        assert asyncio.run(go(replay)).status_code == 200
+    times = [t for t, _ in replay.requests]
+    assert len(times) == 2 and times[1] - times[0] >= 0.9  # waited until the announced reset

@@ -72,8 +72,12 @@ class AnimePicturesSite(SiteSettings):
     base_url: str = "https://api.anime-pictures.net"
 
 
-SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures")
-SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures"]
+class SankakuSite(SiteSettings):
+    base_url: str = "https://sankakuapi.com"
+
+
+SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku")
+SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku"]
 
 
 class CrawlSettings(Section):
@@ -94,6 +98,7 @@ class CrawlSettings(Section):
     konachan: KonachanSite = Field(default_factory=KonachanSite)
     zerochan: ZerochanSite = Field(default_factory=ZerochanSite)
     anime_pictures: AnimePicturesSite = Field(default_factory=AnimePicturesSite)
+    sankaku: SankakuSite = Field(default_factory=SankakuSite)
 
 
 class VisionSettings(Section):

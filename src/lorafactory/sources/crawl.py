@@ -28,6 +28,7 @@ from lorafactory.sources.base import Candidate, Post
 from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
 from lorafactory.sources.moebooru import Moebooru
+from lorafactory.sources.sankaku import Sankaku
 from lorafactory.sources.zerochan import Zerochan
 from lorafactory.sources.http import RateLimit, SiteClient, StorageFull
 from lorafactory.sources.local import crawl_local
@@ -96,6 +97,7 @@ SITES: dict[str, tuple[type, tuple[str, str]]] = {
     "konachan": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
     "zerochan": (Zerochan, ("LOGIN", "PASSWORD")),  # unused for now: anonymous listing only
     "anime_pictures": (AnimePictures, ("LOGIN", "PASSWORD")),  # likewise
+    "sankaku": (Sankaku, ("LOGIN", "PASSWORD")),  # likewise
 }
 
 

@@ -41,6 +41,16 @@ def is_cloudflare_challenge(response: httpx.Response) -> bool:
     )
 
 
+def _wait_hint(response: httpx.Response) -> str | None:
+    """Seconds to wait from ``Retry-After``, or from ``X-RateLimit-Reset`` (an epoch time, as Sankaku sends)."""
+    if "retry-after" in response.headers:
+        return response.headers["retry-after"]
+    reset = response.headers.get("x-ratelimit-reset")
+    if reset and reset.isdigit():
+        return str(min(600.0, max(0.0, int(reset) - time.time())))
+    return None
+
+
 class RateLimit:
     """At most ``per_second`` request starts per second, and ``concurrency`` requests at once."""
 
@@ -94,7 +104,7 @@ class SiteClient:
             if is_cloudflare_challenge(response):
                 raise CloudflareBlocked(f"{self.site} answered with a Cloudflare challenge; stopping this site (try later, or from another network)")
             if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
-                await self._backoff(attempt, response.headers.get("retry-after"))
+                await self._backoff(attempt, _wait_hint(response))
                 attempt += 1
                 continue
             return response
@@ -126,6 +136,8 @@ class SiteClient:
         response = await self.get(url)
         if response.status_code != 200:
             raise StageError(f"{self.site}: download failed with HTTP {response.status_code}")
+        if response.url.path.endswith("/expired.png"):
+            raise StageError(f"{self.site}: the signed file link expired before the download")
         body = response.content
         expected = response.headers.get("content-length")
         if expected is not None and int(expected) != len(body):

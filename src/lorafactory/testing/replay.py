@@ -302,3 +302,34 @@ class AnimePicturesReplay(Replay):
         chunk = matching[page * per_page : (page + 1) * per_page]
         posts = [{"id": p.id, "md5": p.md5, "ext": p.image.path.suffix, "width": p.width, "height": p.height, "erotics": 0, "score_number": 3} for p in chunk]
         return _json({"posts": posts, "page_number": page, "posts_count": len(matching), "max_pages": -(-len(matching) // per_page)})
+
+
+class SankakuReplay(Replay):
+    """``/v2/posts/keyset`` with a ``next`` cursor; string ids; typed tags (4 = character). File links
+    listed in ``expired`` redirect to ``/expired.png``, as Sankaku's signed links do once stale."""
+
+    expired: set[str] = set()
+
+    def api(self, path: str, query: dict[str, str]) -> Reply:
+        if path == "/expired.png":
+            return 200, b"\x89PNG\r\n\x1a\n the placeholder for stale links"
+        if path.startswith("/files/"):
+            name = path.rsplit("/", 1)[-1]
+            if name in self.expired:
+                return 302, b"expired.png"
+            post = next((p for p in self.posts if p.image.path.name == name), None)
+            return (404, b"") if post is None else (200, post.image.path.read_bytes())
+        if path != "/v2/posts/keyset":
+            return 404, b"{}"
+        matching = self.matching(set(query.get("tags", "").split()))
+        start = int(query["next"], 16) if query.get("next") else 0
+        limit = int(query.get("limit", "40"))
+        chunk = matching[start : start + limit]
+        data = [
+            {"id": f"s{p.id:x}", "md5": p.md5, "rating": "s", "width": p.width, "height": p.height, "total_score": 4,
+             "file_url": f"{self.url}/files/{p.image.path.name}?e=1&m=sig", "sample_url": "", "sample_width": 0, "sample_height": 0,
+             "tags": [{"name": t, "type": 4 if t in p.image.character else 0} for t in p.tags]}
+            for p in chunk
+        ]  # fmt: skip
+        more = start + limit < len(matching)
+        return _json({"meta": {"next": f"{start + limit:x}" if more else None, "prev": None}, "data": data})

@@ -1,0 +1,50 @@
+"""Sankaku through its v2 API: ``/v2/posts/keyset?lang=en&limit=…&tags=…&next=<cursor>``.
+
+Paging follows the ``meta.next`` cursor. Post ids are strings; tags come with types (4 =
+character). File URLs are signed and expire (an expired one redirects to ``expired.png``, which
+the download refuses). Anonymous access only for now: contentious posts have no file URL then.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from lorafactory.sources.base import Candidate, Post, smallest_fit
+from lorafactory.sources.http import SiteClient
+
+HEADERS = {"Accept": "application/vnd.sankaku.api+json;v=2"}
+
+
+class Sankaku:
+    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "sankaku", auth: tuple[str, str] | None = None) -> None:
+        self.client, self.base_url, self.page_size, self.name = client, base_url.rstrip("/"), min(page_size, 100), name
+        client.headers.update(HEADERS)
+
+    async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
+        cursor: str | None = None
+        while True:
+            params = {"lang": "en", "limit": self.page_size, "tags": " ".join(tags), **({"next": cursor} if cursor else {})}
+            page = await self.client.get_json(f"{self.base_url}/v2/posts/keyset", params)
+            for item in page.get("data") or []:
+                yield item
+            cursor = (page.get("meta") or {}).get("next")
+            if not cursor or not page.get("data"):
+                return
+
+    def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
+        variants = [
+            (raw.get("sample_url") or "", int(raw.get("sample_width") or 0), int(raw.get("sample_height") or 0)),
+            (raw.get("file_url") or "", int(raw.get("width") or 0), int(raw.get("height") or 0)),
+        ]
+        chosen = smallest_fit(variants, min_size)
+        if chosen is None:
+            return None
+        url, width, height = chosen
+        by_type: dict[str, list[str]] = {"general": [], "character": []}
+        for tag in raw.get("tags") or []:
+            by_type["character" if int(tag.get("type", 0)) == 4 else "general"].append(tag["name"])
+        post = Post(
+            site=self.name, post_id=str(raw["id"]), md5=raw.get("md5") or "", filename="", url=url, width=width, height=height,
+            rating=raw.get("rating") or "", score=int(raw.get("total_score") or 0), tags=by_type,
+        )  # fmt: skip
+        return Candidate(post, url)
