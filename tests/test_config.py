@@ -35,7 +35,7 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
 def test_bad_value_names_the_key_and_allowed_values():
     with pytest.raises(ConfigError) as info:
         load_settings(overrides=['crawl.sites=["pixiv2"]'])
-    assert "crawl.sites.0" in str(info.value) and "'danbooru'" in str(info.value) and "or 'sankaku'" in str(info.value)
+    assert "crawl.sites.0" in str(info.value) and "'danbooru'" in str(info.value) and "or 'pixiv'" in str(info.value)
     with pytest.raises(ConfigError, match="train.max_steps"):
         load_settings(overrides=["train.max_steps=0"])
 

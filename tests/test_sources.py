@@ -338,3 +338,24 @@ def test_rate_limit_reset_header_is_honoured(kit):
         assert asyncio.run(go(replay)).status_code == 200
     times = [t for t, _ in replay.requests]
     assert len(times) == 2 and times[1] - times[0] >= 0.9  # waited until the announced reset
+
+
+def test_pixiv_oauth_date_windows_and_cross_site_md5(tmp_path, kit, monkeypatch):
+    from lorafactory.testing.replay import PixivReplay
+
+    mains = sorted(kit.images.glob("main_*.png"))
+    pixiv = PixivReplay([ReplayImage(p, ["1girl"], ["Akane"]) for p in mains[:7]])
+    pixiv.max_offset = 3  # deep paging is refused past this: the crawler must move the date window
+    with pixiv, DanbooruReplay([ReplayImage(p, ["1girl"], ["akane"]) for p in mains[:2]]) as booru:
+        overrides = ['character.name="Akane"', "crawl.min_size=0", 'crawl.sites=["danbooru", "pixiv"]', 'crawl.danbooru.tags=["akane"]',
+                     f'crawl.pixiv.base_url="{pixiv.url}"', f'crawl.danbooru.base_url="{booru.url}"', "crawl.pixiv.requests_per_second=100",
+                     "crawl.danbooru.requests_per_second=100", "crawl.danbooru.concurrency=1", "crawl.pixiv.concurrency=1"]  # fmt: skip
+        with pytest.raises(InputError, match="LORAFACTORY_PIXIV_REFRESH_TOKEN"):
+            crawl(load_settings(overrides=[*overrides, 'crawl.sites=["pixiv"]']), tmp_path / "a", SilentProgress())
+        for name, value in {"REFRESH_TOKEN": "refresh-me", "CLIENT_ID": "app", "CLIENT_SECRET": "app-secret", "OAUTH_URL": pixiv.url}.items():
+            monkeypatch.setenv(f"LORAFACTORY_PIXIV_{name}", value)
+        posts, counts = crawl(load_settings(overrides=overrides), tmp_path / "b", SilentProgress())
+    assert len(posts) == 7 and counts["duplicate"] == 2  # 2 pixiv works were danbooru's images: hashed, then dropped
+    assert all(p.md5 for p in posts)
+    assert any("end_date=" in path for _, path in pixiv.requests)  # the date window moved past the offset limit
+    assert "refresh-me" not in (tmp_path / "b" / "posts.jsonl").read_text()

@@ -76,8 +76,12 @@ class SankakuSite(SiteSettings):
     base_url: str = "https://sankakuapi.com"
 
 
-SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku")
-SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku"]
+class PixivSite(SiteSettings):
+    base_url: str = "https://app-api.pixiv.net"
+
+
+SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv")
+SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv"]
 
 
 class CrawlSettings(Section):
@@ -99,6 +103,7 @@ class CrawlSettings(Section):
     zerochan: ZerochanSite = Field(default_factory=ZerochanSite)
     anime_pictures: AnimePicturesSite = Field(default_factory=AnimePicturesSite)
     sankaku: SankakuSite = Field(default_factory=SankakuSite)
+    pixiv: PixivSite = Field(default_factory=PixivSite)
 
 
 class VisionSettings(Section):

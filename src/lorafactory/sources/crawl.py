@@ -24,10 +24,11 @@ from lorafactory.config import SITE_NAMES, Settings
 from lorafactory.errors import InputError, StageError
 from lorafactory.progress import Progress
 from lorafactory.sources.anime_pictures import AnimePictures
-from lorafactory.sources.base import Candidate, Post
+from lorafactory.sources.base import Candidate, Post, file_md5
 from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
 from lorafactory.sources.moebooru import Moebooru
+from lorafactory.sources.pixiv import Pixiv
 from lorafactory.sources.sankaku import Sankaku
 from lorafactory.sources.zerochan import Zerochan
 from lorafactory.sources.http import RateLimit, SiteClient, StorageFull
@@ -98,6 +99,7 @@ SITES: dict[str, tuple[type, tuple[str, str]]] = {
     "zerochan": (Zerochan, ("LOGIN", "PASSWORD")),  # unused for now: anonymous listing only
     "anime_pictures": (AnimePictures, ("LOGIN", "PASSWORD")),  # likewise
     "sankaku": (Sankaku, ("LOGIN", "PASSWORD")),  # likewise
+    "pixiv": (Pixiv, ("LOGIN", "PASSWORD")),  # unused: pixiv reads its OAuth variables itself
 }
 
 
@@ -172,7 +174,8 @@ class _SiteCrawl:
                 self.archive.remember_site_tag(name, character, *known)
         if known is None:
             fallback = getattr(site, "tag_for", character_tag)(character)
-            log.warning("%s: no character tag found for %r; searching %r (set crawl.%s.tags to choose)", name, character, fallback, name)
+            if hasattr(site, "character_tags"):
+                log.warning("%s: no character tag found for %r; searching %r (set crawl.%s.tags to choose)", name, character, fallback, name)
             return fallback
         log.info("%s: using tag %r (%d posts)", name, known[0], known[1])
         self.chosen[name] = known[0]
@@ -197,6 +200,14 @@ class _SiteCrawl:
                 self.counts["failed"] += 1
                 self.reserved -= 1
                 return
+            if not post.md5:  # the site gives none (pixiv): hash the file, and drop it if another site had it
+                post = post.model_copy(update={"md5": file_md5(target)})
+                if post.md5 in self.seen_md5:
+                    target.unlink()
+                    self.counts["duplicate"] += 1
+                    self.reserved -= 1
+                    return
+                self.seen_md5.add(post.md5)
             self.archive.record(post)
             self.counts["downloaded"] += 1
         self.kept.append((*order, post))

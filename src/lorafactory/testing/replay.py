@@ -50,6 +50,7 @@ class Replay:
     page_cap: int = 1000  # numbered pages beyond this are refused, as real sites refuse deep paging
     latency_s: float = 0.0  # simulated server time per request
     agents: list[str] = field(default_factory=list)  # User-Agent of each API request
+    authorizations: list[str] = field(default_factory=list)  # Authorization header of each API request
     _server: ThreadingHTTPServer | None = None
 
     @property
@@ -87,6 +88,9 @@ class Replay:
     def api(self, path: str, query: dict[str, str]) -> Reply:  # pragma: no cover - every replay overrides it
         raise NotImplementedError
 
+    def api_post(self, path: str, form: dict[str, str]) -> Reply:
+        return 404, b"{}"
+
     def start(self) -> Replay:
         replay = self
 
@@ -119,11 +123,19 @@ class Replay:
                     path = files[parsed.path[6:]]
                     self._send(200, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
                     return
+                replay.agents.append(self.headers.get("User-Agent", ""))
+                replay.authorizations.append(self.headers.get("Authorization", ""))
                 status, body = replay.api(parsed.path, {k: v[0] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()})
                 if 300 <= status < 400:  # the body names the new path; the query is kept
                     self._send(status, b"", "text/plain", {"Location": f"/{body.decode()}?{parsed.query}"})
                     return
-                replay.agents.append(self.headers.get("User-Agent", ""))
+                self._send(status, body, "application/json")
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                replay.requests.append((time.monotonic(), "POST " + self.path))
+                length = int(self.headers.get("Content-Length", "0"))
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                status, body = replay.api_post(urlparse(self.path).path, form)
                 self._send(status, body, "application/json")
 
         files = {item.path.name: item.path for item in self.images}
@@ -333,3 +345,40 @@ class SankakuReplay(Replay):
         ]  # fmt: skip
         more = start + limit < len(matching)
         return _json({"meta": {"next": f"{start + limit:x}" if more else None, "prev": None}, "data": data})
+
+
+class PixivReplay(Replay):
+    """The App API: ``POST /auth/token`` (refresh token -> access token), ``/v1/search/illust`` with
+    ``offset`` (refused past ``max_offset``) and ``end_date``, 3 works a page, ``next_url``."""
+
+    refresh_token = "refresh-me"
+    access_token = "access-granted"
+    max_offset = 5000
+    per_page = 3
+
+    def api_post(self, path: str, form: dict[str, str]) -> Reply:
+        if path != "/auth/token" or form.get("refresh_token") != self.refresh_token:
+            return 400, b'{"has_error": true}'
+        return _json({"access_token": self.access_token, "expires_in": 3600, "refresh_token": self.refresh_token})
+
+    def api(self, path: str, query: dict[str, str]) -> Reply:
+        if path.startswith("/img/"):
+            post = next((p for p in self.posts if p.image.path.name == path.rsplit("/", 1)[-1]), None)
+            return (404, b"") if post is None else (200, post.image.path.read_bytes())
+        if path != "/v1/search/illust" or self.authorizations[-1] != f"Bearer {self.access_token}":
+            return 400, b'{"error": {"message": "Error occurred at the OAuth process."}}'
+        offset = int(query.get("offset", "0"))
+        if offset > self.max_offset:
+            return 400, b'{"error": {"message": "offset must be no more than the limit"}}'
+        words = set(query.get("word", "").split())
+        dated = [(p, f"2024-01-{28 - i % 28:02d}T00:00:00+09:00") for i, p in enumerate(self.posts)]
+        matching = [(p, d) for p, d in dated if words <= set(p.image.character) and d[:10] <= query.get("end_date", "9999")]
+        chunk = matching[offset : offset + self.per_page]
+        works = [
+            {"id": p.id, "type": "illust", "width": p.width, "height": p.height, "create_date": d, "x_restrict": 0,
+             "total_bookmarks": 7, "tags": [{"name": t} for t in p.tags],
+             "meta_single_page": {"original_image_url": f"{self.url}/img/{p.image.path.name}"}}
+            for p, d in chunk
+        ]  # fmt: skip
+        more = offset + self.per_page < len(matching)
+        return _json({"illusts": works, "next_url": f"{self.url}/v1/search/illust?offset={offset + self.per_page}" if more else None})
