@@ -166,11 +166,11 @@ def test_unknown_site_and_half_credentials(tmp_path, kit, monkeypatch):
     assert issubclass(CloudflareBlocked, StageError)
 
 
-@pytest.mark.parametrize("site", ["gelbooru", "yandere", "konachan"])
+@pytest.mark.parametrize("site", ["gelbooru", "rule34", "yandere", "konachan"])
 def test_other_site_apis_page_past_their_caps(tmp_path, kit, site):
     from lorafactory.testing.replay import GelbooruReplay, MoebooruReplay
 
-    kind = GelbooruReplay if site == "gelbooru" else MoebooruReplay
+    kind = GelbooruReplay if site in ("gelbooru", "rule34") else MoebooruReplay
     images = sorted(kit.images.glob("main_*.png"))[:7]
     with kind([ReplayImage(p, ["1girl"], ["akane"]) for p in images], page_cap=1) as replay:
         settings = load_settings(
@@ -359,3 +359,13 @@ def test_pixiv_oauth_date_windows_and_cross_site_md5(tmp_path, kit, monkeypatch)
     assert all(p.md5 for p in posts)
     assert any("end_date=" in path for _, path in pixiv.requests)  # the date window moved past the offset limit
     assert "refresh-me" not in (tmp_path / "b" / "posts.jsonl").read_text()
+
+
+def test_danbooru_finds_the_tag_from_another_name_through_its_wiki(tmp_path, kit):
+    images = [ReplayImage(p, ["1girl"], ["akane_hoshino_(idol)"]) for p in sorted(kit.images.glob("main_*.png"))[:3]]
+    replay = DanbooruReplay(images)
+    replay.other_names = {"akane_hoshino_(idol)": ["星野アカネ", "Hoshino Akane"]}
+    with replay:
+        overrides = ['character.name="星野アカネ"', "crawl.min_size=0", f'crawl.danbooru.base_url="{replay.url}"', "crawl.danbooru.requests_per_second=100"]
+        posts, counts = crawl(load_settings(overrides=overrides), tmp_path, SilentProgress())
+    assert counts["tags"] == {"danbooru": "akane_hoshino_(idol)"} and len(posts) == 3

@@ -101,7 +101,7 @@ def _stage_command(stage: str, doc: str):
     def command(
         name: str = typer.Argument(..., help='Character name, e.g. "Surtr (Arknights)".'),
         from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="Use a local folder of images (+ optional .txt tags)."),
-        site: Optional[List[str]] = typer.Option(None, "--site", help="Image site to crawl, repeatable: danbooru, safebooru, gelbooru, yandere, konachan, zerochan, anime_pictures, sankaku, pixiv."),
+        site: Optional[List[str]] = typer.Option(None, "--site", help="Image site to crawl, repeatable: danbooru, safebooru, gelbooru, rule34, yandere, konachan, zerochan, anime_pictures, sankaku, pixiv."),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Maximum number of images to crawl (crawl.limit)."),
         workspace: Path = WorkspaceOpt,
         db: Optional[str] = DbOpt,

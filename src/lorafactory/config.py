@@ -55,6 +55,10 @@ class GelbooruSite(SiteSettings):
     base_url: str = "https://gelbooru.com"
 
 
+class Rule34Site(SiteSettings):
+    base_url: str = "https://api.rule34.xxx"
+
+
 class YandereSite(SiteSettings):
     base_url: str = "https://yande.re"
 
@@ -80,8 +84,8 @@ class PixivSite(SiteSettings):
     base_url: str = "https://app-api.pixiv.net"
 
 
-SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv")
-SiteName = Literal["danbooru", "safebooru", "gelbooru", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv"]
+SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "rule34", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv")
+SiteName = Literal["danbooru", "safebooru", "gelbooru", "rule34", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv"]
 
 
 class CrawlSettings(Section):
@@ -98,6 +102,7 @@ class CrawlSettings(Section):
     danbooru: DanbooruSite = Field(default_factory=DanbooruSite)
     safebooru: SafebooruSite = Field(default_factory=SafebooruSite)
     gelbooru: GelbooruSite = Field(default_factory=GelbooruSite)
+    rule34: Rule34Site = Field(default_factory=Rule34Site)
     yandere: YandereSite = Field(default_factory=YandereSite)
     konachan: KonachanSite = Field(default_factory=KonachanSite)
     zerochan: ZerochanSite = Field(default_factory=ZerochanSite)

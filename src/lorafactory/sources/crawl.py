@@ -94,6 +94,7 @@ SITES: dict[str, tuple[type, tuple[str, str]]] = {
     "danbooru": (Danbooru, ("LOGIN", "API_KEY")),
     "safebooru": (Danbooru, ("LOGIN", "API_KEY")),
     "gelbooru": (Gelbooru, ("USER_ID", "API_KEY")),
+    "rule34": (Gelbooru, ("USER_ID", "API_KEY")),  # the same "dapi" software
     "yandere": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
     "konachan": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
     "zerochan": (Zerochan, ("LOGIN", "PASSWORD")),  # unused for now: anonymous listing only

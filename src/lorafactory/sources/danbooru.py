@@ -45,10 +45,19 @@ class Danbooru:
         return keyset(page)
 
     async def character_tags(self, name: str) -> list[tuple[str, int]]:
-        """Character tags (category 4) matching the name, through the site's autocomplete."""
+        """Character tags (category 4) for the name: the site's autocomplete (which follows tag
+        aliases), else wiki pages listing the name among their other names (e.g. a Japanese name)."""
         params = {"search[query]": character_tag(name), "search[type]": "tag_query", "limit": 10}
         found = await self.client.get_json(f"{self.base_url}/autocomplete.json", params)
-        return [(item["value"], int(item.get("post_count") or 0)) for item in found if int(item.get("category", -1)) == 4]
+        tags = [(item["value"], int(item.get("post_count") or 0)) for item in found if int(item.get("category", -1)) == 4]
+        if tags:
+            return tags
+        pages = await self.client.get_json(f"{self.base_url}/wiki_pages.json", {"search[other_names_match]": name.strip(), "limit": 10})
+        titles = [page["title"] for page in pages if page.get("title")]
+        if not titles:
+            return []
+        params = {"search[name_comma]": ",".join(titles), "search[category]": 4, "limit": len(titles)}
+        return [(tag["name"], int(tag.get("post_count") or 0)) for tag in await self.client.get_json(f"{self.base_url}/tags.json", params)]
 
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
         if raw.get("is_deleted") or raw.get("is_banned"):

@@ -162,7 +162,10 @@ def _json(data: object) -> Reply:
 
 
 class DanbooruReplay(Replay):
-    """``/posts.json`` with ``tags``, ``limit`` and ``page`` (numbers, or ``b<id>`` keyset); 410 past the cap."""
+    """``/posts.json`` with ``tags``, ``limit`` and ``page`` (numbers, or ``b<id>`` keyset); 410 past the cap.
+    Also ``/autocomplete.json``, ``/tags.json`` and ``/wiki_pages.json`` (``other_names``: tag -> names)."""
+
+    other_names: dict[str, list[str]] = {}
 
     def api(self, path: str, query: dict[str, str]) -> Reply:
         if path == "/autocomplete.json":
@@ -173,6 +176,12 @@ class DanbooruReplay(Replay):
                 if tag.startswith(prefix)
             ]
             return _json(sorted(found, key=lambda t: -t["post_count"])[:10])
+        if path == "/wiki_pages.json":
+            name = query.get("search[other_names_match]", "")
+            return _json([{"title": tag, "other_names": names} for tag, names in self.other_names.items() if name in names])
+        if path == "/tags.json":
+            wanted = set(query.get("search[name_comma]", "").split(","))
+            return _json([{"name": t, "post_count": n, "category": 4} for t, n in self.character_counts().items() if t in wanted])
         if path != "/posts.json":
             return 404, b'{"success": false}'
         limit, page = int(query.get("limit", "20")), query.get("page", "1")
