@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lorafactory.errors import ConfigError
 
@@ -36,56 +36,32 @@ class CharacterSettings(Section):
     trigger: str = Field("", description="Trigger word; derived from the name when empty.")
 
 
+SITE_URLS = {
+    "danbooru": "https://danbooru.donmai.us",
+    "safebooru": "https://safebooru.donmai.us",
+    "gelbooru": "https://gelbooru.com",
+    "rule34": "https://api.rule34.xxx",
+    "yandere": "https://yande.re",
+    "konachan": "https://konachan.com",
+    "zerochan": "https://www.zerochan.net",
+    "anime_pictures": "https://api.anime-pictures.net",
+    "sankaku": "https://sankakuapi.com",
+    "pixiv": "https://app-api.pixiv.net",
+}
+SITE_NAMES = tuple(SITE_URLS)
+SiteName = Literal["danbooru", "safebooru", "gelbooru", "rule34", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv"]
+
+
 class SiteSettings(Section):
     base_url: str
     requests_per_second: float = Field(1.0, gt=0, description="Request starts per second for this site.")
     concurrency: int = Field(2, ge=1, description="Requests in flight at once for this site.")
     tags: list[str] = Field(default_factory=list, description="Search tags on this site; crawl.tags or the name otherwise.")
+    username: str = Field("", description="Zerochan only: your Zerochan username, which it requires in the User-Agent.")
 
 
-class DanbooruSite(SiteSettings):
-    base_url: str = "https://danbooru.donmai.us"
-
-
-class SafebooruSite(SiteSettings):
-    base_url: str = "https://safebooru.donmai.us"
-
-
-class GelbooruSite(SiteSettings):
-    base_url: str = "https://gelbooru.com"
-
-
-class Rule34Site(SiteSettings):
-    base_url: str = "https://api.rule34.xxx"
-
-
-class YandereSite(SiteSettings):
-    base_url: str = "https://yande.re"
-
-
-class KonachanSite(SiteSettings):
-    base_url: str = "https://konachan.com"
-
-
-class ZerochanSite(SiteSettings):
-    base_url: str = "https://www.zerochan.net"
-    username: str = Field("", description="Your Zerochan username: Zerochan requires it in the User-Agent.")
-
-
-class AnimePicturesSite(SiteSettings):
-    base_url: str = "https://api.anime-pictures.net"
-
-
-class SankakuSite(SiteSettings):
-    base_url: str = "https://sankakuapi.com"
-
-
-class PixivSite(SiteSettings):
-    base_url: str = "https://app-api.pixiv.net"
-
-
-SITE_NAMES = ("danbooru", "safebooru", "gelbooru", "rule34", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv")
-SiteName = Literal["danbooru", "safebooru", "gelbooru", "rule34", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv"]
+def _site(name: str):
+    return Field(default_factory=lambda: SiteSettings(base_url=SITE_URLS[name]))
 
 
 class CrawlSettings(Section):
@@ -99,16 +75,26 @@ class CrawlSettings(Section):
     page_size: int = Field(100, ge=1, le=200)
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(4, ge=0)
-    danbooru: DanbooruSite = Field(default_factory=DanbooruSite)
-    safebooru: SafebooruSite = Field(default_factory=SafebooruSite)
-    gelbooru: GelbooruSite = Field(default_factory=GelbooruSite)
-    rule34: Rule34Site = Field(default_factory=Rule34Site)
-    yandere: YandereSite = Field(default_factory=YandereSite)
-    konachan: KonachanSite = Field(default_factory=KonachanSite)
-    zerochan: ZerochanSite = Field(default_factory=ZerochanSite)
-    anime_pictures: AnimePicturesSite = Field(default_factory=AnimePicturesSite)
-    sankaku: SankakuSite = Field(default_factory=SankakuSite)
-    pixiv: PixivSite = Field(default_factory=PixivSite)
+    danbooru: SiteSettings = _site("danbooru")
+    safebooru: SiteSettings = _site("safebooru")
+    gelbooru: SiteSettings = _site("gelbooru")
+    rule34: SiteSettings = _site("rule34")
+    yandere: SiteSettings = _site("yandere")
+    konachan: SiteSettings = _site("konachan")
+    zerochan: SiteSettings = _site("zerochan")
+    anime_pictures: SiteSettings = _site("anime_pictures")
+    sankaku: SiteSettings = _site("sankaku")
+    pixiv: SiteSettings = _site("pixiv")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _site_defaults(cls, data: Any) -> Any:
+        """A partial site table (in a preset, a file or --set) keeps the site's default URL."""
+        if isinstance(data, dict):
+            for name, url in SITE_URLS.items():
+                if isinstance(data.get(name), dict):
+                    data = {**data, name: {"base_url": url, **data[name]}}
+        return data
 
 
 class VisionSettings(Section):
