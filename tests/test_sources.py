@@ -216,11 +216,12 @@ def test_zerochan_rules_redirects_and_control_characters(tmp_path, kit):
     assert any(path.startswith("/Hoshino+Akane") for _, path in replay.requests)  # followed the redirect
 
 
-@pytest.mark.parametrize("site", ["danbooru", "gelbooru", "yandere"])
+@pytest.mark.parametrize("site", ["danbooru", "gelbooru", "yandere", "sankaku", "anime_pictures"])
 def test_the_name_is_looked_up_as_the_most_posted_character_tag(tmp_path, kit, site):
-    from lorafactory.testing.replay import GelbooruReplay, MoebooruReplay
+    from lorafactory.testing.replay import AnimePicturesReplay, GelbooruReplay, MoebooruReplay, SankakuReplay
 
-    kind = {"danbooru": DanbooruReplay, "gelbooru": GelbooruReplay, "yandere": MoebooruReplay}[site]
+    kind = {"danbooru": DanbooruReplay, "gelbooru": GelbooruReplay, "yandere": MoebooruReplay, "sankaku": SankakuReplay,
+            "anime_pictures": AnimePicturesReplay}[site]  # fmt: skip
     mains = sorted(kit.images.glob("main_*.png"))
     images = [ReplayImage(p, ["1girl"], ["akane_hoshino_(idol)"]) for p in mains[:5]]
     images += [ReplayImage(p, ["1girl"], ["akane_hoshino_(cosplay)"]) for p in mains[5:7]]  # a rarer namesake
@@ -229,13 +230,14 @@ def test_the_name_is_looked_up_as_the_most_posted_character_tag(tmp_path, kit, s
         overrides = ['character.name="Akane Hoshino"', "crawl.min_size=0", f'crawl.sites=["{site}"]',
                      f'crawl.{site}.base_url="{replay.url}"', f"crawl.{site}.requests_per_second=100"]  # fmt: skip
         posts, counts = crawl(load_settings(overrides=overrides), tmp_path / "a", SilentProgress(), archive)
-        assert counts["tags"] == {site: "akane_hoshino_(idol)"} and len(posts) == 5
-        marker = {"danbooru": "/autocomplete.json", "gelbooru": "s=tag", "yandere": "/tag.json"}[site]
+        chosen = "akane hoshino (idol)" if site == "anime_pictures" else "akane_hoshino_(idol)"  # its tag style: spaces
+        assert counts["tags"] == {site: chosen} and len(posts) == 5
+        marker = {"danbooru": "/autocomplete.json", "gelbooru": "s=tag", "yandere": "/tag.json", "sankaku": "/tags?", "anime_pictures": "/api/v3/tags"}[site]
         first_run = len(replay.requests)
         assert sum(marker in path for _, path in replay.requests) == 1
         crawl(load_settings(overrides=overrides), tmp_path / "b", SilentProgress(), archive)
         assert not any(marker in path for _, path in replay.requests[first_run:])  # remembered, not asked again
-    assert archive.site_tag(site, "Akane Hoshino") == ("akane_hoshino_(idol)", 5)
+    assert archive.site_tag(site, "Akane Hoshino") == (chosen, 5)
 
 
 def test_disk_full_stops_the_crawl_and_leaves_no_partial_file(tmp_path, kit, monkeypatch):

@@ -22,6 +22,11 @@ class AnimePictures:
     def tag_for(name: str) -> str:
         return " ".join(name.strip().lower().split())
 
+    async def character_tags(self, name: str) -> list[tuple[str, int]]:
+        """Tags containing the name from ``/api/v3/tags`` (its tag type for characters is 1), by post count."""
+        found = await self.client.get_json(f"{self.base_url}/api/v3/tags", {"tag:smart_like": self.tag_for(name), "lang": "en", "limit": 20})
+        return [(tag["tag"], int(tag.get("num") or 0)) for tag in found.get("tags") or [] if int(tag.get("type", -1)) == 1]
+
     async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         """List entries completed by their detail request (tags and the file name)."""
         page = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from lorafactory.sources.base import Candidate, Post, smallest_fit
+from lorafactory.sources.danbooru import character_tag
 from lorafactory.sources.http import SiteClient
 
 HEADERS = {"Accept": "application/vnd.sankaku.api+json;v=2"}
@@ -19,6 +20,12 @@ class Sankaku:
     def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "sankaku", auth: tuple[str, str] | None = None) -> None:
         self.client, self.base_url, self.page_size, self.name = client, base_url.rstrip("/"), min(page_size, 100), name
         client.headers.update(HEADERS)
+
+    async def character_tags(self, name: str) -> list[tuple[str, int]]:
+        """Character tags (type 4) starting with the name, from ``/tags``."""
+        found = await self.client.get_json(f"{self.base_url}/tags", {"lang": "en", "name": f"{character_tag(name)}*", "limit": 20})
+        items = found if isinstance(found, list) else found.get("data") or []
+        return [(tag["name"], int(tag.get("post_count") or 0)) for tag in items if int(tag.get("type", -1)) == 4]
 
     async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         cursor: str | None = None

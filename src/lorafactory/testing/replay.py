@@ -315,6 +315,10 @@ class AnimePicturesReplay(Replay):
             if post is None:
                 return 404, b"{}"
             return _json({"post": {"id": post.id}, "tags": [{"tag": {"tag": t.replace("_", " ")}} for t in post.tags], "file_url": post.image.path.name})
+        if path == "/api/v3/tags":
+            needle = query.get("tag:smart_like", "").replace(" ", "_")
+            found = [{"id": i, "tag": t.replace("_", " "), "num": n, "type": 1} for i, (t, n) in enumerate(self.character_counts().items()) if needle in t]
+            return _json({"tags": found})
         if path != "/api/v3/posts":
             return 404, b"{}"
         wanted = {t.replace(" ", "_") for t in query.get("search_tag", "").split("&&") if t}
@@ -340,6 +344,9 @@ class SankakuReplay(Replay):
                 return 302, b"expired.png"
             post = next((p for p in self.posts if p.image.path.name == name), None)
             return (404, b"") if post is None else (200, post.image.path.read_bytes())
+        if path == "/tags":
+            prefix = query.get("name", "").rstrip("*")
+            return _json([{"id": i, "name": t, "post_count": n, "type": 4} for i, (t, n) in enumerate(self.character_counts().items()) if t.startswith(prefix)])
         if path != "/v2/posts/keyset":
             return 404, b"{}"
         matching = self.matching(set(query.get("tags", "").split()))
