@@ -371,3 +371,26 @@ def test_danbooru_finds_the_tag_from_another_name_through_its_wiki(tmp_path, kit
         overrides = ['character.name="星野アカネ"', "crawl.min_size=0", f'crawl.danbooru.base_url="{replay.url}"', "crawl.danbooru.requests_per_second=100"]
         posts, counts = crawl(load_settings(overrides=overrides), tmp_path, SilentProgress())
     assert counts["tags"] == {"danbooru": "akane_hoshino_(idol)"} and len(posts) == 3
+
+
+def test_credentials_from_the_config_work_and_are_never_written(tmp_path, kit):
+    from lorafactory.config import to_toml
+    from lorafactory.pipeline import run_pipeline
+    from lorafactory.state import Store
+    from lorafactory.testing.replay import GelbooruReplay
+    from lorafactory.workspace import Workspace
+
+    replay = GelbooruReplay([ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in sorted(kit.images.glob("main_*.png"))[:3]])
+    replay.credentials = ("4242", "config-secret")
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    with replay:
+        settings = load_settings(
+            overrides=['character.name="Akane Hoshino"', "crawl.min_size=0", 'crawl.sites=["gelbooru"]', f'crawl.gelbooru.base_url="{replay.url}"',
+                       'crawl.gelbooru.user="4242"', 'crawl.gelbooru.key="config-secret"', "crawl.gelbooru.requests_per_second=100"]
+        )  # fmt: skip
+        run_pipeline(ws, Store(ws.default_db_url), settings, SilentProgress(), until="crawl")
+    assert "config-secret" not in to_toml(settings) and "config-secret" not in repr(settings)
+    written = [p for p in ws.root.rglob("*") if p.is_file() and p.suffix not in (".png", ".jpg")]  # state db and its WAL too
+    assert written and not any(b"config-secret" in p.read_bytes() for p in written)
+    assert len((ws.character("akane_hoshino").artifact("crawl") / "posts.jsonl").read_text().splitlines()) == 3

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from lorafactory.errors import ConfigError
 
@@ -58,6 +58,8 @@ class SiteSettings(Section):
     concurrency: int = Field(2, ge=1, description="Requests in flight at once for this site.")
     tags: list[str] = Field(default_factory=list, description="Search tags on this site; crawl.tags or the name otherwise.")
     username: str = Field("", description="Zerochan only: your Zerochan username, which it requires in the User-Agent.")
+    user: SecretStr | None = Field(None, description="Login or user id; the LORAFACTORY_<SITE>_* variables win. Never saved.")
+    key: SecretStr | None = Field(None, description="API key or password hash; the environment wins. Never saved.")
 
 
 def _site(name: str):
@@ -384,8 +386,9 @@ def load_settings(
 
 
 def to_toml(settings: Settings) -> str:
-    """Render settings as TOML (None values are omitted, as TOML has no null)."""
-    return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True))
+    """Render settings as TOML (None values are omitted, as TOML has no null; credentials never)."""
+    secrets = {name: {"user", "key"} for name in SITE_URLS}
+    return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True, exclude={"crawl": secrets}))
 
 
 def settings_hash(*parts: BaseModel | dict[str, Any] | str) -> str:

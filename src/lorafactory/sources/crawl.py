@@ -104,12 +104,14 @@ SITES: dict[str, tuple[type, tuple[str, str]]] = {
 }
 
 
-def _credentials(site: str) -> tuple[str, str] | None:
-    """The site's two credential variables from the environment (never from files we write), or None."""
+def _credentials(site: str, configured) -> tuple[str, str] | None:
+    """The site's two credentials: the environment's variables, else the config's ``user``/``key``."""
     names = [f"LORAFACTORY_{site.upper()}_{part}" for part in SITES[site][1]]
     values = [os.environ.get(name) for name in names]
+    if not any(values):
+        values = [secret.get_secret_value() if secret else None for secret in (configured.user, configured.key)]
     if any(values) and not all(values):
-        raise InputError(f"set both {names[0]} and {names[1]}, or neither")
+        raise InputError(f"set both {names[0]} and {names[1]} (or crawl.{site}.user and .key), or neither")
     return (values[0], values[1]) if all(values) else None
 
 
@@ -133,7 +135,7 @@ class _SiteCrawl:
     async def run_site(self, order: int, name: str, http: httpx.AsyncClient) -> None:
         c = self.settings.crawl
         site_settings = getattr(c, name)
-        auth = _credentials(name)
+        auth = _credentials(name, site_settings)
         headers = {}
         if name == "zerochan":  # Zerochan's rule: the User-Agent names the project and a Zerochan user
             if not site_settings.username:
