@@ -394,3 +394,21 @@ def test_credentials_from_the_config_work_and_are_never_written(tmp_path, kit):
     written = [p for p in ws.root.rglob("*") if p.is_file() and p.suffix not in (".png", ".jpg")]  # state db and its WAL too
     assert written and not any(b"config-secret" in p.read_bytes() for p in written)
     assert len((ws.character("akane_hoshino").artifact("crawl") / "posts.jsonl").read_text().splitlines()) == 3
+
+
+def test_sankaku_login_unlocks_contentious_posts(tmp_path, kit, monkeypatch):
+    from lorafactory.testing.replay import SankakuReplay
+
+    images = [ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in sorted(kit.images.glob("main_*.png"))[:4]]
+    replay = SankakuReplay(images)
+    replay.contentious = {images[0].path.name}
+    with replay:
+        overrides = ['character.name="Akane Hoshino"', "crawl.min_size=0", 'crawl.sites=["sankaku"]', 'crawl.sankaku.tags=["akane_hoshino"]',
+                     f'crawl.sankaku.base_url="{replay.url}"', "crawl.sankaku.requests_per_second=100"]  # fmt: skip
+        anonymous, counts = crawl(load_settings(overrides=overrides), tmp_path / "a", SilentProgress())
+        assert len(anonymous) == 3 and counts["no_file"] == 1
+        monkeypatch.setenv("LORAFACTORY_SANKAKU_LOGIN", "me")
+        monkeypatch.setenv("LORAFACTORY_SANKAKU_PASSWORD", "pw")
+        logged_in, _ = crawl(load_settings(overrides=overrides), tmp_path / "b", SilentProgress())
+    assert len(logged_in) == 4
+    assert "sankaku-token" not in (tmp_path / "b" / "posts.jsonl").read_text()

@@ -99,7 +99,7 @@ SITES: dict[str, tuple[type, tuple[str, str]]] = {
     "konachan": (Moebooru, ("LOGIN", "PASSWORD_HASH")),
     "zerochan": (Zerochan, ("LOGIN", "PASSWORD")),  # unused for now: anonymous listing only
     "anime_pictures": (AnimePictures, ("LOGIN", "PASSWORD")),  # likewise
-    "sankaku": (Sankaku, ("LOGIN", "PASSWORD")),  # likewise
+    "sankaku": (Sankaku, ("LOGIN", "PASSWORD")),
     "pixiv": (Pixiv, ("LOGIN", "PASSWORD")),  # unused: pixiv reads its OAuth variables itself
 }
 

@@ -2,13 +2,15 @@
 
 Paging follows the ``meta.next`` cursor. Post ids are strings; tags come with types (4 =
 character). File URLs are signed and expire (an expired one redirects to ``expired.png``, which
-the download refuses). Anonymous access only for now: contentious posts have no file URL then.
+the download refuses). Anonymous clients get no file URL for contentious posts; with
+``LORAFACTORY_SANKAKU_LOGIN`` and ``..._PASSWORD`` the crawler logs in for a Bearer token.
 """
 
 from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
+from lorafactory.errors import StageError
 from lorafactory.sources.base import Candidate, Post, smallest_fit
 from lorafactory.sources.danbooru import character_tag
 from lorafactory.sources.http import SiteClient
@@ -18,7 +20,7 @@ HEADERS = {"Accept": "application/vnd.sankaku.api+json;v=2"}
 
 class Sankaku:
     def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "sankaku", auth: tuple[str, str] | None = None) -> None:
-        self.client, self.base_url, self.page_size, self.name = client, base_url.rstrip("/"), min(page_size, 100), name
+        self.client, self.base_url, self.page_size, self.name, self.auth = client, base_url.rstrip("/"), min(page_size, 100), name, auth
         client.headers.update(HEADERS)
 
     async def character_tags(self, name: str) -> list[tuple[str, int]]:
@@ -27,7 +29,19 @@ class Sankaku:
         items = found if isinstance(found, list) else found.get("data") or []
         return [(tag["name"], int(tag.get("post_count") or 0)) for tag in items if int(tag.get("type", -1)) == 4]
 
+    async def _login(self) -> None:
+        """``POST /auth/token`` with login and password; the Bearer token then goes with every request."""
+        async with self.client.limit:
+            response = await self.client.http.post(f"{self.base_url}/auth/token", json={"login": self.auth[0], "password": self.auth[1]})
+        if response.status_code != 200:
+            raise StageError(f"sankaku login failed with HTTP {response.status_code}; check LORAFACTORY_SANKAKU_LOGIN and _PASSWORD")
+        token = response.json()["access_token"]
+        self.client.secrets += (token,)
+        self.client.headers["Authorization"] = f"Bearer {token}"
+
     async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
+        if self.auth:
+            await self._login()
         cursor: str | None = None
         while True:
             params = {"lang": "en", "limit": self.page_size, "tags": " ".join(tags), **({"next": cursor} if cursor else {})}

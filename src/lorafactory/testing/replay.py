@@ -133,8 +133,11 @@ class Replay:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 replay.requests.append((time.monotonic(), "POST " + self.path))
-                length = int(self.headers.get("Content-Length", "0"))
-                form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                raw = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
+                if "json" in self.headers.get("Content-Type", ""):
+                    form = json.loads(raw or "{}")
+                else:
+                    form = {k: v[0] for k, v in parse_qs(raw).items()}
                 status, body = replay.api_post(urlparse(self.path).path, form)
                 self._send(status, body, "application/json")
 
@@ -334,6 +337,14 @@ class SankakuReplay(Replay):
     listed in ``expired`` redirect to ``/expired.png``, as Sankaku's signed links do once stale."""
 
     expired: set[str] = set()
+    contentious: set[str] = set()  # file names whose links only a logged-in client gets
+    login = ("me", "pw")
+    token = "sankaku-token"
+
+    def api_post(self, path: str, form: dict[str, str]) -> Reply:
+        if path == "/auth/token" and (form.get("login"), form.get("password")) == self.login:
+            return _json({"success": True, "access_token": self.token, "token_type": "Bearer"})
+        return 401, b'{"success": false, "code": "invalid-credentials"}'
 
     def api(self, path: str, query: dict[str, str]) -> Reply:
         if path == "/expired.png":
@@ -349,13 +360,15 @@ class SankakuReplay(Replay):
             return _json([{"id": i, "name": t, "post_count": n, "type": 4} for i, (t, n) in enumerate(self.character_counts().items()) if t.startswith(prefix)])
         if path != "/v2/posts/keyset":
             return 404, b"{}"
+        logged_in = self.authorizations[-1] == f"Bearer {self.token}"
         matching = self.matching(set(query.get("tags", "").split()))
         start = int(query["next"], 16) if query.get("next") else 0
         limit = int(query.get("limit", "40"))
         chunk = matching[start : start + limit]
         data = [
             {"id": f"s{p.id:x}", "md5": p.md5, "rating": "s", "width": p.width, "height": p.height, "total_score": 4,
-             "file_url": f"{self.url}/files/{p.image.path.name}?e=1&m=sig", "sample_url": "", "sample_width": 0, "sample_height": 0,
+             "file_url": "" if p.image.path.name in self.contentious and not logged_in else f"{self.url}/files/{p.image.path.name}?e=1&m=sig",
+             "sample_url": "", "sample_width": 0, "sample_height": 0,
              "tags": [{"name": t, "type": 4 if t in p.image.character else 0} for t in p.tags]}
             for p in chunk
         ]  # fmt: skip
