@@ -24,7 +24,7 @@ from lorafactory.config import SITE_NAMES, Settings
 from lorafactory.errors import InputError, StageError
 from lorafactory.progress import Progress
 from lorafactory.sources.anime_pictures import AnimePictures
-from lorafactory.sources.base import Candidate, Post, file_md5
+from lorafactory.sources.base import Candidate, Post, Site, file_md5
 from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
 from lorafactory.sources.moebooru import Moebooru
@@ -165,7 +165,7 @@ class _SiteCrawl:
             index += 1
         await asyncio.gather(*tasks)
 
-    async def character_tag(self, site, name: str) -> str:
+    async def character_tag(self, site: Site, name: str) -> str:
         """The site's tag for the character: remembered, else the most-posted character tag its own
         lookup finds, else the name in the site's tag style."""
         character = self.settings.character.name

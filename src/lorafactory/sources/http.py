@@ -121,6 +121,17 @@ class SiteClient:
         except ValueError as exc:
             raise StageError(f"{self.site} returned a page that is not JSON") from exc
 
+    async def login(self, url: str, failure: str, **body: Any) -> None:
+        """POST credentials (``data=`` form or ``json=``) for an access token, then send it as a
+        Bearer token with every request; the token joins the secrets kept out of messages."""
+        async with self.limit:
+            response = await self.http.post(url, **body)
+        if response.status_code != 200:
+            raise StageError(f"{self.site} login failed with HTTP {response.status_code}; {failure}")
+        token = response.json()["access_token"]
+        self.secrets += (token,)
+        self.headers["Authorization"] = f"Bearer {token}"
+
     async def _backoff(self, attempt: int, retry_after: str | None) -> None:
         try:
             delay = float(retry_after) if retry_after is not None else None

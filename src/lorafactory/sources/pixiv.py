@@ -39,13 +39,7 @@ class Pixiv:
         refresh, client_id, secret = _env("REFRESH_TOKEN"), _env("CLIENT_ID"), _env("CLIENT_SECRET")
         self.client.secrets += (refresh, secret)
         form = {"grant_type": "refresh_token", "refresh_token": refresh, "client_id": client_id, "client_secret": secret, "get_secure_url": "1"}
-        async with self.client.limit:
-            response = await self.client.http.post(f"{self.oauth_url}/auth/token", data=form)
-        if response.status_code != 200:
-            raise StageError(f"pixiv login failed with HTTP {response.status_code}; renew LORAFACTORY_PIXIV_REFRESH_TOKEN")
-        token = response.json()["access_token"]
-        self.client.secrets += (token,)
-        self.client.headers["Authorization"] = f"Bearer {token}"
+        await self.client.login(f"{self.oauth_url}/auth/token", "renew LORAFACTORY_PIXIV_REFRESH_TOKEN", data=form)
 
     async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         await self._login()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from lorafactory.errors import StageError
 from lorafactory.sources.base import Candidate, Post, smallest_fit
 from lorafactory.sources.danbooru import character_tag
 from lorafactory.sources.http import SiteClient
@@ -31,13 +30,8 @@ class Sankaku:
 
     async def _login(self) -> None:
         """``POST /auth/token`` with login and password; the Bearer token then goes with every request."""
-        async with self.client.limit:
-            response = await self.client.http.post(f"{self.base_url}/auth/token", json={"login": self.auth[0], "password": self.auth[1]})
-        if response.status_code != 200:
-            raise StageError(f"sankaku login failed with HTTP {response.status_code}; check LORAFACTORY_SANKAKU_LOGIN and _PASSWORD")
-        token = response.json()["access_token"]
-        self.client.secrets += (token,)
-        self.client.headers["Authorization"] = f"Bearer {token}"
+        failure = "check LORAFACTORY_SANKAKU_LOGIN and _PASSWORD"
+        await self.client.login(f"{self.base_url}/auth/token", failure, json={"login": self.auth[0], "password": self.auth[1]})
 
     async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         if self.auth:

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto
 
 from lorafactory.testing.onnx_graphs import (
@@ -85,7 +86,7 @@ def _json(path: Path, data: object) -> None:
 # detectors -----------------------------------------------------------------------------
 
 
-def _detector(label: str, band: tuple[float, float] | None) -> "onnx.ModelProto":  # noqa: F821
+def _detector(label: str, band: tuple[float, float] | None) -> onnx.ModelProto:
     """Boxes the non-white region; head/face/halfbody take a vertical band of it, as the characters are drawn.
 
     Output ``output0`` [1, 5, 8] (YOLOv8 layout, cx cy w h score): the real box, a shifted
@@ -138,7 +139,7 @@ def _detector(label: str, band: tuple[float, float] | None) -> "onnx.ModelProto"
 # CCIP -------------------------------------------------------------------------------------
 
 
-def _ccip_feature() -> "onnx.ModelProto":  # noqa: F821
+def _ccip_feature() -> onnx.ModelProto:
     """Palette histogram of the non-background colours, rotated into 768 dimensions."""
     g = GraphBuilder()
     rgb = g.op("Add", g.op("Mul", "input", g.const(CLIP_STD.reshape(1, 3, 1, 1))), g.const(CLIP_MEAN.reshape(1, 3, 1, 1)))
@@ -149,7 +150,7 @@ def _ccip_feature() -> "onnx.ModelProto":  # noqa: F821
     return g.model([tensor("input", ["N", 3, 384, 384])], [tensor("output", ["N", 768])])
 
 
-def _ccip_metrics() -> "onnx.ModelProto":  # noqa: F821
+def _ccip_metrics() -> onnx.ModelProto:
     """Pairwise difference ``clip((1 - cos) / 2, 0, 1)``: small for the same character."""
     g = GraphBuilder()
     norm = g.op("Sqrt", g.op("Add", g.op("ReduceSum", g.op("Mul", "input", "input"), g.const([1], np.int64), keepdims=1), g.const(1e-12)))
@@ -206,7 +207,7 @@ def _wd14_tags() -> list[tuple[str, int, np.ndarray, float, bool]]:
     return tags
 
 
-def _wd14_model(tags: list[tuple[str, int, np.ndarray, float, bool]]) -> "onnx.ModelProto":  # noqa: F821
+def _wd14_model(tags: list[tuple[str, int, np.ndarray, float, bool]]) -> onnx.ModelProto:
     g = GraphBuilder()
     nchw = g.op("Transpose", "input_1:0", perm=[0, 3, 1, 2])
     rgb = g.op("Mul", g.op("Gather", nchw, g.const([2, 1, 0], np.int64), axis=1), g.const(1.0 / 255.0))
@@ -237,7 +238,7 @@ def _selected_tags_csv(tags: list[tuple[str, int, np.ndarray, float, bool]]) -> 
 # classifiers and LPIPS ----------------------------------------------------------------------
 
 
-def _classifier(labels: list[str], size: int, seed: int) -> "onnx.ModelProto":  # noqa: F821
+def _classifier(labels: list[str], size: int, seed: int) -> onnx.ModelProto:
     """Softmax over labels; monochrome-like labels follow (low) saturation, the others colour mix."""
     g = GraphBuilder()
     rgb = g.op("Add", g.op("Mul", "input", g.const(0.5)), g.const(0.5))
@@ -268,7 +269,7 @@ def _classifier(labels: list[str], size: int, seed: int) -> "onnx.ModelProto":  
 _LPIPS_LEVELS = [(64, 6, 4), (192, 10, 8), (384, 24, 16), (256, 24, 16), (256, 24, 16)]  # channels, kernel, stride
 
 
-def _lpips_feature() -> "onnx.ModelProto":  # noqa: F821
+def _lpips_feature() -> onnx.ModelProto:
     """Five average-pooled, channel-expanded maps with the real model's shapes (99, 49, 24, 24, 24)."""
     g = GraphBuilder()
     outputs = []
@@ -282,7 +283,7 @@ def _lpips_feature() -> "onnx.ModelProto":  # noqa: F821
     return g.model([tensor("input", ["N", 3, 400, 400])], outputs)
 
 
-def _lpips_diff() -> "onnx.ModelProto":  # noqa: F821
+def _lpips_diff() -> onnx.ModelProto:
     """Sum over levels of the mean absolute feature difference, scaled so near-duplicates fall under 0.45."""
     g = GraphBuilder()
     inputs, terms = [], []
