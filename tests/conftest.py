@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from lorafactory.testing.standin_hub import build_standin_hub
 
 KIT_ROOT = Path(tempfile.mkdtemp(prefix="lorafactory-kit-"))
+atexit.register(shutil.rmtree, KIT_ROOT, ignore_errors=True)
 HUB = build_standin_hub(KIT_ROOT / "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = str(HUB)

@@ -91,3 +91,15 @@ def test_regularization_is_balanced_against_training_samples():
 
 def test_regularization_captions_have_no_trigger():
     assert build_caption(None, ["1girl", "smile"], random.Random(0), False, 0, 0) == "1girl, smile"
+
+
+def test_single_file_family_is_read_from_the_keys(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lorafactory.train.model import _single_file_is_sdxl
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(tmp_path / "sd1.safetensors"))
+    assert _single_file_is_sdxl(tmp_path / "xl.safetensors")
+    assert not _single_file_is_sdxl(tmp_path / "sd1.safetensors")

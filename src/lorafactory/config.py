@@ -141,6 +141,9 @@ class PrepareSettings(Section):
 
 class TrainSettings(Section):
     base_model: str = Field("deepghs/animefull-latest", description="Diffusers folder, .safetensors file or hub id.")
+    base_config: str = Field(
+        "", description="For a single-file base model: a diffusers folder or hub id with its configs (default: inferred from the file's keys)."
+    )
     clip_skip: int = Field(2, ge=1, le=4, description="A1111 convention: 1 = last layer, 2 = penultimate.")
     resolution: int = Field(512, ge=64, description="Target area is resolution squared.")
     bucket_step: int = Field(64, ge=8)

@@ -53,7 +53,7 @@ def evaluate(
 
     work = jobs(e.prompts, trigger, e.negative_prompt)
     device = resolve_device(t.device)
-    generator = Generator(load_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device)), e, t.clip_skip, device)
+    generator = Generator(load_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device), t.base_config), e, t.clip_skip, device)
     metrics: dict[int, dict[str, float | None]] = {}
     per_image: dict[int, dict[str, float]] = {}
     failed: dict[int, str] = {}

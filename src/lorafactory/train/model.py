@@ -54,8 +54,12 @@ def _single_file_is_sdxl(path: Path) -> bool:
         return any(key.startswith("conditioner.embedders.1.") for key in handle.keys())
 
 
-def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32) -> Any:
-    """An SD1.x or SDXL pipeline from a folder, a ``.safetensors``/``.ckpt`` file or a hub id."""
+def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32, config: str = "") -> Any:
+    """An SD1.x or SDXL pipeline from a folder, a ``.safetensors``/``.ckpt`` file or a hub id.
+
+    A single file's component configs come from ``config`` (a diffusers folder or hub id) when given;
+    otherwise diffusers infers them from the file's keys and fetches them from the hub once.
+    """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -67,7 +71,7 @@ def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32) -> 
     try:
         if path.is_file():
             cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
-            pipe = cls.from_single_file(str(path), **kwargs)
+            pipe = cls.from_single_file(str(path), **kwargs, **({"config": config} if config else {}))
         elif path.is_dir() or not (path.suffix in (".safetensors", ".ckpt") or base_model.startswith((".", "/", "~"))):
             pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base_model, **kwargs)
         else:
@@ -81,8 +85,8 @@ def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32) -> 
     return pipe
 
 
-def load_base(base_model: str) -> BaseComponents:
-    pipe = load_pipeline(base_model)
+def load_base(base_model: str, config: str = "") -> BaseComponents:
+    pipe = load_pipeline(base_model, config=config)
     family = family_of(pipe)
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])

@@ -25,18 +25,24 @@ def build_optimizer(
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups)
     if t.optimizer == "adamw8bit":
-        if device.type != "cuda":
-            raise ConfigError("train.optimizer = 'adamw8bit' needs a CUDA GPU; use 'adamw' on CPU")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise ConfigError("train.optimizer = 'adamw8bit' needs bitsandbytes; pip install bitsandbytes, or use 'adamw'") from exc
-        return bnb.optim.AdamW8bit(groups)
+        return _adamw8bit(groups, device)
     try:
         from prodigyopt import Prodigy
     except ImportError as exc:
         raise ConfigError("train.optimizer = 'prodigy' needs prodigyopt; pip install prodigyopt, or use 'adamw'") from exc
     return Prodigy(groups)
+
+
+def _adamw8bit(groups: list[dict], device: torch.device):
+    """bitsandbytes' 8-bit AdamW; on CPU it needs bitsandbytes 0.48 or later (its CPU backend)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise ConfigError("train.optimizer = 'adamw8bit' needs bitsandbytes; pip install 'lorafactory[adamw8bit]', or use 'adamw'") from exc
+    version = tuple(int(part) for part in bnb.__version__.split(".")[:2] if part.isdigit())
+    if device.type == "cpu" and version < (0, 48):
+        raise ConfigError(f"train.optimizer = 'adamw8bit' on CPU needs bitsandbytes >= 0.48 (found {bnb.__version__}); upgrade it or use 'adamw'")
+    return bnb.optim.AdamW8bit(groups)
 
 
 def build_scheduler(t: TrainSettings, optimizer):

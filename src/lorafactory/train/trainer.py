@@ -84,7 +84,7 @@ class _Run:
         seed_everything(t.seed)
         self.device = resolve_device(t.device)
         self.dtype = resolve_dtype(t.mixed_precision, self.device)
-        base = self.base = load_base(t.base_model)
+        base = self.base = load_base(t.base_model, t.base_config)
         for module in (*base.text_encoders, base.unet, base.vae):
             module.requires_grad_(False)
             module.to(self.device)
