@@ -1,6 +1,7 @@
 """Trainer behaviour on the tiny model: exact resume, options that change the update, validation loss."""
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -173,3 +174,51 @@ def test_single_file_base_model_trains_like_its_folder(kit, dataset, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     with safe_open(str(checkpoint_dir(tmp_path / "file", 8) / LORA_FILE), "pt") as handle:
         assert handle.metadata()["ss_sd_model_name"] == "tiny-original.safetensors"
+
+
+class _RecordedProgress(SilentProgress):
+    def __init__(self):
+        self.advanced, self.notes = {}, []
+
+    @contextmanager
+    def task(self, description, total):
+        advanced = self.advanced
+
+        class _Task:
+            def advance(self, amount=1):
+                advanced[description] = advanced.get(description, 0) + amount
+
+        yield _Task()
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_does_with_double_accumulation(kit, dataset, tmp_path):
+    """torch.distributed workers (gloo on CPU): 2 processes x accumulation 1, stopped at step 4 and
+    resumed, give the weights of 1 process x accumulation 2 straight through."""
+    single = train(_settings(kit, "train.gradient_accumulation=2"), "akane_hoshino", dataset, tmp_path / "one", SilentProgress())
+    two = _settings(kit, "train.num_processes=2", 'train.device="cpu"')
+    progress = _RecordedProgress()
+    first = train(two, "akane_hoshino", dataset, tmp_path / "two", progress, stop_after=4)
+    assert not first.finished and first.checkpoints == {4: "checkpoints/step-000004"} and first.details["processes"] == 2
+    assert progress.advanced["training"] == 4 and progress.notes == ["training on 2 processes"]
+    second = train(two, "akane_hoshino", dataset, tmp_path / "two", progress)
+    assert second.finished and list(second.checkpoints) == [4, 8] and progress.advanced["training"] == 4 + 8
+    a, b = _weights(tmp_path / "one", 8), _weights(tmp_path / "two", 8)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    for step, losses in single.details["validation_loss"].items():
+        assert second.details["validation_loss"][step] == pytest.approx(losses, rel=1e-5)
+    assert not (tmp_path / "two" / "distributed_job.json").exists()
+
+
+def test_distributed_errors_reach_the_caller(kit, dataset, tmp_path):
+    from lorafactory.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.num_processes = 2"):
+        train(_settings(kit, "train.num_processes=2", 'train.device="cuda"'), "akane_hoshino", dataset, tmp_path, SilentProgress())
+    bad = _settings(kit, "train.num_processes=2", 'train.device="cpu"', f'train.regularization_dir="{tmp_path}"')
+    with pytest.raises(StageError, match="not a prepared dataset"):  # raised inside the workers, relayed by the launcher
+        train(bad, "akane_hoshino", dataset, tmp_path / "out", SilentProgress())

@@ -187,11 +187,14 @@ class TrainSettings(Section):
     group_repeats: dict[str, int] = Field(default_factory=dict, description="Repeats per crop group, e.g. {head = 1, person = 2}.")
     group_loss_weights: dict[str, float] = Field(default_factory=dict, description="Loss weight per crop group.")
     cache_latents: bool = Field(True, description="Encode each image once; off re-encodes every batch.")
-    latent_cache_dir: str = Field("", description="Also keep cached latents on disk here, shared across runs.")
+    latent_cache_dir: str = Field("", description="Also keep cached latents on disk here, shared across runs.", json_schema_extra={"runtime": True})
     validation_split: float = Field(0.05, ge=0, lt=1, description="Share of images held out for the validation loss.")
     validation_timesteps: list[int] = Field(default_factory=lambda: [200, 400, 600, 800])
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    num_processes: int = Field(
+        1, ge=1, description="Training processes, one per GPU; N processes train what one would with N times the gradient accumulation.",
+    )  # fmt: skip
 
 
 class PromptSpec(Section):
@@ -394,8 +397,13 @@ def to_toml(settings: Settings) -> str:
     return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True, exclude={"crawl": secrets}))
 
 
+def _runtime_fields(model: BaseModel) -> set[str]:
+    """Fields that change how a stage runs but not what it produces; fingerprints leave them out."""
+    return {name for name, field in type(model).model_fields.items() if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("runtime")}
+
+
 def settings_hash(*parts: BaseModel | dict[str, Any] | str) -> str:
     """A stable short hash of settings sections and other fingerprint inputs."""
-    payload = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    payload = [p.model_dump(mode="json", exclude=_runtime_fields(p)) if isinstance(p, BaseModel) else p for p in parts]
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:16]

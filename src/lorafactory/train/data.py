@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ class LatentCache:
         self.vae, self.device, self.folder = vae, device, folder
         self.model_key = model_key
         self.scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+        self.channels = int(vae.config.latent_channels)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent cell
         self.memory: dict[str, torch.Tensor] = {}
         self.encoded = 0
 
@@ -83,7 +86,7 @@ class LatentCache:
             latent = self.encode(to_tensor(pixels).unsqueeze(0))[0].cpu()
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # training processes may encode the same image at once
                 torch.save(latent, tmp)
                 tmp.replace(path)
         self.memory[key] = latent

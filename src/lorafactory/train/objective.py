@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+def sample_noise(shape: tuple[int, ...], device: torch.device, generator: torch.Generator, offset: float) -> torch.Tensor:
+    """Gaussian noise for latents of ``shape`` [B, C, h, w]; ``offset`` adds a per-channel constant (noise offset)."""
+    noise = torch.randn(shape, generator=generator, device=device)
     if offset:
-        noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device)
+        noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device)
     return noise
 
 

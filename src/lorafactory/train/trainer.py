@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from lorafactory.export.embedding import write_a1111_pt, write_embedding_safeten
 from lorafactory.export.kohya import bundle_tensors, lora_metadata, text_encoder_lora_tensors, unet_lora_tensors, write_safetensors
 from lorafactory.progress import Progress
 from lorafactory.train.buckets import fixed_buckets
+from lorafactory.train import distributed
 from lorafactory.train.data import Example, LatentCache, batch_plan, build_caption, load_examples, read_metadata, split_validation
 from lorafactory.train.text import TextEncoders
 from lorafactory.train.model import load_base, resolve_device, resolve_dtype
@@ -83,6 +85,8 @@ class _Run:
         self.settings, self.trigger, self.out_dir = settings, trigger, out_dir
         seed_everything(t.seed)
         self.device = resolve_device(t.device)
+        self.collective = distributed.Collective(self.device)
+        self.device = self.collective.device or self.device
         self.dtype = resolve_dtype(t.mixed_precision, self.device)
         base = self.base = load_base(t.base_model, t.base_config)
         for module in (*base.text_encoders, base.unet, base.vae):
@@ -180,25 +184,30 @@ class _Run:
             added = {"text_embeds": cond.pooled, "time_ids": torch.tensor(time_ids, device=self.device, dtype=cond.hidden.dtype)}
         return self.base.unet(noisy.to(self.dtype), timesteps, cond.hidden, added_cond_kwargs=added).sample
 
-    def _micro_batch(self) -> torch.Tensor:
+    def _micro_batch(self, compute: bool) -> torch.Tensor | None:
+        """The next micro-batch's loss; with ``compute`` false only its random draws are made
+        (another process computes it), so every process's RNGs stay in step."""
         t = self.t
         if not self.position.plan:
             self.position.plan = batch_plan(self.examples, t.batch_size, self.rng, t.group_repeats)
             self.position.epoch += 1
         batch: list[Example] = [self.examples[i] for i in self.position.plan.pop()]
         if t.cache_latents:
-            latents = torch.stack(
-                [ex.flipped if ex.flipped is not None and self.rng.random() < 0.5 else ex.latent for ex in batch]
-            ).to(self.device)
+            chosen = [ex.flipped if ex.flipped is not None and self.rng.random() < 0.5 else ex.latent for ex in batch]
+            shape = (len(batch), *chosen[0].shape)
+            latents = torch.stack(chosen).to(self.device) if compute else None
         else:
             pixels = [ex.pixels.flip(-1) if t.flip and self.rng.random() < 0.5 else ex.pixels for ex in batch]
-            latents = self.cache.encode(torch.stack(pixels))
+            shape = (len(batch), self.cache.channels, *(size // self.cache.factor for size in pixels[0].shape[-2:]))
+            latents = self.cache.encode(torch.stack(pixels)) if compute else None
         captions = [
             build_caption(None if ex.regularization else self.trigger, ex.tags, self.rng, t.shuffle_tags, t.tag_dropout, t.caption_dropout, t.keep_tokens)
             for ex in batch
         ]
-        noise = sample_noise(latents, self.generator, t.noise_offset)
+        noise = sample_noise(shape, self.device, self.generator, t.noise_offset)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(batch),), generator=self.generator, device=self.device)
+        if latents is None:
+            return None
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = target_for(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
         with self.autocast():
@@ -213,13 +222,18 @@ class _Run:
         step = self.position.step + 1
         if step > self.pivot_step:
             self.text.freeze_vectors()  # the pivot: from here on only the LoRA trains
-        total = 0.0
-        for _ in range(t.gradient_accumulation):
-            loss = self._micro_batch() / t.gradient_accumulation
-            if not torch.isfinite(loss):
-                raise StageError(f"training loss became {loss.item()} at step {step}; lower train.unet_lr or train.embedding_lr")
+        share = t.gradient_accumulation * self.collective.size  # micro-batches per step, over all processes
+        total = torch.zeros((), device=self.device)
+        for micro in range(share):
+            loss = self._micro_batch(compute=self.collective.owns(micro))
+            if loss is None:
+                continue
+            loss = loss / share
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
+            total += loss.detach().float()
+        value = self.collective.sum_gradients(self.trainables.values(), total).item()
+        if not math.isfinite(value):
+            raise StageError(f"training loss became {value} at step {step}; lower train.unet_lr or train.embedding_lr")
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -228,8 +242,8 @@ class _Run:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.position.step = step
-        self.position.losses.append(total)
-        return total
+        self.position.losses.append(value)
+        return value
 
     # --- checkpoints --------------------------------------------------------------------
 
@@ -248,8 +262,16 @@ class _Run:
         return result
 
     def checkpoint(self) -> None:
-        t, step = self.t, self.position.step
+        """Write the step's files and the training state (the main process only; the others wait)."""
+        step = self.position.step
         folder = checkpoint_dir(self.out_dir, step)
+        self.position.checkpoints[step] = str(folder.relative_to(self.out_dir))
+        if self.collective.is_main:
+            self._write_checkpoint(folder)
+        self.collective.barrier()
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        t, step = self.t, self.position.step
         folder.mkdir(parents=True, exist_ok=True)
         tensors = unet_lora_tensors(self.base.unet, t.lora_alpha, self.base.family)
         if self.text_lora:
@@ -264,7 +286,6 @@ class _Run:
         write_safetensors(folder / BUNDLED_FILE, bundled, lora_metadata(tensors=bundled, **common))
         write_embedding_safetensors(folder / EMBEDDING_FILE, self.text.vectors)
         write_a1111_pt(folder / EMBEDDING_PT_FILE, self.trigger, self.text.vectors, step, Path(t.base_model).name)
-        self.position.checkpoints[step] = str(folder.relative_to(self.out_dir))
         validation = self.validate()
         if validation is not None:
             self.position.validation[step] = validation
@@ -290,25 +311,32 @@ def train(
     ``stop_after`` ends the run (state saved) at the first checkpoint at or after that step;
     calling again continues it exactly.
     """
+    if settings.train.num_processes > 1 and not distributed.in_worker():
+        return distributed.launch(settings, trigger, dataset_dir, out_dir, progress, stop_after)
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(settings, trigger, dataset_dir, out_dir, progress)
     run.resume()
     t = run.t
     log_path = out_dir / LOG_FILE
-    _rewind_log(log_path, run.position.step)
+    main = run.collective.is_main
+    if main:
+        _rewind_log(log_path, run.position.step)
     finished = True
     try:
-        with progress.task("training", total=t.max_steps) as task, log_path.open("a", encoding="utf-8") as log_file:
+        with progress.task("training", total=t.max_steps) as task, ExitStack() as files:
+            log_file = files.enter_context(log_path.open("a", encoding="utf-8")) if main else None
             task.advance(run.position.step)
             while run.position.step < t.max_steps:
                 loss = run.step()
                 step = run.position.step
-                record = {"step": step, "loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], "t": round(time.monotonic() - started, 4)}
-                log_file.write(json.dumps(record) + "\n")
+                if log_file:
+                    record = {"step": step, "loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], "t": round(time.monotonic() - started, 4)}
+                    log_file.write(json.dumps(record) + "\n")
                 task.advance()
                 if step % t.save_every == 0 or step == t.max_steps:
-                    log_file.flush()
+                    if log_file:
+                        log_file.flush()
                     run.checkpoint()
                     if stop_after is not None and step >= stop_after and step < t.max_steps:
                         finished = False
@@ -327,6 +355,7 @@ def train(
         "final_loss": float(np.mean(position.losses[-10:])) if position.losses else None,
         "validation_loss": {str(step): values for step, values in position.validation.items()},
         "device": str(run.device),
+        "processes": run.collective.size,
         "dtype": str(run.dtype).replace("torch.", ""),
         "prediction_type": run.prediction_type,
         "family": run.base.family,
