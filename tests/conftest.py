@@ -49,6 +49,7 @@ def demo_settings(kit: Kit, url: str, *extra: str):
             'crawl.source="sites"',
             f'crawl.danbooru.base_url="{url}"',
             f'train.base_model="{kit.tiny_sd}"',
+            f'evaluate.clip_model="{kit.tiny_clip}"',
             *extra,
         ],
     )

@@ -18,14 +18,14 @@ def test_schema_and_records(tmp_path):
     run = store.start_run(character, "cfg")
     stage = store.start_stage(run, "crawl", "fp")
     store.finish_stage(stage, "failed", "no images", counts={"raw": 0})
-    store.record_checkpoints(run, {10: "a", 20: "b"}, {10: {"ccip": 0.5}, 20: {"ccip": None}}, selected=10)
+    store.record_checkpoints(run, {10: "a", 20: "b"}, {10: {"ccip": 0.5}, 20: {"ccip": None}}, kept=[10])
     store.finish_run(run, "failed", "crawl: no images")
     summary = store.character_summary("alice")
     assert summary["latest_run"]["status"] == "failed"
     assert summary["latest_run"]["stages"][0] == {**summary["latest_run"]["stages"][0], "status": "failed", "error": "no images"}
     assert summary["checkpoints"] == [
-        {"step": 10, "selected": True, "metrics": {"ccip": 0.5}},
-        {"step": 20, "selected": False, "metrics": {"ccip": None}},
+        {"step": 10, "selected": True, "kept_rank": 1, "metrics": {"ccip": 0.5}},
+        {"step": 20, "selected": False, "kept_rank": None, "metrics": {"ccip": None}},
     ]
     # a second handle (as another worker would open) sees the same state
     assert Store(store.url).character_summary("alice")["runs"] == 1

@@ -90,12 +90,11 @@ def test_sdxl_trains_and_evaluates(kit, dataset, tmp_path):
     result = train(settings, "akane_hoshino", dataset, tmp_path / "train", SilentProgress())
     assert result.details["family"] == "sdxl" and list(result.checkpoints) == [2, 4]
     assert set(result.details["validation_loss"]["4"]) >= {"mean"}
-    counts, details, metrics, selected = evaluate(
-        settings, "akane_hoshino", dataset, tmp_path / "train", result.checkpoints, {}, tmp_path / "eval", SilentProgress()
-    )
-    assert counts["failed_checkpoints"] == 0 and selected in (2, 4)
-    assert all(m["ccip_recscore"] is not None and m["validation_loss"] is None for m in metrics.values())
-    assert len(list((tmp_path / "eval").rglob("*.png"))) == 2 * counts["images_per_checkpoint"]
+    evaluation = evaluate(settings, "akane_hoshino", dataset, tmp_path / "train", result.checkpoints, {}, tmp_path / "eval", SilentProgress())
+    assert evaluation.counts["failed_checkpoints"] == 0 and evaluation.selection.best in (2, 4)
+    assert all(m["ccip_recscore"] is not None and m["validation_loss"] is None for m in evaluation.table.values())
+    images = [p for p in (tmp_path / "eval" / "steps").rglob("*.png") if p.name != "grid.png"]
+    assert len(images) == 2 * evaluation.counts["images_per_checkpoint"]
 
 
 def test_uncached_latents_train_the_same_model(kit, dataset, tmp_path):

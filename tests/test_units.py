@@ -5,7 +5,6 @@ from PIL import Image
 
 from lorafactory.dataset.tags import caption, core_tags, prompt_tag
 from lorafactory.evaluate.metrics import ccip_recscore
-from lorafactory.evaluate.select import best_step
 from lorafactory.train import buckets
 from lorafactory.train.data import build_caption
 from lorafactory.train.embedding import expand_trigger, token_names
@@ -49,14 +48,6 @@ def test_recscore_pairs_and_images():
     score = ccip_recscore(diff, threshold=0.2)
     assert score.pair_share == 0.5
     assert score.image_share == 0.5 and score.per_image == [2 / 3, 1 / 3]
-
-
-def test_best_step_ties_and_missing_values():
-    assert best_step({10: 0.5, 20: 0.7, 30: 0.7})[0] == 20
-    step, reason = best_step({10: None, 20: 0.1})
-    assert step == 20 and "0.100" in reason
-    step, reason = best_step({10: None, 20: None})
-    assert step == 20 and "no checkpoint could be scored" in reason
 
 
 def test_fixed_buckets_cover_and_may_upscale():

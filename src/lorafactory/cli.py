@@ -117,6 +117,41 @@ def _stage_command(stage: str, doc: str):
     return command
 
 
+@app.command()
+def publish(
+    name: str = typer.Argument(..., help="Character whose release to publish."),
+    repo: Optional[str] = typer.Option(None, "--repo", help="Hub repository 'name' or 'owner/name' (release.hf_repo; default: the slug)."),
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a new repository (release.hf_private)."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (release.hf_endpoint)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded; contact nothing."),
+    workspace: Path = WorkspaceOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Upload the character's release folder to the Hugging Face Hub (token from HF_TOKEN); a rerun resumes."""
+    from lorafactory.release.hub import publish_to_hub
+
+    _setup_logging()
+    try:
+        settings = _settings(workspace, name, config, None, set_ or [])
+        folder = Workspace(workspace).character(slugify(name)).artifact("release")
+        if not (folder / "manifest.json").is_file():
+            raise LorafactoryError(f"{name} has no finished release in {folder}; run `lorafactory run {json.dumps(name)}` first")
+        r = settings.release
+        report = publish_to_hub(
+            folder, repo or r.hf_repo or slugify(name), private=r.hf_private if private is None else private,
+            endpoint=endpoint or r.hf_endpoint, progress=RichProgress(err), dry_run=dry_run,
+        )  # fmt: skip
+    except LorafactoryError as exc:
+        _fail(exc)
+    if report.dry_run:
+        err.print(f"[bold]dry run[/bold]: would upload {len(report.uploaded)} files to {report.target}")
+        for path in report.uploaded:
+            out.print(f"  {path}", highlight=False)
+        return
+    err.print(f"[green]published[/green] {report.target}: {len(report.uploaded)} files uploaded, {len(report.unchanged)} already there")
+
+
 app.command(name="run")(_stage_command("release", "Run the whole pipeline: crawl, prepare, train, evaluate, release."))
 for _stage in STAGES:
     app.command(name=_stage)(
@@ -196,10 +231,11 @@ def _print_dataset(dataset: dict) -> None:
 
 def _print_metrics(checkpoints: list[dict]) -> None:
     names = sorted({n for c in checkpoints for n in c["metrics"]})
-    table = Table("step", *names, "selected", title="checkpoint metrics")
+    table = Table("step", *names, "kept", title="checkpoint metrics")
     for checkpoint in checkpoints:
         values = ["missing" if checkpoint["metrics"].get(n) is None else f"{checkpoint['metrics'][n]:.3f}" for n in names]
-        table.add_row(str(checkpoint["step"]), *values, "✔" if checkpoint["selected"] else "")
+        rank = checkpoint["kept_rank"]
+        table.add_row(str(checkpoint["step"]), *values, "best" if rank == 1 else f"#{rank}" if rank else "")
     out.print(table)
 
 

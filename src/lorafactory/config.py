@@ -109,6 +109,8 @@ class VisionSettings(Section):
     tagger_model: str = "SwinV2_v3"
     monochrome_model: str = "mobilenetv3_large_100_dist_safe2"
     classify_model: str = "mobilenetv3_v1.5_dist"
+    ai_corrupt_model: str = "caformer_s36_v0_focal"
+    aesthetic_model: str = "swinv2pv3_v0_448_ls0.2_x"
 
 
 class PrepareSettings(Section):
@@ -198,41 +200,52 @@ class TrainSettings(Section):
 
 
 class PromptSpec(Section):
-    name: str
-    prompt: str = Field(description="Use {trigger} where the trigger word goes.")
-    negative: str | None = None
-    count: int = Field(1, ge=1)
-    seed: int = 0
-
-
-def _default_prompts() -> list[PromptSpec]:
-    base = "best quality, masterpiece, solo, {trigger}"
-    items = [
-        ("portrait", "portrait, looking at viewer", 2),
-        ("full_body", "full body, standing", 1),
-        ("free", "", 2),
-        ("smile", "smile, upper body", 1),
-        ("maid", "maid, maid headdress, maid apron", 1),
-        ("yukata", "yukata, festival", 1),
-        ("bikini", "night, starry sky, beach, standing, looking at viewer, bikini, light smile", 2),
-    ]
-    return [
-        PromptSpec(name=name, prompt=f"{base}, {extra}".rstrip(", "), count=count, seed=1000 + 100 * i)
-        for i, (name, extra, count) in enumerate(items)
-    ]
+    name: str = Field(description="Also the image file name prefix; prompts named 'bikini' give the bikini score.")
+    prompt: str = Field(description="Tags after the prefix; the prefix holds the trigger (or use {trigger} here).")
+    negative: str | None = Field(None, description="Replaces evaluate.negative_prompt for this prompt.")
+    count: int = Field(1, ge=1, description="Images per checkpoint.")
+    seed: int | None = Field(None, description="First seed; by default derived from the name and evaluate.seed.")
 
 
 class EvaluateSettings(Section):
-    prompts: list[PromptSpec] = Field(default_factory=_default_prompts)
-    negative_prompt: str = "lowres, bad anatomy, bad hands, worst quality, low quality, jpeg artifacts, watermark"
-    sampler: Literal["dpmpp_2m_karras", "euler_a", "ddim"] = "dpmpp_2m_karras"
+    """Every checkpoint renders the same prompts with the same seeds; metrics pick the best steps."""
+
+    prompt_set: Literal["auto", "female", "male", "custom"] = Field(
+        "auto", description="Built-in set; 'auto' picks 'male' when most dataset images are tagged 1boy; 'custom' uses only `prompts`."
+    )
+    prompts: list[PromptSpec] = Field(default_factory=list, description="Added to the built-in set (or the whole set with 'custom').")
+    nsfw: bool = Field(False, description="Add the built-in set's nsfw prompts.")
+    cluster_prompts: bool = Field(True, description="One prompt per outfit cluster of the dataset's tags.")
+    prefix: str = "best quality, masterpiece, highres, solo, {trigger}"
+    negative_prompt: str = (
+        "worst quality, low quality, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
+        "jpeg artifacts, signature, watermark, username, blurry, sketch, comic, censored, mosaic censoring, bar censor"
+    )
+    seed: int = 42
+    sampler: Literal["dpmpp_2m_karras", "euler_a", "euler", "ddim"] = "dpmpp_2m_karras"
     steps: int = Field(25, ge=1)
     cfg_scale: float = Field(7.0, ge=0)
     width: int = Field(512, ge=8)
     height: int = Field(768, ge=8)
     lora_scale: float = Field(0.8, ge=0)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(8, ge=1)
+    checkpoints: Literal["all", "coarse_to_fine"] = Field("all", description="'coarse_to_fine': every coarse_every-th first, then around the best.")
+    coarse_every: int = Field(3, ge=2)
     ccip_threshold: float | None = Field(None, description="CCIP difference threshold; the model's own when unset.")
+    clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP for text alignment and diversity; empty = off.")
+    aesthetic: bool = Field(True, description="imgutils' anime aesthetic percentile per image.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% confidence intervals; 0 = none.")
+    selection: Literal["fbeta", "recscore", "validation_loss"] = Field(
+        "fbeta", description="'fbeta': the reference rule (z-normalised fidelity and BikiniPlus, corruption ladder, F-beta)."
+    )
+    fidelity_beta: float = Field(3.0, gt=0, description="F-beta weight of fidelity over controllability.")
+    keep: int = Field(0, ge=0, description="Steps kept in the release; 0 = max(min(n // 3, 5), 3).")
+    corrupt_floor: float = Field(0.8, ge=0, le=1, description="Lowest AI-corruption threshold of the ladder (from 1.0 by 0.05).")
+    bikini_plus_std_floor: float = Field(0.015, ge=0)
+    gate_recscore: float = Field(0.55, ge=0, le=1, description="Retrain when the best CCIP RecScore is below this; 0 = no gate.")
+    gate_attempts: int = Field(2, ge=0, description="Retrains allowed by the gate.")
+    gate_step_factor: float = Field(1.5, ge=1, description="Each retrain multiplies train.max_steps by this...")
+    gate_lr_factor: float = Field(1.2, gt=0, description="...and the learning rates by this.")
 
 
 class RegularizationSettings(Section):
@@ -247,7 +260,12 @@ class RegularizationSettings(Section):
 
 class ReleaseSettings(Section):
     license: str = "creativeml-openrail-m"
-    preview_count: int = Field(8, ge=0)
+    preview_count: int = Field(8, ge=0, description="Previews per kept step: the best image of each prompt.")
+    nsfw_previews: bool = Field(False, description="Allow images of the nsfw prompts among the previews.")
+    tags: list[str] = Field(default_factory=list, description="Extra tags for the model card and Civitai.")
+    hf_repo: str = Field("", description="Hub repository, 'name' (under the token's owner) or 'owner/name'; default: the character slug.")
+    hf_private: bool = Field(False, description="Create the Hub repository as private.")
+    hf_endpoint: str = Field("https://huggingface.co", description="The Hub's URL (a mirror or a private Hub).")
 
 
 class Settings(Section):
@@ -287,11 +305,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "width": 128,
             "height": 128,
             "batch_size": 4,
+            "prompt_set": "custom",
+            "prefix": "{trigger}",
             "prompts": [
-                {"name": "portrait", "prompt": "{trigger}, portrait, smile", "count": 2, "seed": 1000},
-                {"name": "full_body", "prompt": "{trigger}, full body, dress", "count": 1, "seed": 1100},
-                {"name": "bikini", "prompt": "{trigger}, beach, bikini", "count": 1, "seed": 1200},
+                {"name": "portrait", "prompt": "portrait, smile", "count": 2},
+                {"name": "full_body", "prompt": "full body, dress", "count": 1},
+                {"name": "bikini", "prompt": "beach, bikini", "count": 2},
             ],
+            "bootstrap": 200,
+            "gate_recscore": 0.0,
         },
         "release": {"preview_count": 4},
         "regularization": {"mode": "off", "limit": 20},

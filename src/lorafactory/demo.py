@@ -23,6 +23,7 @@ SYNTHETIC_VERSION = "2"  # bump when the synthetic images change, so cached kits
 class Kit:
     hub: Path
     tiny_sd: Path
+    tiny_clip: Path
     images: Path
 
 
@@ -32,20 +33,21 @@ def default_cache() -> Path:
 
 
 def build_kit(cache: Path) -> Kit:
-    """The stand-in hub, the tiny SD pipeline and the synthetic images, each built once and cached."""
+    """The stand-in hub, the tiny SD pipeline and CLIP, and the synthetic images, each built once and cached."""
     from lorafactory.testing.standin_hub import build_standin_hub
     from lorafactory.testing.synthetic import generate_dataset
-    from lorafactory.testing.tiny_sd import build_tiny_sd
+    from lorafactory.testing.tiny_sd import build_tiny_clip, build_tiny_sd
 
     hub = build_standin_hub(cache / "hub")
     tiny = build_tiny_sd(cache / "tiny-sd")
+    clip = build_tiny_clip(cache / "tiny-clip")
     images = cache / "images"
     if not (images / ".complete").is_file() or (images / ".complete").read_text() != SYNTHETIC_VERSION:
         if images.exists():
             shutil.rmtree(images)
         generate_dataset(images, count=24, seed=0)
         (images / ".complete").write_text(SYNTHETIC_VERSION)
-    return Kit(hub, tiny, images)
+    return Kit(hub, tiny, clip, images)
 
 
 def replay_for(kit: Kit):
@@ -79,6 +81,7 @@ def run_demo(workspace: Path, cache: Path, extra_args: list[str] | None = None) 
             "--preset", "tiny-demo",
             "--set", f'crawl.danbooru.base_url="{replay.url}"',
             "--set", f'train.base_model="{kit.tiny_sd}"',
+            "--set", f'evaluate.clip_model="{kit.tiny_clip}"',
             *(extra_args or []),
         ]  # fmt: skip
         result = subprocess.run(command, env=offline_env(kit), check=False)

@@ -23,3 +23,9 @@ class StageError(LorafactoryError):
     """A pipeline stage failed for a reason the user can act on."""
 
     exit_code = 4
+
+
+class QualityGateFailed(StageError):
+    """The best checkpoint stayed below the quality gate after every allowed retrain."""
+
+    exit_code = 5

@@ -8,7 +8,9 @@ and simply runs again next time. Every execution is recorded in the state store.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,14 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 from lorafactory.config import Settings, settings_hash, to_toml
-from lorafactory.errors import ConfigError, LorafactoryError
+from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed
 from lorafactory.progress import Progress
 from lorafactory.state import Store
-from lorafactory.workspace import STAGES, CharacterDir, Manifest, Workspace, slugify, write_bytes_atomic
+from lorafactory.workspace import STAGES, CharacterDir, Manifest, Workspace, slugify, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
-CODE_VERSION = "2"  # bump when a stage's output format changes, so old artifacts are rebuilt
+CODE_VERSION = "3"  # bump when a stage's output format changes, so old artifacts are rebuilt
 RESUMABLE = {"crawl", "train"}  # stages that continue an interrupted run from their unfinished folder
+GATE_FILE = "gate.json"  # the quality gate's retrain count for the character's current settings
 
 _SECTIONS = {
     "crawl": ("character", "crawl"),
@@ -100,13 +103,12 @@ def _evaluate(ctx: Context, out: Path) -> StageOutput:
 
     checkpoints = _checkpoints(ctx)
     validation = {int(step): losses["mean"] for step, losses in ctx.manifest("train").details.get("validation_loss", {}).items()}
-    counts, details, metrics, selected = evaluate(
-        ctx.settings, ctx.trigger, ctx.char.artifact("prepare"), ctx.char.artifact("train"), checkpoints, validation, out, ctx.progress
-    )
-    details["metrics"] = {str(step): values for step, values in metrics.items()}
     train_dir = ctx.char.artifact("train")
-    ctx.store.record_checkpoints(ctx.run_id, {s: str(train_dir / p) for s, p in checkpoints.items()}, metrics, selected)
-    return StageOutput(counts, details)
+    result = evaluate(
+        ctx.settings, ctx.trigger, ctx.char.artifact("prepare"), train_dir, checkpoints, validation, out, ctx.progress, ctx.char.path / "_cache"
+    )
+    ctx.store.record_checkpoints(ctx.run_id, {s: str(train_dir / p) for s, p in checkpoints.items()}, result.table, result.selection.kept)
+    return StageOutput(result.counts, result.details)
 
 
 def _release(ctx: Context, out: Path) -> StageOutput:
@@ -122,7 +124,6 @@ def _release(ctx: Context, out: Path) -> StageOutput:
         _checkpoints(ctx),
         ctx.char.artifact("evaluate"),
         evaluation.details,
-        {int(s): m for s, m in evaluation.details["metrics"].items()},
         dataset.counts,
         dataset.details.get("pruned_core_tags", []),
         out,
@@ -181,26 +182,65 @@ def run_pipeline(
     write_bytes_atomic(char.config_path, to_toml(settings).encode("utf-8"))
 
     character_id = store.ensure_character(slug, settings.character.name, trigger)
-    prints = fingerprints(settings)
-    run_id = store.start_run(character_id, settings_hash(settings))
-    ctx = Context(settings, trigger, char, progress, store, run_id)
+    original = settings_hash(settings)
+    run_id = store.start_run(character_id, original)
     executed: list[str] = []
     skipped: list[str] = []
     stages = STAGES[: STAGES.index(until) + 1]
     forced = set(STAGES[STAGES.index(force) :]) if force else set()
-    for stage in stages:
-        if stage in forced:
-            char.invalidate(stage)
-        existing = char.manifest(stage)
-        if existing is not None and existing.fingerprint == prints[stage]:
-            store.record_skip(run_id, stage, prints[stage])
-            progress.note(f"[dim]{stage}: up to date, skipped[/dim]")
-            skipped.append(stage)
-            continue
-        _execute(ctx, stage, prints, store)
-        executed.append(stage)
+    attempt = _gate_attempt(char, original)
+    while True:
+        current = retrain_settings(settings, attempt)
+        prints = fingerprints(current)
+        ctx = Context(current, trigger, char, progress, store, run_id)
+        for stage in stages:
+            if stage in forced:
+                char.invalidate(stage)
+            existing = char.manifest(stage)
+            if existing is not None and existing.fingerprint == prints[stage]:
+                store.record_skip(run_id, stage, prints[stage])
+                progress.note(f"[dim]{stage}: up to date, skipped[/dim]")
+                skipped.append(stage)
+            else:
+                _execute(ctx, stage, prints, store)
+                executed.append(stage)
+            if stage == "evaluate" and not ctx.manifest("evaluate").details["gate"]["passed"]:
+                break
+        else:
+            break
+        forced = set()
+        reason = ctx.manifest("evaluate").details["gate"]["reason"]
+        if attempt >= settings.evaluate.gate_attempts:
+            message = f"quality gate failed after {attempt + 1} training attempt(s): {reason}; see {char.artifact('evaluate') / 'metrics.csv'}"
+            store.finish_run(run_id, "failed", message)
+            raise QualityGateFailed(message)
+        attempt += 1
+        write_json_atomic(char.path / GATE_FILE, {"settings_hash": original, "attempt": attempt, "reason": reason})
+        progress.note(f"[yellow]quality gate: {reason}; retraining (attempt {attempt + 1} of {settings.evaluate.gate_attempts + 1})[/yellow]")
     store.finish_run(run_id, "succeeded")
     return RunOutcome(slug, run_id, executed, skipped)
+
+
+def retrain_settings(settings: Settings, attempt: int) -> Settings:
+    """The settings of the quality gate's ``attempt``-th retrain: more steps and higher learning rates."""
+    if attempt == 0:
+        return settings
+    e = settings.evaluate
+    adjusted = settings.model_copy(deep=True)
+    t = adjusted.train
+    t.max_steps = math.ceil(t.max_steps * e.gate_step_factor**attempt)
+    factor = e.gate_lr_factor**attempt
+    t.unet_lr, t.embedding_lr, t.text_encoder_lr = t.unet_lr * factor, t.embedding_lr * factor, t.text_encoder_lr * factor
+    return adjusted
+
+
+def _gate_attempt(char: CharacterDir, settings_key: str) -> int:
+    """How many retrains the gate already asked for with these settings (0 when none)."""
+    try:
+        saved = json.loads((char.path / GATE_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(saved.get("attempt", 0)) if saved.get("settings_hash") == settings_key else 0
 
 
 def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> None:

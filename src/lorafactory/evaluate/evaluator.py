@@ -1,31 +1,82 @@
-"""The evaluate stage: render the prompt set for every checkpoint, score it, pick the best step."""
+"""The evaluate stage: render the prompt suite for every checkpoint, score it, choose the steps.
+
+The base pipeline is loaded once; checkpoints are swapped in and out as adapters. Outputs, in the
+stage folder: ``steps/step-N/`` (images with A1111 parameters, ``grid.png``, ``metrics.json`` with
+every per-image value), ``metrics.csv`` and ``metrics.json`` (one row per step, with 95%
+bootstrap intervals), ``metrics_plot.png`` and ``selection.json``.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from lorafactory.config import Settings
-from lorafactory.evaluate.generate import Generator, a1111_parameters, jobs, save_png
-from lorafactory.evaluate.metrics import ccip_recscore
-from lorafactory.evaluate.select import best_step
+from lorafactory.evaluate.generate import Generator, a1111_parameters, save_png
+from lorafactory.evaluate.plots import metrics_plot, preview_grid
+from lorafactory.evaluate.prompts import Job, is_male, jobs, prompt_specs
+from lorafactory.evaluate.scoring import METRICS, Scorer, StepScores
+from lorafactory.evaluate.select import Selection, select_steps
 from lorafactory.progress import Progress
 from lorafactory.train.data import read_metadata
 from lorafactory.train.model import load_pipeline, resolve_device, resolve_dtype
 from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE
-from lorafactory.vision.ccip import default_threshold, differences, extract_features
-from lorafactory.workspace import write_json_atomic
+from lorafactory.vision.ccip import default_threshold, extract_features
+from lorafactory.vision.tagging import is_character_trait
+from lorafactory.workspace import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
-METRIC_COLUMNS = ("ccip_recscore", "ccip_image_share", "validation_loss")
+CHECKPOINT_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
 
 
 def step_dir(out_dir: Path, step: int) -> Path:
     return out_dir / "steps" / f"step-{step:06d}"
+
+
+@dataclass
+class Evaluation:
+    counts: dict
+    details: dict
+    table: dict[int, dict[str, float | None]]
+    selection: Selection
+
+
+def dataset_features(dataset_dir: Path, records: list[dict], model: str, cache_dir: Path | None, progress: Progress) -> np.ndarray:
+    """CCIP features of the dataset images, computed once per dataset and model (cached on disk)."""
+    key = hashlib.sha256((dataset_dir / "metadata.jsonl").read_bytes() + model.encode()).hexdigest()[:16]
+    cached = cache_dir / f"ccip-{key}.npy" if cache_dir else None
+    if cached is not None and cached.is_file():
+        return np.load(cached)
+    images = []
+    for record in records:
+        with Image.open(dataset_dir / record["file"]) as image:
+            images.append(image.convert("RGB"))
+    with progress.task("CCIP features of the dataset", total=len(images)) as task:
+        features = extract_features(images, model, on_batch=task.advance)
+    if cached is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, features)
+        write_bytes_atomic(cached, buffer.getvalue())
+    return features
+
+
+def coarse_steps(steps: list[int], every: int) -> list[int]:
+    """Every ``every``-th checkpoint, and always the last."""
+    return sorted(set(steps[every - 1 :: every]) | {steps[-1]})
+
+
+def refine_steps(steps: list[int], done: set[int], around: list[int], every: int) -> list[int]:
+    """The not yet evaluated checkpoints within ``every - 1`` places of the ``around`` steps."""
+    index = {step: i for i, step in enumerate(steps)}
+    wanted = {steps[j] for s in around for j in range(max(0, index[s] - every + 1), min(len(steps), index[s] + every))}
+    return sorted(wanted - done)
 
 
 def evaluate(
@@ -37,61 +88,119 @@ def evaluate(
     validation_loss: dict[int, float],
     out_dir: Path,
     progress: Progress,
-) -> tuple[dict, dict, dict[int, dict[str, float | None]], int]:
-    """Returns (counts, details, metrics per step, selected step); a metric that could not be
-    computed is None ("missing"), never zero."""
+    cache_dir: Path | None = None,
+) -> Evaluation:
     e, v, t = settings.evaluate, settings.vision, settings.train
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset_images = []
-    for record in read_metadata(dataset_dir):
-        with Image.open(dataset_dir / record["file"]) as image:
-            dataset_images.append(image.convert("RGB"))
-    with progress.task("CCIP features of the dataset", total=len(dataset_images)) as task:
-        dataset_features = extract_features(dataset_images, v.ccip_model, on_batch=task.advance)
-    np.save(out_dir / "dataset_features.npy", dataset_features)
+    records = read_metadata(dataset_dir)
+    features = dataset_features(dataset_dir, records, v.ccip_model, cache_dir, progress)
     threshold = e.ccip_threshold if e.ccip_threshold is not None else default_threshold(v.ccip_model)
+    image_tags = [list(record.get("tags", [])) for record in records]
+    traits = {tag for tags in image_tags for tag in tags if is_character_trait(tag)}
+    try:
+        specs = prompt_specs(e, image_tags, ignore_tags=traits | {"1girl", "1boy", "solo"})
+    except ValueError as exc:
+        from lorafactory.errors import ConfigError
 
-    work = jobs(e.prompts, trigger, e.negative_prompt)
+        raise ConfigError(str(exc)) from exc
+    work = jobs(e, specs, trigger)
     device = resolve_device(t.device)
     generator = Generator(load_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device), t.base_config), e, t.clip_skip, device)
-    metrics: dict[int, dict[str, float | None]] = {}
-    per_image: dict[int, dict[str, float]] = {}
-    failed: dict[int, str] = {}
-    with progress.task("evaluating checkpoints", total=len(checkpoints) * len(work)) as task:
-        for step in sorted(checkpoints):
-            folder = train_dir / checkpoints[step]
-            target = step_dir(out_dir, step)
-            target.mkdir(parents=True, exist_ok=True)
-            try:
-                generator.load(folder / LORA_FILE, folder / EMBEDDING_FILE, trigger)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                log.warning("checkpoint at step %d failed to load, skipped: %s", step, exc)
-                failed[step] = str(exc).splitlines()[0]
-                metrics[step] = {name: None for name in METRIC_COLUMNS} | {"validation_loss": validation_loss.get(step)}
-                task.advance(len(work))
-                continue
-            images = []
-            for job, image in generator.render(work, on_image=task.advance):
-                save_png(image, target / job.filename, a1111_parameters(job, e, t.clip_skip, Path(t.base_model).name))
-                images.append(image)
-            generator.unload(trigger, t.embedding_vectors)
-            features = extract_features(images, v.ccip_model)
-            score = ccip_recscore(differences(features, dataset_features, v.ccip_model), threshold)
-            metrics[step] = {
-                "ccip_recscore": score.pair_share,
-                "ccip_image_share": score.image_share,
-                "validation_loss": validation_loss.get(step),
-            }
-            per_image[step] = {job.filename: value for job, value in zip(work, score.per_image)}
-            write_json_atomic(target / "metrics.json", {"step": step, **metrics[step], "per_image": per_image[step]})
+    scorer = Scorer(settings, trigger, features, threshold, device)
 
-    selected, reason = best_step({step: m["ccip_recscore"] for step, m in metrics.items()})
-    with (out_dir / "metrics.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", *METRIC_COLUMNS, "selected"])
-        for step in sorted(metrics):
-            writer.writerow([step, *("" if metrics[step][c] is None else f"{metrics[step][c]:.6f}" for c in METRIC_COLUMNS), int(step == selected)])
-    write_json_atomic(out_dir / "metrics.json", {str(s): m for s, m in sorted(metrics.items())})
-    counts = {"checkpoints": len(checkpoints), "images_per_checkpoint": len(work), "failed_checkpoints": len(failed)}
-    details = {"selected_step": selected, "reason": reason, "ccip_threshold": threshold, "failed": {str(k): v for k, v in failed.items()}}
-    return counts, details, metrics, selected
+    steps = sorted(checkpoints)
+    table: dict[int, dict[str, float | None]] = {s: {m: None for m in METRICS} | {"validation_loss": validation_loss.get(s)} for s in steps}
+    intervals: dict[int, dict[str, tuple[float, float] | None]] = {}
+    failed: dict[int, str] = {}
+    rounds = [steps] if e.checkpoints == "all" else [coarse_steps(steps, e.coarse_every), None]  # None: refine around the best
+    with progress.task("evaluating checkpoints", total=len(steps) * len(work)) as task:
+        done: set[int] = set()
+        for planned in rounds:
+            if planned is None:
+                around = select_steps({s: table[s] for s in sorted(done)}, e).kept
+                planned = refine_steps(steps, done, around, e.coarse_every)
+            for step in planned:
+                done.add(step)
+                scores = _evaluate_step(generator, scorer, work, settings, trigger, train_dir / checkpoints[step], step_dir(out_dir, step), task)
+                if isinstance(scores, str):
+                    failed[step] = scores
+                    continue
+                table[step].update(scores.values)
+                intervals[step] = scores.intervals
+                write_json_atomic(step_dir(out_dir, step) / "metrics.json", _step_record(step, table[step], scores))
+        task.advance((len(steps) - len(done)) * len(work))
+    skipped = [s for s in steps if s not in done]
+
+    selection = select_steps(table, e)
+    for step in skipped:
+        selection.excluded[step] = "not evaluated (coarse-to-fine)"
+    for step, why in failed.items():
+        selection.excluded[step] = f"failed to load: {why}"
+    _write_tables(out_dir, table, intervals, selection)
+    metrics_plot(table, intervals, METRICS, selection.kept, out_dir / "metrics_plot.png")
+    details = {
+        "selected_step": selection.best,
+        "kept_steps": selection.kept,
+        "reason": selection.reason,
+        "gate": {"passed": selection.gate_passed, "reason": selection.gate_reason},
+        "excluded": {str(s): why for s, why in sorted(selection.excluded.items())},
+        "missing_metrics": scorer.missing,
+        "ccip_threshold": threshold,
+        "prompt_set": e.prompt_set if e.prompt_set != "auto" else ("male" if is_male(image_tags) else "female"),
+        "prompts": [spec.name for spec in specs],
+        "failed": {str(k): v for k, v in failed.items()},
+        "skipped": skipped,
+        "metrics": {str(s): row for s, row in table.items()},
+    }
+    counts = {"checkpoints": len(steps), "evaluated": len(done) - len(failed), "images_per_checkpoint": len(work), "failed_checkpoints": len(failed)}
+    return Evaluation(counts, details, table, selection)
+
+
+def _evaluate_step(generator: Generator, scorer: Scorer, work: list[Job], settings: Settings, trigger: str, folder: Path, target: Path, task) -> StepScores | str:
+    """Render and score one checkpoint; a checkpoint that fails to load gives the reason instead."""
+    e, t = settings.evaluate, settings.train
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        generator.load(folder / LORA_FILE, folder / EMBEDDING_FILE, trigger)
+    except CHECKPOINT_ERRORS as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("checkpoint %s failed to load and is skipped: %s", folder.name, reason)
+        generator.unload(trigger, t.embedding_vectors)
+        task.advance(len(work))
+        return reason
+    images = []
+    for job, image in generator.render(work, on_image=task.advance):
+        save_png(image, target / job.filename, a1111_parameters(job, e, t.clip_skip, Path(t.base_model).name))
+        images.append(image)
+    generator.unload(trigger, t.embedding_vectors)
+    preview_grid([(job.filename[:-4], image) for job, image in zip(work, images)], target / "grid.png")
+    return scorer.score(work, images)
+
+
+def _step_record(step: int, row: dict[str, float | None], scores: StepScores) -> dict:
+    return {"step": step, "metrics": row, "intervals": {k: list(v) if v else None for k, v in scores.intervals.items()}, "per_image": scores.per_image}
+
+
+def _write_tables(out_dir: Path, table, intervals, selection: Selection) -> None:
+    header = ["step"]
+    for metric in METRICS:
+        header += [metric, f"{metric}_low", f"{metric}_high"]
+    header += ["score", "kept_rank"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for step in sorted(table):
+        row: list[object] = [step]
+        for metric in METRICS:
+            value, interval = table[step].get(metric), intervals.get(step, {}).get(metric)
+            row += ["" if value is None else f"{value:.6f}", *(["", ""] if not interval else [f"{interval[0]:.6f}", f"{interval[1]:.6f}"])]
+        score = selection.scores.get(step)
+        row += ["" if score is None else f"{score:.6f}", selection.kept.index(step) + 1 if step in selection.kept else ""]
+        writer.writerow(row)
+    write_bytes_atomic(out_dir / "metrics.csv", buffer.getvalue().encode())
+    write_json_atomic(out_dir / "metrics.json", {str(s): {"metrics": table[s], "intervals": intervals.get(s, {})} for s in sorted(table)})
+    write_json_atomic(
+        out_dir / "selection.json",
+        {"kept": selection.kept, "best": selection.best, "reason": selection.reason, "scores": {str(k): v for k, v in selection.scores.items()},
+         "excluded": {str(k): v for k, v in selection.excluded.items()}, "gate": {"passed": selection.gate_passed, "reason": selection.gate_reason}},
+    )  # fmt: skip

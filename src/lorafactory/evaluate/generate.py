@@ -6,7 +6,6 @@ Each checkpoint's released files (kohya LoRA, embedding) go through ``load_lora_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,47 +15,29 @@ from PIL.PngImagePlugin import PngInfo
 
 from safetensors.torch import load_file
 
-from lorafactory.config import EvaluateSettings, PromptSpec
+from lorafactory.config import EvaluateSettings
+from lorafactory.evaluate.prompts import Job
 from lorafactory.train.embedding import token_names
 from lorafactory.train.model import family_of
 from lorafactory.train.text import ENCODER_KEYS, Conditioning, encode_prompts
 
 
-@dataclass(frozen=True)
-class Job:
-    prompt_name: str
-    index: int
-    prompt: str
-    negative: str
-    seed: int
-
-    @property
-    def filename(self) -> str:
-        return f"{self.prompt_name}_{self.index}.png"
-
-
-def jobs(prompts: list[PromptSpec], trigger: str, default_negative: str) -> list[Job]:
-    """Every image to render for one checkpoint; the same list (and seeds) for all checkpoints."""
-    return [
-        Job(spec.name, i, spec.prompt.replace("{trigger}", trigger), spec.negative or default_negative, spec.seed + i)
-        for spec in prompts
-        for i in range(spec.count)
-    ]
-
-
 def make_scheduler(name: str, config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+    """A1111's sampler names as diffusers schedulers (DPM++ 2M Karras = multistep DPM-Solver++ with Karras sigmas)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
     if name == "dpmpp_2m_karras":
         return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True, algorithm_type="dpmsolver++")
     if name == "euler_a":
         return EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
     return DDIMScheduler.from_config(config)
 
 
 def a1111_parameters(job: Job, settings: EvaluateSettings, clip_skip: int, model: str) -> str:
     """The ``parameters`` text chunk A1111 writes, so tools can read the prompt back."""
-    sampler = {"dpmpp_2m_karras": "DPM++ 2M Karras", "euler_a": "Euler a", "ddim": "DDIM"}[settings.sampler]
+    sampler = {"dpmpp_2m_karras": "DPM++ 2M Karras", "euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM"}[settings.sampler]
     return (
         f"{job.prompt}\nNegative prompt: {job.negative}\n"
         f"Steps: {settings.steps}, Sampler: {sampler}, CFG scale: {settings.cfg_scale}, Seed: {job.seed}, "
@@ -88,9 +69,12 @@ class Generator:
             self.pipe.load_textual_inversion(tensors[key], token=trigger, tokenizer=tokenizer, text_encoder=encoder)
 
     def unload(self, trigger: str, vectors: int) -> None:
+        """Back to the base model; also after a load that failed halfway."""
         self.pipe.unload_lora_weights()
+        names = token_names(trigger, vectors)
         for tokenizer, encoder in self.pairs:
-            self.pipe.unload_textual_inversion(token_names(trigger, vectors), tokenizer=tokenizer, text_encoder=encoder)
+            if any(name in tokenizer.get_vocab() for name in names):
+                self.pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=encoder)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:

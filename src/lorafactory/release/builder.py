@@ -1,20 +1,79 @@
-"""The release stage: assemble the chosen checkpoint's files, previews, metrics and model card."""
+"""The release stage: the kept checkpoints' files, previews, metrics, plot and model card.
+
+Layout::
+
+    README.md                      model card (Hugging Face front matter)
+    <trigger>.safetensors          best step: LoRA with the embedding bundled (A1111 / Forge)
+    <trigger>_lora.safetensors     best step: plain kohya LoRA (ComfyUI, diffusers, ...)
+    embeddings/<trigger>.{safetensors,pt}
+    previews/*.png                 best step
+    metrics.csv, metrics_plot.png, train.toml
+    steps/<step>/                  every kept step: the same four files, previews/, metrics.json
+
+Nothing in it holds a secret or a local absolute path.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import tomli_w
+
 from lorafactory.config import Settings
 from lorafactory.evaluate.evaluator import step_dir
-from lorafactory.release.card import model_card
+from lorafactory.evaluate.scoring import METRICS
+from lorafactory.release.card import CardInput, model_card
 from lorafactory.train.trainer import BUNDLED_FILE, EMBEDDING_FILE, EMBEDDING_PT_FILE, LORA_FILE
 from lorafactory.workspace import write_bytes_atomic
 
 _TRAIN_SUMMARY_KEYS = (
-    "resolution", "max_steps", "batch_size", "lora_rank", "lora_alpha", "unet_lr", "embedding_lr",
-    "embedding_vectors", "clip_skip", "seed",
-)
+    "base_model", "resolution", "max_steps", "save_every", "batch_size", "gradient_accumulation", "lora_rank", "lora_alpha",
+    "unet_lr", "embedding_lr", "embedding_vectors", "embedding_pivot", "text_encoder_lora_rank", "optimizer", "lr_scheduler",
+    "clip_skip", "noise_offset", "min_snr_gamma", "prior_loss_weight", "seed", "mixed_precision",
+)  # fmt: skip
+# prompts shown first in previews, as on the reference's cards
+_PREVIEW_ORDER = ("portrait", "full_body", "smile", "free", "bikini")
+
+
+def model_name(base_model: str) -> str:
+    """A base model as others can find it: a hub id stays, a local path becomes its file or folder name."""
+    path = Path(base_model).expanduser()
+    return path.name if path.is_absolute() or base_model.startswith((".", "~")) or path.exists() else base_model
+
+
+def train_summary(settings: Settings, family: str) -> dict:
+    t = settings.train
+    summary = {key: getattr(t, key) for key in _TRAIN_SUMMARY_KEYS if getattr(t, key) is not None}
+    summary["base_model"] = model_name(t.base_model)
+    summary["family"] = family
+    summary["regularization"] = bool(t.regularization_dir)
+    return summary
+
+
+def _copy_step_files(source: Path, target: Path, trigger: str) -> list[str]:
+    (target / "embeddings").mkdir(parents=True, exist_ok=True)
+    pairs = [(BUNDLED_FILE, f"{trigger}.safetensors"), (LORA_FILE, f"{trigger}_lora.safetensors"),
+             (EMBEDDING_FILE, f"embeddings/{trigger}.safetensors"), (EMBEDDING_PT_FILE, f"embeddings/{trigger}.pt")]  # fmt: skip
+    for name, destination in pairs:
+        shutil.copyfile(source / name, target / destination)
+    return [destination for _, destination in pairs]
+
+
+def choose_previews(step_metrics: dict, count: int, nsfw: bool) -> list[str]:
+    """Image files to show: the best-recognised image of each prompt, favourite prompts first."""
+    per_image = step_metrics.get("per_image", {})
+    best: dict[str, tuple[float, str]] = {}
+    for filename, values in per_image.items():
+        prompt = filename.rsplit("_", 1)[0]
+        if prompt.startswith("n_") and not nsfw:
+            continue
+        score = values.get("ccip", 0.0)
+        if prompt not in best or score > best[prompt][0]:
+            best[prompt] = (score, filename)
+    order = sorted(best, key=lambda p: (_PREVIEW_ORDER.index(p) if p in _PREVIEW_ORDER else len(_PREVIEW_ORDER), p))
+    return [best[p][1] for p in order][:count]
 
 
 def release(
@@ -23,43 +82,50 @@ def release(
     train_dir: Path,
     checkpoints: dict[int, str],
     eval_dir: Path,
-    eval_details: dict,
-    metrics: dict[int, dict[str, float | None]],
-    dataset_manifest_counts: dict,
+    evaluation: dict,
+    dataset_counts: dict,
     core_tags: list[str],
     out_dir: Path,
     stand_in: bool,
     family: str,
 ) -> dict:
-    step = int(eval_details["selected_step"])
-    source = train_dir / checkpoints[step]
-    shutil.copyfile(source / BUNDLED_FILE, out_dir / f"{trigger}.safetensors")
-    shutil.copyfile(source / LORA_FILE, out_dir / f"{trigger}_lora.safetensors")
-    (out_dir / "embeddings").mkdir()
-    shutil.copyfile(source / EMBEDDING_FILE, out_dir / "embeddings" / f"{trigger}.safetensors")
-    shutil.copyfile(source / EMBEDDING_PT_FILE, out_dir / "embeddings" / f"{trigger}.pt")
-
-    previews_dir = out_dir / "previews"
-    previews_dir.mkdir()
-    previews = sorted(step_dir(eval_dir, step).glob("*.png"))[: settings.release.preview_count]
-    for preview in previews:
-        shutil.copyfile(preview, previews_dir / preview.name)
+    kept = [int(step) for step in evaluation["kept_steps"]]
+    best = kept[0]
+    previews: dict[int, list[str]] = {}
+    for step in kept:
+        target = out_dir / "steps" / str(step)
+        _copy_step_files(train_dir / checkpoints[step], target, trigger)
+        metrics_file = step_dir(eval_dir, step) / "metrics.json"
+        step_metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        shutil.copyfile(metrics_file, target / "metrics.json")
+        (target / "previews").mkdir()
+        previews[step] = choose_previews(step_metrics, settings.release.preview_count, settings.release.nsfw_previews)
+        for name in previews[step]:
+            shutil.copyfile(step_dir(eval_dir, step) / name, target / "previews" / name)
+    _copy_step_files(train_dir / checkpoints[best], out_dir, trigger)
+    (out_dir / "previews").mkdir()
+    for name in previews[best]:
+        shutil.copyfile(step_dir(eval_dir, best) / name, out_dir / "previews" / name)
     shutil.copyfile(eval_dir / "metrics.csv", out_dir / "metrics.csv")
+    shutil.copyfile(eval_dir / "metrics_plot.png", out_dir / "metrics_plot.png")
+    summary = train_summary(settings, family)
+    write_bytes_atomic(out_dir / "train.toml", tomli_w.dumps({"train": summary}).encode())
 
+    table = {int(s): row for s, row in evaluation["metrics"].items()}
     card = model_card(
-        name=settings.character.name,
-        trigger=trigger,
-        base_model=settings.train.base_model,
-        license=settings.release.license,
-        selected_step=step,
-        reason=eval_details["reason"],
-        metrics=metrics,
-        core_tags=core_tags,
-        dataset_counts={k: v for k, v in dataset_manifest_counts.items() if k in ("raw", "after_cleaning", "dataset")},
-        train_summary={k: getattr(settings.train, k) for k in _TRAIN_SUMMARY_KEYS},
-        previews=[f"previews/{p.name}" for p in previews],
-        stand_in=stand_in,
-        family=family,
-    )
+        CardInput(
+            name=settings.character.name, trigger=trigger, base_model=summary["base_model"], license=settings.release.license,
+            kept=kept, reason=evaluation["reason"], table=table, labels=METRICS, intervals=_intervals(eval_dir),
+            missing=evaluation.get("missing_metrics", {}), core_tags=core_tags, dataset_counts=dataset_counts,
+            train_summary=summary, previews=[f"previews/{name}" for name in previews[best]], stand_in=stand_in, family=family,
+            tags=settings.release.tags,
+        )
+    )  # fmt: skip
     write_bytes_atomic(out_dir / "README.md", card.encode("utf-8"))
-    return {"step": step, "previews": len(previews), "files": sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())}
+    files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return {"step": best, "kept_steps": kept, "previews": len(previews[best]), "files": files}
+
+
+def _intervals(eval_dir: Path) -> dict[int, dict[str, list[float] | None]]:
+    data = json.loads((eval_dir / "metrics.json").read_text())
+    return {int(step): entry.get("intervals", {}) for step, entry in data.items()}

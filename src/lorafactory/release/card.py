@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
+
+_DATASET_KEYS = {"raw": "images crawled", "after_cleaning": "after cleaning", "dataset": "training images (with crops)"}
+
+
+@dataclass
+class CardInput:
+    name: str
+    trigger: str
+    base_model: str  # a hub id or a file/folder name, never a local path
+    license: str
+    kept: list[int]  # best first
+    reason: str
+    table: dict[int, dict[str, float | None]]
+    labels: dict[str, str]  # metric column -> label, in display order
+    intervals: dict[int, dict[str, list[float] | None]]
+    missing: dict[str, str]  # metric -> why it is missing
+    core_tags: list[str]
+    dataset_counts: dict
+    train_summary: dict
+    previews: list[str]
+    stand_in: bool
+    family: str = "sd1"
+    tags: tuple[str, ...] | list[str] = ()
+
+
+def _yaml_scalar(value: object) -> str:
+    text = str(value)
+    return text if text.replace("-", "").replace("_", "").replace("/", "").replace(".", "").isalnum() else '"' + text.replace('"', '\\"') + '"'
 
 
 def _front_matter(data: dict) -> str:
@@ -12,9 +41,9 @@ def _front_matter(data: dict) -> str:
     for key, value in data.items():
         if isinstance(value, list):
             lines.append(f"{key}:")
-            lines += [f"- {item}" for item in value]
+            lines += [f"- {_yaml_scalar(item)}" for item in value]
         else:
-            lines.append(f"{key}: {value}")
+            lines.append(f"{key}: {_yaml_scalar(value)}")
     lines.append("---")
     return "\n".join(lines)
 
@@ -33,51 +62,51 @@ def _diffusers_snippet(trigger: str, family: str) -> str:
     return "\n".join(lines)
 
 
-def model_card(
-    *,
-    name: str,
-    trigger: str,
-    base_model: str,
-    license: str,
-    selected_step: int,
-    reason: str,
-    metrics: dict[int, dict[str, float | None]],
-    core_tags: list[str],
-    dataset_counts: dict,
-    train_summary: dict,
-    previews: list[str],
-    stand_in: bool,
-    family: str = "sd1",
-) -> str:
-    base_name = base_model if not Path(base_model).is_absolute() else Path(base_model).name
+def _cell(value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return "missing"
+    return f"{value:.3f}" + (f" ({interval[0]:.2f}–{interval[1]:.2f})" if interval else "")
+
+
+def metrics_table(card: CardInput) -> str:
+    columns = [m for m in card.labels if any(card.table[s].get(m) is not None for s in card.kept)]
+    header = "| step | " + " | ".join(card.labels[m] for m in columns) + " | files |"
+    rows = [header, "|---:|" + "---:|" * len(columns) + ":---|"]
+    for rank, step in enumerate(card.kept):
+        cells = [_cell(card.table[step].get(m), (card.intervals.get(step) or {}).get(m)) for m in columns]
+        label = f"**{step}** (best)" if rank == 0 else str(step)
+        rows.append(f"| {label} | {' | '.join(cells)} | [LoRA](steps/{step}/{card.trigger}.safetensors) |")
+    return "\n".join(rows)
+
+
+def model_card(card: CardInput) -> str:
     header = _front_matter(
         {
-            "license": license,
-            "base_model": base_name,
+            "license": card.license,
+            "base_model": card.base_model,
             "pipeline_tag": "text-to-image",
-            "tags": ["lora", "stable-diffusion", "anime", "character", "lorafactory", "textual-inversion"],
-            "instance_prompt": trigger,
+            "tags": ["lora", "stable-diffusion", "stable-diffusion-xl" if card.family == "sdxl" else "stable-diffusion-1.5",
+                     "anime", "character", "textual-inversion", "lorafactory", *card.tags],
+            "instance_prompt": card.trigger,
         }
-    )
-    rows = ["| step | CCIP RecScore | image share | validation loss | selected |", "|---:|---:|---:|---:|:---:|"]
-    for step in sorted(metrics):
-        m = metrics[step]
-        cells = ["missing" if m.get(k) is None else f"{m[k]:.3f}" for k in ("ccip_recscore", "ccip_image_share", "validation_loss")]
-        rows.append(f"| {step} | {' | '.join(cells)} | {'**yes**' if step == selected_step else ''} |")
+    )  # fmt: skip
     warning = (
         "\n> **These files come from tiny random-initialised stand-in models (the offline demo).**\n"
         "> Neither the images nor the metrics mean anything.\n"
-        if stand_in
+        if card.stand_in
         else ""
     )
-    preview_md = "\n".join(f"![{Path(p).stem}]({p})" for p in previews)
-    core = ", ".join(tag.replace("_", " ") for tag in core_tags) or "none"
+    best = card.kept[0]
+    core = ", ".join(tag.replace("_", " ") for tag in card.core_tags) or "none"
+    missing = "".join(f"\n- {card.labels.get(m, m)}: missing ({why})" for m, why in sorted(card.missing.items()))
+    dataset = ", ".join(f"{_DATASET_KEYS[k]}: {card.dataset_counts[k]}" for k in _DATASET_KEYS if k in card.dataset_counts)
+    preview_md = "\n".join(f"![{Path(p).stem}]({p})" for p in card.previews) or "(none)"
     return f"""{header}
 
-# {name} — character LoRA
+# {card.name}: character LoRA
 {warning}
-Trigger word: **`{trigger}`**. The trigger is a pivotal-tuning embedding trained together with the LoRA,
-so load both (the bundled file does that in AUTOMATIC1111 and Forge).
+Trigger word: **`{card.trigger}`**. It is a pivotal-tuning embedding trained together with the LoRA, so load
+both (the bundled file does that in AUTOMATIC1111 and Forge).
 
 Core tags learned by the trigger (add them to the prompt if a trait goes missing): {core}.
 
@@ -87,31 +116,36 @@ Recommended weights: LoRA 0.6–0.85, trigger 0.8–1.1.
 
 | file | for |
 |---|---|
-| `{trigger}.safetensors` | AUTOMATIC1111 / Forge: LoRA with the embedding bundled (`bundle_emb.*`) |
-| `{trigger}_lora.safetensors` | ComfyUI, diffusers and other tools: the plain kohya LoRA |
-| `embeddings/{trigger}.safetensors`, `embeddings/{trigger}.pt` | the trigger embedding (ComfyUI: `embedding:{trigger}`; A1111 `embeddings/` folder; diffusers `load_textual_inversion`) |
+| `{card.trigger}.safetensors` | AUTOMATIC1111 / Forge: LoRA with the embedding bundled (`bundle_emb.*`) |
+| `{card.trigger}_lora.safetensors` | ComfyUI, diffusers and other tools: the plain kohya LoRA |
+| `embeddings/{card.trigger}.safetensors`, `embeddings/{card.trigger}.pt` | the trigger embedding (ComfyUI: `embedding:{card.trigger}`; A1111 `embeddings/` folder; diffusers `load_textual_inversion`) |
+| `steps/<step>/` | the same files for every kept step, with previews and per-image metrics |
 
 diffusers:
 
 ```python
-{_diffusers_snippet(trigger, family)}
+{_diffusers_snippet(card.trigger, card.family)}
 ```
 
 ## Step selection
 
-Step **{selected_step}** was chosen automatically: {reason}.
+Step **{best}** was chosen automatically: {card.reason}. Kept steps, best first (95% bootstrap intervals in brackets):
 
-{chr(10).join(rows)}
+{metrics_table(card)}
 
-## Previews
+All steps: `metrics.csv`.{missing}
+
+![metrics against step](metrics_plot.png)
+
+## Previews (step {best})
 
 {preview_md}
 
 ## Training
 
-```toml
-{tomli_w.dumps(train_summary).strip()}
-```
+Dataset: {dataset or "not recorded"}.
 
-Dataset: {", ".join(f"{k} {v}" for k, v in dataset_counts.items())}.
+```toml
+{tomli_w.dumps(card.train_summary).strip()}
+```
 """

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, delete, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -174,13 +174,16 @@ class Store:
 
     # checkpoints and metrics --------------------------------------------------
 
-    def record_checkpoints(
-        self, run_id: int, checkpoints: dict[int, str], metrics: dict[int, dict[str, float | None]], selected: int | None
-    ) -> None:
-        """Store each checkpoint with its metrics (None = could not be computed) and the chosen step."""
+    def record_checkpoints(self, run_id: int, checkpoints: dict[int, str], metrics: dict[int, dict[str, float | None]], kept: list[int]) -> None:
+        """Store each checkpoint with its metrics (None = could not be computed); ``selected`` is the
+        step's rank among the kept steps (1 = best, 0 = not kept). A second evaluation in the same
+        run (after the quality gate retrained) replaces the first."""
         with self.session() as session:
+            old = select(Checkpoint.id).where(Checkpoint.run_id == run_id)
+            session.execute(delete(Metric).where(Metric.checkpoint_id.in_(old)))
+            session.execute(delete(Checkpoint).where(Checkpoint.run_id == run_id))
             for step, path in sorted(checkpoints.items()):
-                checkpoint = Checkpoint(run_id=run_id, step=step, path=path, selected=int(step == selected))
+                checkpoint = Checkpoint(run_id=run_id, step=step, path=path, selected=kept.index(step) + 1 if step in kept else 0)
                 session.add(checkpoint)
                 session.flush()
                 for name, value in sorted(metrics.get(step, {}).items()):
@@ -260,7 +263,8 @@ def _run_dict(run: Run) -> dict[str, Any]:
 def _checkpoint_dict(checkpoint: Checkpoint) -> dict[str, Any]:
     return {
         "step": checkpoint.step,
-        "selected": bool(checkpoint.selected),
+        "selected": checkpoint.selected == 1,  # the best step
+        "kept_rank": checkpoint.selected or None,  # 1 = best, 2.. = the other released steps
         "metrics": {m.name: m.value for m in checkpoint.metrics},
     }
 

@@ -27,7 +27,7 @@ from lorafactory.testing.onnx_graphs import (
     tensor,
 )
 
-BUILD_VERSION = "8"
+BUILD_VERSION = "9"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CCIP_THRESHOLD = 0.17847511429108218
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -48,6 +48,7 @@ CLASSIFIERS = {
     ),
     "deepghs/anime_completeness": ("mobilenetv3_v2.2_dist", ["monochrome", "rough", "polished"], 384),
     "deepghs/anime_portrait": ("mobilenetv3_v0_dist", ["person", "halfbody", "head"], 384),
+    "deepghs/ai_image_corrupted": ("caformer_s36_v0_focal", ["corrupted", "normal"], 384),
     "deepghs/anime_aesthetic": (
         "swinv2pv3_v0_448_ls0.2_x",
         ["worst", "low", "normal", "good", "great", "best", "masterpiece"],

@@ -191,3 +191,32 @@ def build_tiny_sdxl(path: Path, seed: int = 0, full_size: bool = False) -> Path:
         )  # fmt: skip
 
     return _cached_build(path, make, half=full_size)
+
+
+def build_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP (text + vision towers, tokenizer, image processor) at ``path``, built once:
+    the stand-in for evaluate.clip_model."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    path = Path(path)
+    stamp = path / ".lorafactory-tiny-clip"
+    if stamp.is_file() and stamp.read_text() == BUILD_VERSION:
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    work = path.with_name(path.name + ".building")
+    shutil.rmtree(work, ignore_errors=True)
+    torch.manual_seed(seed)
+    text = _clip_config(32, 2, 4, 32)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32))
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=_tokenizer(work / "tok")
+    )
+    model.save_pretrained(work / "clip", safe_serialization=True)
+    processor.save_pretrained(work / "clip")
+    (work / "clip" / stamp.name).write_text(BUILD_VERSION)
+    (work / "clip").rename(path)
+    shutil.rmtree(work)
+    return path

@@ -15,6 +15,13 @@ def tag_image(image: Image.Image, model_name: str, general_threshold: float, dro
     return dict(sorted(((tag, float(score)) for tag, score in general.items()), key=lambda item: (-item[1], item[0])))
 
 
+def tag_scores(image: Image.Image, model_name: str) -> dict[str, float]:
+    """Every general tag's probability (threshold 0), for checking what a prompt asked for."""
+    from imgutils.tagging import get_wd14_tags
+
+    return {tag: float(score) for tag, score in get_wd14_tags(image, model_name=model_name, general_threshold=0.0, fmt="general").items()}
+
+
 def is_character_trait(tag: str) -> bool:
     """True for tags that describe the character herself (hair, eyes, ears...), per imgutils' rules."""
     from imgutils.tagging import is_basic_character_tag

@@ -1,0 +1,142 @@
+"""Scoring one checkpoint's images: every metric per image, their means and bootstrap intervals.
+
+A metric whose model cannot be loaded or run is recorded as missing (None), with the reason, and
+not tried again for later checkpoints; it never becomes a zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lorafactory.config import Settings
+from lorafactory.evaluate.metrics import bikini_plus, bootstrap_interval, ccip_recscore, prompt_tags, vendi_score
+from lorafactory.evaluate.prompts import Job
+from lorafactory.vision.ccip import differences, extract_features
+from lorafactory.vision.quality import aesthetic_percentile, ai_corrupt_score
+from lorafactory.vision.tagging import is_character_trait, tag_scores
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# column -> plot/card label, in display order
+METRICS: dict[str, str] = {
+    "ccip_recscore": "CCIP RecScore (fidelity)",
+    "ccip_image_share": "CCIP image share",
+    "bikini": "bikini score",
+    "bikini_plus": "BikiniPlus (prompt adherence)",
+    "ai_corrupt": "AI-corruption (1 = clean)",
+    "clip_alignment": "CLIP text alignment",
+    "diversity": "diversity (Vendi)",
+    "aesthetic": "aesthetic percentile",
+    "validation_loss": "validation loss",
+}
+# what a missing model or a failing model run raises (huggingface_hub's not-found errors are OSErrors)
+MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, ImportError)
+
+
+@dataclass
+class StepScores:
+    values: dict[str, float | None]
+    intervals: dict[str, tuple[float, float] | None]
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)  # file name -> metric -> value
+
+
+class Scorer:
+    def __init__(self, settings: Settings, trigger: str, dataset_features: np.ndarray, threshold: float, device: torch.device) -> None:
+        self.settings, self.trigger = settings, trigger
+        self.dataset_features, self.threshold, self.device = dataset_features, threshold, device
+        self.missing: dict[str, str] = {}  # metric -> why it could not be computed
+        self._clip = None
+
+    def _attempt(self, metrics: tuple[str, ...], compute: Callable[[], T]) -> T | None:
+        if any(m in self.missing for m in metrics):
+            return None
+        try:
+            return compute()
+        except MODEL_ERRORS as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+            for metric in metrics:
+                self.missing[metric] = reason
+            log.warning("%s cannot be computed and is reported as missing: %s", ", ".join(metrics), reason)
+            return None
+
+    def _clip_model(self):
+        if self._clip is None:
+            from lorafactory.vision.clip import Clip
+
+            self._clip = Clip(self.settings.evaluate.clip_model, self.device)
+        return self._clip
+
+    def score(self, work: list[Job], images: list[Image.Image]) -> StepScores:
+        e, v = self.settings.evaluate, self.settings.vision
+        per_image: dict[str, dict[str, float]] = defaultdict(dict)
+        names = [job.filename for job in work]
+
+        def put(metric: str, values: list[float | None] | None) -> None:
+            for name, value in zip(names, values or []):
+                if value is not None:
+                    per_image[name][metric] = float(value)
+
+        matched = self._attempt(
+            ("ccip_recscore", "ccip_image_share"),
+            lambda: ccip_recscore(differences(extract_features(images, v.ccip_model), self.dataset_features, v.ccip_model), self.threshold).per_image,
+        )
+        put("ccip", matched)
+        tags = self._attempt(("bikini", "bikini_plus"), lambda: [tag_scores(image, v.tagger_model) for image in images])
+        if tags is not None:
+            put("bikini", [scores.get("bikini", 0.0) if job.prompt_name.startswith("bikini") else None for job, scores in zip(work, tags)])
+            put("bikini_plus", [self._adherence(job, scores) for job, scores in zip(work, tags)])
+        put("ai_corrupt", self._attempt(("ai_corrupt",), lambda: [ai_corrupt_score(image, v.ai_corrupt_model) for image in images]))
+        if e.aesthetic:
+            put("aesthetic", self._attempt(("aesthetic",), lambda: [aesthetic_percentile(image, v.aesthetic_model) for image in images]))
+        diversity = None
+        if e.clip_model:
+            embedded = self._attempt(("clip_alignment", "diversity"), lambda: self._clip_scores(work, images))
+            if embedded is not None:
+                put("clip_alignment", embedded[0])
+                diversity = embedded[1]
+        else:
+            self.missing.setdefault("clip_alignment", "evaluate.clip_model is empty")
+            self.missing.setdefault("diversity", "evaluate.clip_model is empty")
+        return self._summarise(dict(per_image), matched, diversity)
+
+    def _adherence(self, job: Job, scores: dict[str, float]) -> float | None:
+        vocabulary = set(scores)
+        exclude = {self.trigger} | {tag for tag in vocabulary if is_character_trait(tag)}
+        return bikini_plus(scores, prompt_tags(job.prompt, vocabulary, exclude), prompt_tags(job.negative, vocabulary, exclude))
+
+    def _clip_scores(self, work: list[Job], images: list[Image.Image]) -> tuple[list[float], float | None]:
+        """Each image's cosine with its own prompt (trigger removed), and the mean Vendi score over
+        the prompts that have several images."""
+        clip = self._clip_model()
+        features = clip.images(images)
+        texts = [", ".join(part.strip() for part in job.prompt.split(",") if part.strip() and part.strip() != self.trigger) for job in work]
+        alignment = [float(x) for x in np.sum(features * clip.texts(texts), axis=1)]
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, job in enumerate(work):
+            groups[job.prompt_name].append(i)
+        vendi = [vendi_score(features[idx]) for idx in groups.values() if len(idx) > 1]
+        return alignment, float(np.mean(vendi)) if vendi else None
+
+    def _summarise(self, per_image: dict[str, dict[str, float]], matched: list[float] | None, diversity: float | None) -> StepScores:
+        resamples = self.settings.evaluate.bootstrap
+        columns = {"ccip_recscore": "ccip", "bikini": "bikini", "bikini_plus": "bikini_plus", "ai_corrupt": "ai_corrupt",
+                   "clip_alignment": "clip_alignment", "aesthetic": "aesthetic"}  # fmt: skip
+        values: dict[str, float | None] = {}
+        intervals: dict[str, tuple[float, float] | None] = {}
+        for column, key in columns.items():
+            found = [scores[key] for scores in per_image.values() if key in scores]
+            values[column] = float(np.mean(found)) if found else None
+            intervals[column] = bootstrap_interval(found, resamples)
+        shares = [float(x >= 0.5) for x in matched] if matched is not None else []
+        values["ccip_image_share"] = float(np.mean(shares)) if shares else None
+        intervals["ccip_image_share"] = bootstrap_interval(shares, resamples)
+        values["diversity"], intervals["diversity"] = diversity, None
+        return StepScores(values, intervals, per_image)

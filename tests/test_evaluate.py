@@ -1,0 +1,122 @@
+"""The evaluate stage on the tiny model: adapter swapping, missing metrics, coarse-to-fine, the quality gate."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lorafactory.errors import QualityGateFailed
+from lorafactory.evaluate.evaluator import evaluate, step_dir
+from lorafactory.evaluate.generate import Generator
+from lorafactory.evaluate.prompts import jobs, prompt_specs
+from lorafactory.pipeline import GATE_FILE, run_pipeline
+from lorafactory.progress import SilentProgress
+from lorafactory.state import Store
+from lorafactory.train.model import load_pipeline
+from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir, train
+from lorafactory.workspace import Workspace
+
+from conftest import demo_settings
+
+TRIGGER = "akane_hoshino"
+
+
+@pytest.fixture(scope="module")
+def dataset(demo_run):
+    return demo_run["workspace"].character("akane_hoshino").artifact("prepare")
+
+
+@pytest.fixture(scope="module")
+def trained(kit, dataset, tmp_path_factory):
+    """Eight checkpoints, one per step."""
+    settings = demo_settings(kit, "http://127.0.0.1:1", "train.max_steps=8", "train.save_every=1", "evaluate.cluster_prompts=false")
+    out = tmp_path_factory.mktemp("trained")
+    result = train(settings, TRIGGER, dataset, out, SilentProgress())
+    return settings, out, result.checkpoints
+
+
+def _render(generator, work, step_folder=None):
+    if step_folder is not None:
+        generator.load(step_folder / LORA_FILE, step_folder / EMBEDDING_FILE, TRIGGER)
+    images = [np.asarray(image) for _, image in generator.render(work)]
+    if step_folder is not None:
+        generator.unload(TRIGGER, 2)
+    return images
+
+
+def test_adapter_swapping_renders_what_a_fresh_pipeline_renders(kit, trained):
+    settings, out, _ = trained
+    e, t = settings.evaluate, settings.train
+    work = jobs(e, prompt_specs(e, []), TRIGGER)[:3]
+    cpu = torch.device("cpu")
+    swapping = Generator(load_pipeline(t.base_model), e, t.clip_skip, cpu)
+    base_before = _render(swapping, work)
+    _render(swapping, work, checkpoint_dir(out, 2))
+    swapped = _render(swapping, work, checkpoint_dir(out, 8))
+    base_after = _render(swapping, work)
+    reloaded = _render(Generator(load_pipeline(t.base_model), e, t.clip_skip, cpu), work, checkpoint_dir(out, 8))
+    for a, b in zip(swapped, reloaded):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # the same images, up to rounding
+    for a, b in zip(base_before, base_after):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # unloading leaves the base model as it was
+    assert any(np.abs(a.astype(int) - b.astype(int)).max() > 1 for a, b in zip(swapped, base_after))  # the LoRA does change them
+
+
+def test_missing_metrics_broken_checkpoints_and_coarse_to_fine(kit, trained, dataset, tmp_path):
+    settings, out, checkpoints = trained
+    broken = tmp_path / "train"
+    shutil.copytree(out, broken)
+    (checkpoint_dir(broken, 6) / LORA_FILE).write_bytes(b"not a safetensors file")
+    settings = settings.model_copy(deep=True)
+    settings.evaluate.clip_model = str(tmp_path / "no-such-clip")
+    settings.evaluate.checkpoints, settings.evaluate.coarse_every, settings.evaluate.keep = "coarse_to_fine", 3, 1
+    result = evaluate(settings, TRIGGER, dataset, broken, checkpoints, {s: 1.0 / s for s in checkpoints}, tmp_path / "eval", SilentProgress(), tmp_path / "cache")
+
+    coarse = {3, 6, 8}  # every third checkpoint and the last
+    evaluated = set(checkpoints) - set(result.details["skipped"])
+    assert coarse <= evaluated and result.details["failed"].keys() == {"6"}
+    best_coarse = result.selection.best if result.selection.best in coarse else None
+    refined = evaluated - coarse
+    assert refined and all(any(abs(r - c) <= 2 for c in coarse - {6}) for r in refined)
+    assert result.selection.excluded[6].startswith("failed to load") and result.details["skipped"]
+    assert all(result.selection.excluded[s] == "not evaluated (coarse-to-fine)" for s in result.details["skipped"])
+    assert best_coarse is None or best_coarse in evaluated
+
+    missing = result.details["missing_metrics"]
+    assert set(missing) == {"clip_alignment", "diversity"} and "no-such-clip" in missing["clip_alignment"]
+    for step in evaluated - {6}:
+        row = result.table[step]
+        assert row["clip_alignment"] is None and row["diversity"] is None  # missing, never zero
+        assert row["ccip_recscore"] is not None and row["ai_corrupt"] is not None and row["bikini_plus"] is not None
+        assert row["validation_loss"] == pytest.approx(1.0 / step)
+        record = json.loads((step_dir(tmp_path / "eval", step) / "metrics.json").read_text())
+        assert len(record["per_image"]) == result.counts["images_per_checkpoint"]
+        assert (step_dir(tmp_path / "eval", step) / "grid.png").is_file()
+    header, *rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == len(checkpoints) and header.split(",")[-2:] == ["score", "kept_rank"]
+    assert (tmp_path / "eval" / "metrics_plot.png").stat().st_size > 10_000
+    assert len(list((tmp_path / "cache").glob("ccip-*.npy"))) == 1  # dataset features cached for the next evaluation
+
+
+@pytest.mark.slow
+def test_quality_gate_retrains_then_fails_for_good(demo_run, tmp_path):
+    """Stand-in images never look like the character (RecScore 0): the gate retrains once with more
+    steps, then fails the run; a rerun does not retrain again."""
+    root = tmp_path / "ws"
+    shutil.copytree(demo_run["workspace"].root, root)
+    workspace, store = Workspace(root), Store(Workspace(root).default_db_url)
+    settings = demo_run["settings"].model_copy(deep=True)
+    settings.evaluate.gate_recscore, settings.evaluate.gate_attempts = 0.5, 1
+    with pytest.raises(QualityGateFailed, match="after 2 training attempt.*below evaluate.gate_recscore 0.50"):
+        run_pipeline(workspace, store, settings, SilentProgress())
+    char = workspace.character("akane_hoshino")
+    assert json.loads((char.path / GATE_FILE).read_text())["attempt"] == 1
+    train = char.manifest("train")
+    assert train.details["checkpoints"].keys() >= {"40", "45"}  # 30 steps * 1.5
+    assert store.character_summary("akane_hoshino")["latest_run"]["status"] == "failed"
+    with pytest.raises(QualityGateFailed):
+        run_pipeline(workspace, store, settings, SilentProgress())
+    assert char.manifest("train").created_at == train.created_at  # the failed final attempt is not retrained
+    assert char.manifest("release").fingerprint == demo_run["workspace"].character("akane_hoshino").manifest("release").fingerprint
