@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
+
+from lorafactory.testing.loopback import LoopbackServer
 
 
 def git_blob_id(data: bytes) -> str:
@@ -29,7 +30,7 @@ class FakeRepo:
 
 
 @dataclass
-class FakeHub:
+class FakeHub(LoopbackServer):
     tokens: set[str]
     user: str = "tester"
     repos: dict[str, FakeRepo] = field(default_factory=dict)
@@ -37,12 +38,6 @@ class FakeHub:
     requests: list[str] = field(default_factory=list)  # "METHOD /path" of every request
     commit_faults: list[int] = field(default_factory=list)  # HTTP status for the next commits, in order (0 = let it succeed)
     _server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "server not started"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
 
     # --- the API ----------------------------------------------------------------------
 
@@ -134,18 +129,5 @@ class FakeHub:
             def do_POST(self) -> None:  # noqa: N802
                 self._answer("POST")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeHub:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mimetypes
-import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +17,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote_plus, unquote_plus, urlparse
 
 from PIL import Image
+
+from lorafactory.testing.loopback import LoopbackServer
 
 Reply = tuple[int, bytes]
 
@@ -40,7 +41,7 @@ class _Post:
 
 
 @dataclass
-class Replay:
+class Replay(LoopbackServer):
     """The server machinery; subclasses answer their site's API in ``api()``."""
 
     images: list[ReplayImage]
@@ -52,12 +53,6 @@ class Replay:
     agents: list[str] = field(default_factory=list)  # User-Agent of each API request
     authorizations: list[str] = field(default_factory=list)  # Authorization header of each API request
     _server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "server not started"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
 
     def _index(self) -> list[_Post]:
         posts = []
@@ -142,22 +137,9 @@ class Replay:
                 self._send(status, body, "application/json")
 
         files = {item.path.name: item.path for item in self.images}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.posts = self._index()
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
 
 
 def _json(data: object) -> Reply:
