@@ -8,6 +8,10 @@ from lorafactory.errors import ConfigError, StageError
 from lorafactory.progress import SilentProgress
 from lorafactory.release import hub as hub_module
 from lorafactory.release.hub import commit_groups, publish_to_hub, release_files
+from lorafactory.release import civitai as civitai_module
+from lorafactory.release.civitai import NSFW_LEVELS, publish_to_civitai
+from lorafactory.release.publish import CIVITAI_STATE, civitai_plan, parse_parameters
+from lorafactory.testing.fake_civitai import FakeCivitai
 from lorafactory.testing.fake_hub import FakeHub
 
 TOKEN = "hf_test_write_token"
@@ -82,7 +86,7 @@ def test_publish_command(demo_run, fake_hub):
     assert done.exit_code == 0, done.output
     assert "published" in done.output and not fake_hub.repos["team/akane"].private
     missing = CliRunner().invoke(app, ["publish", "Nobody", "-w", root, "--endpoint", fake_hub.url])
-    assert missing.exit_code == 1 and "no finished release" in missing.output
+    assert missing.exit_code == 3 and "no finished release" in missing.output
 
 
 def test_release_holds_no_local_path_or_secret(release_dir, demo_run):
@@ -93,3 +97,85 @@ def test_release_holds_no_local_path_or_secret(release_dir, demo_run):
         data = (release_dir / name).read_bytes()
         for text in forbidden:
             assert text.encode() not in data, f"{name} contains {text}"
+
+
+CIVITAI_KEY = "civitai-test-key"
+
+
+@pytest.fixture()
+def fake_civitai(monkeypatch):
+    monkeypatch.setenv("CIVITAI_API_KEY", CIVITAI_KEY)
+    monkeypatch.setattr(civitai_module, "RETRY_DELAY_S", 0.0)
+    with FakeCivitai(tokens={CIVITAI_KEY}) as server:
+        yield server
+
+
+@pytest.fixture()
+def civitai_char(demo_run, tmp_path):
+    """A copy of the demo character, so the Civitai state file starts empty in every test."""
+    import shutil
+
+    from lorafactory.workspace import Workspace
+
+    root = tmp_path / "ws"
+    shutil.copytree(demo_run["workspace"].character("akane_hoshino").path, root / "akane_hoshino")
+    return Workspace(root).character("akane_hoshino")
+
+
+def _to_civitai(char, settings, server, **kwargs):
+    plan = civitai_plan(char, settings, "akane_hoshino")
+    key = char.manifest("release").fingerprint
+    return publish_to_civitai(plan, char.path / CIVITAI_STATE, key, base_url=server.url, progress=SilentProgress(), **kwargs)
+
+
+def test_a1111_parameters_become_civitai_metadata():
+    text = "best quality, akane\nNegative prompt: lowres, bad hands\nSteps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 1234, Size: 512x768, Clip skip: 2"
+    assert parse_parameters(text) == {"prompt": "best quality, akane", "negativePrompt": "lowres, bad hands", "steps": 25,
+                                      "sampler": "DPM++ 2M Karras", "cfgScale": 7.0, "seed": 1234, "Size": "512x768", "clipSkip": 2}  # fmt: skip
+
+
+def test_civitai_publish_uploads_model_version_file_and_previews(civitai_char, demo_run, fake_civitai):
+    settings = demo_run["settings"]
+    dry = _to_civitai(civitai_char, settings, fake_civitai, dry_run=True)
+    assert dry.dry_run and dry.done[0] == "create model" and fake_civitai.requests == []
+
+    report = _to_civitai(civitai_char, settings, fake_civitai)
+    release = civitai_char.artifact("release")
+    [model] = fake_civitai.models.values()
+    [version] = fake_civitai.versions.values()
+    [registered] = fake_civitai.files.values()
+    assert model["type"] == "LORA" and model["name"] == "Akane Hoshino" and model["published"]
+    assert version["baseModel"] == "SD 1.5" and version["trainedWords"] == ["akane_hoshino"] and version["modelId"] == model["id"]
+    assert fake_civitai.objects[registered["url"]] == (release / "akane_hoshino.safetensors").read_bytes()  # reassembled from parts
+    assert sum(r.startswith("PUT /s3/") for r in fake_civitai.requests) > 1  # really multipart
+    previews = sorted(p.name for p in (release / "previews").glob("*.png"))
+    assert sorted(i["name"] for i in fake_civitai.images.values()) == previews
+    assert all(i["nsfw"] in NSFW_LEVELS.values() and i["meta"]["prompt"] and i["meta"]["seed"] for i in fake_civitai.images.values())
+    assert report.model_url.endswith(f"/models/{model['id']}") and not report.skipped
+
+    again = _to_civitai(civitai_char, settings, fake_civitai)
+    assert again.done == [] and len(again.skipped) == len(report.done)
+    assert len(fake_civitai.models) == len(fake_civitai.versions) == len(fake_civitai.files) == 1
+
+
+def test_civitai_publish_resumes_after_a_failure_without_duplicates(civitai_char, demo_run, fake_civitai):
+    fake_civitai.faults["post.addImage"] = [500, 500, 500]  # the first image fails every retry
+    with pytest.raises(StageError, match="resume"):
+        _to_civitai(civitai_char, demo_run["settings"], fake_civitai)
+    assert len(fake_civitai.files) == 1 and fake_civitai.images == {}
+    report = _to_civitai(civitai_char, demo_run["settings"], fake_civitai)
+    assert "create model" in report.skipped and "upload akane_hoshino.safetensors" in report.skipped
+    assert len(fake_civitai.models) == len(fake_civitai.versions) == len(fake_civitai.files) == len(fake_civitai.posts) == 1
+    assert len(fake_civitai.images) == len(list((civitai_char.artifact("release") / "previews").glob("*.png")))
+    assert sum(r == "POST /api/upload" for r in fake_civitai.requests) == 1  # the LoRA was uploaded once
+
+
+def test_civitai_bad_key_and_the_command(civitai_char, demo_run, fake_civitai, monkeypatch):
+    monkeypatch.setenv("CIVITAI_API_KEY", "wrong")
+    with pytest.raises(ConfigError, match="rejected the API key.*CIVITAI_API_KEY"):
+        _to_civitai(civitai_char, demo_run["settings"], fake_civitai)
+    assert fake_civitai.models == {}
+    root = str(civitai_char.path.parent)
+    result = CliRunner().invoke(app, ["publish", "Akane Hoshino", "-w", root, "--to", "civitai", "--dry-run", "--set", f'release.civitai_url="{fake_civitai.url}"'])
+    assert result.exit_code == 0, result.output
+    assert "Civitai steps" in result.output and "upload akane_hoshino.safetensors" in result.output

@@ -120,36 +120,44 @@ def _stage_command(stage: str, doc: str):
 @app.command()
 def publish(
     name: str = typer.Argument(..., help="Character whose release to publish."),
+    to: Optional[List[str]] = typer.Option(None, "--to", help="huggingface and/or civitai, repeatable (release.publish_to)."),
     repo: Optional[str] = typer.Option(None, "--repo", help="Hub repository 'name' or 'owner/name' (release.hf_repo; default: the slug)."),
-    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a new repository (release.hf_private)."),
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a new Hub repository (release.hf_private)."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (release.hf_endpoint)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded; contact nothing."),
     workspace: Path = WorkspaceOpt,
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Upload the character's release folder to the Hugging Face Hub (token from HF_TOKEN); a rerun resumes."""
-    from lorafactory.release.hub import publish_to_hub
+    """Upload the release to the Hugging Face Hub (HF_TOKEN) and/or Civitai (CIVITAI_API_KEY); a rerun resumes."""
+    from lorafactory.pipeline import trigger_for
+    from lorafactory.release.publish import publish as publish_release
 
     _setup_logging()
     try:
-        settings = _settings(workspace, name, config, None, set_ or [])
-        folder = Workspace(workspace).character(slugify(name)).artifact("release")
-        if not (folder / "manifest.json").is_file():
-            raise LorafactoryError(f"{name} has no finished release in {folder}; run `lorafactory run {json.dumps(name)}` first")
+        settings = _settings(workspace, name, config, None, [*(set_ or []), *([f"release.publish_to={json.dumps(to)}"] if to else [])])
         r = settings.release
-        report = publish_to_hub(
-            folder, repo or r.hf_repo or slugify(name), private=r.hf_private if private is None else private,
+        reports = publish_release(
+            Workspace(workspace).character(slugify(name)), settings, trigger_for(settings), list(r.publish_to),
+            repo=repo or r.hf_repo or slugify(name), private=r.hf_private if private is None else private,
             endpoint=endpoint or r.hf_endpoint, progress=RichProgress(err), dry_run=dry_run,
         )  # fmt: skip
     except LorafactoryError as exc:
         _fail(exc)
-    if report.dry_run:
-        err.print(f"[bold]dry run[/bold]: would upload {len(report.uploaded)} files to {report.target}")
-        for path in report.uploaded:
-            out.print(f"  {path}", highlight=False)
-        return
-    err.print(f"[green]published[/green] {report.target}: {len(report.uploaded)} files uploaded, {len(report.unchanged)} already there")
+    for report in reports:
+        if hasattr(report, "unchanged"):
+            if report.dry_run:
+                err.print(f"[bold]dry run[/bold]: would upload {len(report.uploaded)} files to {report.target}")
+                for path in report.uploaded:
+                    out.print(f"  {path}", highlight=False)
+            else:
+                err.print(f"[green]published[/green] {report.target}: {len(report.uploaded)} files uploaded, {len(report.unchanged)} already there")
+        elif report.dry_run:
+            err.print("[bold]dry run[/bold]: Civitai steps:")
+            for step in report.done:
+                out.print(f"  {step}", highlight=False)
+        else:
+            err.print(f"[green]published[/green] {report.model_url}: {len(report.done)} steps done, {len(report.skipped)} already done")
 
 
 app.command(name="run")(_stage_command("release", "Run the whole pipeline: crawl, prepare, train, evaluate, release."))

@@ -266,6 +266,8 @@ class ReleaseSettings(Section):
     hf_repo: str = Field("", description="Hub repository, 'name' (under the token's owner) or 'owner/name'; default: the character slug.")
     hf_private: bool = Field(False, description="Create the Hub repository as private.")
     hf_endpoint: str = Field("https://huggingface.co", description="The Hub's URL (a mirror or a private Hub).")
+    civitai_url: str = Field("https://civitai.com", description="Civitai's base URL.")
+    publish_to: list[Literal["huggingface", "civitai"]] = Field(default_factory=lambda: ["huggingface"], description="Where `lorafactory publish` uploads.")
 
 
 class Settings(Section):

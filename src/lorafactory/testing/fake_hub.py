@@ -11,10 +11,9 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlparse
+from http.server import ThreadingHTTPServer
 
-from lorafactory.testing.loopback import LoopbackServer
+from lorafactory.testing.loopback import LoopbackServer, json_handler
 
 
 def git_blob_id(data: bytes) -> str:
@@ -105,29 +104,5 @@ class FakeHub(LoopbackServer):
     # --- the server --------------------------------------------------------------------
 
     def start(self) -> FakeHub:
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_args: object) -> None:
-                return
-
-            def _answer(self, method: str) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                auth = self.headers.get("Authorization", "")
-                token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
-                status, payload = hub.handle(method, unquote(urlparse(self.path).path), body, token)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                self._answer("GET")
-
-            def do_POST(self) -> None:  # noqa: N802
-                self._answer("POST")
-
-        self._serve(Handler)
+        self._serve(json_handler(lambda method, path, _query, body, token: (*self.handle(method, path, body, token), {})))
         return self

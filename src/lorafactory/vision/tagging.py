@@ -22,6 +22,14 @@ def tag_scores(image: Image.Image, model_name: str) -> dict[str, float]:
     return {tag: float(score) for tag, score in get_wd14_tags(image, model_name=model_name, general_threshold=0.0, fmt="general").items()}
 
 
+def rating(image: Image.Image, model_name: str) -> str:
+    """The most likely of WD14's ratings: ``general``, ``sensitive``, ``questionable``, ``explicit``."""
+    from imgutils.tagging import get_wd14_tags
+
+    scores = get_wd14_tags(image, model_name=model_name, fmt="rating")
+    return str(max(scores, key=scores.get))
+
+
 def is_character_trait(tag: str) -> bool:
     """True for tags that describe the character herself (hair, eyes, ears...), per imgutils' rules."""
     from imgutils.tagging import is_basic_character_tag
