@@ -23,6 +23,8 @@ def test_demo_command_produces_a_loadable_release(kit, tmp_path):
     assert "neither the images nor the metrics mean anything" in result.stderr
     assert "ccip_recscore" in result.stdout and "Release:" in result.stdout
     release = tmp_path / "akane_hoshino" / "release"
+    assert (release / "README.md").is_file() and (release / "metrics_plot.png").is_file() and (release / "metrics.csv").is_file()
+    assert all((step / "metrics.json").is_file() for step in (release / "steps").iterdir())
     pipe = load_pipeline(str(kit.tiny_sd))
     pipe.load_lora_weights(str(release / "akane_hoshino_lora.safetensors"))
     pipe.load_textual_inversion(str(release / "embeddings" / "akane_hoshino.pt"), token="akane_hoshino")

@@ -81,6 +81,21 @@ def test_model_card_and_metrics(demo_run):
     checkpoints = _char(demo_run).manifest("train").details["checkpoints"]
     assert len(rows) == 1 + len(checkpoints)
     assert sum(row.endswith(",1") for row in rows[1:]) == 1
+    import yaml
+
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "tiny-sd" and "lora" in front["tags"] and front["license"]
+    evaluation = _char(demo_run).manifest("evaluate").details
+    kept = evaluation["kept_steps"]
+    assert kept[0] == evaluation["selected_step"] and f"Step **{kept[0]}** was chosen automatically" in card
+    assert "![metrics against step](metrics_plot.png)" in card and (release / "metrics_plot.png").stat().st_size > 10_000
+    assert (release / "train.toml").is_file() and "| CCIP RecScore (fidelity) |" in card
+    for step in kept:  # every kept step: the three file variants, previews, per-image metrics
+        folder = release / "steps" / str(step)
+        assert {p.name for p in folder.rglob("*") if p.is_file()} >= {f"{TRIGGER}.safetensors", f"{TRIGGER}_lora.safetensors", f"{TRIGGER}.pt", "metrics.json"}
+        assert list((folder / "previews").glob("*.png"))
+        per_image = json.loads((folder / "metrics.json").read_text())["per_image"]
+        assert per_image and all("ccip" in values for values in per_image.values())
 
 
 def test_state_store_has_checkpoints_and_metrics(demo_run):
