@@ -21,7 +21,7 @@ def test_demo_command_produces_a_loadable_release(kit, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "neither the images nor the metrics mean anything" in result.stderr
-    assert "ccip_recscore" in result.stdout and "Release:" in result.stdout
+    assert "RecScore" in result.stdout and "BikiniPlus" in result.stdout and "Release:" in result.stdout
     release = tmp_path / "akane_hoshino" / "release"
     assert (release / "README.md").is_file() and (release / "metrics_plot.png").is_file() and (release / "metrics.csv").is_file()
     assert all((step / "metrics.json").is_file() for step in (release / "steps").iterdir())

@@ -237,9 +237,15 @@ def _print_dataset(dataset: dict) -> None:
     out.print(f"  ratios: {ratios}; per site: {dataset['per_site']}; core tags: {', '.join(dataset['core_tags'] or []) or 'none'}")
 
 
+# the columns `status` shows (all of them are in the evaluate stage's metrics.csv), with short headers
+_STATUS_METRICS = {"ccip_recscore": "RecScore", "bikini_plus": "BikiniPlus", "ai_corrupt": "AI-corrupt", "clip_alignment": "CLIP",
+                   "validation_loss": "val loss"}  # fmt: skip
+
+
 def _print_metrics(checkpoints: list[dict]) -> None:
-    names = sorted({n for c in checkpoints for n in c["metrics"]})
-    table = Table("step", *names, "kept", title="checkpoint metrics")
+    present = {n for c in checkpoints for n in c["metrics"]}
+    names = [n for n in _STATUS_METRICS if n in present]
+    table = Table("step", *(_STATUS_METRICS[n] for n in names), "kept", title="checkpoint metrics (all: evaluate/metrics.csv)")
     for checkpoint in checkpoints:
         values = ["missing" if checkpoint["metrics"].get(n) is None else f"{checkpoint['metrics'][n]:.3f}" for n in names]
         rank = checkpoint["kept_rank"]
