@@ -221,3 +221,29 @@ def test_distributed_errors_reach_the_caller(kit, dataset, tmp_path):
     bad = _settings(kit, "train.num_processes=2", 'train.device="cpu"', f'train.regularization_dir="{tmp_path}"')
     with pytest.raises(StageError, match="not a prepared dataset"):  # raised inside the workers, relayed by the launcher
         train(bad, "akane_hoshino", dataset, tmp_path / "out", SilentProgress())
+
+
+def test_long_captions_are_encoded_in_chunks_of_75_tokens(kit):
+    """As kohya and A1111 do: BOS + 75 tokens + EOS per chunk; a short prompt is the usual 77 tokens."""
+    from lorafactory.train.embedding import encode_text
+    from lorafactory.train.model import load_pipeline
+    from lorafactory.train.text import encode_prompts
+
+    pipe = load_pipeline(str(kit.tiny_sd))
+    tok, enc, cpu = pipe.tokenizer, pipe.text_encoder, torch.device("cpu")
+
+    def ours(texts, chunks):
+        return encode_prompts("sd1", [tok], [enc], texts, 2, cpu, chunks).hidden
+
+    with torch.no_grad():
+        plain = encode_text(enc, tok(["1girl, smile"], padding="max_length", max_length=77, return_tensors="pt").input_ids, 2)
+        assert torch.equal(ours(["1girl, smile"], 1), plain) and torch.equal(ours(["1girl, smile"], None), plain)
+        long_red, long_blue = (", ".join(["smile"] * 60 + [hair]) for hair in ("red hair", "blue hair"))
+        assert len(tok(long_red, add_special_tokens=False).input_ids) > 75
+        red, blue = ours([long_red], 3), ours([long_blue], 3)
+        assert red.shape == (1, 154, plain.shape[-1])
+        assert torch.equal(red[:, :77], blue[:, :77]) and not torch.allclose(red[:, 77:], blue[:, 77:])  # the tail is seen
+        assert torch.equal(ours([long_red], 1), ours([long_blue], 1))  # one chunk: the tail is cut
+        mixed = ours(["1girl, smile", long_red], 3)
+        empty = encode_text(enc, torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [tok.pad_token_id] * 75]), 2)
+        assert mixed.shape[1] == 154 and torch.equal(mixed[:1, :77], plain) and torch.equal(mixed[:1, 77:], empty)

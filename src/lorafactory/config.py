@@ -147,6 +147,7 @@ class TrainSettings(Section):
         "", description="For a single-file base model: a diffusers folder or hub id with its configs (default: inferred from the file's keys)."
     )
     clip_skip: int = Field(2, ge=1, le=4, description="A1111 convention: 1 = last layer, 2 = penultimate.")
+    max_token_length: Literal[75, 150, 225] = Field(225, description="Caption tokens used, in chunks of 75 as in kohya and A1111; the rest is cut.")
     resolution: int = Field(512, ge=64, description="Target area is resolution squared.")
     bucket_step: int = Field(64, ge=8)
     bucket_mode: Literal["no_upscale", "fixed"] = Field("no_upscale", description="'fixed' is the classic bucket list (upscales).")

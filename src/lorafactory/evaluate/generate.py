@@ -77,19 +77,24 @@ class Generator:
                 self.pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=encoder)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """Prompt conditioning computed here, with clip skip: diffusers 0.42's own clip-skip path
-        reads ``text_encoder.text_model``, which transformers 5 no longer has."""
-        texts = self.pipe.maybe_convert_prompt(prompts, self.pipe.tokenizer)  # expands multi-vector triggers
+    def encode(self, prompts: list[str], negatives: list[str]) -> tuple[Conditioning, Conditioning]:
+        """Prompt and negative conditioning computed here, with clip skip (diffusers 0.42's own
+        clip-skip path reads ``text_encoder.text_model``, which transformers 5 no longer has).
+        Prompts longer than 75 tokens are encoded in chunks, as AUTOMATIC1111 does; both halves
+        get the same number of chunks, which classifier-free guidance needs."""
+        texts = self.pipe.maybe_convert_prompt(prompts + negatives, self.pipe.tokenizer)  # expands multi-vector triggers
         tokenizers, encoders = zip(*self.pairs)
-        return encode_prompts(self.family, list(tokenizers), list(encoders), texts, self.clip_skip, self.device)
+        both = encode_prompts(self.family, list(tokenizers), list(encoders), texts, self.clip_skip, self.device, max_chunks=None)
+        n = len(prompts)
+        pooled = (both.pooled[:n], both.pooled[n:]) if both.pooled is not None else (None, None)
+        return Conditioning(both.hidden[:n], pooled[0]), Conditioning(both.hidden[n:], pooled[1])
 
     def render(self, work: list[Job], on_image: Callable[[], None] | None = None) -> Iterator[tuple[Job, Image.Image]]:
         s = self.settings
         for start in range(0, len(work), s.batch_size):
             batch = work[start : start + s.batch_size]
             generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in batch]
-            positive, negative = self.encode([job.prompt for job in batch]), self.encode([job.negative for job in batch])
+            positive, negative = self.encode([job.prompt for job in batch], [job.negative for job in batch])
             extra = {}
             if self.family == "sdxl":
                 extra = {"pooled_prompt_embeds": positive.pooled, "negative_pooled_prompt_embeds": negative.pooled}

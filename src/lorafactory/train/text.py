@@ -17,37 +17,63 @@ from lorafactory.train.model import Family
 ENCODER_KEYS = ("clip_l", "clip_g")
 
 
+CHUNK = 75  # prompt tokens per CLIP pass; with BOS and EOS that fills the 77 positions
+
+
 @dataclass
 class Conditioning:
-    hidden: torch.Tensor  # [B, 77, D] cross-attention states
-    pooled: torch.Tensor | None  # [B, P] for SDXL's added conditioning, None for SD1
+    hidden: torch.Tensor  # [B, 77 * chunks, D] cross-attention states
+    pooled: torch.Tensor | None  # [B, P] for SDXL's added conditioning (from the first chunk), None for SD1
 
 
-def encode_prompts(family: Family, tokenizers: list, encoders: list, texts: list[str], clip_skip: int, device: torch.device) -> Conditioning:
-    """Conditioning for already-expanded prompts (trigger tokens in place)."""
+def chunk_ids(tokenizer, texts: list[str], max_chunks: int | None, device: torch.device) -> list[torch.Tensor]:
+    """Token ids in chunks of 75, as AUTOMATIC1111 and kohya handle long prompts: each chunk is
+    ``BOS + 75 tokens + EOS`` (padded), every text gets as many chunks as the longest one needs
+    (at most ``max_chunks``; what lies beyond is cut), and a prompt that fits in 75 tokens gives
+    exactly the usual single 77-token sequence."""
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    tokens = [tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids for text in texts]
+    count = max(1, *(-(-len(ids) // CHUNK) for ids in tokens))
+    count = min(count, max_chunks) if max_chunks else count
+    chunks = []
+    for index in range(count):
+        rows = []
+        for ids in tokens:
+            part = ids[index * CHUNK : (index + 1) * CHUNK]
+            rows.append([bos, *part, eos] + [pad] * (CHUNK - len(part)))
+        chunks.append(torch.tensor(rows, device=device))
+    return chunks
+
+
+def encode_prompts(
+    family: Family, tokenizers: list, encoders: list, texts: list[str], clip_skip: int, device: torch.device, max_chunks: int | None = 1
+) -> Conditioning:
+    """Conditioning for already-expanded prompts (trigger tokens in place), chunked past 75 tokens."""
     if family == "sd1":
-        ids = _ids(tokenizers[0], texts, device)
-        return Conditioning(encode_text(encoders[0], ids, clip_skip), None)
-    hidden, pooled = [], None
+        hidden = [encode_text(encoders[0], ids, clip_skip) for ids in chunk_ids(tokenizers[0], texts, max_chunks, device)]
+        return Conditioning(torch.cat(hidden, dim=1), None)
+    per_encoder, pooled = [], None
     layer = -max(clip_skip, 2)  # SDXL is conditioned on the penultimate layer, without the final norm
     for tokenizer, encoder in zip(tokenizers, encoders):
-        out = encoder(_ids(tokenizer, texts, device), output_hidden_states=True)
-        hidden.append(out.hidden_states[layer])
-        if hasattr(out, "text_embeds"):
-            pooled = out.text_embeds
-    return Conditioning(torch.cat(hidden, dim=-1), pooled)
-
-
-def _ids(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+        states = []
+        for index, ids in enumerate(chunk_ids(tokenizer, texts, max_chunks, device)):
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[layer])
+            if index == 0 and hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
+        per_encoder.append(torch.cat(states, dim=1))
+    return Conditioning(torch.cat(per_encoder, dim=-1), pooled)
 
 
 class TextEncoders:
     """The base model's tokenizers and encoders with the trigger installed in each."""
 
-    def __init__(self, family: Family, tokenizers: list, encoders: list, trigger: str, vectors: int, init_text: str, clip_skip: int, seed: int) -> None:
+    def __init__(
+        self, family: Family, tokenizers: list, encoders: list, trigger: str, vectors: int, init_text: str, clip_skip: int, seed: int,
+        max_chunks: int = 1,
+    ) -> None:  # fmt: skip
         self.family, self.tokenizers, self.encoders = family, tokenizers, encoders
-        self.trigger, self.n_vectors, self.clip_skip = trigger, vectors, clip_skip
+        self.trigger, self.n_vectors, self.clip_skip, self.max_chunks = trigger, vectors, clip_skip, max_chunks
         self.vectors: dict[str, nn.Parameter] = {
             key: install_trigger(tokenizer, encoder, trigger, vectors, init_text, seed + i)
             for i, (key, tokenizer, encoder) in enumerate(zip(ENCODER_KEYS, tokenizers, encoders))
@@ -69,4 +95,4 @@ class TextEncoders:
         trainable = any(p.requires_grad for encoder in self.encoders for p in encoder.parameters())
         # after the pivot nothing in the text encoders trains: skip their backward pass
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            return encode_prompts(self.family, self.tokenizers, self.encoders, texts, self.clip_skip, device)
+            return encode_prompts(self.family, self.tokenizers, self.encoders, texts, self.clip_skip, device, self.max_chunks)

@@ -120,8 +120,9 @@ class _Run:
         for module in (*base.text_encoders, base.unet):
             module.to(dtype=self.dtype)
         self.text = TextEncoders(
-            base.family, base.tokenizers, base.text_encoders, trigger, t.embedding_vectors, t.embedding_init, t.clip_skip, t.seed
-        )
+            base.family, base.tokenizers, base.text_encoders, trigger, t.embedding_vectors, t.embedding_init, t.clip_skip, t.seed,
+            t.max_token_length // 75,
+        )  # fmt: skip
         self.text.to(self.device)
         self.text_lora = self._add_text_encoder_lora() if t.text_encoder_lora_rank else {}
         base.unet.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=list(t.lora_targets)))
@@ -278,7 +279,7 @@ class _Run:
             tensors.update(text_encoder_lora_tensors(self.base.text_encoders, t.text_encoder_lora_alpha))
         common = dict(
             output_name=self.trigger, trigger=self.trigger, rank=t.lora_rank, alpha=t.lora_alpha, steps=step, epoch=self.position.epoch,
-            resolution=t.resolution, clip_skip=t.clip_skip, num_train_images=self.character_images,
+            resolution=t.resolution, clip_skip=t.clip_skip, max_token_length=t.max_token_length, num_train_images=self.character_images,
             tag_frequency=self.tag_frequency, base_model_name=Path(t.base_model).name, seed=t.seed, family=self.base.family,
         )  # fmt: skip
         write_safetensors(folder / LORA_FILE, tensors, lora_metadata(tensors=tensors, **common))
