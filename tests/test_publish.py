@@ -1,4 +1,6 @@
-"""Publishing a release to a loopback stand-in of the Hugging Face Hub, and what a release may contain."""
+"""Publishing a release to loopback stand-ins of the Hugging Face Hub and Civitai, and what a release may contain."""
+
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -85,6 +87,9 @@ def test_publish_command(demo_run, fake_hub):
     done = CliRunner().invoke(app, ["publish", "Akane Hoshino", "-w", root, "--public", "--repo", "team/akane", "--endpoint", fake_hub.url])
     assert done.exit_code == 0, done.output
     assert "published" in done.output and not fake_hub.repos["team/akane"].private
+    status = CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"])
+    latest = json.loads(status.output)[0]["publications"][0]  # recorded in the state store, newest first
+    assert latest["target"] == "huggingface" and latest["url"].endswith("/team/akane") and latest["uploaded"] > 0
     missing = CliRunner().invoke(app, ["publish", "Nobody", "-w", root, "--endpoint", fake_hub.url])
     assert missing.exit_code == 3 and "no finished release" in missing.output
 
@@ -179,3 +184,9 @@ def test_civitai_bad_key_and_the_command(civitai_char, demo_run, fake_civitai, m
     result = CliRunner().invoke(app, ["publish", "Akane Hoshino", "-w", root, "--to", "civitai", "--dry-run", "--set", f'release.civitai_url="{fake_civitai.url}"'])
     assert result.exit_code == 0, result.output
     assert "Civitai steps" in result.output and "upload akane_hoshino.safetensors" in result.output
+    monkeypatch.setenv("CIVITAI_API_KEY", CIVITAI_KEY)
+    done = CliRunner().invoke(app, ["publish", "Akane Hoshino", "-w", root, "--to", "civitai", "--set", f'release.civitai_url="{fake_civitai.url}"'])
+    assert done.exit_code == 0, done.output
+    [model] = fake_civitai.models.values()
+    status = json.loads(CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"]).output)[0]
+    assert status["publications"][0]["url"].endswith(f"/models/{model['id']}") and status["publications"][0]["target"] == "civitai"

@@ -126,21 +126,24 @@ def publish(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (release.hf_endpoint)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded; contact nothing."),
     workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Upload the release to the Hugging Face Hub (HF_TOKEN) and/or Civitai (CIVITAI_API_KEY); a rerun resumes."""
     from lorafactory.pipeline import trigger_for
     from lorafactory.release.publish import publish as publish_release
+    from lorafactory.state import Store
 
     _setup_logging()
     try:
         settings = _settings(workspace, name, config, None, [*(set_ or []), *([f"release.publish_to={json.dumps(to)}"] if to else [])])
-        r = settings.release
+        r, ws = settings.release, Workspace(workspace)
+        store = None if dry_run else Store(db or ws.default_db_url)
         reports = publish_release(
-            Workspace(workspace).character(slugify(name)), settings, trigger_for(settings), list(r.publish_to),
+            ws.character(slugify(name)), settings, trigger_for(settings), list(r.publish_to),
             repo=repo or r.hf_repo or slugify(name), private=r.hf_private if private is None else private,
-            endpoint=endpoint or r.hf_endpoint, progress=RichProgress(err), dry_run=dry_run,
+            endpoint=endpoint or r.hf_endpoint, progress=RichProgress(err), dry_run=dry_run, store=store,
         )  # fmt: skip
     except LorafactoryError as exc:
         _fail(exc)
@@ -226,6 +229,8 @@ def _print_summary(summary: dict) -> None:
         _print_dataset(summary["dataset"])
     if summary["checkpoints"]:
         _print_metrics(summary["checkpoints"])
+    for item in summary.get("publications", [])[:5]:
+        out.print(f"  published to {item['target']} (step {item['step']}, {item['published_at'][:16]}): {item['url']}", highlight=False)
 
 
 def _print_dataset(dataset: dict) -> None:

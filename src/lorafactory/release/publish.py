@@ -11,6 +11,7 @@ from lorafactory.errors import InputError
 from lorafactory.progress import Progress
 from lorafactory.release.civitai import BASE_MODELS, NSFW_LEVELS, CivitaiPlan, CivitaiReport, publish_to_civitai
 from lorafactory.release.hub import PublishReport, publish_to_hub
+from lorafactory.state import Store
 from lorafactory.workspace import CharacterDir
 
 CIVITAI_STATE = "civitai.json"  # in the character folder: ids of what was created there
@@ -72,15 +73,25 @@ def finished_release(char: CharacterDir, name: str) -> Path:
 
 def publish(
     char: CharacterDir, settings: Settings, trigger: str, targets: list[str], *, repo: str, private: bool, endpoint: str,
-    progress: Progress, dry_run: bool = False,
+    progress: Progress, dry_run: bool = False, store: Store | None = None,
 ) -> list[PublishReport | CivitaiReport]:  # fmt: skip
-    """Publish to each of ``targets`` (``huggingface``, ``civitai``), in that order."""
+    """Publish to each of ``targets`` (``huggingface``, ``civitai``), in that order; each finished
+    publication is recorded in ``store`` (when given)."""
     folder = finished_release(char, settings.character.name)
+    release = char.manifest("release")
+    step = int(release.details["step"])
     reports: list[PublishReport | CivitaiReport] = []
+    if store is not None and not dry_run:
+        store.ensure_character(char.slug, settings.character.name, trigger)
     if "huggingface" in targets:
-        reports.append(publish_to_hub(folder, repo, private=private, endpoint=endpoint, progress=progress, dry_run=dry_run))
+        hub = publish_to_hub(folder, repo, private=private, endpoint=endpoint, progress=progress, dry_run=dry_run)
+        if store is not None and not dry_run:
+            store.record_publication(char.slug, "huggingface", hub.target, step, release.fingerprint, len(hub.uploaded), len(hub.unchanged))
+        reports.append(hub)
     if "civitai" in targets:
         plan = civitai_plan(char, settings, trigger)
-        key = char.manifest("release").fingerprint
-        reports.append(publish_to_civitai(plan, char.path / CIVITAI_STATE, key, base_url=settings.release.civitai_url, progress=progress, dry_run=dry_run))
+        civitai = publish_to_civitai(plan, char.path / CIVITAI_STATE, release.fingerprint, base_url=settings.release.civitai_url, progress=progress, dry_run=dry_run)
+        if store is not None and not dry_run:
+            store.record_publication(char.slug, "civitai", civitai.model_url, step, release.fingerprint, len(civitai.done), len(civitai.skipped))
+        reports.append(civitai)
     return reports

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Base(DeclarativeBase):
@@ -31,6 +31,7 @@ class Character(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     runs: Mapped[list[Run]] = relationship(back_populates="character", order_by="Run.id")
+    publications: Mapped[list[Publication]] = relationship(back_populates="character", order_by="Publication.id")
 
 
 class Run(Base):
@@ -123,3 +124,21 @@ class SiteTag(Base):
     tag: Mapped[str] = mapped_column(String(400))
     post_count: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Publication(Base):
+    """A release published somewhere (the Hugging Face Hub, Civitai)."""
+
+    __tablename__ = "publications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    character_id: Mapped[int] = mapped_column(ForeignKey("characters.id"), index=True)
+    target: Mapped[str] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(Text)
+    step: Mapped[int] = mapped_column(Integer)
+    release_fingerprint: Mapped[str] = mapped_column(String(64))
+    uploaded: Mapped[int] = mapped_column(Integer)  # files or operations this call sent
+    unchanged: Mapped[int] = mapped_column(Integer)  # already there from an earlier call
+    published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    character: Mapped[Character] = relationship(back_populates="publications")

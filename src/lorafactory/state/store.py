@@ -25,6 +25,7 @@ from lorafactory.state.models import (
     Checkpoint,
     Download,
     Metric,
+    Publication,
     Run,
     SchemaInfo,
     SiteTag,
@@ -220,6 +221,12 @@ class Store:
 
     # reading -------------------------------------------------------------------
 
+    def record_publication(self, slug: str, target: str, url: str, step: int, release_fingerprint: str, uploaded: int, unchanged: int) -> None:
+        with self.session() as session:
+            character = session.execute(select(Character).where(Character.slug == slug)).scalar_one()
+            session.add(Publication(character_id=character.id, target=target, url=url, step=step, release_fingerprint=release_fingerprint,
+                                    uploaded=uploaded, unchanged=unchanged, published_at=_now()))  # fmt: skip
+
     def character_summary(self, slug: str) -> dict[str, Any] | None:
         """The character, its latest run with stage records, and the newest checkpoint metrics."""
         with self.session() as session:
@@ -236,6 +243,11 @@ class Store:
                 "runs": len(runs),
                 "latest_run": None if latest is None else _run_dict(latest),
                 "checkpoints": [] if scored is None else [_checkpoint_dict(c) for c in scored.checkpoints],
+                "publications": [
+                    {"target": p.target, "url": p.url, "step": p.step, "uploaded": p.uploaded, "unchanged": p.unchanged,
+                     "published_at": p.published_at.isoformat()}
+                    for p in reversed(character.publications)
+                ],  # fmt: skip
             }
 
 
