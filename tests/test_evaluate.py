@@ -120,3 +120,21 @@ def test_quality_gate_retrains_then_fails_for_good(demo_run, tmp_path):
         run_pipeline(workspace, store, settings, SilentProgress())
     assert char.manifest("train").created_at == train.created_at  # the failed final attempt is not retrained
     assert char.manifest("release").fingerprint == demo_run["workspace"].character("akane_hoshino").manifest("release").fingerprint
+
+
+def test_no_loadable_checkpoint_gives_no_release(kit, trained, dataset, tmp_path):
+    from lorafactory.errors import StageError
+    from lorafactory.release.builder import release
+
+    settings, out, checkpoints = trained
+    broken = tmp_path / "train"
+    shutil.copytree(out, broken)
+    for step in checkpoints:
+        (checkpoint_dir(broken, step) / LORA_FILE).write_bytes(b"broken")
+    result = evaluate(settings, TRIGGER, dataset, broken, checkpoints, {}, tmp_path / "eval", SilentProgress())
+    assert result.counts["failed_checkpoints"] == len(checkpoints) and result.selection.kept == [max(checkpoints)]
+    assert "fell back to the last step" in result.selection.reason
+    (tmp_path / "release").mkdir()
+    with pytest.raises(StageError, match="no checkpoint loaded during evaluation.*nothing to release"):
+        release(settings, TRIGGER, broken, checkpoints, tmp_path / "eval", result.details, {}, [], tmp_path / "release", True, "sd1")
+    assert not (tmp_path / "release" / f"{TRIGGER}.safetensors").exists()  # a broken file is never released

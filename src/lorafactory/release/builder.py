@@ -22,6 +22,7 @@ from pathlib import Path
 import tomli_w
 
 from lorafactory.config import Settings
+from lorafactory.errors import StageError
 from lorafactory.evaluate.evaluator import step_dir
 from lorafactory.evaluate.scoring import METRICS
 from lorafactory.release.card import CardInput, model_card
@@ -89,14 +90,18 @@ def release(
     stand_in: bool,
     family: str,
 ) -> dict:
-    kept = [int(step) for step in evaluation["kept_steps"]]
+    failed = {int(step): why for step, why in evaluation.get("failed", {}).items()}
+    kept = [int(step) for step in evaluation["kept_steps"] if int(step) not in failed]
+    if not kept:
+        step, why = next(iter(failed.items()))
+        raise StageError(f"no checkpoint loaded during evaluation (step {step}: {why}); nothing to release — check train/checkpoints, then rerun with --force train")
     best = kept[0]
     previews: dict[int, list[str]] = {}
     for step in kept:
         target = out_dir / "steps" / str(step)
         _copy_step_files(train_dir / checkpoints[step], target, trigger)
         metrics_file = step_dir(eval_dir, step) / "metrics.json"
-        step_metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        step_metrics = json.loads(metrics_file.read_text())
         shutil.copyfile(metrics_file, target / "metrics.json")
         (target / "previews").mkdir()
         previews[step] = choose_previews(step_metrics, settings.release.preview_count, settings.release.nsfw_previews)
