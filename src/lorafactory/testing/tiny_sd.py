@@ -96,26 +96,35 @@ def _vae(full_size: bool):
     )
 
 
-def _cached_build(path: Path, make, half: bool) -> Path:
-    """Build (once) with ``make(work_folder) -> pipeline`` and save at ``path``; a finished build is
-    reused. Full-size models are initialised on the GPU when there is one (minutes faster)."""
-    import torch
-
+def _cached_build(path: Path, write, stamp_name: str = ".lorafactory-tiny-sd") -> Path:
+    """Build (once) with ``write(work_folder, out_folder)`` and move the result to ``path``; a
+    finished build (its stamp file carries BUILD_VERSION) is reused."""
     path = Path(path)
-    stamp = path / ".lorafactory-tiny-sd"
+    stamp = path / stamp_name
     if stamp.is_file() and stamp.read_text() == BUILD_VERSION:
         return path
-    for folder in (path, path.with_name(path.name + ".building")):
+    work = path.with_name(path.name + ".building")
+    for folder in (path, work):
         if folder.exists():
             shutil.rmtree(folder)
-    work = path.with_name(path.name + ".building")
-    with torch.device("cuda" if half and torch.cuda.is_available() else "cpu"):
-        pipe = make(work)
-    (pipe.to(torch.float16) if half else pipe).save_pretrained(work / "pipe", safe_serialization=True)
-    (work / "pipe" / stamp.name).write_text(BUILD_VERSION)
-    (work / "pipe").rename(path)
+    write(work, work / "out")
+    (work / "out" / stamp_name).write_text(BUILD_VERSION)
+    (work / "out").rename(path)
     shutil.rmtree(work)
     return path
+
+
+def _save_pipeline(make, half: bool):
+    """A ``write`` for _cached_build: ``make(work_folder) -> pipeline``, saved (in fp16 when ``half``).
+    Full-size models are initialised on the GPU when there is one (minutes faster)."""
+    import torch
+
+    def write(work: Path, out: Path) -> None:
+        with torch.device("cuda" if half and torch.cuda.is_available() else "cpu"):
+            pipe = make(work)
+        (pipe.to(torch.float16) if half else pipe).save_pretrained(out, safe_serialization=True)
+
+    return write
 
 
 def build_tiny_sd(path: Path, seed: int = 0, full_size: bool = False) -> Path:
@@ -153,7 +162,7 @@ def build_tiny_sd(path: Path, seed: int = 0, full_size: bool = False) -> Path:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
 
-    return _cached_build(path, make, half=full_size)
+    return _cached_build(path, _save_pipeline(make, half=full_size))
 
 
 def build_tiny_sdxl(path: Path, seed: int = 0, full_size: bool = False) -> Path:
@@ -190,7 +199,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0, full_size: bool = False) -> Path:
             tokenizer=_tokenizer(work / "tok"), tokenizer_2=_tokenizer(work / "tok2", pad="!"), unet=unet, scheduler=scheduler,
         )  # fmt: skip
 
-    return _cached_build(path, make, half=full_size)
+    return _cached_build(path, _save_pipeline(make, half=full_size))
 
 
 def build_tiny_clip(path: Path, seed: int = 0) -> Path:
@@ -199,24 +208,15 @@ def build_tiny_clip(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
 
-    path = Path(path)
-    stamp = path / ".lorafactory-tiny-clip"
-    if stamp.is_file() and stamp.read_text() == BUILD_VERSION:
-        return path
-    if path.exists():
-        shutil.rmtree(path)
-    work = path.with_name(path.name + ".building")
-    shutil.rmtree(work, ignore_errors=True)
-    torch.manual_seed(seed)
-    text = _clip_config(32, 2, 4, 32)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
-    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32))
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=_tokenizer(work / "tok")
-    )
-    model.save_pretrained(work / "clip", safe_serialization=True)
-    processor.save_pretrained(work / "clip")
-    (work / "clip" / stamp.name).write_text(BUILD_VERSION)
-    (work / "clip").rename(path)
-    shutil.rmtree(work)
-    return path
+    def write(work: Path, out: Path) -> None:
+        torch.manual_seed(seed)
+        text = _clip_config(32, 2, 4, 32)
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+        model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32))
+        processor = CLIPProcessor(
+            image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=_tokenizer(work / "tok")
+        )
+        model.save_pretrained(out, safe_serialization=True)
+        processor.save_pretrained(out)
+
+    return _cached_build(path, write, ".lorafactory-tiny-clip")
