@@ -8,9 +8,8 @@ from typer.testing import CliRunner
 from lorafactory.cli import app
 from lorafactory.errors import ConfigError, StageError
 from lorafactory.progress import SilentProgress
-from lorafactory.release import hub as hub_module
+from lorafactory.release import remote
 from lorafactory.release.hub import commit_groups, publish_to_hub, release_files
-from lorafactory.release import civitai as civitai_module
 from lorafactory.release.civitai import NSFW_LEVELS, publish_to_civitai
 from lorafactory.release.publish import CIVITAI_STATE, civitai_plan, parse_parameters
 from lorafactory.testing.fake_civitai import FakeCivitai
@@ -25,7 +24,7 @@ def fake_hub(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline; this server is local
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr(hub_module, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(remote, "RETRY_DELAY_S", 0.0)
     with FakeHub(tokens={TOKEN}) as server:
         yield server
 
@@ -110,7 +109,7 @@ CIVITAI_KEY = "civitai-test-key"
 @pytest.fixture()
 def fake_civitai(monkeypatch):
     monkeypatch.setenv("CIVITAI_API_KEY", CIVITAI_KEY)
-    monkeypatch.setattr(civitai_module, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(remote, "RETRY_DELAY_S", 0.0)
     with FakeCivitai(tokens={CIVITAI_KEY}) as server:
         yield server
 

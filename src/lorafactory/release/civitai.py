@@ -13,22 +13,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from lorafactory.errors import ConfigError, StageError
+from lorafactory.errors import ConfigError
 from lorafactory.progress import Progress
+from lorafactory.release.remote import Service, call_with_retries
 from lorafactory.workspace import write_json_atomic
 
 TOKEN_ENV = "CIVITAI_API_KEY"
 BASE_MODELS = {"sd1": "SD 1.5", "sdxl": "SDXL 1.0"}
 # WD14's rating tag -> Civitai's nsfw level
 NSFW_LEVELS = {"general": "None", "sensitive": "Soft", "questionable": "Mature", "explicit": "X"}
-RETRIES = 3
-RETRY_DELAY_S = 1.0
+CIVITAI = Service("Civitai", "API key", TOKEN_ENV, "lorafactory publish --to civitai")
 
 
 @dataclass
@@ -68,22 +67,12 @@ class CivitaiClient:
     def _send(self, method: str, url: str, what: str, **kwargs):
         import httpx
 
-        for attempt in range(RETRIES):
-            try:
-                response = self.http.request(method, url, **kwargs)
-            except httpx.TransportError as exc:
-                if attempt == RETRIES - 1:
-                    raise StageError(f"Civitai unreachable while trying to {what} ({exc}); rerun `lorafactory publish --civitai` to resume") from exc
-            else:
-                if response.status_code in (401, 403):
-                    raise ConfigError(f"Civitai rejected the API key ({response.status_code}) while trying to {what}; set {TOKEN_ENV} to a valid key")
-                if response.status_code < 400:
-                    return response
-                if response.status_code < 500 and response.status_code != 429 or attempt == RETRIES - 1:
-                    raise StageError(
-                        f"Civitai refused to {what} ({response.status_code}: {response.text[:200]}); rerun `lorafactory publish --civitai` to resume"
-                    )
-            time.sleep(RETRY_DELAY_S * 2**attempt)
+        def attempt():
+            response = self.http.request(method, url, **kwargs)
+            response.raise_for_status()
+            return response
+
+        return call_with_retries(CIVITAI, what, attempt, (httpx.HTTPStatusError, httpx.TransportError))
 
     def call(self, procedure: str, payload: dict, what: str) -> dict:
         """A site procedure (tRPC over HTTP, superjson envelope): ``{"json": input}`` -> ``result.data.json``."""

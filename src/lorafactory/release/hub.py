@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafactory.errors import ConfigError, StageError
 from lorafactory.progress import Progress
+from lorafactory.release.remote import Service, call_with_retries
 
 TOKEN_ENV = "HF_TOKEN"
 NOT_PUBLISHED = {"manifest.json"}  # the stage's own bookkeeping
-RETRIES = 3
-RETRY_DELAY_S = 1.0  # doubled after each failed attempt
+HUB = Service("the Hub", "token", TOKEN_ENV, "lorafactory publish")
 
 
 @dataclass
@@ -65,28 +64,10 @@ def _same(local: Path, remote) -> bool:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == remote.blob_id
 
 
-def _status(exc: Exception) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
 def _call(what: str, action, *args, **kwargs):
-    """Run a Hub call, retrying transient failures; a rejected token becomes a one-line error."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    for attempt in range(RETRIES):
-        try:
-            return action(*args, **kwargs)
-        except HfHubHTTPError as exc:
-            status = _status(exc)
-            if status in (401, 403):
-                raise ConfigError(f"the Hub rejected the token ({status}) while trying to {what}; set {TOKEN_ENV} to a token with write access") from exc
-            if status is not None and status < 500 and status != 429 or attempt == RETRIES - 1:
-                raise StageError(f"could not {what} on the Hub ({status or exc}); rerun `lorafactory publish` to resume: uploaded files are skipped") from exc
-        except OSError as exc:
-            if attempt == RETRIES - 1:
-                raise StageError(f"could not {what} on the Hub ({exc}); rerun `lorafactory publish` to resume: uploaded files are skipped") from exc
-        time.sleep(RETRY_DELAY_S * 2**attempt)
+    return call_with_retries(HUB, what, lambda: action(*args, **kwargs), (HfHubHTTPError, OSError))
 
 
 def publish_to_hub(release_dir: Path, repo: str, *, private: bool, endpoint: str, progress: Progress, dry_run: bool = False) -> PublishReport:
