@@ -21,7 +21,7 @@ from PIL import Image
 from lorafactory.config import Settings
 from lorafactory.evaluate.generate import Generator, a1111_parameters, save_png
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
-from lorafactory.evaluate.prompts import Job, is_male, jobs, prompt_specs
+from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
 from lorafactory.evaluate.scoring import METRICS, Scorer, StepScores
 from lorafactory.evaluate.select import Selection, select_steps
 from lorafactory.progress import Progress
@@ -146,7 +146,7 @@ def evaluate(
         "excluded": {str(s): why for s, why in sorted(selection.excluded.items())},
         "missing_metrics": scorer.missing,
         "ccip_threshold": threshold,
-        "prompt_set": e.prompt_set if e.prompt_set != "auto" else ("male" if is_male(image_tags) else "female"),
+        "prompt_set": chosen_set(e, image_tags),
         "prompts": [spec.name for spec in specs],
         "failed": {str(k): v for k, v in failed.items()},
         "skipped": skipped,

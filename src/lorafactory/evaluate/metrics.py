@@ -25,7 +25,12 @@ def ccip_recscore(differences: np.ndarray, threshold: float) -> RecScore:
     if differences.size == 0:
         raise ValueError("RecScore needs at least one generated and one dataset image")
     matched = (differences < threshold).mean(axis=1)
-    return RecScore(float(matched.mean()), float((matched >= 0.5).mean()), [float(x) for x in matched])
+    return RecScore(float(matched.mean()), float(np.mean(image_matches(matched))), [float(x) for x in matched])
+
+
+def image_matches(matched_fractions) -> list[float]:
+    """1.0 for each generated image that matches at least half of the dataset images, else 0.0."""
+    return [float(x >= 0.5) for x in matched_fractions]
 
 
 def prompt_tags(text: str, vocabulary: set[str], exclude: set[str] = frozenset()) -> list[str]:

@@ -74,9 +74,14 @@ def is_male(image_tags: list[list[str]]) -> bool:
     return bool(image_tags) and sum("1boy" in tags for tags in image_tags) > len(image_tags) / 2
 
 
+def chosen_set(e: EvaluateSettings, image_tags: list[list[str]]) -> str:
+    """``evaluate.prompt_set`` with ``auto`` resolved from the dataset's tags."""
+    return e.prompt_set if e.prompt_set != "auto" else ("male" if is_male(image_tags) else "female")
+
+
 def prompt_specs(e: EvaluateSettings, image_tags: list[list[str]], ignore_tags: set[str] = frozenset()) -> list[PromptSpec]:
     """The prompts for this dataset: built-in set, outfit clusters, then the user's own."""
-    chosen = e.prompt_set if e.prompt_set != "auto" else ("male" if is_male(image_tags) else "female")
+    chosen = chosen_set(e, image_tags)
     builtin: list[tuple[str, str, int]] = []
     if chosen == "female":
         builtin = FEMALE + (FEMALE_NSFW if e.nsfw else [])

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lorafactory.config import Settings
-from lorafactory.evaluate.metrics import bikini_plus, bootstrap_interval, ccip_recscore, prompt_tags, vendi_score
+from lorafactory.evaluate.metrics import bikini_plus, bootstrap_interval, ccip_recscore, image_matches, prompt_tags, vendi_score
 from lorafactory.evaluate.prompts import Job
 from lorafactory.vision.ccip import differences, extract_features
 from lorafactory.vision.quality import aesthetic_percentile, ai_corrupt_score
@@ -54,6 +54,7 @@ class Scorer:
         self.dataset_features, self.threshold, self.device = dataset_features, threshold, device
         self.missing: dict[str, str] = {}  # metric -> why it could not be computed
         self._clip = None
+        self._excluded: set[str] | None = None  # tags BikiniPlus leaves out: the trigger and character traits
 
     def _attempt(self, metrics: tuple[str, ...], compute: Callable[[], T]) -> T | None:
         if any(m in self.missing for m in metrics):
@@ -108,9 +109,10 @@ class Scorer:
         return self._summarise(dict(per_image), matched, diversity)
 
     def _adherence(self, job: Job, scores: dict[str, float]) -> float | None:
-        vocabulary = set(scores)
-        exclude = {self.trigger} | {tag for tag in vocabulary if is_character_trait(tag)}
-        return bikini_plus(scores, prompt_tags(job.prompt, vocabulary, exclude), prompt_tags(job.negative, vocabulary, exclude))
+        vocabulary = set(scores)  # the tagger's whole vocabulary: the same for every image
+        if self._excluded is None:
+            self._excluded = {self.trigger} | {tag for tag in vocabulary if is_character_trait(tag)}
+        return bikini_plus(scores, prompt_tags(job.prompt, vocabulary, self._excluded), prompt_tags(job.negative, vocabulary, self._excluded))
 
     def _clip_scores(self, work: list[Job], images: list[Image.Image]) -> tuple[list[float], float | None]:
         """Each image's cosine with its own prompt (trigger removed), and the mean Vendi score over
@@ -135,7 +137,7 @@ class Scorer:
             found = [scores[key] for scores in per_image.values() if key in scores]
             values[column] = float(np.mean(found)) if found else None
             intervals[column] = bootstrap_interval(found, resamples)
-        shares = [float(x >= 0.5) for x in matched] if matched is not None else []
+        shares = image_matches(matched) if matched is not None else []
         values["ccip_image_share"] = float(np.mean(shares)) if shares else None
         intervals["ccip_image_share"] = bootstrap_interval(shares, resamples)
         values["diversity"], intervals["diversity"] = diversity, None
