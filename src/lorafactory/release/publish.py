@@ -12,6 +12,7 @@ from lorafactory.progress import Progress
 from lorafactory.release.civitai import BASE_MODELS, NSFW_LEVELS, CivitaiPlan, CivitaiReport, publish_to_civitai
 from lorafactory.release.hub import PublishReport, publish_to_hub
 from lorafactory.state import Store
+from lorafactory.vision.tagging import rating
 from lorafactory.workspace import CharacterDir
 
 CIVITAI_STATE = "civitai.json"  # in the character folder: ids of what was created there
@@ -43,8 +44,6 @@ def civitai_plan(char: CharacterDir, settings: Settings, trigger: str) -> Civita
     folder = char.artifact("release")
     previews = []
     for path in sorted((folder / "previews").glob("*.png")):
-        from lorafactory.vision.tagging import rating
-
         with Image.open(path) as image:
             level = NSFW_LEVELS[rating(image.convert("RGB"), settings.vision.tagger_model)]
             meta = parse_parameters(image.info.get("parameters", ""))
