@@ -51,11 +51,18 @@ def run_ours(model: Path, data: Path, cached: bool, steps: int) -> list[float]:
     settings = load_settings(
         preset="tiny-demo",
         overrides=[
-            'character.name="Bench"', f'train.base_model="{model}"', f"train.resolution={RESOLUTION}", f"train.batch_size={BATCH}",
-            f"train.lora_rank={RANK}", f"train.embedding_vectors={VECTORS}", "train.validation_split=0.0",
-            f"train.cache_latents={'true' if cached else 'false'}", "train.shuffle_tags=false", f"train.max_steps={steps}",
+            'character.name="Bench"',
+            f'train.base_model="{model}"',
+            f"train.resolution={RESOLUTION}",
+            f"train.batch_size={BATCH}",
+            f"train.lora_rank={RANK}",
+            f"train.embedding_vectors={VECTORS}",
+            "train.validation_split=0.0",
+            f"train.cache_latents={'true' if cached else 'false'}",
+            "train.shuffle_tags=false",
+            f"train.max_steps={steps}",
         ],
-    )  # fmt: skip
+    )
     run = _Run(settings, "bench", data, data.parent / "out", SilentProgress())
     times = []
     for _ in range(steps):
@@ -85,12 +92,21 @@ def run_baseline(model: Path, data: Path, steps: int) -> list[float]:
     embeddings = text_encoder.get_input_embeddings()
     embeddings.weight.requires_grad_(True)
     original = embeddings.weight.detach().clone()
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK / 2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=RANK,
+            lora_alpha=RANK / 2,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+        )
+    )
     lora = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": lora, "lr": 1e-3}, {"params": [embeddings.weight], "lr": 1e-2}])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
-    images = [torch.from_numpy(np.asarray(Image.open(data / r["file"]).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for r in records]
+    images = [
+        torch.from_numpy(np.asarray(Image.open(data / r["file"]).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+        for r in records
+    ]
     rng = random.Random(0)
     keep = torch.ones(len(tokenizer), dtype=torch.bool)
     keep[ids_new] = False
@@ -99,9 +115,13 @@ def run_baseline(model: Path, data: Path, steps: int) -> list[float]:
         start = time.perf_counter()
         batch = rng.sample(range(len(images)), BATCH)
         with torch.no_grad():
-            latents = vae.encode(torch.stack([images[i] for i in batch])).latent_dist.sample() * vae.config.scaling_factor
+            latents = (
+                vae.encode(torch.stack([images[i] for i in batch])).latent_dist.sample() * vae.config.scaling_factor
+            )
         captions = [" ".join(tokens) + ", 1girl, smile"] * BATCH
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (BATCH,))
         hidden = text_encoder(ids)[0]
@@ -122,24 +142,50 @@ def child(kind: str, steps: int) -> None:
 
     model = build_tiny_sd(root / "tiny-sd")
     data = _dataset(root)
-    times = run_baseline(model, data, steps) if kind == "baseline" else run_ours(model, data, kind == "ours-cached", steps)
+    times = (
+        run_baseline(model, data, steps) if kind == "baseline" else run_ours(model, data, kind == "ours-cached", steps)
+    )
     timed = times[WARMUP:]
-    print(json.dumps({"kind": kind, "step_ms": 1000 * sum(timed) / len(timed), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "kind": kind,
+                "step_ms": 1000 * sum(timed) / len(timed),
+                "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def main(steps: int) -> None:
     root = Path(tempfile.mkdtemp(prefix="lorafactory-bench-"))
     env = {**os.environ, "BENCH_ROOT": str(root), "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
-    subprocess.run([sys.executable, __file__, "--child", "baseline", str(WARMUP + 1)], env=env, check=True, capture_output=True)  # builds the kit
+    subprocess.run(
+        [sys.executable, __file__, "--child", "baseline", str(WARMUP + 1)], env=env, check=True, capture_output=True
+    )  # builds the kit
     results = {}
     for kind in ("baseline", "ours-uncached", "ours-cached"):
-        out = subprocess.run([sys.executable, __file__, "--child", kind, str(steps)], env=env, check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", kind, str(steps)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results["baseline"]
-    print(f"CPU, {torch.get_num_threads()} threads, tiny SD1 model, {RESOLUTION}px, batch {BATCH}, {steps} steps ({WARMUP} warm-up)")
+    print(
+        (
+            f"CPU, {torch.get_num_threads()} threads, tiny SD1 model, "
+            f"{RESOLUTION}px, batch {BATCH}, {steps} steps ({WARMUP} warm-up)"
+        )
+    )
     print(f"{'loop':<16}{'ms/step':>10}{'peak MiB':>10}{'time ratio':>12}{'memory ratio':>14}")
     for kind, r in results.items():
-        print(f"{kind:<16}{r['step_ms']:>10.1f}{r['peak_mib']:>10.0f}{r['step_ms'] / base['step_ms']:>12.2f}{r['peak_mib'] / base['peak_mib']:>14.2f}")
+        print(
+            f"{kind:<16}{r['step_ms']:>10.1f}{r['peak_mib']:>10.0f}"
+            f"{r['step_ms'] / base['step_ms']:>12.2f}{r['peak_mib'] / base['peak_mib']:>14.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,15 +20,25 @@ def main(count: int, rate: float, latency: float) -> None:
     from lorafactory.testing.synthetic import generate_dataset
 
     root = Path(tempfile.mkdtemp(prefix="lorafactory-crawl-bench-"))
-    made = generate_dataset(root / "images", count=count, monochrome=0, near_duplicates=0, others=0, short_side=(200, 300))
+    made = generate_dataset(
+        root / "images", count=count, monochrome=0, near_duplicates=0, others=0, short_side=(200, 300)
+    )
     page = 20
-    with DanbooruReplay([ReplayImage(root / "images" / m.filename, [], ["bench"]) for m in made], latency_s=latency) as replay:
+    with DanbooruReplay(
+        [ReplayImage(root / "images" / m.filename, [], ["bench"]) for m in made], latency_s=latency
+    ) as replay:
         settings = load_settings(
             overrides=[
-                'character.name="Bench"', 'crawl.tags=["bench"]', "crawl.min_size=0", f"crawl.limit={count}", f"crawl.page_size={page}",
-                f'crawl.danbooru.base_url="{replay.url}"', f"crawl.danbooru.requests_per_second={rate}", "crawl.danbooru.concurrency=4",
+                'character.name="Bench"',
+                'crawl.tags=["bench"]',
+                "crawl.min_size=0",
+                f"crawl.limit={count}",
+                f"crawl.page_size={page}",
+                f'crawl.danbooru.base_url="{replay.url}"',
+                f"crawl.danbooru.requests_per_second={rate}",
+                "crawl.danbooru.concurrency=4",
             ]
-        )  # fmt: skip
+        )
         start = time.perf_counter()
         posts, _ = crawl(settings, root / "out", SilentProgress())
         seconds = time.perf_counter() - start
@@ -42,4 +52,8 @@ def main(count: int, rate: float, latency: float) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(int(args[0]) if args else 60, float(args[1]) if len(args) > 1 else 10.0, float(args[2]) if len(args) > 2 else 0.05)
+    main(
+        int(args[0]) if args else 60,
+        float(args[1]) if len(args) > 1 else 10.0,
+        float(args[2]) if len(args) > 2 else 0.05,
+    )

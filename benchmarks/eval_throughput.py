@@ -32,6 +32,7 @@ def main() -> None:
 
     os.environ["HF_HUB_OFFLINE"], os.environ["HF_HUB_CACHE"] = "1", str(build_standin_hub(work / "hub"))
 
+    from gpu_throughput import make_dataset  # noqa: E402 - the benchmarks folder is the script's own
     from lorafactory.config import load_settings
     from lorafactory.evaluate.generate import Generator
     from lorafactory.evaluate.prompts import jobs, prompt_specs
@@ -42,16 +43,36 @@ def main() -> None:
     from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir, train
     from lorafactory.vision.ccip import default_threshold, extract_features
 
-    from gpu_throughput import make_dataset  # noqa: E402 - the benchmarks folder is the script's own
-
     model = build_tiny_sd(work / ("sd15-full" if args.full_size else "tiny-sd"), full_size=args.full_size)
-    overrides = [f'train.base_model="{model}"', f"train.max_steps={args.checkpoints}", "train.save_every=1", "train.validation_split=0",
-                 f'evaluate.clip_model="{build_tiny_clip(work / "tiny-clip")}"', 'evaluate.prompt_set="custom"', "evaluate.cluster_prompts=false",
-                 'evaluate.prompts=[{name = "portrait", prompt = "portrait", count = 4}, {name = "bikini", prompt = "beach, bikini", count = 4}]']  # fmt: skip
+    overrides = [
+        f'train.base_model="{model}"',
+        f"train.max_steps={args.checkpoints}",
+        "train.save_every=1",
+        "train.validation_split=0",
+        f'evaluate.clip_model="{build_tiny_clip(work / "tiny-clip")}"',
+        'evaluate.prompt_set="custom"',
+        "evaluate.cluster_prompts=false",
+        'evaluate.prompts=[{name = "portrait", prompt = "portrait", count = 4}, '
+        '{name = "bikini", prompt = "beach, bikini", count = 4}]',
+    ]
     if args.full_size:
-        overrides += ["train.resolution=512", "train.batch_size=1", "evaluate.steps=25", "evaluate.width=512", "evaluate.height=768", "evaluate.batch_size=8"]
+        overrides += [
+            "train.resolution=512",
+            "train.batch_size=1",
+            "evaluate.steps=25",
+            "evaluate.width=512",
+            "evaluate.height=768",
+            "evaluate.batch_size=8",
+        ]
     else:
-        overrides += ["train.resolution=128", "train.batch_size=2", "evaluate.steps=6", "evaluate.width=128", "evaluate.height=128", "evaluate.batch_size=4"]
+        overrides += [
+            "train.resolution=128",
+            "train.batch_size=2",
+            "evaluate.steps=6",
+            "evaluate.width=128",
+            "evaluate.height=128",
+            "evaluate.batch_size=4",
+        ]
     settings = load_settings(preset="tiny-demo", overrides=overrides)
     dataset = make_dataset(work / f"dataset-{settings.train.resolution}", settings.train.resolution, count=8)
     out = work / ("train-full" if args.full_size else "train")
@@ -73,7 +94,9 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    render(Generator(load_pipeline(t.base_model, dtype), e, t.clip_skip, device), folders[0])  # warm-up (kernels, caches)
+    render(
+        Generator(load_pipeline(t.base_model, dtype), e, t.clip_skip, device), folders[0]
+    )  # warm-up (kernels, caches)
     start = synced()
     swapping = Generator(load_pipeline(t.base_model, dtype), e, t.clip_skip, device)
     images = [render(swapping, folder) for folder in folders]
@@ -91,13 +114,19 @@ def main() -> None:
     score_s = synced() - start
 
     n = len(folders) * len(work_items)
-    print(f"device {device}, {'full-size SD1.5 512x768' if args.full_size else 'tiny SD1 128x128'}, {e.steps} sampler steps, "
-          f"{len(folders)} checkpoints x {len(work_items)} images")  # fmt: skip
+    print(
+        f"device {device}, {'full-size SD1.5 512x768' if args.full_size else 'tiny SD1 128x128'}, "
+        f"{e.steps} sampler steps, "
+        f"{len(folders)} checkpoints x {len(work_items)} images"
+    )
     print(f"{'mode':<26}{'seconds':>10}{'images/s':>10}")
     print(f"{'adapter swapping':<26}{swap_s:>10.2f}{n / swap_s:>10.2f}")
     print(f"{'reload per checkpoint':<26}{reload_s:>10.2f}{n / reload_s:>10.2f}")
     print(f"{'scoring (all metrics)':<26}{score_s:>10.2f}{n / score_s:>10.2f}")
-    print(f"swapping saves {reload_s - swap_s:.2f} s ({(reload_s - swap_s) / len(folders):.2f} s per checkpoint); time ratio swap/reload {swap_s / reload_s:.2f}")
+    print(
+        f"swapping saves {reload_s - swap_s:.2f} s ({(reload_s - swap_s) / len(folders):.2f} "
+        f"s per checkpoint); time ratio swap/reload {swap_s / reload_s:.2f}"
+    )
     if scorer.missing:
         print(f"missing metrics: {scorer.missing}")
 

@@ -69,9 +69,12 @@ def measure(run: _Run, batch: int, checkpointing: bool) -> dict:
         return {"batch": batch, "checkpointing": checkpointing, "result": "out of memory"}
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {
-        "batch": batch, "checkpointing": checkpointing, "steps_per_s": round(1 / seconds, 3),
-        "images_per_s": round(batch / seconds, 2), "peak_gib": None if peak is None else round(peak, 2),
-    }  # fmt: skip
+        "batch": batch,
+        "checkpointing": checkpointing,
+        "steps_per_s": round(1 / seconds, 3),
+        "images_per_s": round(batch / seconds, 2),
+        "peak_gib": None if peak is None else round(peak, 2),
+    }
 
 
 def main(work: Path, tiny: bool) -> None:
@@ -86,14 +89,23 @@ def main(work: Path, tiny: bool) -> None:
             dataset = make_dataset(work / f"data-{side}", side)
             settings = load_settings(
                 overrides=[
-                    'character.name="Bench"', f'train.base_model="{model}"', f"train.resolution={side}",
-                    "train.validation_split=0.0", f'train.device="{"cpu" if tiny else "cuda"}"', "train.max_steps=1000",
+                    'character.name="Bench"',
+                    f'train.base_model="{model}"',
+                    f"train.resolution={side}",
+                    "train.validation_split=0.0",
+                    f'train.device="{"cpu" if tiny else "cuda"}"',
+                    "train.max_steps=1000",
                 ]
-            )  # fmt: skip
+            )
             run = _Run(settings, "bench", dataset, work / "out", SilentProgress())
             for checkpointing in (False, True):
                 for batch in (4, 8):
-                    row = {"model": name, "resolution": side, "dtype": str(run.dtype).replace("torch.", ""), **measure(run, batch, checkpointing)}
+                    row = {
+                        "model": name,
+                        "resolution": side,
+                        "dtype": str(run.dtype).replace("torch.", ""),
+                        **measure(run, batch, checkpointing),
+                    }
                     print(json.dumps(row), flush=True)
                     rows.append(row)
             del run
@@ -103,7 +115,12 @@ def main(work: Path, tiny: bool) -> None:
     print(f"\n{device}: steps/s | images/s | peak GiB")
     for r in rows:
         figures = r.get("result") or f"{r['steps_per_s']:>7} | {r['images_per_s']:>7} | {r['peak_gib']}"
-        print(f"{r['model']:5} {r['resolution']:>5}px batch {r['batch']} gc {'on ' if r['checkpointing'] else 'off'}: {figures}")
+        print(
+            (
+                f"{r['model']:5} {r['resolution']:>5}px batch {r['batch']} "
+                f"gc {'on ' if r['checkpointing'] else 'off'}: {figures}"
+            )
+        )
 
 
 if __name__ == "__main__":

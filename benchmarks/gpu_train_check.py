@@ -44,10 +44,16 @@ def check(model: Path, precision: str, data: Path, work: Path) -> dict:
     settings = load_settings(
         preset="tiny-demo",
         overrides=[
-            'character.name="Check"', f'train.base_model="{model}"', 'train.device="cuda"', f'train.mixed_precision="{precision}"',
-            "train.max_steps=8", "train.save_every=4", "train.text_encoder_lora_rank=2", "train.validation_split=0.2",
+            'character.name="Check"',
+            f'train.base_model="{model}"',
+            'train.device="cuda"',
+            f'train.mixed_precision="{precision}"',
+            "train.max_steps=8",
+            "train.save_every=4",
+            "train.text_encoder_lora_rank=2",
+            "train.validation_split=0.2",
         ],
-    )  # fmt: skip
+    )
     straight = train(settings, "check", data, work / "straight", SilentProgress())
     train(settings, "check", data, work / "resumed", SilentProgress(), stop_after=4)
     resumed = train(settings, "check", data, work / "resumed", SilentProgress())
@@ -61,17 +67,22 @@ def check(model: Path, precision: str, data: Path, work: Path) -> dict:
     pipe.load_lora_weights(str(folder / LORA_FILE))
     if hasattr(pipe, "text_encoder_2"):
         emb = load_file(folder / EMBEDDING_FILE)
-        for key, tok, enc in zip(ENCODER_KEYS, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2)):
+        for key, tok, enc in zip(
+            ENCODER_KEYS, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2)
+        ):
             pipe.load_textual_inversion(emb[key], token="check", tokenizer=tok, text_encoder=enc)
     else:
         pipe.load_textual_inversion(str(folder / EMBEDDING_FILE), token="check")
     image = pipe("check, smile", num_inference_steps=4, height=128, width=128, output_type="np").images[0]
     return {
-        "model": straight.details["family"], "precision": straight.details["dtype"], "resume_max_abs_gap": gap,
-        "finite": bool(finite), "validation_mean": straight.details["validation_loss"]["8"]["mean"],
+        "model": straight.details["family"],
+        "precision": straight.details["dtype"],
+        "resume_max_abs_gap": gap,
+        "finite": bool(finite),
+        "validation_mean": straight.details["validation_loss"]["8"]["mean"],
         "resumed_validation_equal": straight.details["validation_loss"] == resumed.details["validation_loss"],
         "render_finite": bool(np.isfinite(image).all()),
-    }  # fmt: skip
+    }
 
 
 def main(work: Path) -> None:

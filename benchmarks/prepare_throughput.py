@@ -36,7 +36,12 @@ def main(count: int) -> None:
     start = time.perf_counter()
     counts, details = prepare(settings, "bench", raw, ROOT / "dataset", SilentProgress())
     seconds = time.perf_counter() - start
-    print(f"{len(posts)} raw images -> {counts['dataset']} dataset images in {seconds:.1f}s: {len(posts) / seconds:.2f} raw images/s")
+    print(
+        (
+            f"{len(posts)} raw images -> {counts['dataset']} dataset images "
+            f"in {seconds:.1f}s: {len(posts) / seconds:.2f} raw images/s"
+        )
+    )
     for step in details["filters"]:
         print(f"  {step['step']:<18} {step['in']:>5} -> {step['out']:>5}")
 

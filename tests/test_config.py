@@ -1,5 +1,3 @@
-
-
 import pytest
 
 from lorafactory.config import PRESETS, Settings, load_settings, parse_override, settings_hash, to_toml, tomllib

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from lorafactory.train.model import load_pipeline
-
 from conftest import KIT_ROOT
+from lorafactory.train.model import load_pipeline
 
 
 @pytest.mark.slow
@@ -17,13 +16,20 @@ def test_demo_command_produces_a_loadable_release(kit, tmp_path):
     env["COLUMNS"] = "200"
     result = subprocess.run(
         [sys.executable, "-m", "lorafactory", "demo", "--workspace", str(tmp_path), "--cache", str(KIT_ROOT)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "neither the images nor the metrics mean anything" in result.stderr
     assert "RecScore" in result.stdout and "BikiniPlus" in result.stdout and "Release:" in result.stdout
     release = tmp_path / "akane_hoshino" / "release"
-    assert (release / "README.md").is_file() and (release / "metrics_plot.png").is_file() and (release / "metrics.csv").is_file()
+    assert (
+        (release / "README.md").is_file()
+        and (release / "metrics_plot.png").is_file()
+        and (release / "metrics.csv").is_file()
+    )
     assert all((step / "metrics.json").is_file() for step in (release / "steps").iterdir())
     pipe = load_pipeline(str(kit.tiny_sd))
     pipe.load_lora_weights(str(release / "akane_hoshino_lora.safetensors"))

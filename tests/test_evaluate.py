@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import demo_settings
 from lorafactory.errors import QualityGateFailed
 from lorafactory.evaluate.evaluator import evaluate, step_dir
 from lorafactory.evaluate.generate import Generator
@@ -17,8 +18,6 @@ from lorafactory.state import Store
 from lorafactory.train.model import load_pipeline
 from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir, train
 from lorafactory.workspace import Workspace
-
-from conftest import demo_settings
 
 TRIGGER = "akane_hoshino"
 
@@ -31,7 +30,9 @@ def dataset(demo_run):
 @pytest.fixture(scope="module")
 def trained(kit, dataset, tmp_path_factory):
     """Eight checkpoints, one per step."""
-    settings = demo_settings(kit, "http://127.0.0.1:1", "train.max_steps=8", "train.save_every=1", "evaluate.cluster_prompts=false")
+    settings = demo_settings(
+        kit, "http://127.0.0.1:1", "train.max_steps=8", "train.save_every=1", "evaluate.cluster_prompts=false"
+    )
     out = tmp_path_factory.mktemp("trained")
     result = train(settings, TRIGGER, dataset, out, SilentProgress())
     return settings, out, result.checkpoints
@@ -61,7 +62,9 @@ def test_adapter_swapping_renders_what_a_fresh_pipeline_renders(kit, trained):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # the same images, up to rounding
     for a, b in zip(base_before, base_after):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # unloading leaves the base model as it was
-    assert any(np.abs(a.astype(int) - b.astype(int)).max() > 1 for a, b in zip(swapped, base_after))  # the LoRA does change them
+    assert any(
+        np.abs(a.astype(int) - b.astype(int)).max() > 1 for a, b in zip(swapped, base_after)
+    )  # the LoRA does change them
 
 
 def test_missing_metrics_broken_checkpoints_and_coarse_to_fine(kit, trained, dataset, tmp_path):
@@ -72,7 +75,17 @@ def test_missing_metrics_broken_checkpoints_and_coarse_to_fine(kit, trained, dat
     settings = settings.model_copy(deep=True)
     settings.evaluate.clip_model = str(tmp_path / "no-such-clip")
     settings.evaluate.checkpoints, settings.evaluate.coarse_every, settings.evaluate.keep = "coarse_to_fine", 3, 1
-    result = evaluate(settings, TRIGGER, dataset, broken, checkpoints, {s: 1.0 / s for s in checkpoints}, tmp_path / "eval", SilentProgress(), tmp_path / "cache")
+    result = evaluate(
+        settings,
+        TRIGGER,
+        dataset,
+        broken,
+        checkpoints,
+        {s: 1.0 / s for s in checkpoints},
+        tmp_path / "eval",
+        SilentProgress(),
+        tmp_path / "cache",
+    )
 
     coarse = {3, 6, 8}  # every third checkpoint and the last
     evaluated = set(checkpoints) - set(result.details["skipped"])
@@ -119,7 +132,10 @@ def test_quality_gate_retrains_then_fails_for_good(demo_run, tmp_path):
     with pytest.raises(QualityGateFailed):
         run_pipeline(workspace, store, settings, SilentProgress())
     assert char.manifest("train").created_at == train.created_at  # the failed final attempt is not retrained
-    assert char.manifest("release").fingerprint == demo_run["workspace"].character("akane_hoshino").manifest("release").fingerprint
+    assert (
+        char.manifest("release").fingerprint
+        == demo_run["workspace"].character("akane_hoshino").manifest("release").fingerprint
+    )
 
 
 def test_no_loadable_checkpoint_gives_no_release(kit, trained, dataset, tmp_path):
@@ -136,5 +152,17 @@ def test_no_loadable_checkpoint_gives_no_release(kit, trained, dataset, tmp_path
     assert "fell back to the last step" in result.selection.reason
     (tmp_path / "release").mkdir()
     with pytest.raises(StageError, match="no checkpoint loaded during evaluation.*nothing to release"):
-        release(settings, TRIGGER, broken, checkpoints, tmp_path / "eval", result.details, {}, [], tmp_path / "release", True, "sd1")
+        release(
+            settings,
+            TRIGGER,
+            broken,
+            checkpoints,
+            tmp_path / "eval",
+            result.details,
+            {},
+            [],
+            tmp_path / "release",
+            True,
+            "sd1",
+        )
     assert not (tmp_path / "release" / f"{TRIGGER}.safetensors").exists()  # a broken file is never released

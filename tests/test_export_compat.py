@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import KIT_ROOT
 from lorafactory.config import TrainSettings
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import (
@@ -21,8 +22,6 @@ from lorafactory.testing.tiny_sd import FULL_SDXL_UNET, build_tiny_sdxl
 from lorafactory.train.embedding import expand_trigger
 from lorafactory.train.model import load_base, load_pipeline
 from lorafactory.train.text import ENCODER_KEYS, TextEncoders, encode_prompts
-
-from conftest import KIT_ROOT
 
 TRIGGER, VECTORS, RANK, ALPHA, TE_ALPHA = "akane_hoshino", 3, 4, 2.0, 1.0
 PROMPT = "akane_hoshino, smile, red hair"
@@ -49,7 +48,9 @@ def trained(kit, tmp_path_factory, request):
     torch.manual_seed(0)
     base = load_base(_model(kit, family))
     assert base.family == family
-    text = TextEncoders(base.family, base.tokenizers, base.text_encoders, TRIGGER, VECTORS, "1girl", clip_skip=2, seed=0)
+    text = TextEncoders(
+        base.family, base.tokenizers, base.text_encoders, TRIGGER, VECTORS, "1girl", clip_skip=2, seed=0
+    )
     with torch.no_grad():
         for vectors in text.vectors.values():
             vectors.add_(torch.randn_like(vectors) * 0.5)
@@ -62,11 +63,25 @@ def trained(kit, tmp_path_factory, request):
             if "lora_B" in name:
                 param.data.normal_(0, 0.3)
     folder = tmp_path_factory.mktemp(f"export-{family}")
-    tensors = {**unet_lora_tensors(base.unet, ALPHA, family), **text_encoder_lora_tensors(base.text_encoders, TE_ALPHA)}
+    tensors = {
+        **unet_lora_tensors(base.unet, ALPHA, family),
+        **text_encoder_lora_tensors(base.text_encoders, TE_ALPHA),
+    }
     meta = lora_metadata(
-        output_name=TRIGGER, trigger=TRIGGER, rank=RANK, alpha=ALPHA, steps=10, resolution=128, clip_skip=2,
-        num_train_images=5, tag_frequency={"dataset": {TRIGGER: 5}}, base_model_name="tiny", seed=0, tensors=tensors, family=family,
-    )  # fmt: skip
+        output_name=TRIGGER,
+        trigger=TRIGGER,
+        rank=RANK,
+        alpha=ALPHA,
+        steps=10,
+        resolution=128,
+        clip_skip=2,
+        num_train_images=5,
+        tag_frequency={"dataset": {TRIGGER: 5}},
+        base_model_name="tiny",
+        seed=0,
+        tensors=tensors,
+        family=family,
+    )
     write_safetensors(folder / "lora.safetensors", tensors, meta)
     write_safetensors(folder / "bundled.safetensors", {**tensors, **bundle_tensors(TRIGGER, text.vectors)}, meta)
     write_embedding_safetensors(folder / "emb.safetensors", text.vectors)
@@ -78,9 +93,15 @@ def trained(kit, tmp_path_factory, request):
         cond = text([PROMPT], torch.device("cpu"))
         unet_out = _unet(base.unet, latents, timesteps, cond)
     return {
-        "family": family, "model": _model(kit, family), "folder": folder, "cond": cond, "latents": latents,
-        "timesteps": timesteps, "unet": unet_out, "vectors": {k: v.detach().clone() for k, v in text.vectors.items()},
-    }  # fmt: skip
+        "family": family,
+        "model": _model(kit, family),
+        "folder": folder,
+        "cond": cond,
+        "latents": latents,
+        "timesteps": timesteps,
+        "unet": unet_out,
+        "vectors": {k: v.detach().clone() for k, v in text.vectors.items()},
+    }
 
 
 def _load_embedding(pipe, path, family):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import demo_settings
 from lorafactory.cli import app
 from lorafactory.errors import InputError
 from lorafactory.pipeline import run_pipeline
@@ -14,8 +15,6 @@ from lorafactory.state import Store
 from lorafactory.testing.synthetic import CHARACTERS, generate_dataset
 from lorafactory.train.model import load_pipeline
 from lorafactory.workspace import STAGES, Workspace
-
-from conftest import demo_settings
 
 TRIGGER = "akane_hoshino"
 
@@ -43,11 +42,21 @@ def test_cleaning_chain_removes_exactly_the_bad_images(demo_run):
     prepare = _char(demo_run).manifest("prepare")
     removed = {step["step"]: step["in"] - step["out"] for step in prepare.details["filters"]}
     assert removed == {
-        "decode": 0, "size": 0, "monochrome": 3, "anime class": 0, "exact duplicates": 0,
-        "near duplicates": 2, "person split": 0, "one head": 0, "ccip purity": 1,
-    }  # fmt: skip
+        "decode": 0,
+        "size": 0,
+        "monochrome": 3,
+        "anime class": 0,
+        "exact duplicates": 0,
+        "near duplicates": 2,
+        "person split": 0,
+        "one head": 0,
+        "ccip purity": 1,
+    }
     replay = demo_run["replay"]
-    kept_posts = {json.loads(line)["post_id"] for line in (_char(demo_run).artifact("prepare") / "metadata.jsonl").read_text().splitlines()}
+    kept_posts = {
+        json.loads(line)["post_id"]
+        for line in (_char(demo_run).artifact("prepare") / "metadata.jsonl").read_text().splitlines()
+    }
     kept_files = {replay.images[7000000 - int(post)].path.name for post in kept_posts}
     assert len(kept_files) == 24 and not any(name.startswith(("mono_", "other_")) for name in kept_files)
 
@@ -61,13 +70,22 @@ def test_captions_start_with_the_trigger_and_drop_core_tags(demo_run):
 
 def test_release_loads_in_diffusers(demo_run, kit):
     release = _char(demo_run).artifact("release")
-    expected = {f"{TRIGGER}.safetensors", f"{TRIGGER}_lora.safetensors", f"embeddings/{TRIGGER}.pt", f"embeddings/{TRIGGER}.safetensors", "README.md", "metrics.csv"}
+    expected = {
+        f"{TRIGGER}.safetensors",
+        f"{TRIGGER}_lora.safetensors",
+        f"embeddings/{TRIGGER}.pt",
+        f"embeddings/{TRIGGER}.safetensors",
+        "README.md",
+        "metrics.csv",
+    }
     assert expected <= {str(p.relative_to(release)) for p in release.rglob("*") if p.is_file()}
     assert list((release / "previews").glob("*.png"))
     pipe = load_pipeline(str(kit.tiny_sd))
     pipe.load_lora_weights(str(release / f"{TRIGGER}_lora.safetensors"))
     pipe.load_textual_inversion(str(release / "embeddings" / f"{TRIGGER}.safetensors"), token=TRIGGER)
-    image = pipe(f"{TRIGGER}, smile", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        f"{TRIGGER}, smile", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
 
 
@@ -88,11 +106,18 @@ def test_model_card_and_metrics(demo_run):
     evaluation = _char(demo_run).manifest("evaluate").details
     kept = evaluation["kept_steps"]
     assert kept[0] == evaluation["selected_step"] and f"Step **{kept[0]}** was chosen automatically" in card
-    assert "![metrics against step](metrics_plot.png)" in card and (release / "metrics_plot.png").stat().st_size > 10_000
+    assert (
+        "![metrics against step](metrics_plot.png)" in card and (release / "metrics_plot.png").stat().st_size > 10_000
+    )
     assert (release / "train.toml").is_file() and "| CCIP RecScore (fidelity) |" in card
     for step in kept:  # every kept step: the three file variants, previews, per-image metrics
         folder = release / "steps" / str(step)
-        assert {p.name for p in folder.rglob("*") if p.is_file()} >= {f"{TRIGGER}.safetensors", f"{TRIGGER}_lora.safetensors", f"{TRIGGER}.pt", "metrics.json"}
+        assert {p.name for p in folder.rglob("*") if p.is_file()} >= {
+            f"{TRIGGER}.safetensors",
+            f"{TRIGGER}_lora.safetensors",
+            f"{TRIGGER}.pt",
+            "metrics.json",
+        }
         assert list((folder / "previews").glob("*.png"))
         per_image = json.loads((folder / "metrics.json").read_text())["per_image"]
         assert per_image and all("ccip" in values for values in per_image.values())
@@ -115,7 +140,9 @@ def test_rerun_skips_and_force_reruns_downstream(demo_run):
 
 
 def test_status_json_reports_the_run(demo_run):
-    result = CliRunner().invoke(app, ["status", "Akane Hoshino", "--workspace", str(demo_run["workspace"].root), "--json"])
+    result = CliRunner().invoke(
+        app, ["status", "Akane Hoshino", "--workspace", str(demo_run["workspace"].root), "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)[0]
     assert report["slug"] == "akane_hoshino" and report["artifacts"]["prepare"]["dataset"] > 0
@@ -134,23 +161,33 @@ def test_empty_dataset_fails_cleanly(tmp_path, kit):
     ws = Workspace(tmp_path / "ws")
     ws.root.mkdir()
     store = Store(ws.default_db_url)
-    settings = demo_settings(kit, "http://127.0.0.1:1", 'crawl.source="local"', f'crawl.from_dir="{folder}"', 'character.name="Midori Kaze"')
+    settings = demo_settings(
+        kit, "http://127.0.0.1:1", 'crawl.source="local"', f'crawl.from_dir="{folder}"', 'character.name="Midori Kaze"'
+    )
     with pytest.raises(InputError, match=r"only 0 images left after cleaning.*prepare.min_images"):
         run_pipeline(ws, store, settings, SilentProgress())
     char = ws.character("midori_kaze")
     assert not char.artifact("prepare").exists() and not char.partial("prepare").exists()
     stages = store.character_summary("midori_kaze")["latest_run"]["stages"]
-    assert stages[-1]["stage"] == "prepare" and stages[-1]["status"] == "failed" and "only 0 images" in stages[-1]["error"]
+    assert (
+        stages[-1]["stage"] == "prepare"
+        and stages[-1]["status"] == "failed"
+        and "only 0 images" in stages[-1]["error"]
+    )
 
 
 def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["run", "X", "--from-dir", str(tmp_path / "missing"), "--workspace", str(tmp_path / "ws")])
+    result = runner.invoke(
+        app, ["run", "X", "--from-dir", str(tmp_path / "missing"), "--workspace", str(tmp_path / "ws")]
+    )
     assert result.exit_code == 3
     assert "does not exist" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["config", "show", "--set", "train.rnak=1", "--workspace", str(tmp_path)])
     assert result.exit_code == 2 and "unknown key 'train.rnak'" in result.output
-    result = runner.invoke(app, ["config", "show", "--preset", "tiny-demo", "--set", "train.max_steps=12", "--workspace", str(tmp_path)])
+    result = runner.invoke(
+        app, ["config", "show", "--preset", "tiny-demo", "--set", "train.max_steps=12", "--workspace", str(tmp_path)]
+    )
     assert result.exit_code == 0 and "max_steps = 12" in result.output and 'preset = "tiny-demo"' in result.output
 
 
@@ -172,7 +209,14 @@ def test_regularization_set_is_built_once_and_trained_with(kit, tmp_path):
     ws.root.mkdir()
     store = Store(ws.default_db_url)
     with DanbooruReplay(mains + generic) as replay:
-        settings = demo_settings(kit, replay.url, 'regularization.mode="on"', 'regularization.tags=["solo"]', "train.max_steps=4", "train.save_every=4")
+        settings = demo_settings(
+            kit,
+            replay.url,
+            'regularization.mode="on"',
+            'regularization.tags=["solo"]',
+            "train.max_steps=4",
+            "train.save_every=4",
+        )
         run_pipeline(ws, store, settings, SilentProgress(), until="train")
         train = ws.character("akane_hoshino").manifest("train")
         assert train.counts["regularization_images"] >= len(generic)
@@ -181,7 +225,13 @@ def test_regularization_set_is_built_once_and_trained_with(kit, tmp_path):
         assert len(replay.requests) == requests
     captions = [p.read_text() for p in (folder / "images").glob("*.txt")]
     assert captions and not any("akane_hoshino" in c for c in captions)  # generic: no trigger
-    auto_local = demo_settings(kit, "http://127.0.0.1:1", 'crawl.source="local"', f'crawl.from_dir="{kit.images}"', 'regularization.mode="auto"')
+    auto_local = demo_settings(
+        kit,
+        "http://127.0.0.1:1",
+        'crawl.source="local"',
+        f'crawl.from_dir="{kit.images}"',
+        'regularization.mode="auto"',
+    )
     from lorafactory.dataset.regularization import wanted
 
     assert not wanted(auto_local, 5)  # no generic source for a local character unless from_dir is set

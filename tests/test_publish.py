@@ -9,8 +9,8 @@ from lorafactory.cli import app
 from lorafactory.errors import ConfigError, StageError
 from lorafactory.progress import SilentProgress
 from lorafactory.release import remote
-from lorafactory.release.hub import commit_groups, publish_to_hub, release_files
 from lorafactory.release.civitai import NSFW_LEVELS, publish_to_civitai
+from lorafactory.release.hub import commit_groups, publish_to_hub, release_files
 from lorafactory.release.publish import CIVITAI_STATE, civitai_plan, parse_parameters
 from lorafactory.testing.fake_civitai import FakeCivitai
 from lorafactory.testing.fake_hub import FakeHub
@@ -22,7 +22,9 @@ TOKEN = "hf_test_write_token"
 def fake_hub(monkeypatch):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline; this server is local
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", False
+    )  # the suite runs offline; this server is local
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(remote, "RETRY_DELAY_S", 0.0)
     with FakeHub(tokens={TOKEN}) as server:
@@ -35,7 +37,14 @@ def release_dir(demo_run):
 
 
 def _publish(release_dir, server, repo="akane", **kwargs):
-    return publish_to_hub(release_dir, repo, private=kwargs.pop("private", True), endpoint=server.url, progress=SilentProgress(), **kwargs)
+    return publish_to_hub(
+        release_dir,
+        repo,
+        private=kwargs.pop("private", True),
+        endpoint=server.url,
+        progress=SilentProgress(),
+        **kwargs,
+    )
 
 
 def test_publish_creates_the_repo_and_a_rerun_uploads_nothing(release_dir, fake_hub):
@@ -83,7 +92,9 @@ def test_publish_command(demo_run, fake_hub):
     dry = CliRunner().invoke(app, ["publish", "Akane Hoshino", "-w", root, "--dry-run", "--endpoint", fake_hub.url])
     assert dry.exit_code == 0, dry.output
     assert "would upload" in dry.output and "README.md" in dry.output and fake_hub.repos == {}
-    done = CliRunner().invoke(app, ["publish", "Akane Hoshino", "-w", root, "--public", "--repo", "team/akane", "--endpoint", fake_hub.url])
+    done = CliRunner().invoke(
+        app, ["publish", "Akane Hoshino", "-w", root, "--public", "--repo", "team/akane", "--endpoint", fake_hub.url]
+    )
     assert done.exit_code == 0, done.output
     assert "published" in done.output and not fake_hub.repos["team/akane"].private
     status = CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"])
@@ -96,7 +107,12 @@ def test_publish_command(demo_run, fake_hub):
 def test_release_holds_no_local_path_or_secret(release_dir, demo_run):
     """Every byte of every file (model card, metrics, safetensors metadata, embeddings) is free of
     the workspace's absolute path, the test kit's paths and the replay server's address."""
-    forbidden = [str(demo_run["workspace"].root), str(demo_run["settings"].train.base_model), demo_run["replay"].url, "/tmp/"]
+    forbidden = [
+        str(demo_run["workspace"].root),
+        str(demo_run["settings"].train.base_model),
+        demo_run["replay"].url,
+        "/tmp/",
+    ]
     for name in release_files(release_dir):
         data = (release_dir / name).read_bytes()
         for text in forbidden:
@@ -129,13 +145,26 @@ def civitai_char(demo_run, tmp_path):
 def _to_civitai(char, settings, server, **kwargs):
     plan = civitai_plan(char, settings, "akane_hoshino")
     key = char.manifest("release").fingerprint
-    return publish_to_civitai(plan, char.path / CIVITAI_STATE, key, base_url=server.url, progress=SilentProgress(), **kwargs)
+    return publish_to_civitai(
+        plan, char.path / CIVITAI_STATE, key, base_url=server.url, progress=SilentProgress(), **kwargs
+    )
 
 
 def test_a1111_parameters_become_civitai_metadata():
-    text = "best quality, akane\nNegative prompt: lowres, bad hands\nSteps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 1234, Size: 512x768, Clip skip: 2"
-    assert parse_parameters(text) == {"prompt": "best quality, akane", "negativePrompt": "lowres, bad hands", "steps": 25,
-                                      "sampler": "DPM++ 2M Karras", "cfgScale": 7.0, "seed": 1234, "Size": "512x768", "clipSkip": 2}  # fmt: skip
+    text = (
+        "best quality, akane\nNegative prompt: lowres, bad hands\nSteps: 25, Sampler: "
+        "DPM++ 2M Karras, CFG scale: 7.0, Seed: 1234, Size: 512x768, Clip skip: 2"
+    )
+    assert parse_parameters(text) == {
+        "prompt": "best quality, akane",
+        "negativePrompt": "lowres, bad hands",
+        "steps": 25,
+        "sampler": "DPM++ 2M Karras",
+        "cfgScale": 7.0,
+        "seed": 1234,
+        "Size": "512x768",
+        "clipSkip": 2,
+    }
 
 
 def test_civitai_publish_uploads_model_version_file_and_previews(civitai_char, demo_run, fake_civitai):
@@ -149,12 +178,21 @@ def test_civitai_publish_uploads_model_version_file_and_previews(civitai_char, d
     [version] = fake_civitai.versions.values()
     [registered] = fake_civitai.files.values()
     assert model["type"] == "LORA" and model["name"] == "Akane Hoshino" and model["published"]
-    assert version["baseModel"] == "SD 1.5" and version["trainedWords"] == ["akane_hoshino"] and version["modelId"] == model["id"]
-    assert fake_civitai.objects[registered["url"]] == (release / "akane_hoshino.safetensors").read_bytes()  # reassembled from parts
+    assert (
+        version["baseModel"] == "SD 1.5"
+        and version["trainedWords"] == ["akane_hoshino"]
+        and version["modelId"] == model["id"]
+    )
+    assert (
+        fake_civitai.objects[registered["url"]] == (release / "akane_hoshino.safetensors").read_bytes()
+    )  # reassembled from parts
     assert sum(r.startswith("PUT /s3/") for r in fake_civitai.requests) > 1  # really multipart
     previews = sorted(p.name for p in (release / "previews").glob("*.png"))
     assert sorted(i["name"] for i in fake_civitai.images.values()) == previews
-    assert all(i["nsfw"] in NSFW_LEVELS.values() and i["meta"]["prompt"] and i["meta"]["seed"] for i in fake_civitai.images.values())
+    assert all(
+        i["nsfw"] in NSFW_LEVELS.values() and i["meta"]["prompt"] and i["meta"]["seed"]
+        for i in fake_civitai.images.values()
+    )
     assert report.model_url.endswith(f"/models/{model['id']}") and not report.skipped
 
     again = _to_civitai(civitai_char, settings, fake_civitai)
@@ -169,7 +207,13 @@ def test_civitai_publish_resumes_after_a_failure_without_duplicates(civitai_char
     assert len(fake_civitai.files) == 1 and fake_civitai.images == {}
     report = _to_civitai(civitai_char, demo_run["settings"], fake_civitai)
     assert "create model" in report.skipped and "upload akane_hoshino.safetensors" in report.skipped
-    assert len(fake_civitai.models) == len(fake_civitai.versions) == len(fake_civitai.files) == len(fake_civitai.posts) == 1
+    assert (
+        len(fake_civitai.models)
+        == len(fake_civitai.versions)
+        == len(fake_civitai.files)
+        == len(fake_civitai.posts)
+        == 1
+    )
     assert len(fake_civitai.images) == len(list((civitai_char.artifact("release") / "previews").glob("*.png")))
     assert sum(r == "POST /api/upload" for r in fake_civitai.requests) == 1  # the LoRA was uploaded once
 
@@ -180,12 +224,40 @@ def test_civitai_bad_key_and_the_command(civitai_char, demo_run, fake_civitai, m
         _to_civitai(civitai_char, demo_run["settings"], fake_civitai)
     assert fake_civitai.models == {}
     root = str(civitai_char.path.parent)
-    result = CliRunner().invoke(app, ["publish", "Akane Hoshino", "-w", root, "--to", "civitai", "--dry-run", "--set", f'release.civitai_url="{fake_civitai.url}"'])
+    result = CliRunner().invoke(
+        app,
+        [
+            "publish",
+            "Akane Hoshino",
+            "-w",
+            root,
+            "--to",
+            "civitai",
+            "--dry-run",
+            "--set",
+            f'release.civitai_url="{fake_civitai.url}"',
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "Civitai steps" in result.output and "upload akane_hoshino.safetensors" in result.output
     monkeypatch.setenv("CIVITAI_API_KEY", CIVITAI_KEY)
-    done = CliRunner().invoke(app, ["publish", "Akane Hoshino", "-w", root, "--to", "civitai", "--set", f'release.civitai_url="{fake_civitai.url}"'])
+    done = CliRunner().invoke(
+        app,
+        [
+            "publish",
+            "Akane Hoshino",
+            "-w",
+            root,
+            "--to",
+            "civitai",
+            "--set",
+            f'release.civitai_url="{fake_civitai.url}"',
+        ],
+    )
     assert done.exit_code == 0, done.output
     [model] = fake_civitai.models.values()
     status = json.loads(CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"]).output)[0]
-    assert status["publications"][0]["url"].endswith(f"/models/{model['id']}") and status["publications"][0]["target"] == "civitai"
+    assert (
+        status["publications"][0]["url"].endswith(f"/models/{model['id']}")
+        and status["publications"][0]["target"] == "civitai"
+    )

@@ -12,11 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from lorafactory.config import load_settings, read_toml
-from lorafactory.progress import SilentProgress
-from lorafactory.train.trainer import train
-
 from lorafactory.demo import DEMO_CHARACTER, offline_env, replay_for
+from lorafactory.progress import SilentProgress
 from lorafactory.state import Store
+from lorafactory.train.trainer import train
 from lorafactory.workspace import Workspace
 
 
@@ -26,11 +25,26 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
     ws = Workspace(tmp_path / "ws")
     with replay_for(kit) as replay:
         command = [
-            sys.executable, "-m", "lorafactory", "run", DEMO_CHARACTER, "--site", "danbooru",
-            "--workspace", str(ws.root), "--preset", "tiny-demo",
-            "--set", f'crawl.danbooru.base_url="{replay.url}"', "--set", f'train.base_model="{kit.tiny_sd}"',
-            "--set", "train.max_steps=300", "--set", "train.save_every=150",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "lorafactory",
+            "run",
+            DEMO_CHARACTER,
+            "--site",
+            "danbooru",
+            "--workspace",
+            str(ws.root),
+            "--preset",
+            "tiny-demo",
+            "--set",
+            f'crawl.danbooru.base_url="{replay.url}"',
+            "--set",
+            f'train.base_model="{kit.tiny_sd}"',
+            "--set",
+            "train.max_steps=300",
+            "--set",
+            "train.save_every=150",
+        ]
         state = ws.character("akane_hoshino").partial("train") / "state" / "state.json"
         first = subprocess.Popen(command, env=offline_env(kit), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 180
@@ -56,13 +70,23 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
 
     summary = Store(ws.default_db_url).character_summary("akane_hoshino")
     stages = {s["stage"]: s["status"] for s in summary["latest_run"]["stages"]}
-    assert stages == {"crawl": "skipped", "prepare": "skipped", "train": "succeeded", "evaluate": "succeeded", "release": "succeeded"}
+    assert stages == {
+        "crawl": "skipped",
+        "prepare": "skipped",
+        "train": "succeeded",
+        "evaluate": "succeeded",
+        "release": "succeeded",
+    }
     assert summary["runs"] == 2
     with Store(ws.default_db_url).session() as session:
         from lorafactory.state.models import Run
 
         killed = session.get(Run, 1)
-        assert killed.status == "interrupted" and killed.stages[-1].stage == "train" and killed.stages[-1].status == "interrupted"
+        assert (
+            killed.status == "interrupted"
+            and killed.stages[-1].stage == "train"
+            and killed.stages[-1].status == "interrupted"
+        )
     assert char.manifest("release") is not None
     if how == "kill":  # the resumed weights equal an uninterrupted run's (compared once)
         settings = load_settings(base=read_toml(char.config_path))
@@ -79,9 +103,22 @@ def test_crawl_killed_midway_resumes_without_refetching(kit, tmp_path):
     with replay_for(kit) as replay:
         replay.latency_s = 0.05
         command = [
-            sys.executable, "-m", "lorafactory", "crawl", DEMO_CHARACTER, "--site", "danbooru", "--workspace", str(ws.root),
-            "--preset", "tiny-demo", "--set", f'crawl.danbooru.base_url="{replay.url}"', "--set", "crawl.danbooru.concurrency=1",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "lorafactory",
+            "crawl",
+            DEMO_CHARACTER,
+            "--site",
+            "danbooru",
+            "--workspace",
+            str(ws.root),
+            "--preset",
+            "tiny-demo",
+            "--set",
+            f'crawl.danbooru.base_url="{replay.url}"',
+            "--set",
+            "crawl.danbooru.concurrency=1",
+        ]
         images = ws.character("akane_hoshino").partial("crawl") / "images"
         first = subprocess.Popen(command, env=offline_env(kit), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120

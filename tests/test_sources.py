@@ -39,13 +39,17 @@ def test_local_folder_errors_are_one_line(tmp_path):
 
 def test_variant_choice_prefers_the_smallest_big_enough():
     raw = {
-        "file_url": "o.png", "image_width": 2000, "image_height": 3000,
-        "media_asset": {"variants": [
-            {"type": "360x360", "url": "t.jpg", "width": 240, "height": 360},
-            {"type": "sample", "url": "s.jpg", "width": 850, "height": 1275},
-            {"type": "original", "url": "o.png", "width": 2000, "height": 3000},
-        ]},
-    }  # fmt: skip
+        "file_url": "o.png",
+        "image_width": 2000,
+        "image_height": 3000,
+        "media_asset": {
+            "variants": [
+                {"type": "360x360", "url": "t.jpg", "width": 240, "height": 360},
+                {"type": "sample", "url": "s.jpg", "width": 850, "height": 1275},
+                {"type": "original", "url": "o.png", "width": 2000, "height": 3000},
+            ]
+        },
+    }
     assert choose_variant(raw, 800)[0] == "s.jpg"
     assert choose_variant(raw, 1200)[0] == "o.png"
     assert choose_variant(raw, 5000)[0] == "o.png"  # nothing big enough: the largest
@@ -54,11 +58,20 @@ def test_variant_choice_prefers_the_smallest_big_enough():
 
 
 def _settings(*replays, **extra):
-    overrides = ['character.name="Akane"', 'crawl.tags=["akane"]', "crawl.min_size=0", "crawl.page_size=3", "crawl.max_retries=3"]
+    overrides = [
+        'character.name="Akane"',
+        'crawl.tags=["akane"]',
+        "crawl.min_size=0",
+        "crawl.page_size=3",
+        "crawl.max_retries=3",
+    ]
     names = ["danbooru", "safebooru"][: len(replays)]
     overrides.append(f"crawl.sites={names!r}".replace("'", '"'))
     for name, replay in zip(names, replays):
-        overrides += [f'crawl.{name}.base_url="{replay.url}"', f"crawl.{name}.requests_per_second={extra.get('rps', 100)}"]
+        overrides += [
+            f'crawl.{name}.base_url="{replay.url}"',
+            f"crawl.{name}.requests_per_second={extra.get('rps', 100)}",
+        ]
     overrides += extra.get("more", [])
     return load_settings(overrides=overrides)
 
@@ -85,7 +98,9 @@ def test_limit_archive_and_cross_site_dedupe(tmp_path, kit):
         assert len(posts) == 7 and counts["duplicate"] >= 5  # the second site holds copies (same md5) of the first's
         downloads = sum(1 for _, path in a.requests + b.requests if path.startswith("/data/"))
         assert downloads == 7
-        again, counts = crawl(_settings(a, b), tmp_path / "two", SilentProgress(), archive, previous=tmp_path / "one" / "images")
+        again, counts = crawl(
+            _settings(a, b), tmp_path / "two", SilentProgress(), archive, previous=tmp_path / "one" / "images"
+        )
         assert counts.get("downloaded", 0) == 0 and counts["from_archive"] == 7  # nothing fetched twice
         assert sum(1 for _, path in a.requests + b.requests if path.startswith("/data/")) == downloads
         assert [p.post_id for p in again] == [p.post_id for p in posts]
@@ -152,7 +167,9 @@ def test_retries_are_bounded_and_secrets_redacted(kit):
 
 def test_cloudflare_challenge_stops_the_site(tmp_path, kit):
     with _replay(kit) as replay:
-        replay.faults.append((403, {"Server": "cloudflare", "cf-mitigated": "challenge"}, b"<html>Just a moment...</html>"))
+        replay.faults.append(
+            (403, {"Server": "cloudflare", "cf-mitigated": "challenge"}, b"<html>Just a moment...</html>")
+        )
         with pytest.raises(CloudflareBlocked, match="Cloudflare challenge"):
             crawl(_settings(replay), tmp_path, SilentProgress())
     assert len(replay.requests) == 1  # no hammering
@@ -174,13 +191,22 @@ def test_other_site_apis_page_past_their_caps(tmp_path, kit, site):
     images = sorted(kit.images.glob("main_*.png"))[:7]
     with kind([ReplayImage(p, ["1girl"], ["akane"]) for p in images], page_cap=1) as replay:
         settings = load_settings(
-            overrides=['character.name="Akane"', 'crawl.tags=["akane"]', "crawl.min_size=0", "crawl.page_size=3",
-                       f'crawl.sites=["{site}"]', f'crawl.{site}.base_url="{replay.url}"', f"crawl.{site}.requests_per_second=100"]
-        )  # fmt: skip
+            overrides=[
+                'character.name="Akane"',
+                'crawl.tags=["akane"]',
+                "crawl.min_size=0",
+                "crawl.page_size=3",
+                f'crawl.sites=["{site}"]',
+                f'crawl.{site}.base_url="{replay.url}"',
+                f"crawl.{site}.requests_per_second=100",
+            ]
+        )
         posts, counts = crawl(settings, tmp_path, SilentProgress())
     assert len(posts) == 7 and counts["downloaded"] == 7 and {p.site for p in posts} == {site}
     assert [int(p.post_id) for p in posts] == sorted((int(p.post_id) for p in posts), reverse=True)
-    assert all("id:<" not in path for _, path in replay.requests[:1]) and any("id%3A%3C" in path for _, path in replay.requests)
+    assert all("id:<" not in path for _, path in replay.requests[:1]) and any(
+        "id%3A%3C" in path for _, path in replay.requests
+    )
 
 
 def test_gelbooru_without_credentials_says_which_to_set(tmp_path, kit, monkeypatch):
@@ -189,7 +215,14 @@ def test_gelbooru_without_credentials_says_which_to_set(tmp_path, kit, monkeypat
     replay = GelbooruReplay([ReplayImage(kit.images / "main_000.png", [], ["akane"])])
     replay.credentials = ("123", "secret-key")
     with replay:
-        settings = load_settings(overrides=['character.name="Akane"', 'crawl.tags=["akane"]', 'crawl.sites=["gelbooru"]', f'crawl.gelbooru.base_url="{replay.url}"'])
+        settings = load_settings(
+            overrides=[
+                'character.name="Akane"',
+                'crawl.tags=["akane"]',
+                'crawl.sites=["gelbooru"]',
+                f'crawl.gelbooru.base_url="{replay.url}"',
+            ]
+        )
         with pytest.raises(StageError, match="LORAFACTORY_GELBOORU_USER_ID"):
             crawl(settings, tmp_path / "a", SilentProgress())
         monkeypatch.setenv("LORAFACTORY_GELBOORU_USER_ID", "123")
@@ -210,7 +243,9 @@ def test_zerochan_rules_redirects_and_control_characters(tmp_path, kit):
         overrides += [f'crawl.zerochan.base_url="{replay.url}"', "crawl.zerochan.requests_per_second=100"]
         with pytest.raises(InputError, match="crawl.zerochan.username"):
             crawl(load_settings(overrides=overrides), tmp_path / "a", SilentProgress())
-        posts, counts = crawl(load_settings(overrides=[*overrides, 'crawl.zerochan.username="tester"']), tmp_path / "b", SilentProgress())
+        posts, counts = crawl(
+            load_settings(overrides=[*overrides, 'crawl.zerochan.username="tester"']), tmp_path / "b", SilentProgress()
+        )
     assert len(posts) == 5 and counts["downloaded"] == 5 and posts[0].site == "zerochan"
     assert posts[0].tags["general"] and all(agent.endswith(" - tester") for agent in replay.agents)
     assert any(path.startswith("/Hoshino+Akane") for _, path in replay.requests)  # followed the redirect
@@ -220,19 +255,37 @@ def test_zerochan_rules_redirects_and_control_characters(tmp_path, kit):
 def test_the_name_is_looked_up_as_the_most_posted_character_tag(tmp_path, kit, site):
     from lorafactory.testing.replay import AnimePicturesReplay, GelbooruReplay, MoebooruReplay, SankakuReplay
 
-    kind = {"danbooru": DanbooruReplay, "gelbooru": GelbooruReplay, "yandere": MoebooruReplay, "sankaku": SankakuReplay,
-            "anime_pictures": AnimePicturesReplay}[site]  # fmt: skip
+    kind = {
+        "danbooru": DanbooruReplay,
+        "gelbooru": GelbooruReplay,
+        "yandere": MoebooruReplay,
+        "sankaku": SankakuReplay,
+        "anime_pictures": AnimePicturesReplay,
+    }[site]
     mains = sorted(kit.images.glob("main_*.png"))
     images = [ReplayImage(p, ["1girl"], ["akane_hoshino_(idol)"]) for p in mains[:5]]
     images += [ReplayImage(p, ["1girl"], ["akane_hoshino_(cosplay)"]) for p in mains[5:7]]  # a rarer namesake
     archive = MemoryArchive()
     with kind(images) as replay:
-        overrides = ['character.name="Akane Hoshino"', "crawl.min_size=0", f'crawl.sites=["{site}"]',
-                     f'crawl.{site}.base_url="{replay.url}"', f"crawl.{site}.requests_per_second=100"]  # fmt: skip
+        overrides = [
+            'character.name="Akane Hoshino"',
+            "crawl.min_size=0",
+            f'crawl.sites=["{site}"]',
+            f'crawl.{site}.base_url="{replay.url}"',
+            f"crawl.{site}.requests_per_second=100",
+        ]
         posts, counts = crawl(load_settings(overrides=overrides), tmp_path / "a", SilentProgress(), archive)
-        chosen = "akane hoshino (idol)" if site == "anime_pictures" else "akane_hoshino_(idol)"  # its tag style: spaces
+        chosen = (
+            "akane hoshino (idol)" if site == "anime_pictures" else "akane_hoshino_(idol)"
+        )  # its tag style: spaces
         assert counts["tags"] == {site: chosen} and len(posts) == 5
-        marker = {"danbooru": "/autocomplete.json", "gelbooru": "s=tag", "yandere": "/tag.json", "sankaku": "/tags?", "anime_pictures": "/api/v3/tags"}[site]
+        marker = {
+            "danbooru": "/autocomplete.json",
+            "gelbooru": "s=tag",
+            "yandere": "/tag.json",
+            "sankaku": "/tags?",
+            "anime_pictures": "/api/v3/tags",
+        }[site]
         first_run = len(replay.requests)
         assert sum(marker in path for _, path in replay.requests) == 1
         crawl(load_settings(overrides=overrides), tmp_path / "b", SilentProgress(), archive)
@@ -277,16 +330,37 @@ def test_cli_crawls_two_sites_with_a_limit(tmp_path, kit):
     from lorafactory.testing.replay import ZerochanReplay
 
     mains = sorted(kit.images.glob("main_*.png"))
-    with DanbooruReplay([ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in mains[:6]]) as booru, ZerochanReplay(
-        [ReplayImage(p, ["Female"], ["Akane Hoshino"]) for p in mains[4:10]]
-    ) as zerochan:
+    with (
+        DanbooruReplay([ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in mains[:6]]) as booru,
+        ZerochanReplay([ReplayImage(p, ["Female"], ["Akane Hoshino"]) for p in mains[4:10]]) as zerochan,
+    ):
         result = CliRunner().invoke(
             app,
-            ["crawl", "Akane Hoshino", "--site", "danbooru", "--site", "zerochan", "--limit", "500", "--workspace", str(tmp_path),
-             "--set", f'crawl.danbooru.base_url="{booru.url}"', "--set", f'crawl.zerochan.base_url="{zerochan.url}"',
-             "--set", 'crawl.zerochan.username="tester"', "--set", "crawl.zerochan.requests_per_second=50",
-             "--set", "crawl.danbooru.requests_per_second=50", "--set", "crawl.min_size=0"],
-        )  # fmt: skip
+            [
+                "crawl",
+                "Akane Hoshino",
+                "--site",
+                "danbooru",
+                "--site",
+                "zerochan",
+                "--limit",
+                "500",
+                "--workspace",
+                str(tmp_path),
+                "--set",
+                f'crawl.danbooru.base_url="{booru.url}"',
+                "--set",
+                f'crawl.zerochan.base_url="{zerochan.url}"',
+                "--set",
+                'crawl.zerochan.username="tester"',
+                "--set",
+                "crawl.zerochan.requests_per_second=50",
+                "--set",
+                "crawl.danbooru.requests_per_second=50",
+                "--set",
+                "crawl.min_size=0",
+            ],
+        )
     assert result.exit_code == 0, result.output
     posts = (tmp_path / "akane_hoshino" / "crawl" / "posts.jsonl").read_text().splitlines()
     assert len(posts) == 10  # 6 + 6 with 2 shared images, deduplicated by md5
@@ -299,9 +373,14 @@ def test_anime_pictures_pages_details_and_downloads(tmp_path, kit):
     images = [ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in sorted(kit.images.glob("main_*.png"))[:6]]
     with AnimePicturesReplay(images) as replay:
         settings = load_settings(
-            overrides=['character.name="Akane Hoshino"', "crawl.min_size=0", 'crawl.sites=["anime_pictures"]',
-                       f'crawl.anime_pictures.base_url="{replay.url}"', "crawl.anime_pictures.requests_per_second=100"]
-        )  # fmt: skip
+            overrides=[
+                'character.name="Akane Hoshino"',
+                "crawl.min_size=0",
+                'crawl.sites=["anime_pictures"]',
+                f'crawl.anime_pictures.base_url="{replay.url}"',
+                "crawl.anime_pictures.requests_per_second=100",
+            ]
+        )
         posts, counts = crawl(settings, tmp_path, SilentProgress())
     assert len(posts) == 6 and counts["downloaded"] == 6
     assert "akane hoshino" in posts[0].tags["general"]  # tags come from the detail request
@@ -317,9 +396,15 @@ def test_sankaku_cursor_paging_typed_tags_and_expired_links(tmp_path, kit):
     replay.expired = {images[0].path.name}
     with replay:
         settings = load_settings(
-            overrides=['character.name="Akane Hoshino"', "crawl.min_size=0", "crawl.page_size=2", 'crawl.sites=["sankaku"]',
-                       f'crawl.sankaku.base_url="{replay.url}"', "crawl.sankaku.requests_per_second=100"]
-        )  # fmt: skip
+            overrides=[
+                'character.name="Akane Hoshino"',
+                "crawl.min_size=0",
+                "crawl.page_size=2",
+                'crawl.sites=["sankaku"]',
+                f'crawl.sankaku.base_url="{replay.url}"',
+                "crawl.sankaku.requests_per_second=100",
+            ]
+        )
         posts, counts = crawl(settings, tmp_path, SilentProgress())
     assert len(posts) == 4 and counts["failed"] == 1  # the expired link was refused, not saved as a picture
     assert posts[0].tags["character"] == ["akane_hoshino"] and not posts[0].post_id.isdigit()
@@ -349,12 +434,26 @@ def test_pixiv_oauth_date_windows_and_cross_site_md5(tmp_path, kit, monkeypatch)
     pixiv = PixivReplay([ReplayImage(p, ["1girl"], ["Akane"]) for p in mains[:7]])
     pixiv.max_offset = 3  # deep paging is refused past this: the crawler must move the date window
     with pixiv, DanbooruReplay([ReplayImage(p, ["1girl"], ["akane"]) for p in mains[:2]]) as booru:
-        overrides = ['character.name="Akane"', "crawl.min_size=0", 'crawl.sites=["danbooru", "pixiv"]', 'crawl.danbooru.tags=["akane"]',
-                     f'crawl.pixiv.base_url="{pixiv.url}"', f'crawl.danbooru.base_url="{booru.url}"', "crawl.pixiv.requests_per_second=100",
-                     "crawl.danbooru.requests_per_second=100", "crawl.danbooru.concurrency=1", "crawl.pixiv.concurrency=1"]  # fmt: skip
+        overrides = [
+            'character.name="Akane"',
+            "crawl.min_size=0",
+            'crawl.sites=["danbooru", "pixiv"]',
+            'crawl.danbooru.tags=["akane"]',
+            f'crawl.pixiv.base_url="{pixiv.url}"',
+            f'crawl.danbooru.base_url="{booru.url}"',
+            "crawl.pixiv.requests_per_second=100",
+            "crawl.danbooru.requests_per_second=100",
+            "crawl.danbooru.concurrency=1",
+            "crawl.pixiv.concurrency=1",
+        ]
         with pytest.raises(InputError, match="LORAFACTORY_PIXIV_REFRESH_TOKEN"):
             crawl(load_settings(overrides=[*overrides, 'crawl.sites=["pixiv"]']), tmp_path / "a", SilentProgress())
-        for name, value in {"REFRESH_TOKEN": "refresh-me", "CLIENT_ID": "app", "CLIENT_SECRET": "app-secret", "OAUTH_URL": pixiv.url}.items():
+        for name, value in {
+            "REFRESH_TOKEN": "refresh-me",
+            "CLIENT_ID": "app",
+            "CLIENT_SECRET": "app-secret",
+            "OAUTH_URL": pixiv.url,
+        }.items():
             monkeypatch.setenv(f"LORAFACTORY_PIXIV_{name}", value)
         posts, counts = crawl(load_settings(overrides=overrides), tmp_path / "b", SilentProgress())
     assert len(posts) == 7 and counts["duplicate"] == 2  # 2 pixiv works were danbooru's images: hashed, then dropped
@@ -368,7 +467,12 @@ def test_danbooru_finds_the_tag_from_another_name_through_its_wiki(tmp_path, kit
     replay = DanbooruReplay(images)
     replay.other_names = {"akane_hoshino_(idol)": ["星野アカネ", "Hoshino Akane"]}
     with replay:
-        overrides = ['character.name="星野アカネ"', "crawl.min_size=0", f'crawl.danbooru.base_url="{replay.url}"', "crawl.danbooru.requests_per_second=100"]
+        overrides = [
+            'character.name="星野アカネ"',
+            "crawl.min_size=0",
+            f'crawl.danbooru.base_url="{replay.url}"',
+            "crawl.danbooru.requests_per_second=100",
+        ]
         posts, counts = crawl(load_settings(overrides=overrides), tmp_path, SilentProgress())
     assert counts["tags"] == {"danbooru": "akane_hoshino_(idol)"} and len(posts) == 3
 
@@ -380,18 +484,29 @@ def test_credentials_from_the_config_work_and_are_never_written(tmp_path, kit):
     from lorafactory.testing.replay import GelbooruReplay
     from lorafactory.workspace import Workspace
 
-    replay = GelbooruReplay([ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in sorted(kit.images.glob("main_*.png"))[:3]])
+    replay = GelbooruReplay(
+        [ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in sorted(kit.images.glob("main_*.png"))[:3]]
+    )
     replay.credentials = ("4242", "config-secret")
     ws = Workspace(tmp_path / "ws")
     ws.root.mkdir()
     with replay:
         settings = load_settings(
-            overrides=['character.name="Akane Hoshino"', "crawl.min_size=0", 'crawl.sites=["gelbooru"]', f'crawl.gelbooru.base_url="{replay.url}"',
-                       'crawl.gelbooru.user="4242"', 'crawl.gelbooru.key="config-secret"', "crawl.gelbooru.requests_per_second=100"]
-        )  # fmt: skip
+            overrides=[
+                'character.name="Akane Hoshino"',
+                "crawl.min_size=0",
+                'crawl.sites=["gelbooru"]',
+                f'crawl.gelbooru.base_url="{replay.url}"',
+                'crawl.gelbooru.user="4242"',
+                'crawl.gelbooru.key="config-secret"',
+                "crawl.gelbooru.requests_per_second=100",
+            ]
+        )
         run_pipeline(ws, Store(ws.default_db_url), settings, SilentProgress(), until="crawl")
     assert "config-secret" not in to_toml(settings) and "config-secret" not in repr(settings)
-    written = [p for p in ws.root.rglob("*") if p.is_file() and p.suffix not in (".png", ".jpg")]  # state db and its WAL too
+    written = [
+        p for p in ws.root.rglob("*") if p.is_file() and p.suffix not in (".png", ".jpg")
+    ]  # state db and its WAL too
     assert written and not any(b"config-secret" in p.read_bytes() for p in written)
     assert len((ws.character("akane_hoshino").artifact("crawl") / "posts.jsonl").read_text().splitlines()) == 3
 
@@ -403,8 +518,14 @@ def test_sankaku_login_unlocks_contentious_posts(tmp_path, kit, monkeypatch):
     replay = SankakuReplay(images)
     replay.contentious = {images[0].path.name}
     with replay:
-        overrides = ['character.name="Akane Hoshino"', "crawl.min_size=0", 'crawl.sites=["sankaku"]', 'crawl.sankaku.tags=["akane_hoshino"]',
-                     f'crawl.sankaku.base_url="{replay.url}"', "crawl.sankaku.requests_per_second=100"]  # fmt: skip
+        overrides = [
+            'character.name="Akane Hoshino"',
+            "crawl.min_size=0",
+            'crawl.sites=["sankaku"]',
+            'crawl.sankaku.tags=["akane_hoshino"]',
+            f'crawl.sankaku.base_url="{replay.url}"',
+            "crawl.sankaku.requests_per_second=100",
+        ]
         anonymous, counts = crawl(load_settings(overrides=overrides), tmp_path / "a", SilentProgress())
         assert len(anonymous) == 3 and counts["no_file"] == 1
         monkeypatch.setenv("LORAFACTORY_SANKAKU_LOGIN", "me")

@@ -22,7 +22,11 @@ def test_schema_and_records(tmp_path):
     store.finish_run(run, "failed", "crawl: no images")
     summary = store.character_summary("alice")
     assert summary["latest_run"]["status"] == "failed"
-    assert summary["latest_run"]["stages"][0] == {**summary["latest_run"]["stages"][0], "status": "failed", "error": "no images"}
+    assert summary["latest_run"]["stages"][0] == {
+        **summary["latest_run"]["stages"][0],
+        "status": "failed",
+        "error": "no images",
+    }
     assert summary["checkpoints"] == [
         {"step": 10, "selected": True, "kept_rank": 1, "metrics": {"ccip": 0.5}},
         {"step": 20, "selected": False, "kept_rank": None, "metrics": {"ccip": None}},

@@ -8,11 +8,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import demo_settings
 from lorafactory.errors import StageError
 from lorafactory.progress import SilentProgress
 from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir, train
-
-from conftest import demo_settings
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,9 @@ def _weights(out, step):
 
 
 def test_stopped_and_resumed_equals_straight_through(kit, dataset, tmp_path):
-    settings = _settings(kit, "train.noise_offset=0.05", "train.tag_dropout=0.2", "train.flip=true", "train.text_encoder_lora_rank=2")
+    settings = _settings(
+        kit, "train.noise_offset=0.05", "train.tag_dropout=0.2", "train.flip=true", "train.text_encoder_lora_rank=2"
+    )
     straight = train(settings, "akane_hoshino", dataset, tmp_path / "straight", SilentProgress())
     first = train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress(), stop_after=4)
     assert not first.finished and list(first.checkpoints) == [4]
@@ -61,11 +62,19 @@ def test_pivot_freezes_the_embedding(kit, dataset, tmp_path):
 
 def test_options_run_and_validation_is_reported(kit, dataset, tmp_path):
     settings = _settings(
-        kit, "train.min_snr_gamma=5.0", "train.gradient_checkpointing=true", "train.gradient_accumulation=2",
-        'train.lr_scheduler="cosine"', 'train.prediction_type="v_prediction"', "train.zero_terminal_snr=true",
-        "train.group_repeats={head = 2}", "train.group_loss_weights={person = 0.5}", "train.keep_tokens=1",
-        f'train.latent_cache_dir="{tmp_path / "latents"}"', "train.validation_split=0.1",
-    )  # fmt: skip
+        kit,
+        "train.min_snr_gamma=5.0",
+        "train.gradient_checkpointing=true",
+        "train.gradient_accumulation=2",
+        'train.lr_scheduler="cosine"',
+        'train.prediction_type="v_prediction"',
+        "train.zero_terminal_snr=true",
+        "train.group_repeats={head = 2}",
+        "train.group_loss_weights={person = 0.5}",
+        "train.keep_tokens=1",
+        f'train.latent_cache_dir="{tmp_path / "latents"}"',
+        "train.validation_split=0.1",
+    )
     result = train(settings, "akane_hoshino", dataset, tmp_path / "out", SilentProgress())
     assert result.details["prediction_type"] == "v_prediction"
     assert result.counts["validation_images"] > 0
@@ -80,17 +89,27 @@ def test_options_run_and_validation_is_reported(kit, dataset, tmp_path):
 
 
 def test_sdxl_trains_and_evaluates(kit, dataset, tmp_path):
+    from conftest import KIT_ROOT
     from lorafactory.evaluate.evaluator import evaluate
     from lorafactory.testing.tiny_sd import build_tiny_sdxl
 
-    from conftest import KIT_ROOT
-
     model = build_tiny_sdxl(KIT_ROOT / "tiny-sdxl")
-    settings = _settings(kit, f'train.base_model="{model}"', "train.max_steps=4", "train.save_every=2", "train.validation_split=0.1")
+    settings = _settings(
+        kit, f'train.base_model="{model}"', "train.max_steps=4", "train.save_every=2", "train.validation_split=0.1"
+    )
     result = train(settings, "akane_hoshino", dataset, tmp_path / "train", SilentProgress())
     assert result.details["family"] == "sdxl" and list(result.checkpoints) == [2, 4]
     assert set(result.details["validation_loss"]["4"]) >= {"mean"}
-    evaluation = evaluate(settings, "akane_hoshino", dataset, tmp_path / "train", result.checkpoints, {}, tmp_path / "eval", SilentProgress())
+    evaluation = evaluate(
+        settings,
+        "akane_hoshino",
+        dataset,
+        tmp_path / "train",
+        result.checkpoints,
+        {},
+        tmp_path / "eval",
+        SilentProgress(),
+    )
     assert evaluation.counts["failed_checkpoints"] == 0 and evaluation.selection.best in (2, 4)
     assert all(m["ccip_recscore"] is not None and m["validation_loss"] is None for m in evaluation.table.values())
     images = [p for p in (tmp_path / "eval" / "steps").rglob("*.png") if p.name != "grid.png"]
@@ -99,8 +118,13 @@ def test_sdxl_trains_and_evaluates(kit, dataset, tmp_path):
 
 def test_uncached_latents_train_the_same_model(kit, dataset, tmp_path):
     cached = train(_settings(kit), "akane_hoshino", dataset, tmp_path / "cached", SilentProgress())
-    uncached = train(_settings(kit, "train.cache_latents=false"), "akane_hoshino", dataset, tmp_path / "uncached", SilentProgress())
-    assert cached.counts["latents_encoded"] > 0 and uncached.counts["latents_encoded"] == uncached.counts["validation_images"]
+    uncached = train(
+        _settings(kit, "train.cache_latents=false"), "akane_hoshino", dataset, tmp_path / "uncached", SilentProgress()
+    )
+    assert (
+        cached.counts["latents_encoded"] > 0
+        and uncached.counts["latents_encoded"] == uncached.counts["validation_images"]
+    )
     a, b = _weights(tmp_path / "cached", 8), _weights(tmp_path / "uncached", 8)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
@@ -112,27 +136,46 @@ def test_regularization_images_and_fixed_buckets_train(kit, dataset, tmp_path):
     folder = tmp_path / "reg"
     made = generate_dataset(folder / "images", CHARACTERS[2], count=3, monochrome=0, near_duplicates=0, others=0)
     (folder / "metadata.jsonl").write_text(
-        "".join(json.dumps({"file": f"images/{m.filename}", "tags": ["1girl", "solo"], "post_id": m.filename}) + "\n" for m in made)
+        "".join(
+            json.dumps({"file": f"images/{m.filename}", "tags": ["1girl", "solo"], "post_id": m.filename}) + "\n"
+            for m in made
+        )
     )
-    settings = _settings(kit, f'train.regularization_dir="{folder}"', "train.prior_loss_weight=0.5", 'train.bucket_mode="fixed"')
+    settings = _settings(
+        kit, f'train.regularization_dir="{folder}"', "train.prior_loss_weight=0.5", 'train.bucket_mode="fixed"'
+    )
     result = train(settings, "akane_hoshino", dataset, tmp_path / "out", SilentProgress())
     assert result.counts["regularization_images"] == 3
     assert all(int(w) * int(h) <= 128 * 128 for w, h in (b.split("x") for b in result.details["buckets"]))
     with safe_open(str(checkpoint_dir(tmp_path / "out", 8) / LORA_FILE), "pt") as handle:
         assert handle.metadata()["ss_num_train_images"] == str(result.counts["images"])  # the character's images only
     with pytest.raises(StageError, match="not a prepared dataset"):
-        train(_settings(kit, f'train.regularization_dir="{tmp_path}"'), "akane_hoshino", dataset, tmp_path / "bad", SilentProgress())
+        train(
+            _settings(kit, f'train.regularization_dir="{tmp_path}"'),
+            "akane_hoshino",
+            dataset,
+            tmp_path / "bad",
+            SilentProgress(),
+        )
 
 
 def test_prodigy_trains(kit, dataset, tmp_path):
-    result = train(_settings(kit, 'train.optimizer="prodigy"', "train.unet_lr=1.0", "train.embedding_lr=1.0"), "akane_hoshino", dataset, tmp_path / "p", SilentProgress())
+    result = train(
+        _settings(kit, 'train.optimizer="prodigy"', "train.unet_lr=1.0", "train.embedding_lr=1.0"),
+        "akane_hoshino",
+        dataset,
+        tmp_path / "p",
+        SilentProgress(),
+    )
     assert result.finished and all(torch.isfinite(v).all() for v in _weights(tmp_path / "p", 8).values())
 
 
 def test_adamw8bit_trains_and_resumes_exactly(kit, dataset, tmp_path):
     """bitsandbytes' 8-bit AdamW (CPU backend here): its quantized state survives a stop and resume."""
     pytest.importorskip("bitsandbytes")
-    settings = _settings(kit, 'train.optimizer="adamw8bit"', "train.lora_rank=64")  # LoRA matrices big enough (4096+) for 8-bit state
+    settings = _settings(
+        kit, 'train.optimizer="adamw8bit"', "train.lora_rank=64"
+    )  # LoRA matrices big enough (4096+) for 8-bit state
     straight = train(settings, "akane_hoshino", dataset, tmp_path / "straight", SilentProgress())
     train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress(), stop_after=4)
     train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress())
@@ -141,9 +184,16 @@ def test_adamw8bit_trains_and_resumes_exactly(kit, dataset, tmp_path):
     assert straight.finished and adamw.finished
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
-    assert any(not torch.allclose(a[key], c[key]) for key in a)  # quantized moments give a different update than float AdamW
+    assert any(
+        not torch.allclose(a[key], c[key]) for key in a
+    )  # quantized moments give a different update than float AdamW
     state = torch.load(tmp_path / "resumed" / "state" / "state.pt", weights_only=False)["optimizer"]["state"]
-    quantized = [v for s in state.values() for v in s.get("__bnb_optimizer_quant_state__", {}).values() if isinstance(v, torch.Tensor)]
+    quantized = [
+        v
+        for s in state.values()
+        for v in s.get("__bnb_optimizer_quant_state__", {}).values()
+        if isinstance(v, torch.Tensor)
+    ]
     assert any(v.dtype == torch.uint8 for v in quantized)  # the saved moments really are 8-bit
 
 
@@ -197,11 +247,15 @@ class _RecordedProgress(SilentProgress):
 def test_two_processes_train_what_one_does_with_double_accumulation(kit, dataset, tmp_path):
     """torch.distributed workers (gloo on CPU): 2 processes x accumulation 1, stopped at step 4 and
     resumed, give the weights of 1 process x accumulation 2 straight through."""
-    single = train(_settings(kit, "train.gradient_accumulation=2"), "akane_hoshino", dataset, tmp_path / "one", SilentProgress())
+    single = train(
+        _settings(kit, "train.gradient_accumulation=2"), "akane_hoshino", dataset, tmp_path / "one", SilentProgress()
+    )
     two = _settings(kit, "train.num_processes=2", 'train.device="cpu"')
     progress = _RecordedProgress()
     first = train(two, "akane_hoshino", dataset, tmp_path / "two", progress, stop_after=4)
-    assert not first.finished and first.checkpoints == {4: "checkpoints/step-000004"} and first.details["processes"] == 2
+    assert (
+        not first.finished and first.checkpoints == {4: "checkpoints/step-000004"} and first.details["processes"] == 2
+    )
     assert progress.advanced["training"] == 4 and progress.notes == ["training on 2 processes"]
     second = train(two, "akane_hoshino", dataset, tmp_path / "two", progress)
     assert second.finished and list(second.checkpoints) == [4, 8] and progress.advanced["training"] == 4 + 8
@@ -217,9 +271,17 @@ def test_distributed_errors_reach_the_caller(kit, dataset, tmp_path):
     from lorafactory.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.num_processes = 2"):
-        train(_settings(kit, "train.num_processes=2", 'train.device="cuda"'), "akane_hoshino", dataset, tmp_path, SilentProgress())
+        train(
+            _settings(kit, "train.num_processes=2", 'train.device="cuda"'),
+            "akane_hoshino",
+            dataset,
+            tmp_path,
+            SilentProgress(),
+        )
     bad = _settings(kit, "train.num_processes=2", 'train.device="cpu"', f'train.regularization_dir="{tmp_path}"')
-    with pytest.raises(StageError, match="not a prepared dataset"):  # raised inside the workers, relayed by the launcher
+    with pytest.raises(
+        StageError, match="not a prepared dataset"
+    ):  # raised inside the workers, relayed by the launcher
         train(bad, "akane_hoshino", dataset, tmp_path / "out", SilentProgress())
 
 
@@ -236,13 +298,17 @@ def test_long_captions_are_encoded_in_chunks_of_75_tokens(kit):
         return encode_prompts("sd1", [tok], [enc], texts, 2, cpu, chunks).hidden
 
     with torch.no_grad():
-        plain = encode_text(enc, tok(["1girl, smile"], padding="max_length", max_length=77, return_tensors="pt").input_ids, 2)
+        plain = encode_text(
+            enc, tok(["1girl, smile"], padding="max_length", max_length=77, return_tensors="pt").input_ids, 2
+        )
         assert torch.equal(ours(["1girl, smile"], 1), plain) and torch.equal(ours(["1girl, smile"], None), plain)
         long_red, long_blue = (", ".join(["smile"] * 60 + [hair]) for hair in ("red hair", "blue hair"))
         assert len(tok(long_red, add_special_tokens=False).input_ids) > 75
         red, blue = ours([long_red], 3), ours([long_blue], 3)
         assert red.shape == (1, 154, plain.shape[-1])
-        assert torch.equal(red[:, :77], blue[:, :77]) and not torch.allclose(red[:, 77:], blue[:, 77:])  # the tail is seen
+        assert torch.equal(red[:, :77], blue[:, :77]) and not torch.allclose(
+            red[:, 77:], blue[:, 77:]
+        )  # the tail is seen
         assert torch.equal(ours([long_red], 1), ours([long_blue], 1))  # one chunk: the tail is cut
         mixed = ours(["1girl, smile", long_red], 3)
         empty = encode_text(enc, torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [tok.pad_token_id] * 75]), 2)

@@ -66,7 +66,9 @@ def test_regularization_is_balanced_against_training_samples():
     from lorafactory.train.data import Example, batch_plan
 
     def example(i, regularization, group="person"):
-        return Example(f"{i}.png", group, str(i), [], (64, 64), torch.zeros(1), (64, 64), (0, 0), regularization=regularization)
+        return Example(
+            f"{i}.png", group, str(i), [], (64, 64), torch.zeros(1), (64, 64), (0, 0), regularization=regularization
+        )
 
     train = [example(i, False) for i in range(5)] + [example(5, False, "head")]
     regular = [example(10 + i, True) for i in range(2)]
@@ -91,6 +93,9 @@ def test_single_file_family_is_read_from_the_keys(tmp_path):
     from lorafactory.train.model import _single_file_is_sdxl
 
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
-    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(tmp_path / "sd1.safetensors"))
+    save_file(
+        {"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
+        str(tmp_path / "sd1.safetensors"),
+    )
     assert _single_file_is_sdxl(tmp_path / "xl.safetensors")
     assert not _single_file_is_sdxl(tmp_path / "sd1.safetensors")

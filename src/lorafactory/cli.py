@@ -19,16 +19,23 @@ from lorafactory.errors import LorafactoryError
 from lorafactory.progress import RichProgress
 from lorafactory.workspace import STAGES, Workspace, slugify
 
-app = typer.Typer(help="Turn an anime character into a trained, evaluated, ready-to-publish LoRA.", no_args_is_help=True)
+app = typer.Typer(
+    help="Turn an anime character into a trained, evaluated, ready-to-publish LoRA.", no_args_is_help=True
+)
 config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 err = Console(stderr=True)
 out = Console()
 
 WorkspaceOpt = typer.Option(
-    Path(os.environ.get("LORAFACTORY_WORKSPACE", "workspace")), "--workspace", "-w", help="Folder for all characters and the state db."
+    Path(os.environ.get("LORAFACTORY_WORKSPACE", "workspace")),
+    "--workspace",
+    "-w",
+    help="Folder for all characters and the state db.",
 )
-DbOpt = typer.Option(None, "--db", help="State database URL (default: SQLite in the workspace; postgresql://… for fleets).")
+DbOpt = typer.Option(
+    None, "--db", help="State database URL (default: SQLite in the workspace; postgresql://… for fleets)."
+)
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML settings file.")
 PresetOpt = typer.Option(None, "--preset", help=f"Named preset: {', '.join(PRESETS)}.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a setting, e.g. --set train.max_steps=800 (repeatable).")
@@ -45,11 +52,15 @@ def _setup_logging() -> None:
     for key in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         os.environ.setdefault(key, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    logging.basicConfig(
+        level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)]
+    )
     logging.getLogger("lorafactory").setLevel(logging.INFO)
 
 
-def _settings(workspace: Path, name: Optional[str], config: Optional[Path], preset: Optional[str], overrides: List[str]):
+def _settings(
+    workspace: Path, name: Optional[str], config: Optional[Path], preset: Optional[str], overrides: List[str]
+):
     """Saved character settings (if any) < --config < --set; the name always comes from the command."""
     base = None
     if name:
@@ -63,7 +74,9 @@ def _settings(workspace: Path, name: Optional[str], config: Optional[Path], pres
     return settings
 
 
-def _run(name: str, until: str, workspace: Path, db: Optional[str], config, preset, overrides, force, source_overrides=()) -> None:
+def _run(
+    name: str, until: str, workspace: Path, db: Optional[str], config, preset, overrides, force, source_overrides=()
+) -> None:
     from lorafactory.pipeline import run_pipeline
     from lorafactory.state import Store
 
@@ -73,7 +86,9 @@ def _run(name: str, until: str, workspace: Path, db: Optional[str], config, pres
         ws = Workspace(workspace)
         ws.root.mkdir(parents=True, exist_ok=True)
         store = Store(db or ws.default_db_url)
-        err.print(f"[bold]{settings.character.name}[/bold] → {ws.character(slugify(name)).path}  (preset {settings.preset})")
+        err.print(
+            f"[bold]{settings.character.name}[/bold] → {ws.character(slugify(name)).path}  (preset {settings.preset})"
+        )
         outcome = run_pipeline(ws, store, settings, RichProgress(err), until=until, force=force)
     except LorafactoryError as exc:
         _fail(exc)
@@ -100,9 +115,20 @@ def _source_overrides(from_dir: Optional[Path], sites: Optional[List[str]]) -> l
 def _stage_command(stage: str, doc: str):
     def command(
         name: str = typer.Argument(..., help='Character name, e.g. "Surtr (Arknights)".'),
-        from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="Use a local folder of images (+ optional .txt tags)."),
-        site: Optional[List[str]] = typer.Option(None, "--site", help="Image site to crawl, repeatable: danbooru, safebooru, gelbooru, rule34, yandere, konachan, zerochan, anime_pictures, sankaku, pixiv."),
-        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Maximum number of images to crawl (crawl.limit)."),
+        from_dir: Optional[Path] = typer.Option(
+            None, "--from-dir", help="Use a local folder of images (+ optional .txt tags)."
+        ),
+        site: Optional[List[str]] = typer.Option(
+            None,
+            "--site",
+            help=(
+                "Image site to crawl, repeatable: danbooru, safebooru, gelbooru, "
+                "rule34, yandere, konachan, zerochan, anime_pictures, sankaku, pixiv."
+            ),
+        ),
+        limit: Optional[int] = typer.Option(
+            None, "--limit", min=1, help="Maximum number of images to crawl (crawl.limit)."
+        ),
         workspace: Path = WorkspaceOpt,
         db: Optional[str] = DbOpt,
         config: Optional[Path] = ConfigOpt,
@@ -120,9 +146,15 @@ def _stage_command(stage: str, doc: str):
 @app.command()
 def publish(
     name: str = typer.Argument(..., help="Character whose release to publish."),
-    to: Optional[List[str]] = typer.Option(None, "--to", help="huggingface and/or civitai, repeatable (release.publish_to)."),
-    repo: Optional[str] = typer.Option(None, "--repo", help="Hub repository 'name' or 'owner/name' (release.hf_repo; default: the slug)."),
-    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a new Hub repository (release.hf_private)."),
+    to: Optional[List[str]] = typer.Option(
+        None, "--to", help="huggingface and/or civitai, repeatable (release.publish_to)."
+    ),
+    repo: Optional[str] = typer.Option(
+        None, "--repo", help="Hub repository 'name' or 'owner/name' (release.hf_repo; default: the slug)."
+    ),
+    private: Optional[bool] = typer.Option(
+        None, "--private/--public", help="Visibility of a new Hub repository (release.hf_private)."
+    ),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (release.hf_endpoint)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded; contact nothing."),
     workspace: Path = WorkspaceOpt,
@@ -137,14 +169,23 @@ def publish(
 
     _setup_logging()
     try:
-        settings = _settings(workspace, name, config, None, [*(set_ or []), *([f"release.publish_to={json.dumps(to)}"] if to else [])])
+        settings = _settings(
+            workspace, name, config, None, [*(set_ or []), *([f"release.publish_to={json.dumps(to)}"] if to else [])]
+        )
         r, ws = settings.release, Workspace(workspace)
         store = None if dry_run else Store(db or ws.default_db_url)
         reports = publish_release(
-            ws.character(slugify(name)), settings, trigger_for(settings), list(r.publish_to),
-            repo=repo or r.hf_repo or slugify(name), private=r.hf_private if private is None else private,
-            endpoint=endpoint or r.hf_endpoint, progress=RichProgress(err), dry_run=dry_run, store=store,
-        )  # fmt: skip
+            ws.character(slugify(name)),
+            settings,
+            trigger_for(settings),
+            list(r.publish_to),
+            repo=repo or r.hf_repo or slugify(name),
+            private=r.hf_private if private is None else private,
+            endpoint=endpoint or r.hf_endpoint,
+            progress=RichProgress(err),
+            dry_run=dry_run,
+            store=store,
+        )
     except LorafactoryError as exc:
         _fail(exc)
     for report in reports:
@@ -154,13 +195,23 @@ def publish(
                 for path in report.uploaded:
                     out.print(f"  {path}", highlight=False)
             else:
-                err.print(f"[green]published[/green] {report.target}: {len(report.uploaded)} files uploaded, {len(report.unchanged)} already there")
+                err.print(
+                    (
+                        f"[green]published[/green] {report.target}: {len(report.uploaded)} "
+                        f"files uploaded, {len(report.unchanged)} already there"
+                    )
+                )
         elif report.dry_run:
             err.print("[bold]dry run[/bold]: Civitai steps:")
             for step in report.done:
                 out.print(f"  {step}", highlight=False)
         else:
-            err.print(f"[green]published[/green] {report.model_url}: {len(report.done)} steps done, {len(report.skipped)} already done")
+            err.print(
+                (
+                    f"[green]published[/green] {report.model_url}: {len(report.done)} "
+                    f"steps done, {len(report.skipped)} already done"
+                )
+            )
 
 
 app.command(name="run")(_stage_command("release", "Run the whole pipeline: crawl, prepare, train, evaluate, release."))
@@ -183,7 +234,9 @@ def status(
     try:
         ws = Workspace(workspace)
         if not ws.root.is_dir():
-            raise LorafactoryError(f"workspace {ws.root} does not exist; run `lorafactory run NAME` or pass --workspace")
+            raise LorafactoryError(
+                f"workspace {ws.root} does not exist; run `lorafactory run NAME` or pass --workspace"
+            )
         store = Store(db or ws.default_db_url)
         slugs = [slugify(name)] if name else ws.characters()
         report = []
@@ -192,12 +245,12 @@ def status(
             if summary is None:
                 raise LorafactoryError(f"no character {name!r} in {ws.root}; `lorafactory status` lists them")
             char = ws.character(slug)
-            summary["artifacts"] = {
-                stage: (m.counts if (m := char.manifest(stage)) else None) for stage in STAGES
-            }
+            summary["artifacts"] = {stage: (m.counts if (m := char.manifest(stage)) else None) for stage in STAGES}
             dataset = char.manifest("prepare")
             if dataset is not None:
-                summary["dataset"] = {k: dataset.details.get(k) for k in ("filters", "ratios", "core_tags", "per_site")}
+                summary["dataset"] = {
+                    k: dataset.details.get(k) for k in ("filters", "ratios", "core_tags", "per_site")
+                }
             report.append(summary)
     except LorafactoryError as exc:
         _fail(exc)
@@ -210,9 +263,17 @@ def status(
 
 def _print_summary(summary: dict) -> None:
     run_info = summary["latest_run"] or {}
-    out.print(f"[bold]{summary['name']}[/bold] ({summary['slug']}), trigger [cyan]{summary['trigger']}[/cyan], runs: {summary['runs']}")
+    out.print(
+        (
+            f"[bold]{summary['name']}[/bold] ({summary['slug']}), trigger "
+            f"[cyan]{summary['trigger']}[/cyan], runs: {summary['runs']}"
+        )
+    )
     if run_info:
-        out.print(f"  latest run #{run_info['id']}: {run_info['status']}" + (f" — {run_info['error']}" if run_info["error"] else ""))
+        out.print(
+            f"  latest run #{run_info['id']}: {run_info['status']}"
+            + (f" — {run_info['error']}" if run_info["error"] else "")
+        )
     table = Table("stage", "artifact", "last status", "counts")
     last = {s["stage"]: s for s in run_info.get("stages", [])}
     for stage in STAGES:
@@ -230,7 +291,10 @@ def _print_summary(summary: dict) -> None:
     if summary["checkpoints"]:
         _print_metrics(summary["checkpoints"])
     for item in summary.get("publications", [])[:5]:
-        out.print(f"  published to {item['target']} (step {item['step']}, {item['published_at'][:16]}): {item['url']}", highlight=False)
+        out.print(
+            f"  published to {item['target']} (step {item['step']}, {item['published_at'][:16]}): {item['url']}",
+            highlight=False,
+        )
 
 
 def _print_dataset(dataset: dict) -> None:
@@ -239,20 +303,34 @@ def _print_dataset(dataset: dict) -> None:
         table.add_row(step["step"], str(step["in"]), str(step["out"]), str(step["in"] - step["out"]))
     out.print(table)
     ratios = ", ".join(f"{k} {v:.2f}" for k, v in (dataset["ratios"] or {}).items())
-    out.print(f"  ratios: {ratios}; per site: {dataset['per_site']}; core tags: {', '.join(dataset['core_tags'] or []) or 'none'}")
+    out.print(
+        (
+            f"  ratios: {ratios}; per site: {dataset['per_site']}; core "
+            f"tags: {', '.join(dataset['core_tags'] or []) or 'none'}"
+        )
+    )
 
 
 # the columns `status` shows (all of them are in the evaluate stage's metrics.csv), with short headers
-_STATUS_METRICS = {"ccip_recscore": "RecScore", "bikini_plus": "BikiniPlus", "ai_corrupt": "AI-corrupt", "clip_alignment": "CLIP",
-                   "validation_loss": "val loss"}  # fmt: skip
+_STATUS_METRICS = {
+    "ccip_recscore": "RecScore",
+    "bikini_plus": "BikiniPlus",
+    "ai_corrupt": "AI-corrupt",
+    "clip_alignment": "CLIP",
+    "validation_loss": "val loss",
+}
 
 
 def _print_metrics(checkpoints: list[dict]) -> None:
     present = {n for c in checkpoints for n in c["metrics"]}
     names = [n for n in _STATUS_METRICS if n in present]
-    table = Table("step", *(_STATUS_METRICS[n] for n in names), "kept", title="checkpoint metrics (all: evaluate/metrics.csv)")
+    table = Table(
+        "step", *(_STATUS_METRICS[n] for n in names), "kept", title="checkpoint metrics (all: evaluate/metrics.csv)"
+    )
     for checkpoint in checkpoints:
-        values = ["missing" if checkpoint["metrics"].get(n) is None else f"{checkpoint['metrics'][n]:.3f}" for n in names]
+        values = [
+            "missing" if checkpoint["metrics"].get(n) is None else f"{checkpoint['metrics'][n]:.3f}" for n in names
+        ]
         rank = checkpoint["kept_rank"]
         table.add_row(str(checkpoint["step"]), *values, "best" if rank == 1 else f"#{rank}" if rank else "")
     out.print(table)
@@ -276,8 +354,12 @@ def config_show(
 
 @app.command()
 def demo(
-    workspace: Path = typer.Option(Path("demo-workspace"), "--workspace", "-w", help="Where the demo's character folder goes."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Test-kit cache (default ~/.cache/lorafactory/testkit)."),
+    workspace: Path = typer.Option(
+        Path("demo-workspace"), "--workspace", "-w", help="Where the demo's character folder goes."
+    ),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", help="Test-kit cache (default ~/.cache/lorafactory/testkit)."
+    ),
     force: Optional[str] = ForceOpt,
 ) -> None:
     """Run the whole pipeline offline on tiny stand-in models and a synthetic character."""

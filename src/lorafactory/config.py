@@ -49,16 +49,33 @@ SITE_URLS = {
     "pixiv": "https://app-api.pixiv.net",
 }
 SITE_NAMES = tuple(SITE_URLS)
-SiteName = Literal["danbooru", "safebooru", "gelbooru", "rule34", "yandere", "konachan", "zerochan", "anime_pictures", "sankaku", "pixiv"]
+SiteName = Literal[
+    "danbooru",
+    "safebooru",
+    "gelbooru",
+    "rule34",
+    "yandere",
+    "konachan",
+    "zerochan",
+    "anime_pictures",
+    "sankaku",
+    "pixiv",
+]
 
 
 class SiteSettings(Section):
     base_url: str
     requests_per_second: float = Field(1.0, gt=0, description="Request starts per second for this site.")
     concurrency: int = Field(2, ge=1, description="Requests in flight at once for this site.")
-    tags: list[str] = Field(default_factory=list, description="Search tags on this site; crawl.tags or the name otherwise.")
-    username: str = Field("", description="Zerochan only: your Zerochan username, which it requires in the User-Agent.")
-    user: SecretStr | None = Field(None, description="Login or user id; the LORAFACTORY_<SITE>_* variables win. Never saved.")
+    tags: list[str] = Field(
+        default_factory=list, description="Search tags on this site; crawl.tags or the name otherwise."
+    )
+    username: str = Field(
+        "", description="Zerochan only: your Zerochan username, which it requires in the User-Agent."
+    )
+    user: SecretStr | None = Field(
+        None, description="Login or user id; the LORAFACTORY_<SITE>_* variables win. Never saved."
+    )
     key: SecretStr | None = Field(None, description="API key or password hash; the environment wins. Never saved.")
 
 
@@ -70,7 +87,9 @@ class CrawlSettings(Section):
     source: Literal["local", "sites"] = "sites"
     sites: list[SiteName] = Field(default_factory=lambda: ["danbooru"])
     from_dir: str = Field("", description="Folder of images for source = 'local'.")
-    tags: list[str] = Field(default_factory=list, description="Search tags for every site; derived from the name when empty.")
+    tags: list[str] = Field(
+        default_factory=list, description="Search tags for every site; derived from the name when empty."
+    )
     limit: int = Field(300, ge=1, description="Maximum number of images, all sites together.")
     min_size: int = Field(800, ge=0, description="Choose the smallest variant whose sides are both at least this.")
     user_agent: str = "lorafactory/0.1 (character LoRA dataset builder)"
@@ -122,7 +141,9 @@ class PrepareSettings(Section):
     drop_classes: list[Literal["3d", "bangumi", "comic", "illustration", "not_painting"]] = Field(
         default_factory=lambda: ["comic", "3d", "not_painting"], description="Anime-classifier labels to drop."
     )
-    near_duplicates: Literal["lpips", "phash", "off"] = Field("lpips", description="A perceptual hash finds candidates; LPIPS decides.")
+    near_duplicates: Literal["lpips", "phash", "off"] = Field(
+        "lpips", description="A perceptual hash finds candidates; LPIPS decides."
+    )
     hash_distance: int = Field(6, ge=0, le=64)
     lpips_threshold: float = Field(0.45, gt=0)
     crops: list[Literal["person", "halfbody", "head"]] = Field(default_factory=lambda: ["person", "halfbody", "head"])
@@ -144,14 +165,24 @@ class PrepareSettings(Section):
 class TrainSettings(Section):
     base_model: str = Field("deepghs/animefull-latest", description="Diffusers folder, .safetensors file or hub id.")
     base_config: str = Field(
-        "", description="For a single-file base model: a diffusers folder or hub id with its configs (default: inferred from the file's keys)."
+        "",
+        description=(
+            "For a single-file base model: a diffusers folder or hub id "
+            "with its configs (default: inferred from the file's keys)."
+        ),
     )
     clip_skip: int = Field(2, ge=1, le=4, description="A1111 convention: 1 = last layer, 2 = penultimate.")
-    max_token_length: Literal[75, 150, 225] = Field(225, description="Caption tokens used, in chunks of 75 as in kohya and A1111; the rest is cut.")
+    max_token_length: Literal[75, 150, 225] = Field(
+        225, description="Caption tokens used, in chunks of 75 as in kohya and A1111; the rest is cut."
+    )
     resolution: int = Field(512, ge=64, description="Target area is resolution squared.")
     bucket_step: int = Field(64, ge=8)
-    bucket_mode: Literal["no_upscale", "fixed"] = Field("no_upscale", description="'fixed' is the classic bucket list (upscales).")
-    regularization_dir: str = Field("", description="A prepared dataset folder of generic images (no trigger in their captions).")
+    bucket_mode: Literal["no_upscale", "fixed"] = Field(
+        "no_upscale", description="'fixed' is the classic bucket list (upscales)."
+    )
+    regularization_dir: str = Field(
+        "", description="A prepared dataset folder of generic images (no trigger in their captions)."
+    )
     prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularization images.")
     max_steps: int = Field(1500, ge=1)
     save_every: int = Field(100, ge=1)
@@ -160,11 +191,24 @@ class TrainSettings(Section):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(4.0, gt=0)
     lora_targets: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "proj_in",
+            "proj_out",
+            "ff.net.0.proj",
+            "ff.net.2",
+        ]
     )
-    text_encoder_lora_rank: int = Field(0, ge=0, description="LoRA rank on the text encoder(s); 0 = no text-encoder LoRA.")
+    text_encoder_lora_rank: int = Field(
+        0, ge=0, description="LoRA rank on the text encoder(s); 0 = no text-encoder LoRA."
+    )
     text_encoder_lora_alpha: float = Field(2.0, gt=0)
-    text_encoder_lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    text_encoder_lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    )
     text_encoder_lr: float = Field(1e-5, gt=0)
     unet_lr: float = Field(1e-4, gt=0)
     embedding_lr: float = Field(3e-3, gt=0)
@@ -173,31 +217,47 @@ class TrainSettings(Section):
     weight_decay: float = Field(1e-3, ge=0)
     embedding_weight_decay: float = Field(5e-4, ge=0)
     warmup_steps: int = Field(50, ge=0)
-    embedding_pivot: float = Field(1.0, gt=0, le=1, description="Freeze the embedding after this fraction of the steps.")
+    embedding_pivot: float = Field(
+        1.0, gt=0, le=1, description="Freeze the embedding after this fraction of the steps."
+    )
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
     lr_scheduler: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
     gradient_accumulation: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
     noise_offset: float = Field(0.0, ge=0)
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting; 5 is common. Off when unset.")
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field("auto", description="'auto' reads the base model's scheduler.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="'auto' reads the base model's scheduler."
+    )
     zero_terminal_snr: bool = False
-    keep_tokens: int = Field(0, ge=0, description="Leading tags (after the trigger) that shuffle and dropout never move.")
+    keep_tokens: int = Field(
+        0, ge=0, description="Leading tags (after the trigger) that shuffle and dropout never move."
+    )
     shuffle_tags: bool = True
     tag_dropout: float = Field(0.0, ge=0, lt=1)
     caption_dropout: float = Field(0.0, ge=0, lt=1)
     flip: bool = Field(False, description="Random horizontal flips (off for asymmetric characters).")
-    group_repeats: dict[str, int] = Field(default_factory=dict, description="Repeats per crop group, e.g. {head = 1, person = 2}.")
+    group_repeats: dict[str, int] = Field(
+        default_factory=dict, description="Repeats per crop group, e.g. {head = 1, person = 2}."
+    )
     group_loss_weights: dict[str, float] = Field(default_factory=dict, description="Loss weight per crop group.")
     cache_latents: bool = Field(True, description="Encode each image once; off re-encodes every batch.")
-    latent_cache_dir: str = Field("", description="Also keep cached latents on disk here, shared across runs.", json_schema_extra={"runtime": True})
+    latent_cache_dir: str = Field(
+        "",
+        description="Also keep cached latents on disk here, shared across runs.",
+        json_schema_extra={"runtime": True},
+    )
     validation_split: float = Field(0.05, ge=0, lt=1, description="Share of images held out for the validation loss.")
     validation_timesteps: list[int] = Field(default_factory=lambda: [200, 400, 600, 800])
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     num_processes: int = Field(
-        1, ge=1, description="Training processes, one per GPU; N processes train what one would with N times the gradient accumulation.",
-    )  # fmt: skip
+        1,
+        ge=1,
+        description=(
+            "Training processes, one per GPU; N processes train what one would with N times the gradient accumulation."
+        ),
+    )
 
 
 class PromptSpec(Section):
@@ -212,9 +272,14 @@ class EvaluateSettings(Section):
     """Every checkpoint renders the same prompts with the same seeds; metrics pick the best steps."""
 
     prompt_set: Literal["auto", "female", "male", "custom"] = Field(
-        "auto", description="Built-in set; 'auto' picks 'male' when most dataset images are tagged 1boy; 'custom' uses only `prompts`."
+        "auto",
+        description=(
+            "Built-in set; 'auto' picks 'male' when most dataset images are tagged 1boy; 'custom' uses only `prompts`."
+        ),
     )
-    prompts: list[PromptSpec] = Field(default_factory=list, description="Added to the built-in set (or the whole set with 'custom').")
+    prompts: list[PromptSpec] = Field(
+        default_factory=list, description="Added to the built-in set (or the whole set with 'custom')."
+    )
     nsfw: bool = Field(False, description="Add the built-in set's nsfw prompts.")
     cluster_prompts: bool = Field(True, description="One prompt per outfit cluster of the dataset's tags.")
     prefix: str = "best quality, masterpiece, highres, solo, {trigger}"
@@ -230,20 +295,29 @@ class EvaluateSettings(Section):
     height: int = Field(768, ge=8)
     lora_scale: float = Field(0.8, ge=0)
     batch_size: int = Field(8, ge=1)
-    checkpoints: Literal["all", "coarse_to_fine"] = Field("all", description="'coarse_to_fine': every coarse_every-th first, then around the best.")
+    checkpoints: Literal["all", "coarse_to_fine"] = Field(
+        "all", description="'coarse_to_fine': every coarse_every-th first, then around the best."
+    )
     coarse_every: int = Field(3, ge=2)
     ccip_threshold: float | None = Field(None, description="CCIP difference threshold; the model's own when unset.")
-    clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP for text alignment and diversity; empty = off.")
+    clip_model: str = Field(
+        "openai/clip-vit-large-patch14", description="CLIP for text alignment and diversity; empty = off."
+    )
     aesthetic: bool = Field(True, description="imgutils' anime aesthetic percentile per image.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% confidence intervals; 0 = none.")
     selection: Literal["fbeta", "recscore", "validation_loss"] = Field(
-        "fbeta", description="'fbeta': the reference rule (z-normalised fidelity and BikiniPlus, corruption ladder, F-beta)."
+        "fbeta",
+        description="'fbeta': the reference rule (z-normalised fidelity and BikiniPlus, corruption ladder, F-beta).",
     )
     fidelity_beta: float = Field(3.0, gt=0, description="F-beta weight of fidelity over controllability.")
     keep: int = Field(0, ge=0, description="Steps kept in the release; 0 = max(min(n // 3, 5), 3).")
-    corrupt_floor: float = Field(0.8, ge=0, le=1, description="Lowest AI-corruption threshold of the ladder (from 1.0 by 0.05).")
+    corrupt_floor: float = Field(
+        0.8, ge=0, le=1, description="Lowest AI-corruption threshold of the ladder (from 1.0 by 0.05)."
+    )
     bikini_plus_std_floor: float = Field(0.015, ge=0)
-    gate_recscore: float = Field(0.55, ge=0, le=1, description="Retrain when the best CCIP RecScore is below this; 0 = no gate.")
+    gate_recscore: float = Field(
+        0.55, ge=0, le=1, description="Retrain when the best CCIP RecScore is below this; 0 = no gate."
+    )
     gate_attempts: int = Field(2, ge=0, description="Retrains allowed by the gate.")
     gate_step_factor: float = Field(1.5, ge=1, description="Each retrain multiplies train.max_steps by this...")
     gate_lr_factor: float = Field(1.2, gt=0, description="...and the learning rates by this.")
@@ -252,9 +326,13 @@ class EvaluateSettings(Section):
 class RegularizationSettings(Section):
     """A generic image set trained alongside the character to fight overfitting (see train.prior_loss_weight)."""
 
-    mode: Literal["off", "auto", "on"] = Field("auto", description="'auto' uses it when the dataset is smaller than 'below'.")
+    mode: Literal["off", "auto", "on"] = Field(
+        "auto", description="'auto' uses it when the dataset is smaller than 'below'."
+    )
     below: int = Field(300, ge=1)
-    tags: list[str] = Field(default_factory=lambda: ["solo", "1girl"], description="Site query for the generic images.")
+    tags: list[str] = Field(
+        default_factory=lambda: ["solo", "1girl"], description="Site query for the generic images."
+    )
     limit: int = Field(300, ge=1)
     from_dir: str = Field("", description="Use a local image folder instead of crawling.")
 
@@ -264,11 +342,16 @@ class ReleaseSettings(Section):
     preview_count: int = Field(8, ge=0, description="Previews per kept step: the best image of each prompt.")
     nsfw_previews: bool = Field(False, description="Allow images of the nsfw prompts among the previews.")
     tags: list[str] = Field(default_factory=list, description="Extra tags for the model card and Civitai.")
-    hf_repo: str = Field("", description="Hub repository, 'name' (under the token's owner) or 'owner/name'; default: the character slug.")
+    hf_repo: str = Field(
+        "",
+        description="Hub repository, 'name' (under the token's owner) or 'owner/name'; default: the character slug.",
+    )
     hf_private: bool = Field(False, description="Create the Hub repository as private.")
     hf_endpoint: str = Field("https://huggingface.co", description="The Hub's URL (a mirror or a private Hub).")
     civitai_url: str = Field("https://civitai.com", description="Civitai's base URL.")
-    publish_to: list[Literal["huggingface", "civitai"]] = Field(default_factory=lambda: ["huggingface"], description="Where `lorafactory publish` uploads.")
+    publish_to: list[Literal["huggingface", "civitai"]] = Field(
+        default_factory=lambda: ["huggingface"], description="Where `lorafactory publish` uploads."
+    )
 
 
 class Settings(Section):
@@ -288,7 +371,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For the tiny stand-in models of lorafactory.testing: small images, few steps, fast on CPU.
     "tiny-demo": {
         "crawl": {"min_size": 0, "limit": 60, "danbooru": {"requests_per_second": 50.0, "concurrency": 4}},
-        "prepare": {"min_side": 64, "min_area_side": 64, "min_crop_side": 40, "max_area_side": 512, "min_images": 4, "purity_bootstrap": 10},
+        "prepare": {
+            "min_side": 64,
+            "min_area_side": 64,
+            "min_crop_side": 40,
+            "max_area_side": 512,
+            "min_images": 4,
+            "purity_bootstrap": 10,
+        },
         "train": {
             "clip_skip": 1,
             "resolution": 128,
@@ -424,7 +514,11 @@ def to_toml(settings: Settings) -> str:
 
 def _runtime_fields(model: BaseModel) -> set[str]:
     """Fields that change how a stage runs but not what it produces; fingerprints leave them out."""
-    return {name for name, field in type(model).model_fields.items() if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("runtime")}
+    return {
+        name
+        for name, field in type(model).model_fields.items()
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("runtime")
+    }
 
 
 def settings_hash(*parts: BaseModel | dict[str, Any] | str) -> str:

@@ -60,14 +60,18 @@ def replay_for(kit: Kit):
         if path.name.startswith("."):
             continue
         mistagged = path.name == "other_000.png"
-        character = [character_tag(DEMO_CHARACTER)] if not path.name.startswith("other_") or mistagged else ["someone_else"]
+        character = (
+            [character_tag(DEMO_CHARACTER)] if not path.name.startswith("other_") or mistagged else ["someone_else"]
+        )
         items.append(ReplayImage(path, ["1girl", "solo"], character))
     return DanbooruReplay(items)
 
 
 def offline_env(kit: Kit) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(kit.hub), "HF_HUB_DISABLE_TELEMETRY": "1", "ONNX_MODE": "cpu"})
+    env.update(
+        {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(kit.hub), "HF_HUB_DISABLE_TELEMETRY": "1", "ONNX_MODE": "cpu"}
+    )
     return env
 
 
@@ -75,15 +79,25 @@ def run_demo(workspace: Path, cache: Path, extra_args: list[str] | None = None) 
     kit = build_kit(cache)
     with replay_for(kit) as replay:
         command = [
-            sys.executable, "-m", "lorafactory", "run", DEMO_CHARACTER,
-            "--site", "danbooru",
-            "--workspace", str(workspace),
-            "--preset", "tiny-demo",
-            "--set", f'crawl.danbooru.base_url="{replay.url}"',
-            "--set", f'train.base_model="{kit.tiny_sd}"',
-            "--set", f'evaluate.clip_model="{kit.tiny_clip}"',
+            sys.executable,
+            "-m",
+            "lorafactory",
+            "run",
+            DEMO_CHARACTER,
+            "--site",
+            "danbooru",
+            "--workspace",
+            str(workspace),
+            "--preset",
+            "tiny-demo",
+            "--set",
+            f'crawl.danbooru.base_url="{replay.url}"',
+            "--set",
+            f'train.base_model="{kit.tiny_sd}"',
+            "--set",
+            f'evaluate.clip_model="{kit.tiny_clip}"',
             *(extra_args or []),
-        ]  # fmt: skip
+        ]
         result = subprocess.run(command, env=offline_env(kit), check=False)
     if result.returncode != 0:
         raise StageError(f"the demo pipeline failed (exit {result.returncode}); see the messages above")

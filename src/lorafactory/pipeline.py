@@ -21,7 +21,15 @@ from lorafactory.config import Settings, settings_hash, to_toml
 from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed
 from lorafactory.progress import Progress
 from lorafactory.state import Store
-from lorafactory.workspace import STAGES, CharacterDir, Manifest, Workspace, slugify, write_bytes_atomic, write_json_atomic
+from lorafactory.workspace import (
+    STAGES,
+    CharacterDir,
+    Manifest,
+    Workspace,
+    slugify,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "3"  # bump when a stage's output format changes, so old artifacts are rebuilt
@@ -102,12 +110,24 @@ def _evaluate(ctx: Context, out: Path) -> StageOutput:
     from lorafactory.evaluate.evaluator import evaluate
 
     checkpoints = _checkpoints(ctx)
-    validation = {int(step): losses["mean"] for step, losses in ctx.manifest("train").details.get("validation_loss", {}).items()}
+    validation = {
+        int(step): losses["mean"] for step, losses in ctx.manifest("train").details.get("validation_loss", {}).items()
+    }
     train_dir = ctx.char.artifact("train")
     result = evaluate(
-        ctx.settings, ctx.trigger, ctx.char.artifact("prepare"), train_dir, checkpoints, validation, out, ctx.progress, ctx.char.path / "_cache"
+        ctx.settings,
+        ctx.trigger,
+        ctx.char.artifact("prepare"),
+        train_dir,
+        checkpoints,
+        validation,
+        out,
+        ctx.progress,
+        ctx.char.path / "_cache",
     )
-    ctx.store.record_checkpoints(ctx.run_id, {s: str(train_dir / p) for s, p in checkpoints.items()}, result.table, result.selection.kept)
+    ctx.store.record_checkpoints(
+        ctx.run_id, {s: str(train_dir / p) for s, p in checkpoints.items()}, result.table, result.selection.kept
+    )
     return StageOutput(result.counts, result.details)
 
 
@@ -211,12 +231,20 @@ def run_pipeline(
         forced = set()
         reason = ctx.manifest("evaluate").details["gate"]["reason"]
         if attempt >= settings.evaluate.gate_attempts:
-            message = f"quality gate failed after {attempt + 1} training attempt(s): {reason}; see {char.artifact('evaluate') / 'metrics.csv'}"
+            message = (
+                f"quality gate failed after {attempt + 1} training attempt(s): "
+                f"{reason}; see {char.artifact('evaluate') / 'metrics.csv'}"
+            )
             store.finish_run(run_id, "failed", message)
             raise QualityGateFailed(message)
         attempt += 1
         write_json_atomic(char.path / GATE_FILE, {"settings_hash": original, "attempt": attempt, "reason": reason})
-        progress.note(f"[yellow]quality gate: {reason}; retraining (attempt {attempt + 1} of {settings.evaluate.gate_attempts + 1})[/yellow]")
+        progress.note(
+            (
+                f"[yellow]quality gate: {reason}; retraining (attempt "
+                f"{attempt + 1} of {settings.evaluate.gate_attempts + 1})[/yellow]"
+            )
+        )
     store.finish_run(run_id, "succeeded")
     return RunOutcome(slug, run_id, executed, skipped)
 
@@ -230,7 +258,11 @@ def retrain_settings(settings: Settings, attempt: int) -> Settings:
     t = adjusted.train
     t.max_steps = math.ceil(t.max_steps * e.gate_step_factor**attempt)
     factor = e.gate_lr_factor**attempt
-    t.unet_lr, t.embedding_lr, t.text_encoder_lr = t.unet_lr * factor, t.embedding_lr * factor, t.text_encoder_lr * factor
+    t.unet_lr, t.embedding_lr, t.text_encoder_lr = (
+        t.unet_lr * factor,
+        t.embedding_lr * factor,
+        t.text_encoder_lr * factor,
+    )
     return adjusted
 
 

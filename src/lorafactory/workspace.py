@@ -29,7 +29,16 @@ from lorafactory.errors import StageError
 MANIFEST = "manifest.json"
 FINGERPRINT = ".fingerprint"
 STAGES = ("crawl", "prepare", "train", "evaluate", "release")
-_TRACKED_PACKAGES = ("lorafactory", "torch", "diffusers", "transformers", "peft", "dghs-imgutils", "onnxruntime", "numpy")
+_TRACKED_PACKAGES = (
+    "lorafactory",
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "dghs-imgutils",
+    "onnxruntime",
+    "numpy",
+)
 
 
 def slugify(name: str) -> str:

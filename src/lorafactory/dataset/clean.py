@@ -21,7 +21,9 @@ def load_rgb(path, max_area_side: int) -> Image.Image:
     limit = max_area_side * max_area_side
     if area > limit:
         scale = (limit / area) ** 0.5
-        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.Resampling.LANCZOS)
+        image = image.resize(
+            (max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.Resampling.LANCZOS
+        )
     return image
 
 

@@ -51,7 +51,9 @@ def outfit_clusters(image_tags: list[list[str]], ignore: set[str] = frozenset())
     for label in sorted(set(labels.tolist()) - {-1}):
         members = [sets[i] for i in np.flatnonzero(labels == label)]
         counts = Counter(tag for tags in members for tag in tags)
-        common = [tag for tag, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if n >= SHARE * len(members)]
+        common = [
+            tag for tag, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if n >= SHARE * len(members)
+        ]
         if common:
             clusters.append(OutfitCluster(common, len(members)))
     return sorted(clusters, key=lambda c: -c.size)

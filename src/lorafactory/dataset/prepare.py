@@ -72,7 +72,9 @@ def _decode(raw_dir: Path, post: Post, max_area_side: int) -> Image.Image | str:
         return "unreadable"
 
 
-def prepare(settings: Settings, trigger: str | None, raw_dir: Path, out_dir: Path, progress: Progress) -> tuple[dict, dict]:
+def prepare(
+    settings: Settings, trigger: str | None, raw_dir: Path, out_dir: Path, progress: Progress
+) -> tuple[dict, dict]:
     """Returns (counts, details) for the manifest; ``trigger`` None makes a generic set (no trigger in captions)."""
     p, v = settings.prepare, settings.vision
     posts = read_posts(raw_dir)
@@ -80,16 +82,30 @@ def prepare(settings: Settings, trigger: str | None, raw_dir: Path, out_dir: Pat
     Image.MAX_IMAGE_PIXELS = p.max_pixels
 
     decoded = [(post, _decode(raw_dir, post, p.max_area_side)) for post in posts]
-    images = chain.record("decode", posts, [(post, image) for post, image in decoded if isinstance(image, Image.Image)])
-    images = chain.filter("size", images, lambda pi: min(pi[1].size) >= p.min_side and pi[1].width * pi[1].height >= p.min_area_side**2)
-    images = chain.filter("monochrome", images, lambda pi: monochrome_score(pi[1], v.monochrome_model) < p.monochrome_threshold)
+    images = chain.record(
+        "decode", posts, [(post, image) for post, image in decoded if isinstance(image, Image.Image)]
+    )
+    images = chain.filter(
+        "size", images, lambda pi: min(pi[1].size) >= p.min_side and pi[1].width * pi[1].height >= p.min_area_side**2
+    )
+    images = chain.filter(
+        "monochrome", images, lambda pi: monochrome_score(pi[1], v.monochrome_model) < p.monochrome_threshold
+    )
     if p.drop_classes:
-        images = chain.filter("anime class", images, lambda pi: anime_class(pi[1], v.classify_model)[0] not in p.drop_classes)
+        images = chain.filter(
+            "anime class", images, lambda pi: anime_class(pi[1], v.classify_model)[0] not in p.drop_classes
+        )
     seen: set[str] = set()
-    images = chain.filter("exact duplicates", images, lambda pi: not (pixel_digest(pi[1]) in seen or seen.add(pixel_digest(pi[1]))))
+    images = chain.filter(
+        "exact duplicates", images, lambda pi: not (pixel_digest(pi[1]) in seen or seen.add(pixel_digest(pi[1])))
+    )
     if p.near_duplicates != "off":
         with progress.task("near duplicates", total=len(images)) as task:
-            drop = set(near_duplicates([image for _, image in images], p.near_duplicates, p.hash_distance, p.lpips_threshold, task.advance))
+            drop = set(
+                near_duplicates(
+                    [image for _, image in images], p.near_duplicates, p.hash_distance, p.lpips_threshold, task.advance
+                )
+            )
         images = chain.record("near duplicates", images, [pi for i, pi in enumerate(images) if i not in drop])
 
     with progress.task("person split", total=len(images)) as task:
@@ -103,7 +119,9 @@ def prepare(settings: Settings, trigger: str | None, raw_dir: Path, out_dir: Pat
     if p.purity and persons:
         features = ccip.extract_features([crop.image for _, crop in persons], v.ccip_model)
         threshold = ccip.default_threshold(v.ccip_model)
-        result = purify(features, v.ccip_model, p.purity_bootstrap, p.purity_cluster_share, p.purity_min_match, threshold)
+        result = purify(
+            features, v.ccip_model, p.purity_bootstrap, p.purity_cluster_share, p.purity_min_match, threshold
+        )
         log.info("CCIP purity: %s", result.note)
         persons = chain.record("ccip purity", persons, [pc for pc, keep in zip(persons, result.keep) if keep])
 
@@ -133,12 +151,22 @@ def _tag_and_save(crops: list[tuple[Post, Crop]], settings: Settings, out_dir: P
             tags = tag_image(crop.image, v.tagger_model, p.general_threshold, p.drop_overlap)
             if p.drop_blacklisted:
                 tags = drop_blacklisted(tags)
-            records.append({"file": f"images/{name}.png", "group": crop.group, "source": post.site, "post_id": post.post_id, "scores": tags})
+            records.append(
+                {
+                    "file": f"images/{name}.png",
+                    "group": crop.group,
+                    "source": post.site,
+                    "post_id": post.post_id,
+                    "scores": tags,
+                }
+            )
             task.advance()
     return records
 
 
-def _write_dataset(records: list[dict], chain: Chain, trigger: str | None, settings: Settings, out_dir: Path, raw: int) -> tuple[dict, dict]:
+def _write_dataset(
+    records: list[dict], chain: Chain, trigger: str | None, settings: Settings, out_dir: Path, raw: int
+) -> tuple[dict, dict]:
     p = settings.prepare
     core = core_tags([list(r["scores"]) for r in records], p.core_tag_ratio, is_character_trait)
     pruned = set(core) if p.prune_core_tags else set()

@@ -21,7 +21,9 @@ class PurityResult:
     note: str
 
 
-def purify(features: np.ndarray, model_name: str, bootstrap: int, cluster_share: float, min_match: float, threshold: float) -> PurityResult:
+def purify(
+    features: np.ndarray, model_name: str, bootstrap: int, cluster_share: float, min_match: float, threshold: float
+) -> PurityResult:
     n = len(features)
     if n < bootstrap:
         return PurityResult([True] * n, 0, f"skipped: {n} images, fewer than prepare.purity_bootstrap={bootstrap}")

@@ -39,7 +39,9 @@ def _set_settings(settings: Settings) -> Settings:
     if r.from_dir:
         crawl.source, crawl.from_dir = "local", r.from_dir
     elif crawl.source == "local":
-        raise ConfigError("regularization.mode is 'on' but the character comes from a local folder; set regularization.from_dir")
+        raise ConfigError(
+            "regularization.mode is 'on' but the character comes from a local folder; set regularization.from_dir"
+        )
     generic.prepare.purity = False
     generic.prepare.prune_core_tags = False
     generic.prepare.min_images = 1
@@ -52,10 +54,15 @@ def ensure_set(settings: Settings, workspace_root: Path, progress: Progress, sto
     from lorafactory.sources.crawl import StoreArchive, crawl
 
     generic = _set_settings(settings)
-    key = settings_hash(generic.regularization, generic.crawl, generic.prepare, generic.vision, settings.train.base_model)
+    key = settings_hash(
+        generic.regularization, generic.crawl, generic.prepare, generic.vision, settings.train.base_model
+    )
     folder = CharacterDir(workspace_root / SHARED, key)
     steps = {
-        "crawl": lambda out: (crawl(generic, out, progress, StoreArchive(store, f"_regularization/{key}") if store else None)[1], {}),
+        "crawl": lambda out: (
+            crawl(generic, out, progress, StoreArchive(store, f"_regularization/{key}") if store else None)[1],
+            {},
+        ),
         "prepare": lambda out: prepare(generic, None, folder.artifact("crawl"), out, progress),
     }
     for stage, run in steps.items():
@@ -68,6 +75,12 @@ def ensure_set(settings: Settings, workspace_root: Path, progress: Progress, sto
         counts, details = run(out)
         folder.commit(
             stage,
-            Manifest(stage=stage, fingerprint=key, counts=counts, details=details, timings={"seconds": round(time.monotonic() - started, 3)}),
+            Manifest(
+                stage=stage,
+                fingerprint=key,
+                counts=counts,
+                details=details,
+                timings={"seconds": round(time.monotonic() - started, 3)},
+            ),
         )
     return folder.artifact("prepare")

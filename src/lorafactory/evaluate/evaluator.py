@@ -48,7 +48,9 @@ class Evaluation:
     selection: Selection
 
 
-def dataset_features(dataset_dir: Path, records: list[dict], model: str, cache_dir: Path | None, progress: Progress) -> np.ndarray:
+def dataset_features(
+    dataset_dir: Path, records: list[dict], model: str, cache_dir: Path | None, progress: Progress
+) -> np.ndarray:
     """CCIP features of the dataset images, computed once per dataset and model (cached on disk)."""
     key = hashlib.sha256((dataset_dir / "metadata.jsonl").read_bytes() + model.encode()).hexdigest()[:16]
     cached = cache_dir / f"ccip-{key}.npy" if cache_dir else None
@@ -105,14 +107,20 @@ def evaluate(
         raise ConfigError(str(exc)) from exc
     work = jobs(e, specs, trigger)
     device = resolve_device(t.device)
-    generator = Generator(load_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device), t.base_config), e, t.clip_skip, device)
+    generator = Generator(
+        load_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device), t.base_config), e, t.clip_skip, device
+    )
     scorer = Scorer(settings, trigger, features, threshold, device)
 
     steps = sorted(checkpoints)
-    table: dict[int, dict[str, float | None]] = {s: {m: None for m in METRICS} | {"validation_loss": validation_loss.get(s)} for s in steps}
+    table: dict[int, dict[str, float | None]] = {
+        s: {m: None for m in METRICS} | {"validation_loss": validation_loss.get(s)} for s in steps
+    }
     intervals: dict[int, dict[str, tuple[float, float] | None]] = {}
     failed: dict[int, str] = {}
-    rounds = [steps] if e.checkpoints == "all" else [coarse_steps(steps, e.coarse_every), None]  # None: refine around the best
+    rounds = (
+        [steps] if e.checkpoints == "all" else [coarse_steps(steps, e.coarse_every), None]
+    )  # None: refine around the best
     with progress.task("evaluating checkpoints", total=len(steps) * len(work)) as task:
         done: set[int] = set()
         for planned in rounds:
@@ -121,7 +129,16 @@ def evaluate(
                 planned = refine_steps(steps, done, around, e.coarse_every)
             for step in planned:
                 done.add(step)
-                scores = _evaluate_step(generator, scorer, work, settings, trigger, train_dir / checkpoints[step], step_dir(out_dir, step), task)
+                scores = _evaluate_step(
+                    generator,
+                    scorer,
+                    work,
+                    settings,
+                    trigger,
+                    train_dir / checkpoints[step],
+                    step_dir(out_dir, step),
+                    task,
+                )
                 if isinstance(scores, str):
                     failed[step] = scores
                     continue
@@ -152,11 +169,25 @@ def evaluate(
         "skipped": skipped,
         "metrics": {str(s): row for s, row in table.items()},
     }
-    counts = {"checkpoints": len(steps), "evaluated": len(done) - len(failed), "images_per_checkpoint": len(work), "failed_checkpoints": len(failed)}
+    counts = {
+        "checkpoints": len(steps),
+        "evaluated": len(done) - len(failed),
+        "images_per_checkpoint": len(work),
+        "failed_checkpoints": len(failed),
+    }
     return Evaluation(counts, details, table, selection)
 
 
-def _evaluate_step(generator: Generator, scorer: Scorer, work: list[Job], settings: Settings, trigger: str, folder: Path, target: Path, task) -> StepScores | str:
+def _evaluate_step(
+    generator: Generator,
+    scorer: Scorer,
+    work: list[Job],
+    settings: Settings,
+    trigger: str,
+    folder: Path,
+    target: Path,
+    task,
+) -> StepScores | str:
     """Render and score one checkpoint; a checkpoint that fails to load gives the reason instead."""
     e, t = settings.evaluate, settings.train
     target.mkdir(parents=True, exist_ok=True)
@@ -178,7 +209,12 @@ def _evaluate_step(generator: Generator, scorer: Scorer, work: list[Job], settin
 
 
 def _step_record(step: int, row: dict[str, float | None], scores: StepScores) -> dict:
-    return {"step": step, "metrics": row, "intervals": {k: list(v) if v else None for k, v in scores.intervals.items()}, "per_image": scores.per_image}
+    return {
+        "step": step,
+        "metrics": row,
+        "intervals": {k: list(v) if v else None for k, v in scores.intervals.items()},
+        "per_image": scores.per_image,
+    }
 
 
 def _write_tables(out_dir: Path, table, intervals, selection: Selection) -> None:
@@ -193,14 +229,29 @@ def _write_tables(out_dir: Path, table, intervals, selection: Selection) -> None
         row: list[object] = [step]
         for metric in METRICS:
             value, interval = table[step].get(metric), intervals.get(step, {}).get(metric)
-            row += ["" if value is None else f"{value:.6f}", *(["", ""] if not interval else [f"{interval[0]:.6f}", f"{interval[1]:.6f}"])]
+            row += [
+                "" if value is None else f"{value:.6f}",
+                *(["", ""] if not interval else [f"{interval[0]:.6f}", f"{interval[1]:.6f}"]),
+            ]
         score = selection.scores.get(step)
-        row += ["" if score is None else f"{score:.6f}", selection.kept.index(step) + 1 if step in selection.kept else ""]
+        row += [
+            "" if score is None else f"{score:.6f}",
+            selection.kept.index(step) + 1 if step in selection.kept else "",
+        ]
         writer.writerow(row)
     write_bytes_atomic(out_dir / "metrics.csv", buffer.getvalue().encode())
-    write_json_atomic(out_dir / "metrics.json", {str(s): {"metrics": table[s], "intervals": intervals.get(s, {})} for s in sorted(table)})
+    write_json_atomic(
+        out_dir / "metrics.json",
+        {str(s): {"metrics": table[s], "intervals": intervals.get(s, {})} for s in sorted(table)},
+    )
     write_json_atomic(
         out_dir / "selection.json",
-        {"kept": selection.kept, "best": selection.best, "reason": selection.reason, "scores": {str(k): v for k, v in selection.scores.items()},
-         "excluded": {str(k): v for k, v in selection.excluded.items()}, "gate": {"passed": selection.gate_passed, "reason": selection.gate_reason}},
-    )  # fmt: skip
+        {
+            "kept": selection.kept,
+            "best": selection.best,
+            "reason": selection.reason,
+            "scores": {str(k): v for k, v in selection.scores.items()},
+            "excluded": {str(k): v for k, v in selection.excluded.items()},
+            "gate": {"passed": selection.gate_passed, "reason": selection.gate_reason},
+        },
+    )

@@ -12,7 +12,6 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-
 from safetensors.torch import load_file
 
 from lorafactory.config import EvaluateSettings
@@ -24,7 +23,12 @@ from lorafactory.train.text import ENCODER_KEYS, Conditioning, encode_prompts
 
 def make_scheduler(name: str, config: dict):
     """A1111's sampler names as diffusers schedulers (DPM++ 2M Karras = multistep DPM-Solver++ with Karras sigmas)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
 
     if name == "dpmpp_2m_karras":
         return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True, algorithm_type="dpmsolver++")
@@ -37,7 +41,9 @@ def make_scheduler(name: str, config: dict):
 
 def a1111_parameters(job: Job, settings: EvaluateSettings, clip_skip: int, model: str) -> str:
     """The ``parameters`` text chunk A1111 writes, so tools can read the prompt back."""
-    sampler = {"dpmpp_2m_karras": "DPM++ 2M Karras", "euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM"}[settings.sampler]
+    sampler = {"dpmpp_2m_karras": "DPM++ 2M Karras", "euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM"}[
+        settings.sampler
+    ]
     return (
         f"{job.prompt}\nNegative prompt: {job.negative}\n"
         f"Steps: {settings.steps}, Sampler: {sampler}, CFG scale: {settings.cfg_scale}, Seed: {job.seed}, "
@@ -53,7 +59,9 @@ class Generator:
         self.pipe.scheduler = make_scheduler(settings.sampler, dict(pipe.scheduler.config))
         self.pipe.set_progress_bar_config(disable=True)
         self.family = family_of(pipe)
-        self.pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if self.family == "sdxl" else [])
+        self.pairs = [(pipe.tokenizer, pipe.text_encoder)] + (
+            [(pipe.tokenizer_2, pipe.text_encoder_2)] if self.family == "sdxl" else []
+        )
         self.settings = settings
         self.clip_skip = clip_skip
         self.device = device
@@ -82,9 +90,13 @@ class Generator:
         clip-skip path reads ``text_encoder.text_model``, which transformers 5 no longer has).
         Prompts longer than 75 tokens are encoded in chunks, as AUTOMATIC1111 does; both halves
         get the same number of chunks, which classifier-free guidance needs."""
-        texts = self.pipe.maybe_convert_prompt(prompts + negatives, self.pipe.tokenizer)  # expands multi-vector triggers
+        texts = self.pipe.maybe_convert_prompt(
+            prompts + negatives, self.pipe.tokenizer
+        )  # expands multi-vector triggers
         tokenizers, encoders = zip(*self.pairs)
-        both = encode_prompts(self.family, list(tokenizers), list(encoders), texts, self.clip_skip, self.device, max_chunks=None)
+        both = encode_prompts(
+            self.family, list(tokenizers), list(encoders), texts, self.clip_skip, self.device, max_chunks=None
+        )
         n = len(prompts)
         pooled = (both.pooled[:n], both.pooled[n:]) if both.pooled is not None else (None, None)
         return Conditioning(both.hidden[:n], pooled[0]), Conditioning(both.hidden[n:], pooled[1])

@@ -56,7 +56,9 @@ def vendi_score(features: np.ndarray) -> float:
     return float(np.exp(-np.sum(eigenvalues * np.log(eigenvalues))))
 
 
-def bootstrap_interval(values: list[float], resamples: int, seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+def bootstrap_interval(
+    values: list[float], resamples: int, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean; None with fewer than two values or no resamples."""
     if resamples <= 0 or len(values) < 2:
         return None

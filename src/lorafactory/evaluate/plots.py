@@ -37,14 +37,21 @@ def metrics_plot(
         ax.plot(steps, [table[s][metric] for s in steps], marker="o", markersize=3, linewidth=1.2)
         banded = [s for s in steps if intervals.get(s, {}).get(metric)]
         if banded:
-            ax.fill_between(banded, [intervals[s][metric][0] for s in banded], [intervals[s][metric][1] for s in banded], alpha=0.25)
+            ax.fill_between(
+                banded,
+                [intervals[s][metric][0] for s in banded],
+                [intervals[s][metric][1] for s in banded],
+                alpha=0.25,
+            )
         for rank, step in enumerate(kept):
             ax.axvline(step, color="red" if rank == 0 else "gray", linestyle="-" if rank == 0 else "--", linewidth=1)
         ax.set_title(labels[metric], fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
     if kept:
-        figure.suptitle(f"best step {kept[0]} (red); also kept: {', '.join(map(str, kept[1:])) or 'none'}", fontsize=10)
+        figure.suptitle(
+            f"best step {kept[0]} (red); also kept: {', '.join(map(str, kept[1:])) or 'none'}", fontsize=10
+        )
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from lorafactory.config import EvaluateSettings, PromptSpec
 from lorafactory.dataset.clusters import outfit_clusters
 
-BIKINI = "night, starry sky, beach, beautiful detailed sky, extremely detailed background, standing, looking at viewer, bikini, light smile"
+BIKINI = (
+    "night, starry sky, beach, beautiful detailed sky, extremely detailed "
+    "background, standing, looking at viewer, bikini, light smile"
+)
 
 FEMALE: list[tuple[str, str, int]] = [
     ("portrait", "portrait, looking at viewer", 3),
@@ -79,7 +82,9 @@ def chosen_set(e: EvaluateSettings, image_tags: list[list[str]]) -> str:
     return e.prompt_set if e.prompt_set != "auto" else ("male" if is_male(image_tags) else "female")
 
 
-def prompt_specs(e: EvaluateSettings, image_tags: list[list[str]], ignore_tags: set[str] = frozenset()) -> list[PromptSpec]:
+def prompt_specs(
+    e: EvaluateSettings, image_tags: list[list[str]], ignore_tags: set[str] = frozenset()
+) -> list[PromptSpec]:
     """The prompts for this dataset: built-in set, outfit clusters, then the user's own."""
     chosen = chosen_set(e, image_tags)
     builtin: list[tuple[str, str, int]] = []
@@ -90,12 +95,20 @@ def prompt_specs(e: EvaluateSettings, image_tags: list[list[str]], ignore_tags: 
     specs = [PromptSpec(name=name, prompt=text, count=count) for name, text, count in builtin]
     if e.cluster_prompts:
         for i, cluster in enumerate(outfit_clusters(image_tags, ignore_tags)):
-            specs.append(PromptSpec(name=f"pattern_{i}", prompt=", ".join(tag.replace("_", " ") for tag in cluster.tags), count=cluster.images))
+            specs.append(
+                PromptSpec(
+                    name=f"pattern_{i}",
+                    prompt=", ".join(tag.replace("_", " ") for tag in cluster.tags),
+                    count=cluster.images,
+                )
+            )
     specs += e.prompts
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"evaluate prompts share the names {duplicates}; give each [[evaluate.prompts]] entry its own name")
+        raise ValueError(
+            f"evaluate prompts share the names {duplicates}; give each [[evaluate.prompts]] entry its own name"
+        )
     return specs
 
 

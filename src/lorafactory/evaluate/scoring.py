@@ -16,7 +16,14 @@ import torch
 from PIL import Image
 
 from lorafactory.config import Settings
-from lorafactory.evaluate.metrics import bikini_plus, bootstrap_interval, ccip_recscore, image_matches, prompt_tags, vendi_score
+from lorafactory.evaluate.metrics import (
+    bikini_plus,
+    bootstrap_interval,
+    ccip_recscore,
+    image_matches,
+    prompt_tags,
+    vendi_score,
+)
 from lorafactory.evaluate.prompts import Job
 from lorafactory.vision.ccip import differences, extract_features
 from lorafactory.vision.quality import aesthetic_percentile, ai_corrupt_score
@@ -49,7 +56,9 @@ class StepScores:
 
 
 class Scorer:
-    def __init__(self, settings: Settings, trigger: str, dataset_features: np.ndarray, threshold: float, device: torch.device) -> None:
+    def __init__(
+        self, settings: Settings, trigger: str, dataset_features: np.ndarray, threshold: float, device: torch.device
+    ) -> None:
         self.settings, self.trigger = settings, trigger
         self.dataset_features, self.threshold, self.device = dataset_features, threshold, device
         self.missing: dict[str, str] = {}  # metric -> why it could not be computed
@@ -87,16 +96,37 @@ class Scorer:
 
         matched = self._attempt(
             ("ccip_recscore", "ccip_image_share"),
-            lambda: ccip_recscore(differences(extract_features(images, v.ccip_model), self.dataset_features, v.ccip_model), self.threshold).per_image,
+            lambda: (
+                ccip_recscore(
+                    differences(extract_features(images, v.ccip_model), self.dataset_features, v.ccip_model),
+                    self.threshold,
+                ).per_image
+            ),
         )
         put("ccip", matched)
-        tags = self._attempt(("bikini", "bikini_plus"), lambda: [tag_scores(image, v.tagger_model) for image in images])
+        tags = self._attempt(
+            ("bikini", "bikini_plus"), lambda: [tag_scores(image, v.tagger_model) for image in images]
+        )
         if tags is not None:
-            put("bikini", [scores.get("bikini", 0.0) if job.prompt_name.startswith("bikini") else None for job, scores in zip(work, tags)])
+            put(
+                "bikini",
+                [
+                    scores.get("bikini", 0.0) if job.prompt_name.startswith("bikini") else None
+                    for job, scores in zip(work, tags)
+                ],
+            )
             put("bikini_plus", [self._adherence(job, scores) for job, scores in zip(work, tags)])
-        put("ai_corrupt", self._attempt(("ai_corrupt",), lambda: [ai_corrupt_score(image, v.ai_corrupt_model) for image in images]))
+        put(
+            "ai_corrupt",
+            self._attempt(("ai_corrupt",), lambda: [ai_corrupt_score(image, v.ai_corrupt_model) for image in images]),
+        )
         if e.aesthetic:
-            put("aesthetic", self._attempt(("aesthetic",), lambda: [aesthetic_percentile(image, v.aesthetic_model) for image in images]))
+            put(
+                "aesthetic",
+                self._attempt(
+                    ("aesthetic",), lambda: [aesthetic_percentile(image, v.aesthetic_model) for image in images]
+                ),
+            )
         diversity = None
         if e.clip_model:
             embedded = self._attempt(("clip_alignment", "diversity"), lambda: self._clip_scores(work, images))
@@ -112,14 +142,21 @@ class Scorer:
         vocabulary = set(scores)  # the tagger's whole vocabulary: the same for every image
         if self._excluded is None:
             self._excluded = {self.trigger} | {tag for tag in vocabulary if is_character_trait(tag)}
-        return bikini_plus(scores, prompt_tags(job.prompt, vocabulary, self._excluded), prompt_tags(job.negative, vocabulary, self._excluded))
+        return bikini_plus(
+            scores,
+            prompt_tags(job.prompt, vocabulary, self._excluded),
+            prompt_tags(job.negative, vocabulary, self._excluded),
+        )
 
     def _clip_scores(self, work: list[Job], images: list[Image.Image]) -> tuple[list[float], float | None]:
         """Each image's cosine with its own prompt (trigger removed), and the mean Vendi score over
         the prompts that have several images."""
         clip = self._clip_model()
         features = clip.images(images)
-        texts = [", ".join(part.strip() for part in job.prompt.split(",") if part.strip() and part.strip() != self.trigger) for job in work]
+        texts = [
+            ", ".join(part.strip() for part in job.prompt.split(",") if part.strip() and part.strip() != self.trigger)
+            for job in work
+        ]
         alignment = [float(x) for x in np.sum(features * clip.texts(texts), axis=1)]
         groups: dict[str, list[int]] = defaultdict(list)
         for i, job in enumerate(work):
@@ -127,10 +164,18 @@ class Scorer:
         vendi = [vendi_score(features[idx]) for idx in groups.values() if len(idx) > 1]
         return alignment, float(np.mean(vendi)) if vendi else None
 
-    def _summarise(self, per_image: dict[str, dict[str, float]], matched: list[float] | None, diversity: float | None) -> StepScores:
+    def _summarise(
+        self, per_image: dict[str, dict[str, float]], matched: list[float] | None, diversity: float | None
+    ) -> StepScores:
         resamples = self.settings.evaluate.bootstrap
-        columns = {"ccip_recscore": "ccip", "bikini": "bikini", "bikini_plus": "bikini_plus", "ai_corrupt": "ai_corrupt",
-                   "clip_alignment": "clip_alignment", "aesthetic": "aesthetic"}  # fmt: skip
+        columns = {
+            "ccip_recscore": "ccip",
+            "bikini": "bikini",
+            "bikini_plus": "bikini_plus",
+            "ai_corrupt": "ai_corrupt",
+            "clip_alignment": "clip_alignment",
+            "aesthetic": "aesthetic",
+        }
         values: dict[str, float | None] = {}
         intervals: dict[str, tuple[float, float] | None] = {}
         for column, key in columns.items():

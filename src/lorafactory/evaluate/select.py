@@ -44,7 +44,10 @@ def normalise(values: dict[int, float], std_floor: float = 0.0) -> dict[int, flo
     data = np.array(list(values.values()), dtype=np.float64)
     std = max(float(data.std()), std_floor)
     mean = float(data.mean())
-    return {step: float(np.clip(0.6 + 0.2 * ((v - mean) / std if std > 0 else 0.0), 1e-6, 1.0)) for step, v in values.items()}
+    return {
+        step: float(np.clip(0.6 + 0.2 * ((v - mean) / std if std > 0 else 0.0), 1e-6, 1.0))
+        for step, v in values.items()
+    }
 
 
 def fbeta(c: float, b: float, beta: float) -> float:
@@ -127,7 +130,11 @@ def _by_fbeta(table: Table, e: EvaluateSettings) -> Selection:
     ranked = sorted(steps, key=lambda s: (-scores[s], -ccip[s], -aic.get(s, 0.0), -bp.get(s, 0.0), s))
     kept = ranked[: keep_count(len(ranked), e.keep)]
     best = kept[0]
-    parts = [f"CCIP RecScore {ccip[best]:.3f}"] + ([f"BikiniPlus {bp[best]:.3f}"] if bp else []) + ([f"AI-corruption {aic[best]:.3f}"] if best in aic else [])
+    parts = (
+        [f"CCIP RecScore {ccip[best]:.3f}"]
+        + ([f"BikiniPlus {bp[best]:.3f}"] if bp else [])
+        + ([f"AI-corruption {aic[best]:.3f}"] if best in aic else [])
+    )
     reason = f"best F{e.fidelity_beta:g} score of fidelity and controllability ({', '.join(parts)})"
     return Selection(kept, "; ".join([reason, *notes]), scores, excluded)
 
@@ -137,7 +144,10 @@ def _apply_gate(selection: Selection, table: Table, e: EvaluateSettings) -> None
         return
     best = table[selection.best].get("ccip_recscore")
     if best is None:
-        selection.gate_passed, selection.gate_reason = False, f"the selected step {selection.best} has no CCIP RecScore"
+        selection.gate_passed, selection.gate_reason = (
+            False,
+            f"the selected step {selection.best} has no CCIP RecScore",
+        )
     elif best < e.gate_recscore:
         selection.gate_passed = False
         selection.gate_reason = f"best CCIP RecScore {best:.3f} is below evaluate.gate_recscore {e.gate_recscore:.2f}"

@@ -18,7 +18,9 @@ def _plain(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: tensor.detach().float().cpu().contiguous() for key, tensor in vectors.items()}
 
 
-def write_a1111_pt(path: Path, trigger: str, vectors: dict[str, torch.Tensor], step: int, base_model_name: str) -> None:
+def write_a1111_pt(
+    path: Path, trigger: str, vectors: dict[str, torch.Tensor], step: int, base_model_name: str
+) -> None:
     """SD1: A1111's own layout (``string_to_param``); SDXL: ``{"clip_l", "clip_g"}``, which A1111 also reads."""
     tensors = _plain(vectors)
     if set(tensors) == {"clip_l"}:

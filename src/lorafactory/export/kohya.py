@@ -35,7 +35,9 @@ def sgm_module_name(name: str, layers_per_block: int) -> str:
     raise ValueError(f"no SDXL original name for UNet module {name!r}; only attention blocks are mapped")
 
 
-def lora_tensors(module: torch.nn.Module, prefix: str, alpha: float, rename=lambda name: name, adapter: str = "default") -> dict[str, torch.Tensor]:
+def lora_tensors(
+    module: torch.nn.Module, prefix: str, alpha: float, rename=lambda name: name, adapter: str = "default"
+) -> dict[str, torch.Tensor]:
     """A module's peft LoRA layers as kohya tensors (float32, contiguous, on CPU)."""
     from peft.tuners.lora import LoraLayer
 
@@ -64,7 +66,11 @@ def text_encoder_lora_tensors(encoders: list[torch.nn.Module], alpha: float) -> 
     prefixes = ["lora_te_"] if len(encoders) == 1 else ["lora_te1_", "lora_te2_"]
     tensors: dict[str, torch.Tensor] = {}
     for prefix, encoder in zip(prefixes, encoders):
-        tensors.update(lora_tensors(encoder, prefix, alpha, lambda name: name if name.startswith("text_model.") else "text_model." + name))
+        tensors.update(
+            lora_tensors(
+                encoder, prefix, alpha, lambda name: name if name.startswith("text_model.") else "text_model." + name
+            )
+        )
     return tensors
 
 
@@ -140,5 +146,3 @@ def lora_metadata(
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write through a temporary file so a crash never leaves a truncated model behind."""
     write_bytes_atomic(path, save(tensors, metadata=metadata))
-
-

@@ -30,10 +30,28 @@ from lorafactory.train.trainer import BUNDLED_FILE, EMBEDDING_FILE, EMBEDDING_PT
 from lorafactory.workspace import write_bytes_atomic
 
 _TRAIN_SUMMARY_KEYS = (
-    "base_model", "resolution", "max_steps", "save_every", "batch_size", "gradient_accumulation", "lora_rank", "lora_alpha",
-    "unet_lr", "embedding_lr", "embedding_vectors", "embedding_pivot", "text_encoder_lora_rank", "optimizer", "lr_scheduler",
-    "clip_skip", "noise_offset", "min_snr_gamma", "prior_loss_weight", "seed", "mixed_precision",
-)  # fmt: skip
+    "base_model",
+    "resolution",
+    "max_steps",
+    "save_every",
+    "batch_size",
+    "gradient_accumulation",
+    "lora_rank",
+    "lora_alpha",
+    "unet_lr",
+    "embedding_lr",
+    "embedding_vectors",
+    "embedding_pivot",
+    "text_encoder_lora_rank",
+    "optimizer",
+    "lr_scheduler",
+    "clip_skip",
+    "noise_offset",
+    "min_snr_gamma",
+    "prior_loss_weight",
+    "seed",
+    "mixed_precision",
+)
 # prompts shown first in previews, as on the reference's cards
 _PREVIEW_ORDER = ("portrait", "full_body", "smile", "free", "bikini")
 
@@ -55,8 +73,12 @@ def train_summary(settings: Settings, family: str) -> dict:
 
 def _copy_step_files(source: Path, target: Path, trigger: str) -> list[str]:
     (target / "embeddings").mkdir(parents=True, exist_ok=True)
-    pairs = [(BUNDLED_FILE, f"{trigger}.safetensors"), (LORA_FILE, f"{trigger}_lora.safetensors"),
-             (EMBEDDING_FILE, f"embeddings/{trigger}.safetensors"), (EMBEDDING_PT_FILE, f"embeddings/{trigger}.pt")]  # fmt: skip
+    pairs = [
+        (BUNDLED_FILE, f"{trigger}.safetensors"),
+        (LORA_FILE, f"{trigger}_lora.safetensors"),
+        (EMBEDDING_FILE, f"embeddings/{trigger}.safetensors"),
+        (EMBEDDING_PT_FILE, f"embeddings/{trigger}.pt"),
+    ]
     for name, destination in pairs:
         shutil.copyfile(source / name, target / destination)
     return [destination for _, destination in pairs]
@@ -94,7 +116,12 @@ def release(
     kept = [int(step) for step in evaluation["kept_steps"] if int(step) not in failed]
     if not kept:
         step, why = next(iter(failed.items()))
-        raise StageError(f"no checkpoint loaded during evaluation (step {step}: {why}); nothing to release — check train/checkpoints, then rerun with --force train")
+        raise StageError(
+            (
+                f"no checkpoint loaded during evaluation (step {step}: {why}); nothing "
+                "to release — check train/checkpoints, then rerun with --force train"
+            )
+        )
     best = kept[0]
     previews: dict[int, list[str]] = {}
     for step in kept:
@@ -119,15 +146,29 @@ def release(
     table = {int(s): row for s, row in evaluation["metrics"].items()}
     card = model_card(
         CardInput(
-            name=settings.character.name, trigger=trigger, base_model=summary["base_model"], license=settings.release.license,
-            kept=kept, reason=evaluation["reason"], table=table, labels=METRICS, intervals=_intervals(eval_dir),
-            missing=evaluation.get("missing_metrics", {}), core_tags=core_tags, dataset_counts=dataset_counts,
-            train_summary=summary, previews=[f"previews/{name}" for name in previews[best]], stand_in=stand_in, family=family,
+            name=settings.character.name,
+            trigger=trigger,
+            base_model=summary["base_model"],
+            license=settings.release.license,
+            kept=kept,
+            reason=evaluation["reason"],
+            table=table,
+            labels=METRICS,
+            intervals=_intervals(eval_dir),
+            missing=evaluation.get("missing_metrics", {}),
+            core_tags=core_tags,
+            dataset_counts=dataset_counts,
+            train_summary=summary,
+            previews=[f"previews/{name}" for name in previews[best]],
+            stand_in=stand_in,
+            family=family,
             tags=settings.release.tags,
         )
-    )  # fmt: skip
+    )
     write_bytes_atomic(out_dir / "README.md", card.encode("utf-8"))
-    files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(
+        str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
     return {"step": best, "kept_steps": kept, "previews": len(previews[best]), "files": files}
 
 

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import tomli_w
 
-_DATASET_KEYS = {"raw": "images crawled", "after_cleaning": "after cleaning", "dataset": "training images (with crops)"}
+_DATASET_KEYS = {
+    "raw": "images crawled",
+    "after_cleaning": "after cleaning",
+    "dataset": "training images (with crops)",
+}
 
 
 @dataclass
@@ -33,7 +37,11 @@ class CardInput:
 
 def _yaml_scalar(value: object) -> str:
     text = str(value)
-    return text if text.replace("-", "").replace("_", "").replace("/", "").replace(".", "").isalnum() else '"' + text.replace('"', '\\"') + '"'
+    return (
+        text
+        if text.replace("-", "").replace("_", "").replace("/", "").replace(".", "").isalnum()
+        else '"' + text.replace('"', '\\"') + '"'
+    )
 
 
 def _front_matter(data: dict) -> str:
@@ -54,8 +62,14 @@ def _diffusers_snippet(trigger: str, family: str) -> str:
         lines += [
             "from safetensors.torch import load_file",
             f'emb = load_file("embeddings/{trigger}.safetensors")',
-            f'pipe.load_textual_inversion(emb["clip_l"], token="{trigger}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)',
-            f'pipe.load_textual_inversion(emb["clip_g"], token="{trigger}", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)',
+            (
+                f'pipe.load_textual_inversion(emb["clip_l"], token="{trigger}", '
+                "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)"
+            ),
+            (
+                f'pipe.load_textual_inversion(emb["clip_g"], token="{trigger}", '
+                "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+            ),
         ]
     else:
         lines.append(f'pipe.load_textual_inversion("embeddings/{trigger}.safetensors", token="{trigger}")')
@@ -85,11 +99,19 @@ def model_card(card: CardInput) -> str:
             "license": card.license,
             "base_model": card.base_model,
             "pipeline_tag": "text-to-image",
-            "tags": ["lora", "stable-diffusion", "stable-diffusion-xl" if card.family == "sdxl" else "stable-diffusion-1.5",
-                     "anime", "character", "textual-inversion", "lorafactory", *card.tags],
+            "tags": [
+                "lora",
+                "stable-diffusion",
+                "stable-diffusion-xl" if card.family == "sdxl" else "stable-diffusion-1.5",
+                "anime",
+                "character",
+                "textual-inversion",
+                "lorafactory",
+                *card.tags,
+            ],
             "instance_prompt": card.trigger,
         }
-    )  # fmt: skip
+    )
     warning = (
         "\n> **These files come from tiny random-initialised stand-in models (the offline demo).**\n"
         "> Neither the images nor the metrics mean anything.\n"
@@ -99,8 +121,13 @@ def model_card(card: CardInput) -> str:
     best = card.kept[0]
     core = ", ".join(tag.replace("_", " ") for tag in card.core_tags) or "none"
     missing = "".join(f"\n- {card.labels.get(m, m)}: missing ({why})" for m, why in sorted(card.missing.items()))
-    dataset = ", ".join(f"{_DATASET_KEYS[k]}: {card.dataset_counts[k]}" for k in _DATASET_KEYS if k in card.dataset_counts)
+    dataset = ", ".join(
+        f"{_DATASET_KEYS[k]}: {card.dataset_counts[k]}" for k in _DATASET_KEYS if k in card.dataset_counts
+    )
     preview_md = "\n".join(f"![{Path(p).stem}]({p})" for p in card.previews) or "(none)"
+    embedding_uses = (
+        f"ComfyUI: `embedding:{card.trigger}`; A1111 `embeddings/` folder; diffusers `load_textual_inversion`"
+    )
     return f"""{header}
 
 # {card.name}: character LoRA
@@ -118,7 +145,7 @@ Recommended weights: LoRA 0.6–0.85, trigger 0.8–1.1.
 |---|---|
 | `{card.trigger}.safetensors` | AUTOMATIC1111 / Forge: LoRA with the embedding bundled (`bundle_emb.*`) |
 | `{card.trigger}_lora.safetensors` | ComfyUI, diffusers and other tools: the plain kohya LoRA |
-| `embeddings/{card.trigger}.safetensors`, `embeddings/{card.trigger}.pt` | the trigger embedding (ComfyUI: `embedding:{card.trigger}`; A1111 `embeddings/` folder; diffusers `load_textual_inversion`) |
+| `embeddings/{card.trigger}.safetensors`, `embeddings/{card.trigger}.pt` | the trigger embedding ({embedding_uses}) |
 | `steps/<step>/` | the same files for every kept step, with previews and per-image metrics |
 
 diffusers:

@@ -76,7 +76,9 @@ class CivitaiClient:
 
     def call(self, procedure: str, payload: dict, what: str) -> dict:
         """A site procedure (tRPC over HTTP, superjson envelope): ``{"json": input}`` -> ``result.data.json``."""
-        response = self._send("POST", f"{self.base_url}/api/trpc/{procedure}", what, json={"json": payload}, headers=self.auth)
+        response = self._send(
+            "POST", f"{self.base_url}/api/trpc/{procedure}", what, json={"json": payload}, headers=self.auth
+        )
         return response.json()["result"]["data"]["json"]
 
     def post(self, path: str, payload: dict | None, what: str):
@@ -89,19 +91,34 @@ class CivitaiClient:
 def _upload_file(client: CivitaiClient, path: Path, what: str) -> str:
     """Multipart upload of a model file; returns its storage URL."""
     size = path.stat().st_size
-    grant = client.post("/api/upload", {"filename": path.name, "type": "Model", "size": size}, f"start uploading {what}")
+    grant = client.post(
+        "/api/upload", {"filename": path.name, "type": "Model", "size": size}, f"start uploading {what}"
+    )
     parts = []
     with path.open("rb") as handle:
         for part in sorted(grant["urls"], key=lambda p: p["partNumber"]):
             chunk = handle.read(math.ceil(size / len(grant["urls"])))  # the server chose the number of parts
             response = client.put(part["url"], chunk, f"upload part {part['partNumber']} of {what}")
             parts.append({"ETag": response.headers.get("ETag", ""), "PartNumber": part["partNumber"]})
-    complete = {"bucket": grant["bucket"], "key": grant["key"], "type": "Model", "uploadId": grant["uploadId"], "parts": parts}
+    complete = {
+        "bucket": grant["bucket"],
+        "key": grant["key"],
+        "type": "Model",
+        "uploadId": grant["uploadId"],
+        "parts": parts,
+    }
     return client.post("/api/upload/complete", complete, f"finish uploading {what}")
 
 
 def publish_to_civitai(
-    plan: CivitaiPlan, state_file: Path, release_key: str, *, base_url: str, progress: Progress, dry_run: bool = False, client=None
+    plan: CivitaiPlan,
+    state_file: Path,
+    release_key: str,
+    *,
+    base_url: str,
+    progress: Progress,
+    dry_run: bool = False,
+    client=None,
 ) -> CivitaiReport:
     """Carry out ``plan``, skipping every operation the state file records as done.
 
@@ -109,7 +126,11 @@ def publish_to_civitai(
     identified by ``release_key``, so a new release becomes a new version of the same model."""
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if dry_run:
-        steps = ["create model", "create version", f"upload {plan.lora_file.name}"] + [f"add preview {p.name}" for p, _, _ in plan.previews] + ["publish"]
+        steps = (
+            ["create model", "create version", f"upload {plan.lora_file.name}"]
+            + [f"add preview {p.name}" for p, _, _ in plan.previews]
+            + ["publish"]
+        )
         return CivitaiReport(f"{base_url}/models/{state.get('model_id', '(new)')}", done=steps, dry_run=True)
     token = os.environ.get(TOKEN_ENV)
     if not token:
@@ -129,25 +150,74 @@ def publish_to_civitai(
 
     total = 4 + len(plan.previews)
     with progress.task("publishing to Civitai", total=total) as task:
-        model_id = once("model_id", "create model", lambda: api.call("model.upsert", {
-            "name": plan.name, "description": plan.description, "type": "LORA", "uploadType": "Created", "status": "Draft",
-            "tagsOnModels": [{"name": tag} for tag in plan.tags], "poi": False, "nsfw": False,
-        }, "create the model")["id"])  # fmt: skip
+        model_id = once(
+            "model_id",
+            "create model",
+            lambda: api.call(
+                "model.upsert",
+                {
+                    "name": plan.name,
+                    "description": plan.description,
+                    "type": "LORA",
+                    "uploadType": "Created",
+                    "status": "Draft",
+                    "tagsOnModels": [{"name": tag} for tag in plan.tags],
+                    "poi": False,
+                    "nsfw": False,
+                },
+                "create the model",
+            )["id"],
+        )
         task.advance()
-        version_id = once("version_id", "create version", lambda: api.call("modelVersion.upsert", {
-            "modelId": model_id, "name": plan.version, "baseModel": plan.base_model, "trainedWords": plan.trained_words,
-            "clipSkip": plan.clip_skip, "steps": plan.steps, "description": plan.description,
-        }, "create the model version")["id"])  # fmt: skip
+        version_id = once(
+            "version_id",
+            "create version",
+            lambda: api.call(
+                "modelVersion.upsert",
+                {
+                    "modelId": model_id,
+                    "name": plan.version,
+                    "baseModel": plan.base_model,
+                    "trainedWords": plan.trained_words,
+                    "clipSkip": plan.clip_skip,
+                    "steps": plan.steps,
+                    "description": plan.description,
+                },
+                "create the model version",
+            )["id"],
+        )
         task.advance()
-        file_url = once("file_url", f"upload {plan.lora_file.name}", lambda: _upload_file(api, plan.lora_file, plan.lora_file.name))
-        once("file_id", f"register {plan.lora_file.name}", lambda: api.call("modelFile.create", {
-            "name": plan.lora_file.name, "url": file_url, "sizeKB": plan.lora_file.stat().st_size / 1024, "type": "Model",
-            "modelVersionId": version_id, "metadata": {"format": "SafeTensor", "fp": "fp32", "size": "full"},
-        }, "register the LoRA file")["id"])  # fmt: skip
+        file_url = once(
+            "file_url", f"upload {plan.lora_file.name}", lambda: _upload_file(api, plan.lora_file, plan.lora_file.name)
+        )
+        once(
+            "file_id",
+            f"register {plan.lora_file.name}",
+            lambda: api.call(
+                "modelFile.create",
+                {
+                    "name": plan.lora_file.name,
+                    "url": file_url,
+                    "sizeKB": plan.lora_file.stat().st_size / 1024,
+                    "type": "Model",
+                    "modelVersionId": version_id,
+                    "metadata": {"format": "SafeTensor", "fp": "fp32", "size": "full"},
+                },
+                "register the LoRA file",
+            )["id"],
+        )
         task.advance()
-        post_id = once("post_id", "create preview post", lambda: api.call("post.create", {"modelVersionId": version_id}, "create the preview post")["id"])
+        post_id = once(
+            "post_id",
+            "create preview post",
+            lambda: api.call("post.create", {"modelVersionId": version_id}, "create the preview post")["id"],
+        )
         for index, (image_path, level, meta) in enumerate(plan.previews):
-            once(f"image:{image_path.name}", f"add preview {image_path.name}", lambda: _add_image(api, post_id, version_id, index, image_path, level, meta))
+            once(
+                f"image:{image_path.name}",
+                f"add preview {image_path.name}",
+                lambda: _add_image(api, post_id, version_id, index, image_path, level, meta),
+            )
             task.advance()
         once("published", "publish", lambda: _publish(api, model_id, version_id))
         task.advance()
@@ -160,11 +230,23 @@ def _publish(api: CivitaiClient, model_id: int, version_id: int) -> bool:
     return True
 
 
-def _add_image(api: CivitaiClient, post_id: int, version_id: int, index: int, path: Path, level: str, meta: dict) -> int:
+def _add_image(
+    api: CivitaiClient, post_id: int, version_id: int, index: int, path: Path, level: str, meta: dict
+) -> int:
     grant = api.post("/api/v1/image-upload", None, f"start uploading {path.name}")
     api.put(grant["uploadURL"], path.read_bytes(), f"upload {path.name}", "image/png")
     with Image.open(path) as image:
         width, height = image.size
-    payload = {"postId": post_id, "modelVersionId": version_id, "url": grant["id"], "name": path.name, "width": width, "height": height,
-               "index": index, "mimeType": "image/png", "meta": meta, "nsfw": level}  # fmt: skip
+    payload = {
+        "postId": post_id,
+        "modelVersionId": version_id,
+        "url": grant["id"],
+        "name": path.name,
+        "width": width,
+        "height": height,
+        "index": index,
+        "mimeType": "image/png",
+        "meta": meta,
+        "nsfw": level,
+    }
     return api.call("post.addImage", payload, f"add {path.name} to the post")["id"]

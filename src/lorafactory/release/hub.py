@@ -35,7 +35,9 @@ def release_files(release_dir: Path) -> list[str]:
     return sorted(
         p.relative_to(release_dir).as_posix()
         for p in release_dir.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(release_dir).parts) and p.name not in NOT_PUBLISHED
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(release_dir).parts)
+        and p.name not in NOT_PUBLISHED
     )
 
 
@@ -50,9 +52,10 @@ def commit_groups(files: list[str]) -> list[tuple[str, list[str]]]:
         else:
             top.append(name)
     top.sort(key=lambda name: name == "README.md")
-    return [(f"step {step}", names) for step, names in sorted(steps.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0)] + (
-        [("model card and best step", top)] if top else []
-    )
+    return [
+        (f"step {step}", names)
+        for step, names in sorted(steps.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0)
+    ] + ([("model card and best step", top)] if top else [])
 
 
 def _same(local: Path, remote) -> bool:
@@ -70,7 +73,9 @@ def _call(what: str, action, *args, **kwargs):
     return call_with_retries(HUB, what, lambda: action(*args, **kwargs), (HfHubHTTPError, OSError))
 
 
-def publish_to_hub(release_dir: Path, repo: str, *, private: bool, endpoint: str, progress: Progress, dry_run: bool = False) -> PublishReport:
+def publish_to_hub(
+    release_dir: Path, repo: str, *, private: bool, endpoint: str, progress: Progress, dry_run: bool = False
+) -> PublishReport:
     """Create ``repo`` (``name`` or ``owner/name``) if needed and upload the release's new or changed files."""
     files = release_files(release_dir)
     if not files:
@@ -88,7 +93,11 @@ def publish_to_hub(release_dir: Path, repo: str, *, private: bool, endpoint: str
     if "/" not in repo:
         repo = f"{_call('read the token owner', api.whoami)['name']}/{repo}"
     url = str(_call(f"create {repo}", api.create_repo, repo, private=private, exist_ok=True))
-    remote = {entry.path: entry for entry in _call(f"list {repo}", lambda: list(api.list_repo_tree(repo, recursive=True))) if hasattr(entry, "blob_id")}
+    remote = {
+        entry.path: entry
+        for entry in _call(f"list {repo}", lambda: list(api.list_repo_tree(repo, recursive=True)))
+        if hasattr(entry, "blob_id")
+    }
     report = PublishReport(url)
     groups = commit_groups(files)
     with progress.task(f"uploading to {repo}", total=len(files)) as task:
@@ -96,8 +105,16 @@ def publish_to_hub(release_dir: Path, repo: str, *, private: bool, endpoint: str
             changed = [f for f in group if f not in remote or not _same(release_dir / f, remote[f])]
             report.unchanged += [f for f in group if f not in changed]
             if changed:
-                operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(release_dir / f)) for f in changed]
-                _call(f"upload {name} to {repo}", api.create_commit, repo, operations, commit_message=f"lorafactory: {name}")
+                operations = [
+                    CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(release_dir / f)) for f in changed
+                ]
+                _call(
+                    f"upload {name} to {repo}",
+                    api.create_commit,
+                    repo,
+                    operations,
+                    commit_message=f"lorafactory: {name}",
+                )
                 report.uploaded += changed
             task.advance(len(group))
     return report

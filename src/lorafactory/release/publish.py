@@ -27,7 +27,15 @@ def parse_parameters(text: str) -> dict:
             meta["negativePrompt"] = line.removeprefix("Negative prompt: ")
         else:
             fields = dict(part.split(": ", 1) for part in line.split(", ") if ": " in part)
-            names = {"Steps": "steps", "Sampler": "sampler", "CFG scale": "cfgScale", "Seed": "seed", "Size": "Size", "Model": "Model", "Clip skip": "clipSkip"}
+            names = {
+                "Steps": "steps",
+                "Sampler": "sampler",
+                "CFG scale": "cfgScale",
+                "Seed": "seed",
+                "Size": "Size",
+                "Model": "Model",
+                "Clip skip": "clipSkip",
+            }
             for key, name in names.items():
                 if key in fields:
                     value = fields[key]
@@ -48,32 +56,52 @@ def civitai_plan(char: CharacterDir, settings: Settings, trigger: str) -> Civita
             level = NSFW_LEVELS[rating(image.convert("RGB"), settings.vision.tagger_model)]
             meta = parse_parameters(image.info.get("parameters", ""))
         previews.append((path, level, meta))
-    core = ", ".join(tag.replace("_", " ") for tag in char.manifest("prepare").details.get("pruned_core_tags", [])) or "none"
+    core = (
+        ", ".join(tag.replace("_", " ") for tag in char.manifest("prepare").details.get("pruned_core_tags", []))
+        or "none"
+    )
     description = (
-        f"<p>{settings.character.name}, a character LoRA with a pivotal-tuning trigger embedding (bundled in the file).</p>"
+        f"<p>{settings.character.name}, a character LoRA with a "
+        "pivotal-tuning trigger embedding (bundled in the file).</p>"
         f"<p>Trigger word: <strong>{trigger}</strong>. Core tags the trigger learned: {core}.</p>"
         f"<p>Recommended weights: LoRA 0.6–0.85, trigger 0.8–1.1.</p>"
         f"<p>Step {step} was chosen automatically: {evaluation.details['reason']}.</p>"
         "<p>Made with lorafactory; the model card on Hugging Face has every step's metrics.</p>"
     )
     return CivitaiPlan(
-        name=settings.character.name, description=description, tags=["anime", "character", *settings.release.tags],
-        version=f"step {step}", base_model=BASE_MODELS[family], trained_words=[trigger], clip_skip=settings.train.clip_skip,
-        steps=step, lora_file=folder / f"{trigger}.safetensors", previews=previews,
-    )  # fmt: skip
+        name=settings.character.name,
+        description=description,
+        tags=["anime", "character", *settings.release.tags],
+        version=f"step {step}",
+        base_model=BASE_MODELS[family],
+        trained_words=[trigger],
+        clip_skip=settings.train.clip_skip,
+        steps=step,
+        lora_file=folder / f"{trigger}.safetensors",
+        previews=previews,
+    )
 
 
 def finished_release(char: CharacterDir, name: str) -> Path:
     folder = char.artifact("release")
     if char.manifest("release") is None:
-        raise InputError(f"{name} has no finished release in {folder}; run `lorafactory run \"{name}\"` first")
+        raise InputError(f'{name} has no finished release in {folder}; run `lorafactory run "{name}"` first')
     return folder
 
 
 def publish(
-    char: CharacterDir, settings: Settings, trigger: str, targets: list[str], *, repo: str, private: bool, endpoint: str,
-    progress: Progress, dry_run: bool = False, store: Store | None = None,
-) -> list[PublishReport | CivitaiReport]:  # fmt: skip
+    char: CharacterDir,
+    settings: Settings,
+    trigger: str,
+    targets: list[str],
+    *,
+    repo: str,
+    private: bool,
+    endpoint: str,
+    progress: Progress,
+    dry_run: bool = False,
+    store: Store | None = None,
+) -> list[PublishReport | CivitaiReport]:
     """Publish to each of ``targets`` (``huggingface``, ``civitai``), in that order; each finished
     publication is recorded in ``store`` (when given)."""
     folder = finished_release(char, settings.character.name)
@@ -85,12 +113,29 @@ def publish(
     if "huggingface" in targets:
         hub = publish_to_hub(folder, repo, private=private, endpoint=endpoint, progress=progress, dry_run=dry_run)
         if store is not None and not dry_run:
-            store.record_publication(char.slug, "huggingface", hub.target, step, release.fingerprint, len(hub.uploaded), len(hub.unchanged))
+            store.record_publication(
+                char.slug, "huggingface", hub.target, step, release.fingerprint, len(hub.uploaded), len(hub.unchanged)
+            )
         reports.append(hub)
     if "civitai" in targets:
         plan = civitai_plan(char, settings, trigger)
-        civitai = publish_to_civitai(plan, char.path / CIVITAI_STATE, release.fingerprint, base_url=settings.release.civitai_url, progress=progress, dry_run=dry_run)
+        civitai = publish_to_civitai(
+            plan,
+            char.path / CIVITAI_STATE,
+            release.fingerprint,
+            base_url=settings.release.civitai_url,
+            progress=progress,
+            dry_run=dry_run,
+        )
         if store is not None and not dry_run:
-            store.record_publication(char.slug, "civitai", civitai.model_url, step, release.fingerprint, len(civitai.done), len(civitai.skipped))
+            store.record_publication(
+                char.slug,
+                "civitai",
+                civitai.model_url,
+                step,
+                release.fingerprint,
+                len(civitai.done),
+                len(civitai.skipped),
+            )
         reports.append(civitai)
     return reports

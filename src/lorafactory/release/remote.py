@@ -22,7 +22,9 @@ class Service:
     rerun: str  # the command that resumes an interrupted publish
 
 
-def call_with_retries(service: Service, what: str, action: Callable[[], T], errors: tuple[type[BaseException], ...]) -> T:
+def call_with_retries(
+    service: Service, what: str, action: Callable[[], T], errors: tuple[type[BaseException], ...]
+) -> T:
     """``action()``, retried on ``errors`` that are transient; ``what`` completes "trying to …"."""
     for attempt in range(RETRIES):
         try:
@@ -37,6 +39,11 @@ def call_with_retries(service: Service, what: str, action: Callable[[], T], erro
                 ) from exc
             if (status is not None and status < 500 and status != 429) or attempt == RETRIES - 1:
                 detail = f"{status}: {response.text[:200]}" if status is not None else str(exc)
-                raise StageError(f"could not {what} on {service.name} ({detail}); rerun `{service.rerun}` to resume: what already landed is skipped") from exc
+                raise StageError(
+                    (
+                        f"could not {what} on {service.name} ({detail}); rerun "
+                        f"`{service.rerun}` to resume: what already landed is skipped"
+                    )
+                ) from exc
         time.sleep(RETRY_DELAY_S * 2**attempt)
     raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises

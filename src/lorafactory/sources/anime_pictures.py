@@ -15,7 +15,14 @@ RATINGS = {0: "g", 1: "s", 2: "q", 3: "e"}
 
 
 class AnimePictures:
-    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "anime_pictures", auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        client: SiteClient,
+        base_url: str,
+        page_size: int,
+        name: str = "anime_pictures",
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         self.client, self.base_url, self.name = client, base_url.rstrip("/"), name
 
     @staticmethod
@@ -24,8 +31,12 @@ class AnimePictures:
 
     async def character_tags(self, name: str) -> list[tuple[str, int]]:
         """Tags containing the name from ``/api/v3/tags`` (its tag type for characters is 1), by post count."""
-        found = await self.client.get_json(f"{self.base_url}/api/v3/tags", {"tag:smart_like": self.tag_for(name), "lang": "en", "limit": 20})
-        return [(tag["tag"], int(tag.get("num") or 0)) for tag in found.get("tags") or [] if int(tag.get("type", -1)) == 1]
+        found = await self.client.get_json(
+            f"{self.base_url}/api/v3/tags", {"tag:smart_like": self.tag_for(name), "lang": "en", "limit": 20}
+        )
+        return [
+            (tag["tag"], int(tag.get("num") or 0)) for tag in found.get("tags") or [] if int(tag.get("type", -1)) == 1
+        ]
 
     async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         """List entries completed by their detail request (tags and the file name)."""
@@ -36,7 +47,11 @@ class AnimePictures:
             items = listing.get("posts") or []
             for item in items:
                 detail = await self.client.get_json(f"{self.base_url}/api/v3/posts/{item['id']}", {"lang": "en"})
-                yield {**item, "tags": [t["tag"]["tag"] for t in detail.get("tags") or []], "file_url": detail.get("file_url") or ""}
+                yield {
+                    **item,
+                    "tags": [t["tag"]["tag"] for t in detail.get("tags") or []],
+                    "file_url": detail.get("file_url") or "",
+                }
             page += 1
             if not items or page >= int(listing.get("max_pages") or 0):
                 return
@@ -46,8 +61,15 @@ class AnimePictures:
             return None
         url = f"{self.base_url}/pictures/download_image/{quote(raw['file_url'])}"
         post = Post(
-            site=self.name, post_id=str(raw["id"]), md5=raw.get("md5") or "", filename="", url=url,
-            width=int(raw.get("width") or 0), height=int(raw.get("height") or 0), rating=RATINGS.get(raw.get("erotics"), ""),
-            score=int(raw.get("score_number") or 0), tags={"general": list(raw["tags"])},
-        )  # fmt: skip
+            site=self.name,
+            post_id=str(raw["id"]),
+            md5=raw.get("md5") or "",
+            filename="",
+            url=url,
+            width=int(raw.get("width") or 0),
+            height=int(raw.get("height") or 0),
+            rating=RATINGS.get(raw.get("erotics"), ""),
+            score=int(raw.get("score_number") or 0),
+            tags={"general": list(raw["tags"])},
+        )
         return Candidate(post, url)

@@ -27,12 +27,12 @@ from lorafactory.sources.anime_pictures import AnimePictures
 from lorafactory.sources.base import Candidate, Post, Site, file_md5
 from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
+from lorafactory.sources.http import RateLimit, SiteClient, StorageFull
+from lorafactory.sources.local import crawl_local
 from lorafactory.sources.moebooru import Moebooru
 from lorafactory.sources.pixiv import Pixiv
 from lorafactory.sources.sankaku import Sankaku
 from lorafactory.sources.zerochan import Zerochan
-from lorafactory.sources.http import RateLimit, SiteClient, StorageFull
-from lorafactory.sources.local import crawl_local
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ class StoreArchive:
         return self.store.archived(self.collection)
 
     def record(self, post: Post) -> None:
-        self.store.archive(self.collection, post.site, post.post_id, post.md5, post.filename, post.model_dump(mode="json"))
+        self.store.archive(
+            self.collection, post.site, post.post_id, post.md5, post.filename, post.model_dump(mode="json")
+        )
 
     def site_tag(self, site: str, name: str) -> tuple[str, int] | None:
         return self.store.site_tag(site, name)
@@ -118,8 +120,21 @@ def _credentials(site: str, configured) -> tuple[str, str] | None:
 class _SiteCrawl:
     """Shared state of one crawl over several sites."""
 
-    def __init__(self, settings: Settings, images_dir: Path, archive: Archive, previous: Path | None, on_item: Callable[[], None]) -> None:
-        self.settings, self.images_dir, self.archive, self.previous, self.on_item = settings, images_dir, archive, previous, on_item
+    def __init__(
+        self,
+        settings: Settings,
+        images_dir: Path,
+        archive: Archive,
+        previous: Path | None,
+        on_item: Callable[[], None],
+    ) -> None:
+        self.settings, self.images_dir, self.archive, self.previous, self.on_item = (
+            settings,
+            images_dir,
+            archive,
+            previous,
+            on_item,
+        )
         self.done = archive.archived()
         self.done_by_md5 = {post["md5"]: post for post in self.done.values() if post.get("md5")}
         self.kept: list[tuple[int, int, Post]] = []  # (site order, search order, post) as fetched
@@ -139,7 +154,9 @@ class _SiteCrawl:
         headers = {}
         if name == "zerochan":  # Zerochan's rule: the User-Agent names the project and a Zerochan user
             if not site_settings.username:
-                raise InputError("zerochan requires your Zerochan username in the User-Agent; set crawl.zerochan.username")
+                raise InputError(
+                    "zerochan requires your Zerochan username in the User-Agent; set crawl.zerochan.username"
+                )
             headers["User-Agent"] = f"{c.user_agent} - {site_settings.username}"
         limit = RateLimit(site_settings.requests_per_second, site_settings.concurrency)
         client = SiteClient(name, http, limit, c.max_retries, auth or (), headers)
@@ -178,7 +195,13 @@ class _SiteCrawl:
         if known is None:
             fallback = getattr(site, "tag_for", character_tag)(character)
             if hasattr(site, "character_tags"):
-                log.warning("%s: no character tag found for %r; searching %r (set crawl.%s.tags to choose)", name, character, fallback, name)
+                log.warning(
+                    "%s: no character tag found for %r; searching %r (set crawl.%s.tags to choose)",
+                    name,
+                    character,
+                    fallback,
+                    name,
+                )
             return fallback
         log.info("%s: using tag %r (%d posts)", name, known[0], known[1])
         self.chosen[name] = known[0]
@@ -228,8 +251,12 @@ class _SiteCrawl:
 
 async def _crawl_sites(crawl_state: _SiteCrawl) -> None:
     c = crawl_state.settings.crawl
-    async with httpx.AsyncClient(headers={"User-Agent": c.user_agent}, timeout=c.timeout_s, follow_redirects=True) as http:
-        results = await asyncio.gather(*(crawl_state.run_site(i, name, http) for i, name in enumerate(c.sites)), return_exceptions=True)
+    async with httpx.AsyncClient(
+        headers={"User-Agent": c.user_agent}, timeout=c.timeout_s, follow_redirects=True
+    ) as http:
+        results = await asyncio.gather(
+            *(crawl_state.run_site(i, name, http) for i, name in enumerate(c.sites)), return_exceptions=True
+        )
     errors = []
     for name, result in zip(c.sites, results):
         if isinstance(result, BaseException):
@@ -269,7 +296,11 @@ def crawl(
             posts = sorted((post for *_, post in state.kept), key=lambda post: _order(c.sites, post))
             counts = {**state.counts, "kept": len(posts), **({"tags": state.chosen} if state.chosen else {})}
     if not posts:
-        where = c.from_dir if c.source == "local" else f"{', '.join(c.sites)} with tags {c.tags or [character_tag(settings.character.name)]}"
+        where = (
+            c.from_dir
+            if c.source == "local"
+            else f"{', '.join(c.sites)} with tags {c.tags or [character_tag(settings.character.name)]}"
+        )
         raise InputError(f"no usable images found in {where}; check the name, --site/--from-dir, or crawl.tags")
     with (out_dir / "posts.jsonl").open("w", encoding="utf-8") as handle:
         for post in posts:

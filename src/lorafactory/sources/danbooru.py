@@ -29,7 +29,14 @@ def choose_variant(raw: dict[str, Any], min_size: int) -> tuple[str, int, int] |
 
 
 class Danbooru:
-    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "danbooru", auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        client: SiteClient,
+        base_url: str,
+        page_size: int,
+        name: str = "danbooru",
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         self.client, self.base_url, self.page_size, self.name = client, base_url.rstrip("/"), page_size, name
         self.auth = auth
 
@@ -37,7 +44,11 @@ class Danbooru:
         """Raw posts, newest first; keyset paging (``page=b<id>``) goes past the 1000-page cap."""
 
         async def page(below: int | None) -> list[dict]:
-            params = {"tags": " ".join(tags), "limit": self.page_size, "page": f"b{below}" if below is not None else "1"}
+            params = {
+                "tags": " ".join(tags),
+                "limit": self.page_size,
+                "page": f"b{below}" if below is not None else "1",
+            }
             if self.auth:
                 params.update({"login": self.auth[0], "api_key": self.auth[1]})
             return await self.client.get_json(f"{self.base_url}/posts.json", params)
@@ -49,15 +60,22 @@ class Danbooru:
         aliases), else wiki pages listing the name among their other names (e.g. a Japanese name)."""
         params = {"search[query]": character_tag(name), "search[type]": "tag_query", "limit": 10}
         found = await self.client.get_json(f"{self.base_url}/autocomplete.json", params)
-        tags = [(item["value"], int(item.get("post_count") or 0)) for item in found if int(item.get("category", -1)) == 4]
+        tags = [
+            (item["value"], int(item.get("post_count") or 0)) for item in found if int(item.get("category", -1)) == 4
+        ]
         if tags:
             return tags
-        pages = await self.client.get_json(f"{self.base_url}/wiki_pages.json", {"search[other_names_match]": name.strip(), "limit": 10})
+        pages = await self.client.get_json(
+            f"{self.base_url}/wiki_pages.json", {"search[other_names_match]": name.strip(), "limit": 10}
+        )
         titles = [page["title"] for page in pages if page.get("title")]
         if not titles:
             return []
         params = {"search[name_comma]": ",".join(titles), "search[category]": 4, "limit": len(titles)}
-        return [(tag["name"], int(tag.get("post_count") or 0)) for tag in await self.client.get_json(f"{self.base_url}/tags.json", params)]
+        return [
+            (tag["name"], int(tag.get("post_count") or 0))
+            for tag in await self.client.get_json(f"{self.base_url}/tags.json", params)
+        ]
 
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
         if raw.get("is_deleted") or raw.get("is_banned"):

@@ -17,8 +17,21 @@ RATINGS = {"general": "g", "sensitive": "s", "questionable": "q", "explicit": "e
 
 
 class Gelbooru:
-    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "gelbooru", auth: tuple[str, str] | None = None) -> None:
-        self.client, self.base_url, self.page_size, self.name, self.auth = client, base_url.rstrip("/"), min(page_size, 100), name, auth
+    def __init__(
+        self,
+        client: SiteClient,
+        base_url: str,
+        page_size: int,
+        name: str = "gelbooru",
+        auth: tuple[str, str] | None = None,
+    ) -> None:
+        self.client, self.base_url, self.page_size, self.name, self.auth = (
+            client,
+            base_url.rstrip("/"),
+            min(page_size, 100),
+            name,
+            auth,
+        )
 
     def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         refusal = (
@@ -28,7 +41,15 @@ class Gelbooru:
 
         async def page(below: int | None) -> list[dict]:
             query = tags + ([f"id:<{below}"] if below is not None else [])
-            params = {"page": "dapi", "s": "post", "q": "index", "json": "1", "tags": " ".join(query), "limit": self.page_size, "pid": 0}
+            params = {
+                "page": "dapi",
+                "s": "post",
+                "q": "index",
+                "json": "1",
+                "tags": " ".join(query),
+                "limit": self.page_size,
+                "pid": 0,
+            }
             if self.auth:
                 params.update({"user_id": self.auth[0], "api_key": self.auth[1]})
             body = await self.client.get_json(f"{self.base_url}/index.php", params, {401: refusal, 403: refusal})
@@ -38,7 +59,14 @@ class Gelbooru:
 
     async def character_tags(self, name: str) -> list[tuple[str, int]]:
         """Character tags (type 4) containing the name, through the dapi tag index."""
-        params = {"page": "dapi", "s": "tag", "q": "index", "json": "1", "name_pattern": f"%{character_tag(name)}%", "limit": 100}
+        params = {
+            "page": "dapi",
+            "s": "tag",
+            "q": "index",
+            "json": "1",
+            "name_pattern": f"%{character_tag(name)}%",
+            "limit": 100,
+        }
         if self.auth:
             params.update({"user_id": self.auth[0], "api_key": self.auth[1]})
         found = (await self.client.get_json(f"{self.base_url}/index.php", params)).get("tag") or []
@@ -54,8 +82,15 @@ class Gelbooru:
             return None
         url, width, height = chosen
         post = Post(
-            site=self.name, post_id=str(raw["id"]), md5=raw.get("md5") or "", filename="", url=url, width=width, height=height,
-            rating=RATINGS.get(raw.get("rating", ""), raw.get("rating") or ""), score=int(raw.get("score") or 0),
+            site=self.name,
+            post_id=str(raw["id"]),
+            md5=raw.get("md5") or "",
+            filename="",
+            url=url,
+            width=width,
+            height=height,
+            rating=RATINGS.get(raw.get("rating", ""), raw.get("rating") or ""),
+            score=int(raw.get("score") or 0),
             tags={"general": (raw.get("tags") or "").split()},
-        )  # fmt: skip
+        )
         return Candidate(post, url)

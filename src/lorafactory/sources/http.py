@@ -77,7 +77,13 @@ class SiteClient:
     """Requests to one site through the shared client, under that site's rate limit."""
 
     def __init__(
-        self, site: str, http: httpx.AsyncClient, limit: RateLimit, max_retries: int, secrets: tuple[str, ...] = (), headers: dict | None = None
+        self,
+        site: str,
+        http: httpx.AsyncClient,
+        limit: RateLimit,
+        max_retries: int,
+        secrets: tuple[str, ...] = (),
+        headers: dict | None = None,
     ) -> None:
         self.site, self.http, self.limit, self.max_retries = site, http, limit, max_retries
         self.secrets = tuple(s for s in secrets if s)
@@ -97,12 +103,19 @@ class SiteClient:
                     response = await self.http.get(url, params=params, headers={**self.headers, **(headers or {})})
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
-                    raise StageError(f"{self.site}: request failed after {attempt + 1} tries ({exc.__class__.__name__})") from None
+                    raise StageError(
+                        f"{self.site}: request failed after {attempt + 1} tries ({exc.__class__.__name__})"
+                    ) from None
                 await self._backoff(attempt, None)
                 attempt += 1
                 continue
             if is_cloudflare_challenge(response):
-                raise CloudflareBlocked(f"{self.site} answered with a Cloudflare challenge; stopping this site (try later, or from another network)")
+                raise CloudflareBlocked(
+                    (
+                        f"{self.site} answered with a Cloudflare challenge; "
+                        "stopping this site (try later, or from another network)"
+                    )
+                )
             if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
                 await self._backoff(attempt, _wait_hint(response))
                 attempt += 1
@@ -154,18 +167,27 @@ class SiteClient:
         if expected is not None and int(expected) != len(body):
             raise StageError(f"{self.site}: download truncated ({len(body)} of {expected} bytes)")
         if not body.startswith(IMAGE_MAGIC):
-            raise StageError(f"{self.site}: download is not an image ({response.headers.get('content-type', 'unknown type')})")
+            raise StageError(
+                f"{self.site}: download is not an image ({response.headers.get('content-type', 'unknown type')})"
+            )
         try:
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         except OSError as exc:
-            raise StorageFull(f"cannot write into {dest.parent}: {exc.strerror}; free disk space and rerun (finished downloads are kept)") from exc
+            raise StorageFull(
+                (
+                    f"cannot write into {dest.parent}: {exc.strerror}; free "
+                    "disk space and rerun (finished downloads are kept)"
+                )
+            ) from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(body)
             os.replace(tmp, dest)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
-            raise StorageFull(f"cannot write {dest.name}: {exc.strerror}; free disk space and rerun (finished downloads are kept)") from exc
+            raise StorageFull(
+                f"cannot write {dest.name}: {exc.strerror}; free disk space and rerun (finished downloads are kept)"
+            ) from exc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -32,7 +32,12 @@ def crawl_local(
         raise InputError(f"image folder {folder} does not exist; pass an existing folder to --from-dir")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise InputError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); add images or point --from-dir elsewhere")
+        raise InputError(
+            (
+                f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); "
+                "add images or point --from-dir elsewhere"
+            )
+        )
     posts: list[Post] = []
     seen: set[str] = set()
     counts = {"found": len(files), "unreadable": 0, "duplicate": 0}

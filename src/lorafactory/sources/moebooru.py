@@ -13,8 +13,16 @@ from lorafactory.sources.http import SiteClient, keyset
 
 
 class Moebooru:
-    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str, auth: tuple[str, str] | None = None) -> None:
-        self.client, self.base_url, self.page_size, self.name, self.auth = client, base_url.rstrip("/"), min(page_size, 100), name, auth
+    def __init__(
+        self, client: SiteClient, base_url: str, page_size: int, name: str, auth: tuple[str, str] | None = None
+    ) -> None:
+        self.client, self.base_url, self.page_size, self.name, self.auth = (
+            client,
+            base_url.rstrip("/"),
+            min(page_size, 100),
+            name,
+            auth,
+        )
 
     def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         async def page(below: int | None) -> list[dict]:
@@ -28,23 +36,36 @@ class Moebooru:
 
     async def character_tags(self, name: str) -> list[tuple[str, int]]:
         """Character tags (type 4) containing the name, most posted first, through ``/tag.json``."""
-        found = await self.client.get_json(f"{self.base_url}/tag.json", {"name": character_tag(name), "order": "count", "limit": 20})
+        found = await self.client.get_json(
+            f"{self.base_url}/tag.json", {"name": character_tag(name), "order": "count", "limit": 20}
+        )
         return [(item["name"], int(item.get("count") or 0)) for item in found if int(item.get("type", -1)) == 4]
 
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
         if raw.get("status") == "deleted":
             return None
         variants = [
-            (raw.get(f"{kind}_url") or "", int(raw.get(f"{kind}_width" if kind != "file" else "width") or 0),
-             int(raw.get(f"{kind}_height" if kind != "file" else "height") or 0))
+            (
+                raw.get(f"{kind}_url") or "",
+                int(raw.get(f"{kind}_width" if kind != "file" else "width") or 0),
+                int(raw.get(f"{kind}_height" if kind != "file" else "height") or 0),
+            )
             for kind in ("sample", "jpeg", "file")
-        ]  # fmt: skip
+        ]
         chosen = smallest_fit(variants, min_size)
         if chosen is None:
             return None
         url, width, height = chosen
         post = Post(
-            site=self.name, post_id=str(raw["id"]), md5=raw.get("md5") or "", filename="", url=url, width=width, height=height,
-            rating=raw.get("rating") or "", score=int(raw.get("score") or 0), tags={"general": (raw.get("tags") or "").split()},
-        )  # fmt: skip
+            site=self.name,
+            post_id=str(raw["id"]),
+            md5=raw.get("md5") or "",
+            filename="",
+            url=url,
+            width=width,
+            height=height,
+            rating=raw.get("rating") or "",
+            score=int(raw.get("score") or 0),
+            tags={"general": (raw.get("tags") or "").split()},
+        )
         return Candidate(post, url)

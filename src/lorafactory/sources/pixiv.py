@@ -21,12 +21,24 @@ MAX_OFFSET = 5000
 def _env(name: str) -> str:
     value = os.environ.get(f"LORAFACTORY_PIXIV_{name}", "")
     if not value:
-        raise InputError(f"pixiv needs LORAFACTORY_PIXIV_{name} (from a one-time interactive pixiv login); set it or drop --site pixiv")
+        raise InputError(
+            (
+                f"pixiv needs LORAFACTORY_PIXIV_{name} (from a one-time "
+                "interactive pixiv login); set it or drop --site pixiv"
+            )
+        )
     return value
 
 
 class Pixiv:
-    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "pixiv", auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        client: SiteClient,
+        base_url: str,
+        page_size: int,
+        name: str = "pixiv",
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         self.client, self.base_url, self.name = client, base_url.rstrip("/"), name
         self.oauth_url = os.environ.get("LORAFACTORY_PIXIV_OAUTH_URL", "https://oauth.secure.pixiv.net")
         client.headers["Referer"] = "https://app-api.pixiv.net/"
@@ -38,7 +50,13 @@ class Pixiv:
     async def _login(self) -> None:
         refresh, client_id, secret = _env("REFRESH_TOKEN"), _env("CLIENT_ID"), _env("CLIENT_SECRET")
         self.client.secrets += (refresh, secret)
-        form = {"grant_type": "refresh_token", "refresh_token": refresh, "client_id": client_id, "client_secret": secret, "get_secure_url": "1"}
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh,
+            "client_id": client_id,
+            "client_secret": secret,
+            "get_secure_url": "1",
+        }
         await self.client.login(f"{self.oauth_url}/auth/token", "renew LORAFACTORY_PIXIV_REFRESH_TOKEN", data=form)
 
     async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
@@ -46,7 +64,13 @@ class Pixiv:
         offset, end_date, oldest = 0, None, None
         seen: set[int] = set()
         while True:
-            params = {"word": " ".join(tags), "search_target": "partial_match_for_tags", "sort": "date_desc", "filter": "for_ios", "offset": offset}
+            params = {
+                "word": " ".join(tags),
+                "search_target": "partial_match_for_tags",
+                "sort": "date_desc",
+                "filter": "for_ios",
+                "offset": offset,
+            }
             if end_date:
                 params["end_date"] = end_date
             response = await self.client.get(f"{self.base_url}/v1/search/illust", params=params)
@@ -54,7 +78,9 @@ class Pixiv:
                 offset, end_date = 0, oldest  # the API refuses deeper offsets: move the date window instead
                 continue
             if response.status_code != 200:
-                raise StageError(f"pixiv search failed with HTTP {response.status_code}: {self.client.redact(response.text[:200])}")
+                raise StageError(
+                    f"pixiv search failed with HTTP {response.status_code}: {self.client.redact(response.text[:200])}"
+                )
             page = response.json()
             works = page.get("illusts") or []
             for work in works:
@@ -69,12 +95,21 @@ class Pixiv:
                 offset, end_date = 0, oldest
 
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
-        url = (raw.get("meta_single_page") or {}).get("original_image_url") or (raw.get("image_urls") or {}).get("large")
+        url = (raw.get("meta_single_page") or {}).get("original_image_url") or (raw.get("image_urls") or {}).get(
+            "large"
+        )
         if not url or raw.get("type", "illust") != "illust":
             return None
         post = Post(
-            site=self.name, post_id=str(raw["id"]), md5="", filename="", url=url, width=int(raw.get("width") or 0),
-            height=int(raw.get("height") or 0), rating="e" if raw.get("x_restrict") else "g",
-            score=int(raw.get("total_bookmarks") or 0), tags={"general": [t["name"] for t in raw.get("tags") or []]},
-        )  # fmt: skip
+            site=self.name,
+            post_id=str(raw["id"]),
+            md5="",
+            filename="",
+            url=url,
+            width=int(raw.get("width") or 0),
+            height=int(raw.get("height") or 0),
+            rating="e" if raw.get("x_restrict") else "g",
+            score=int(raw.get("total_bookmarks") or 0),
+            tags={"general": [t["name"] for t in raw.get("tags") or []]},
+        )
         return Candidate(post, url)

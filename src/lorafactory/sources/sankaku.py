@@ -18,27 +18,49 @@ HEADERS = {"Accept": "application/vnd.sankaku.api+json;v=2"}
 
 
 class Sankaku:
-    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "sankaku", auth: tuple[str, str] | None = None) -> None:
-        self.client, self.base_url, self.page_size, self.name, self.auth = client, base_url.rstrip("/"), min(page_size, 100), name, auth
+    def __init__(
+        self,
+        client: SiteClient,
+        base_url: str,
+        page_size: int,
+        name: str = "sankaku",
+        auth: tuple[str, str] | None = None,
+    ) -> None:
+        self.client, self.base_url, self.page_size, self.name, self.auth = (
+            client,
+            base_url.rstrip("/"),
+            min(page_size, 100),
+            name,
+            auth,
+        )
         client.headers.update(HEADERS)
 
     async def character_tags(self, name: str) -> list[tuple[str, int]]:
         """Character tags (type 4) starting with the name, from ``/tags``."""
-        found = await self.client.get_json(f"{self.base_url}/tags", {"lang": "en", "name": f"{character_tag(name)}*", "limit": 20})
+        found = await self.client.get_json(
+            f"{self.base_url}/tags", {"lang": "en", "name": f"{character_tag(name)}*", "limit": 20}
+        )
         items = found if isinstance(found, list) else found.get("data") or []
         return [(tag["name"], int(tag.get("post_count") or 0)) for tag in items if int(tag.get("type", -1)) == 4]
 
     async def _login(self) -> None:
         """``POST /auth/token`` with login and password; the Bearer token then goes with every request."""
         failure = "check LORAFACTORY_SANKAKU_LOGIN and _PASSWORD"
-        await self.client.login(f"{self.base_url}/auth/token", failure, json={"login": self.auth[0], "password": self.auth[1]})
+        await self.client.login(
+            f"{self.base_url}/auth/token", failure, json={"login": self.auth[0], "password": self.auth[1]}
+        )
 
     async def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         if self.auth:
             await self._login()
         cursor: str | None = None
         while True:
-            params = {"lang": "en", "limit": self.page_size, "tags": " ".join(tags), **({"next": cursor} if cursor else {})}
+            params = {
+                "lang": "en",
+                "limit": self.page_size,
+                "tags": " ".join(tags),
+                **({"next": cursor} if cursor else {}),
+            }
             page = await self.client.get_json(f"{self.base_url}/v2/posts/keyset", params)
             for item in page.get("data") or []:
                 yield item
@@ -59,7 +81,15 @@ class Sankaku:
         for tag in raw.get("tags") or []:
             by_type["character" if int(tag.get("type", 0)) == 4 else "general"].append(tag["name"])
         post = Post(
-            site=self.name, post_id=str(raw["id"]), md5=raw.get("md5") or "", filename="", url=url, width=width, height=height,
-            rating=raw.get("rating") or "", score=int(raw.get("total_score") or 0), tags=by_type,
-        )  # fmt: skip
+            site=self.name,
+            post_id=str(raw["id"]),
+            md5=raw.get("md5") or "",
+            filename="",
+            url=url,
+            width=width,
+            height=height,
+            rating=raw.get("rating") or "",
+            score=int(raw.get("total_score") or 0),
+            tags=by_type,
+        )
         return Candidate(post, url)

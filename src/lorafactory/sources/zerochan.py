@@ -26,7 +26,14 @@ def tag_path(tag: str) -> str:
 
 
 class Zerochan:
-    def __init__(self, client: SiteClient, base_url: str, page_size: int, name: str = "zerochan", auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        client: SiteClient,
+        base_url: str,
+        page_size: int,
+        name: str = "zerochan",
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         self.client, self.base_url, self.page_size, self.name = client, base_url.rstrip("/"), min(page_size, 250), name
 
     @staticmethod
@@ -52,7 +59,9 @@ class Zerochan:
             listing = await self._json(path, {"json": "", "p": page, "l": self.page_size, "s": "id"})
             if not listing or not listing.get("items"):
                 if page == 1 and listing is None:
-                    raise StageError(f"{self.name} has no tag {tags[0]!r}; set crawl.zerochan.tags to its exact Zerochan tag")
+                    raise StageError(
+                        f"{self.name} has no tag {tags[0]!r}; set crawl.zerochan.tags to its exact Zerochan tag"
+                    )
                 return
             for item in listing["items"]:
                 detail = await self._json(str(item["id"]), {"json": ""})
@@ -76,7 +85,13 @@ class Zerochan:
             return None
         url, w, h = chosen
         post = Post(
-            site=self.name, post_id=str(raw["id"]), md5=raw.get("md5") or raw.get("hash") or "", filename="", url=url,
-            width=w, height=h, tags={"general": list(raw.get("tags") or [])},
-        )  # fmt: skip
+            site=self.name,
+            post_id=str(raw["id"]),
+            md5=raw.get("md5") or raw.get("hash") or "",
+            filename="",
+            url=url,
+            width=w,
+            height=h,
+            tags={"general": list(raw.get("tags") or [])},
+        )
         return Candidate(post, url)

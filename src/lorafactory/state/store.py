@@ -82,7 +82,10 @@ class Store:
                 info.version = SCHEMA_VERSION  # migrations so far only add tables, which create_all did
             elif info.version > SCHEMA_VERSION:
                 raise ConfigError(
-                    f"state database schema v{info.version} is newer than this lorafactory (v{SCHEMA_VERSION}); upgrade lorafactory"
+                    (
+                        f"state database schema v{info.version} is newer than this "
+                        f"lorafactory (v{SCHEMA_VERSION}); upgrade lorafactory"
+                    )
                 )
 
     @contextmanager
@@ -169,13 +172,20 @@ class Store:
         with self.session() as session:
             session.add(
                 StageExecution(
-                    run_id=run_id, stage=stage, status="skipped", fingerprint=fingerprint, started_at=now, finished_at=now
+                    run_id=run_id,
+                    stage=stage,
+                    status="skipped",
+                    fingerprint=fingerprint,
+                    started_at=now,
+                    finished_at=now,
                 )
             )
 
     # checkpoints and metrics --------------------------------------------------
 
-    def record_checkpoints(self, run_id: int, checkpoints: dict[int, str], metrics: dict[int, dict[str, float | None]], kept: list[int]) -> None:
+    def record_checkpoints(
+        self, run_id: int, checkpoints: dict[int, str], metrics: dict[int, dict[str, float | None]], kept: list[int]
+    ) -> None:
         """Store each checkpoint with its metrics (None = could not be computed); ``selected`` is the
         step's rank among the kept steps (1 = best, 0 = not kept). A second evaluation in the same
         run (after the quality gate retrained) replaces the first."""
@@ -184,7 +194,9 @@ class Store:
             session.execute(delete(Metric).where(Metric.checkpoint_id.in_(old)))
             session.execute(delete(Checkpoint).where(Checkpoint.run_id == run_id))
             for step, path in sorted(checkpoints.items()):
-                checkpoint = Checkpoint(run_id=run_id, step=step, path=path, selected=kept.index(step) + 1 if step in kept else 0)
+                checkpoint = Checkpoint(
+                    run_id=run_id, step=step, path=path, selected=kept.index(step) + 1 if step in kept else 0
+                )
                 session.add(checkpoint)
                 session.flush()
                 for name, value in sorted(metrics.get(step, {}).items()):
@@ -201,19 +213,35 @@ class Store:
     def archive(self, collection: str, site: str, post_id: str, md5: str, filename: str, post: dict) -> None:
         with self.session() as session:
             exists = session.execute(
-                select(Download.id).where(Download.collection == collection, Download.site == site, Download.post_id == post_id)
+                select(Download.id).where(
+                    Download.collection == collection, Download.site == site, Download.post_id == post_id
+                )
             ).first()
             if exists is None:
-                session.add(Download(collection=collection, site=site, post_id=post_id, md5=md5, filename=filename, post=post, created_at=_now()))
+                session.add(
+                    Download(
+                        collection=collection,
+                        site=site,
+                        post_id=post_id,
+                        md5=md5,
+                        filename=filename,
+                        post=post,
+                        created_at=_now(),
+                    )
+                )
 
     def site_tag(self, site: str, name: str) -> tuple[str, int] | None:
         with self.session() as session:
-            row = session.execute(select(SiteTag).where(SiteTag.site == site, SiteTag.name == name)).scalar_one_or_none()
+            row = session.execute(
+                select(SiteTag).where(SiteTag.site == site, SiteTag.name == name)
+            ).scalar_one_or_none()
             return None if row is None else (row.tag, row.post_count)
 
     def remember_site_tag(self, site: str, name: str, tag: str, post_count: int) -> None:
         with self.session() as session:
-            row = session.execute(select(SiteTag).where(SiteTag.site == site, SiteTag.name == name)).scalar_one_or_none()
+            row = session.execute(
+                select(SiteTag).where(SiteTag.site == site, SiteTag.name == name)
+            ).scalar_one_or_none()
             if row is None:
                 session.add(SiteTag(site=site, name=name, tag=tag, post_count=post_count, created_at=_now()))
             else:
@@ -221,11 +249,23 @@ class Store:
 
     # reading -------------------------------------------------------------------
 
-    def record_publication(self, slug: str, target: str, url: str, step: int, release_fingerprint: str, uploaded: int, unchanged: int) -> None:
+    def record_publication(
+        self, slug: str, target: str, url: str, step: int, release_fingerprint: str, uploaded: int, unchanged: int
+    ) -> None:
         with self.session() as session:
             character = session.execute(select(Character).where(Character.slug == slug)).scalar_one()
-            session.add(Publication(character_id=character.id, target=target, url=url, step=step, release_fingerprint=release_fingerprint,
-                                    uploaded=uploaded, unchanged=unchanged, published_at=_now()))  # fmt: skip
+            session.add(
+                Publication(
+                    character_id=character.id,
+                    target=target,
+                    url=url,
+                    step=step,
+                    release_fingerprint=release_fingerprint,
+                    uploaded=uploaded,
+                    unchanged=unchanged,
+                    published_at=_now(),
+                )
+            )
 
     def character_summary(self, slug: str) -> dict[str, Any] | None:
         """The character, its latest run with stage records, and the newest checkpoint metrics."""
@@ -244,10 +284,16 @@ class Store:
                 "latest_run": None if latest is None else _run_dict(latest),
                 "checkpoints": [] if scored is None else [_checkpoint_dict(c) for c in scored.checkpoints],
                 "publications": [
-                    {"target": p.target, "url": p.url, "step": p.step, "uploaded": p.uploaded, "unchanged": p.unchanged,
-                     "published_at": p.published_at.isoformat()}
+                    {
+                        "target": p.target,
+                        "url": p.url,
+                        "step": p.step,
+                        "uploaded": p.uploaded,
+                        "unchanged": p.unchanged,
+                        "published_at": p.published_at.isoformat(),
+                    }
                     for p in reversed(character.publications)
-                ],  # fmt: skip
+                ],
             }
 
 

@@ -30,7 +30,9 @@ class FakeCivitai(LoopbackServer):
     images: dict[int, dict] = field(default_factory=dict)
     objects: dict[str, bytes] = field(default_factory=dict)  # completed uploads by URL
     image_blobs: dict[str, bytes] = field(default_factory=dict)
-    faults: dict[str, list[int]] = field(default_factory=dict)  # call name -> statuses for its next calls (0 = let it through)
+    faults: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # call name -> statuses for its next calls (0 = let it through)
     requests: list[str] = field(default_factory=list)
     _parts: dict[str, dict[int, bytes]] = field(default_factory=dict)
     _uploads: dict[str, str] = field(default_factory=dict)  # upload id -> key
@@ -41,7 +43,9 @@ class FakeCivitai(LoopbackServer):
 
     # --- the API ----------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, query: dict[str, str], body: bytes, token: str | None) -> tuple[int, object, dict]:
+    def handle(
+        self, method: str, path: str, query: dict[str, str], body: bytes, token: str | None
+    ) -> tuple[int, object, dict]:
         self.requests.append(f"{method} {path}")
         name = path.removeprefix("/api/trpc/") if path.startswith("/api/trpc/") else path
         status = self.faults[name].pop(0) if self.faults.get(name) else 0
@@ -62,12 +66,17 @@ class FakeCivitai(LoopbackServer):
             upload_id = uuid.uuid4().hex
             self._uploads[upload_id] = key
             count = max(1, -(-int(payload["size"]) // PART_BYTES))
-            urls = [{"url": f"{self.url}/s3/{key}?partNumber={i}&uploadId={upload_id}", "partNumber": i} for i in range(1, count + 1)]
+            urls = [
+                {"url": f"{self.url}/s3/{key}?partNumber={i}&uploadId={upload_id}", "partNumber": i}
+                for i in range(1, count + 1)
+            ]
             return 200, {"urls": urls, "bucket": "fake-bucket", "key": key, "uploadId": upload_id}, {}
         if path == "/api/upload/complete":
             parts = self._parts.get(payload["uploadId"], {})
             expected = [p["PartNumber"] for p in payload["parts"]]
-            if sorted(parts) != expected or any(f'"{hashlib.md5(parts[p["PartNumber"]]).hexdigest()}"' != p["ETag"] for p in payload["parts"]):
+            if sorted(parts) != expected or any(
+                f'"{hashlib.md5(parts[p["PartNumber"]]).hexdigest()}"' != p["ETag"] for p in payload["parts"]
+            ):
                 return 422, {"error": "Upload parts invalid or incomplete — please re-upload"}, {}
             location = f"{self.url}/files/{payload['key']}"
             self.objects[location] = b"".join(parts[n] for n in sorted(parts))

@@ -35,7 +35,9 @@ class FakeHub(LoopbackServer):
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     uploads: list[str] = field(default_factory=list)  # every path received in a commit, in order
     requests: list[str] = field(default_factory=list)  # "METHOD /path" of every request
-    commit_faults: list[int] = field(default_factory=list)  # HTTP status for the next commits, in order (0 = let it succeed)
+    commit_faults: list[int] = field(
+        default_factory=list
+    )  # HTTP status for the next commits, in order (0 = let it succeed)
     _server: ThreadingHTTPServer | None = None
 
     # --- the API ----------------------------------------------------------------------
@@ -53,7 +55,9 @@ class FakeHub(LoopbackServer):
             repo_id = f"{payload.get('organization') or self.user}/{payload['name']}"
             if repo_id in self.repos:
                 return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
-            self.repos[repo_id] = FakeRepo(private=payload.get("visibility") == "private" or bool(payload.get("private")))
+            self.repos[repo_id] = FakeRepo(
+                private=payload.get("visibility") == "private" or bool(payload.get("private"))
+            )
             return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}
         parts = path.split("/")  # /api/models/<ns>/<name>/<action>/<revision>[/...]
         if len(parts) < 7 or parts[:3] != ["", "api", "models"]:
@@ -63,7 +67,10 @@ class FakeHub(LoopbackServer):
         if repo is None:
             return 404, {"error": "Repository not found"}
         if method == "GET" and action == "tree":
-            return 200, [{"type": "file", "path": name, "size": len(data), "oid": git_blob_id(data)} for name, data in sorted(repo.files.items())]
+            return 200, [
+                {"type": "file", "path": name, "size": len(data), "oid": git_blob_id(data)}
+                for name, data in sorted(repo.files.items())
+            ]
         if method == "POST" and action == "preupload":
             files = json.loads(body)["files"]
             return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
@@ -104,5 +111,7 @@ class FakeHub(LoopbackServer):
     # --- the server --------------------------------------------------------------------
 
     def start(self) -> FakeHub:
-        self._serve(json_handler(lambda method, path, _query, body, token: (*self.handle(method, path, body, token), {})))
+        self._serve(
+            json_handler(lambda method, path, _query, body, token: (*self.handle(method, path, body, token), {}))
+        )
         return self

@@ -56,7 +56,13 @@ def json_handler(answer: JsonAnswer) -> type[BaseHTTPRequestHandler]:
             auth = self.headers.get("Authorization", "")
             parsed = urlparse(self.path)
             query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
-            status, payload, headers = answer(method, unquote(parsed.path), query, body, auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None)
+            status, payload, headers = answer(
+                method,
+                unquote(parsed.path),
+                query,
+                body,
+                auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None,
+            )
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

@@ -55,7 +55,9 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, out: str | list[str] | None = None, **attrs) -> str | list[str]:
+    def op(
+        self, op_type: str, *inputs: str, outputs: int = 1, out: str | list[str] | None = None, **attrs
+    ) -> str | list[str]:
         if out is None:
             names = [self.name(op_type.lower()) for _ in range(outputs)]
         else:
@@ -104,7 +106,12 @@ def saturation(g: GraphBuilder, rgb: str, pool: int) -> str:
     darkest = g.op("ReduceMin", small, keepdims=1, axes=[1])
     spread = g.op("Sub", g.op("ReduceMax", small, keepdims=1, axes=[1]), darkest)
     figure = g.op("Cast", g.op("Less", darkest, g.const(0.9)), to=TensorProto.FLOAT)
-    total = g.op("ReduceSum", g.op("Reshape", g.op("Mul", spread, figure), g.const([0, -1], np.int64)), g.const([1], np.int64), keepdims=1)
+    total = g.op(
+        "ReduceSum",
+        g.op("Reshape", g.op("Mul", spread, figure), g.const([0, -1], np.int64)),
+        g.const([1], np.int64),
+        keepdims=1,
+    )
     count = g.op("ReduceSum", g.op("Reshape", figure, g.const([0, -1], np.int64)), g.const([1], np.int64), keepdims=1)
     return g.op("Div", total, g.op("Add", count, g.const(1.0)))
 

@@ -93,7 +93,9 @@ class Replay(LoopbackServer):
             def log_message(self, *_args: object) -> None:
                 return
 
-            def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+            def _send(
+                self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 for key, value in (headers or {}).items():
@@ -116,11 +118,15 @@ class Replay(LoopbackServer):
                 parsed = urlparse(self.path)
                 if parsed.path.startswith("/data/") and parsed.path[6:] in files:
                     path = files[parsed.path[6:]]
-                    self._send(200, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+                    self._send(
+                        200, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                    )
                     return
                 replay.agents.append(self.headers.get("User-Agent", ""))
                 replay.authorizations.append(self.headers.get("Authorization", ""))
-                status, body = replay.api(parsed.path, {k: v[0] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()})
+                status, body = replay.api(
+                    parsed.path, {k: v[0] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()}
+                )
                 if 300 <= status < 400:  # the body names the new path; the query is kept
                     self._send(status, b"", "text/plain", {"Location": f"/{body.decode()}?{parsed.query}"})
                     return
@@ -156,17 +162,32 @@ class DanbooruReplay(Replay):
         if path == "/autocomplete.json":
             prefix = query.get("search[query]", "").rstrip("*")
             found = [
-                {"type": "tag", "label": tag.replace("_", " "), "value": tag, "category": 4, "post_count": count, "antecedent": None}
+                {
+                    "type": "tag",
+                    "label": tag.replace("_", " "),
+                    "value": tag,
+                    "category": 4,
+                    "post_count": count,
+                    "antecedent": None,
+                }
                 for tag, count in self.character_counts().items()
                 if tag.startswith(prefix)
             ]
             return _json(sorted(found, key=lambda t: -t["post_count"])[:10])
         if path == "/wiki_pages.json":
             name = query.get("search[other_names_match]", "")
-            return _json([{"title": tag, "other_names": names} for tag, names in self.other_names.items() if name in names])
+            return _json(
+                [{"title": tag, "other_names": names} for tag, names in self.other_names.items() if name in names]
+            )
         if path == "/tags.json":
             wanted = set(query.get("search[name_comma]", "").split(","))
-            return _json([{"name": t, "post_count": n, "category": 4} for t, n in self.character_counts().items() if t in wanted])
+            return _json(
+                [
+                    {"name": t, "post_count": n, "category": 4}
+                    for t, n in self.character_counts().items()
+                    if t in wanted
+                ]
+            )
         if path != "/posts.json":
             return 404, b'{"success": false}'
         limit, page = int(query.get("limit", "20")), query.get("page", "1")
@@ -174,20 +195,37 @@ class DanbooruReplay(Replay):
         if page.startswith("b"):
             chunk = [p for p in matching if p.id < int(page[1:])][:limit]
         elif int(page) > self.page_cap:
-            return 410, json.dumps({"success": False, "message": f"You cannot go beyond page {self.page_cap}."}).encode()
+            return 410, json.dumps(
+                {"success": False, "message": f"You cannot go beyond page {self.page_cap}."}
+            ).encode()
         else:
             chunk = matching[(int(page) - 1) * limit : int(page) * limit]
         general = lambda p: sorted(p.image.general)  # noqa: E731
         return _json(
             [
                 {
-                    "id": p.id, "md5": p.md5, "rating": "g", "score": 10, "image_width": p.width, "image_height": p.height,
-                    "file_ext": p.image.path.suffix.lstrip("."), "tag_string": " ".join(p.tags),
-                    "tag_string_general": " ".join(general(p)), "tag_string_character": " ".join(p.image.character),
-                    "tag_string_copyright": "", "tag_string_artist": "", "tag_string_meta": "", "is_deleted": False,
-                    "is_banned": False, "file_url": self.file_url(p),
-                    "media_asset": {"variants": [{"type": "original", "url": self.file_url(p), "width": p.width, "height": p.height}]},
-                }  # fmt: skip
+                    "id": p.id,
+                    "md5": p.md5,
+                    "rating": "g",
+                    "score": 10,
+                    "image_width": p.width,
+                    "image_height": p.height,
+                    "file_ext": p.image.path.suffix.lstrip("."),
+                    "tag_string": " ".join(p.tags),
+                    "tag_string_general": " ".join(general(p)),
+                    "tag_string_character": " ".join(p.image.character),
+                    "tag_string_copyright": "",
+                    "tag_string_artist": "",
+                    "tag_string_meta": "",
+                    "is_deleted": False,
+                    "is_banned": False,
+                    "file_url": self.file_url(p),
+                    "media_asset": {
+                        "variants": [
+                            {"type": "original", "url": self.file_url(p), "width": p.width, "height": p.height}
+                        ]
+                    },
+                }
                 for p in chunk
             ]
         )
@@ -206,8 +244,14 @@ class GelbooruReplay(Replay):
             return 401, b'{"success": false, "message": "Missing authentication"}'
         if query.get("s") == "tag":
             needle = query.get("name_pattern", "").strip("%")
-            tags = [{"id": i, "name": t, "count": n, "type": 4, "ambiguous": 0} for i, (t, n) in enumerate(self.character_counts().items()) if needle in t]
-            return _json({"@attributes": {"limit": 100, "offset": 0, "count": len(tags)}, **({"tag": tags} if tags else {})})
+            tags = [
+                {"id": i, "name": t, "count": n, "type": 4, "ambiguous": 0}
+                for i, (t, n) in enumerate(self.character_counts().items())
+                if needle in t
+            ]
+            return _json(
+                {"@attributes": {"limit": 100, "offset": 0, "count": len(tags)}, **({"tag": tags} if tags else {})}
+            )
         limit, pid = int(query.get("limit", "100")), int(query.get("pid", "0"))
         if pid * limit >= self.page_cap * limit:
             return _json({"@attributes": {"limit": limit, "offset": pid * limit, "count": 0}})
@@ -217,10 +261,19 @@ class GelbooruReplay(Replay):
         if chunk:
             body["post"] = [
                 {
-                    "id": p.id, "md5": p.md5, "width": p.width, "height": p.height, "score": 3, "rating": "general",
-                    "tags": " ".join(p.tags), "file_url": self.file_url(p), "sample_url": "", "sample_width": 0,
-                    "sample_height": 0, "status": "active",
-                }  # fmt: skip
+                    "id": p.id,
+                    "md5": p.md5,
+                    "width": p.width,
+                    "height": p.height,
+                    "score": 3,
+                    "rating": "general",
+                    "tags": " ".join(p.tags),
+                    "file_url": self.file_url(p),
+                    "sample_url": "",
+                    "sample_width": 0,
+                    "sample_height": 0,
+                    "status": "active",
+                }
                 for p in chunk
             ]
         return _json(body)
@@ -232,7 +285,11 @@ class MoebooruReplay(Replay):
     def api(self, path: str, query: dict[str, str]) -> Reply:
         if path == "/tag.json":
             needle = query.get("name", "")
-            tags = [{"id": i, "name": t, "count": n, "type": 4, "ambiguous": False} for i, (t, n) in enumerate(self.character_counts().items()) if needle in t]
+            tags = [
+                {"id": i, "name": t, "count": n, "type": 4, "ambiguous": False}
+                for i, (t, n) in enumerate(self.character_counts().items())
+                if needle in t
+            ]
             return _json(sorted(tags, key=lambda t: -t["count"]))
         if path != "/post.json":
             return 404, b"[]"
@@ -243,11 +300,23 @@ class MoebooruReplay(Replay):
         return _json(
             [
                 {
-                    "id": p.id, "md5": p.md5, "tags": " ".join(p.tags), "rating": "s", "score": 5, "width": p.width,
-                    "height": p.height, "file_url": self.file_url(p), "file_ext": p.image.path.suffix.lstrip("."),
-                    "sample_url": self.file_url(p), "sample_width": p.width, "sample_height": p.height,
-                    "jpeg_url": self.file_url(p), "jpeg_width": p.width, "jpeg_height": p.height, "status": "active",
-                }  # fmt: skip
+                    "id": p.id,
+                    "md5": p.md5,
+                    "tags": " ".join(p.tags),
+                    "rating": "s",
+                    "score": 5,
+                    "width": p.width,
+                    "height": p.height,
+                    "file_url": self.file_url(p),
+                    "file_ext": p.image.path.suffix.lstrip("."),
+                    "sample_url": self.file_url(p),
+                    "sample_width": p.width,
+                    "sample_height": p.height,
+                    "jpeg_url": self.file_url(p),
+                    "jpeg_width": p.width,
+                    "jpeg_height": p.height,
+                    "status": "active",
+                }
                 for p in matching[(page - 1) * limit : page * limit]
             ]
         )
@@ -268,15 +337,29 @@ class ZerochanReplay(Replay):
             post = next((p for p in self.posts if p.id == int(name)), None)
             if post is None:
                 return 404, b"{}"
-            return _raw_control({"id": post.id, "small": "", "medium": "", "large": "", "full": self.file_url(post),
-                                 "width": post.width, "height": post.height, "hash": post.md5, "tags": post.tags})  # fmt: skip
+            return _raw_control(
+                {
+                    "id": post.id,
+                    "small": "",
+                    "medium": "",
+                    "large": "",
+                    "full": self.file_url(post),
+                    "width": post.width,
+                    "height": post.height,
+                    "hash": post.md5,
+                    "tags": post.tags,
+                }
+            )
         tags = set(name.split(","))
         matching = [p for p in self.posts if tags <= set(p.image.character)]
         if not matching:
             return 404, b"{}"
         limit, page = int(query.get("l", "20")), int(query.get("p", "1"))
         chunk = matching[(page - 1) * limit : page * limit]
-        items = [{"id": p.id, "width": p.width, "height": p.height, "md5": p.md5, "tag": name, "tags": p.tags} for p in chunk]
+        items = [
+            {"id": p.id, "width": p.width, "height": p.height, "md5": p.md5, "tag": name, "tags": p.tags}
+            for p in chunk
+        ]
         return _raw_control({"items": items, "next": page * limit < len(matching)})
 
 
@@ -299,10 +382,20 @@ class AnimePicturesReplay(Replay):
             post = next((p for p in self.posts if p.id == int(path.rsplit("/", 1)[-1])), None)
             if post is None:
                 return 404, b"{}"
-            return _json({"post": {"id": post.id}, "tags": [{"tag": {"tag": t.replace("_", " ")}} for t in post.tags], "file_url": post.image.path.name})
+            return _json(
+                {
+                    "post": {"id": post.id},
+                    "tags": [{"tag": {"tag": t.replace("_", " ")}} for t in post.tags],
+                    "file_url": post.image.path.name,
+                }
+            )
         if path == "/api/v3/tags":
             needle = query.get("tag:smart_like", "").replace(" ", "_")
-            found = [{"id": i, "tag": t.replace("_", " "), "num": n, "type": 1} for i, (t, n) in enumerate(self.character_counts().items()) if needle in t]
+            found = [
+                {"id": i, "tag": t.replace("_", " "), "num": n, "type": 1}
+                for i, (t, n) in enumerate(self.character_counts().items())
+                if needle in t
+            ]
             return _json({"tags": found})
         if path != "/api/v3/posts":
             return 404, b"{}"
@@ -310,8 +403,26 @@ class AnimePicturesReplay(Replay):
         matching = self.matching(wanted)
         page = int(query.get("page", "0"))
         chunk = matching[page * per_page : (page + 1) * per_page]
-        posts = [{"id": p.id, "md5": p.md5, "ext": p.image.path.suffix, "width": p.width, "height": p.height, "erotics": 0, "score_number": 3} for p in chunk]
-        return _json({"posts": posts, "page_number": page, "posts_count": len(matching), "max_pages": -(-len(matching) // per_page)})
+        posts = [
+            {
+                "id": p.id,
+                "md5": p.md5,
+                "ext": p.image.path.suffix,
+                "width": p.width,
+                "height": p.height,
+                "erotics": 0,
+                "score_number": 3,
+            }
+            for p in chunk
+        ]
+        return _json(
+            {
+                "posts": posts,
+                "page_number": page,
+                "posts_count": len(matching),
+                "max_pages": -(-len(matching) // per_page),
+            }
+        )
 
 
 class SankakuReplay(Replay):
@@ -339,7 +450,13 @@ class SankakuReplay(Replay):
             return (404, b"") if post is None else (200, post.image.path.read_bytes())
         if path == "/tags":
             prefix = query.get("name", "").rstrip("*")
-            return _json([{"id": i, "name": t, "post_count": n, "type": 4} for i, (t, n) in enumerate(self.character_counts().items()) if t.startswith(prefix)])
+            return _json(
+                [
+                    {"id": i, "name": t, "post_count": n, "type": 4}
+                    for i, (t, n) in enumerate(self.character_counts().items())
+                    if t.startswith(prefix)
+                ]
+            )
         if path != "/v2/posts/keyset":
             return 404, b"{}"
         logged_in = self.authorizations[-1] == f"Bearer {self.token}"
@@ -348,12 +465,23 @@ class SankakuReplay(Replay):
         limit = int(query.get("limit", "40"))
         chunk = matching[start : start + limit]
         data = [
-            {"id": f"s{p.id:x}", "md5": p.md5, "rating": "s", "width": p.width, "height": p.height, "total_score": 4,
-             "file_url": "" if p.image.path.name in self.contentious and not logged_in else f"{self.url}/files/{p.image.path.name}?e=1&m=sig",
-             "sample_url": "", "sample_width": 0, "sample_height": 0,
-             "tags": [{"name": t, "type": 4 if t in p.image.character else 0} for t in p.tags]}
+            {
+                "id": f"s{p.id:x}",
+                "md5": p.md5,
+                "rating": "s",
+                "width": p.width,
+                "height": p.height,
+                "total_score": 4,
+                "file_url": ""
+                if p.image.path.name in self.contentious and not logged_in
+                else f"{self.url}/files/{p.image.path.name}?e=1&m=sig",
+                "sample_url": "",
+                "sample_width": 0,
+                "sample_height": 0,
+                "tags": [{"name": t, "type": 4 if t in p.image.character else 0} for t in p.tags],
+            }
             for p in chunk
-        ]  # fmt: skip
+        ]
         more = start + limit < len(matching)
         return _json({"meta": {"next": f"{start + limit:x}" if more else None, "prev": None}, "data": data})
 
@@ -383,13 +511,28 @@ class PixivReplay(Replay):
             return 400, b'{"error": {"message": "offset must be no more than the limit"}}'
         words = set(query.get("word", "").split())
         dated = [(p, f"2024-01-{28 - i % 28:02d}T00:00:00+09:00") for i, p in enumerate(self.posts)]
-        matching = [(p, d) for p, d in dated if words <= set(p.image.character) and d[:10] <= query.get("end_date", "9999")]
+        matching = [
+            (p, d) for p, d in dated if words <= set(p.image.character) and d[:10] <= query.get("end_date", "9999")
+        ]
         chunk = matching[offset : offset + self.per_page]
         works = [
-            {"id": p.id, "type": "illust", "width": p.width, "height": p.height, "create_date": d, "x_restrict": 0,
-             "total_bookmarks": 7, "tags": [{"name": t} for t in p.tags],
-             "meta_single_page": {"original_image_url": f"{self.url}/img/{p.image.path.name}"}}
+            {
+                "id": p.id,
+                "type": "illust",
+                "width": p.width,
+                "height": p.height,
+                "create_date": d,
+                "x_restrict": 0,
+                "total_bookmarks": 7,
+                "tags": [{"name": t} for t in p.tags],
+                "meta_single_page": {"original_image_url": f"{self.url}/img/{p.image.path.name}"},
+            }
             for p, d in chunk
-        ]  # fmt: skip
+        ]
         more = offset + self.per_page < len(matching)
-        return _json({"illusts": works, "next_url": f"{self.url}/v1/search/illust?offset={offset + self.per_page}" if more else None})
+        return _json(
+            {
+                "illusts": works,
+                "next_url": f"{self.url}/v1/search/illust?offset={offset + self.per_page}" if more else None,
+            }
+        )

@@ -12,10 +12,21 @@ from pathlib import Path
 
 import torch
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2", "conv_in": "input_blocks.0.0",
-             "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -35,7 +46,8 @@ def _unet_key(name: str, layers: int, up_has_attention: list[bool]) -> str:
         return f"output_blocks.{block * (layers + 1) + layers}.{2 if up_has_attention[block] else 1}.{match[2]}"
     if match := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", name):
         kind, index, rest = match.groups()
-        return f"middle_block.{1 if kind == 'attentions' else 2 * int(index)}.{_resnet_rest(rest) if kind == 'resnets' else rest}"
+        position = 1 if kind == "attentions" else 2 * int(index)
+        return f"middle_block.{position}.{_resnet_rest(rest) if kind == 'resnets' else rest}"
     raise ValueError(f"no original name for UNet weight {name!r}")
 
 
@@ -76,7 +88,9 @@ def write_ldm_checkpoint(pipeline_dir: Path, out: Path) -> Path:
             tensor = tensor[:, :, None, None]  # the original VAE's attention projections are 1x1 convolutions
         tensors["first_stage_model." + _vae_key(name, blocks)] = tensor
     for name, tensor in pipe.text_encoder.state_dict().items():  # transformers 5 dropped the text_model level
-        tensors["cond_stage_model.transformer." + (name if name.startswith("text_model.") else "text_model." + name)] = tensor
+        tensors[
+            "cond_stage_model.transformer." + (name if name.startswith("text_model.") else "text_model." + name)
+        ] = tensor
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
     return out

@@ -143,7 +143,9 @@ def _detector(label: str, band: tuple[float, float] | None) -> onnx.ModelProto:
 def _ccip_feature() -> onnx.ModelProto:
     """Palette histogram of the non-background colours, rotated into 768 dimensions."""
     g = GraphBuilder()
-    rgb = g.op("Add", g.op("Mul", "input", g.const(CLIP_STD.reshape(1, 3, 1, 1))), g.const(CLIP_MEAN.reshape(1, 3, 1, 1)))
+    rgb = g.op(
+        "Add", g.op("Mul", "input", g.const(CLIP_STD.reshape(1, 3, 1, 1))), g.const(CLIP_MEAN.reshape(1, 3, 1, 1))
+    )
     hist = palette_fractions(g, rgb, pool=8)
     keep = [i for i, name in enumerate(PALETTE_NAMES) if name not in ("white", "skin")]
     colours = g.op("Gather", hist, g.const(keep, np.int64), axis=1)
@@ -154,7 +156,12 @@ def _ccip_feature() -> onnx.ModelProto:
 def _ccip_metrics() -> onnx.ModelProto:
     """Pairwise difference ``clip((1 - cos) / 2, 0, 1)``: small for the same character."""
     g = GraphBuilder()
-    norm = g.op("Sqrt", g.op("Add", g.op("ReduceSum", g.op("Mul", "input", "input"), g.const([1], np.int64), keepdims=1), g.const(1e-12)))
+    norm = g.op(
+        "Sqrt",
+        g.op(
+            "Add", g.op("ReduceSum", g.op("Mul", "input", "input"), g.const([1], np.int64), keepdims=1), g.const(1e-12)
+        ),
+    )
     unit = g.op("Div", "input", norm)
     cosine = g.op("MatMul", unit, g.op("Transpose", unit, perm=[1, 0]))
     diff = g.op("Mul", g.op("Sub", g.const(1.0), cosine), g.const(0.5))
@@ -218,7 +225,11 @@ def _wd14_model(tags: list[tuple[str, int, np.ndarray, float, bool]]) -> onnx.Mo
     relative = np.stack([t[2] if t[4] else np.zeros_like(t[2]) for t in tags], axis=1)
     absolute = np.stack([np.zeros_like(t[2]) if t[4] else t[2] for t in tags], axis=1)
     bias = np.array([t[3] for t in tags], dtype=np.float32)
-    logits = g.op("Add", g.op("Add", g.op("MatMul", figure, g.const(relative)), g.op("MatMul", hist, g.const(absolute))), g.const(bias))
+    logits = g.op(
+        "Add",
+        g.op("Add", g.op("MatMul", figure, g.const(relative)), g.op("MatMul", hist, g.const(absolute))),
+        g.const(bias),
+    )
     g.op("Sigmoid", logits, out="predictions_sigmoid")
     g.op("MatMul", hist, g.const(orthonormal_rows(len(PALETTE_NAMES), 1024, seed=11)), out="embedding")
     return g.model(

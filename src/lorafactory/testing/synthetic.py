@@ -54,13 +54,26 @@ class Character:
         accent = _rgb(self.accents[outfit % len(self.accents)], rng)
         if outfit % 3 == 0:  # dress
             draw.polygon(
-                [(cx - head_r * 0.9, shoulder), (cx + head_r * 0.9, shoulder), (cx + head_r * 2.0, bottom - body_h * 0.12), (cx - head_r * 2.0, bottom - body_h * 0.12)],
+                [
+                    (cx - head_r * 0.9, shoulder),
+                    (cx + head_r * 0.9, shoulder),
+                    (cx + head_r * 2.0, bottom - body_h * 0.12),
+                    (cx - head_r * 2.0, bottom - body_h * 0.12),
+                ],
                 fill=main,
             )
         elif outfit % 3 == 1:  # shirt and skirt
             mid = shoulder + body_h * 0.3
             draw.rectangle((cx - head_r, shoulder, cx + head_r, mid), fill=main)
-            draw.polygon([(cx - head_r, mid), (cx + head_r, mid), (cx + head_r * 1.6, mid + body_h * 0.25), (cx - head_r * 1.6, mid + body_h * 0.25)], fill=accent)
+            draw.polygon(
+                [
+                    (cx - head_r, mid),
+                    (cx + head_r, mid),
+                    (cx + head_r * 1.6, mid + body_h * 0.25),
+                    (cx - head_r * 1.6, mid + body_h * 0.25),
+                ],
+                fill=accent,
+            )
         else:  # coat
             draw.rectangle((cx - head_r * 1.2, shoulder, cx + head_r * 1.2, bottom - body_h * 0.15), fill=main)
             draw.rectangle((cx - head_r * 0.15, shoulder, cx + head_r * 0.15, bottom - body_h * 0.15), fill=accent)
@@ -71,11 +84,18 @@ class Character:
         draw.rectangle((cx + head_r * 0.2, leg_top, cx + head_r * 0.6, bottom), fill=skin)
         # head, fringe and eyes
         draw.ellipse((cx - head_r, head_cy - head_r, cx + head_r, head_cy + head_r), fill=skin)
-        draw.chord((cx - head_r * 1.1, head_cy - head_r * 1.15, cx + head_r * 1.1, head_cy + head_r * 0.6), 180, 360, fill=hair)
+        draw.chord(
+            (cx - head_r * 1.1, head_cy - head_r * 1.15, cx + head_r * 1.1, head_cy + head_r * 0.6),
+            180,
+            360,
+            fill=hair,
+        )
         eye = _rgb(self.eyes, rng)
         for side in (-1, 1):
             ex = cx + side * head_r * 0.4
-            draw.ellipse((ex - head_r * 0.14, head_cy + head_r * 0.05, ex + head_r * 0.14, head_cy + head_r * 0.4), fill=eye)
+            draw.ellipse(
+                (ex - head_r * 0.14, head_cy + head_r * 0.05, ex + head_r * 0.14, head_cy + head_r * 0.4), fill=eye
+            )
         return image
 
 
@@ -140,7 +160,9 @@ def generate_dataset(
         image, source = mains[-1 - i]
         w, h = image.size
         record = SyntheticImage(f"dup_{i:03d}.jpg", character.name, "near_duplicate", source.tags)
-        image.crop((2, 2, w - 2, h - 2)).filter(ImageFilter.GaussianBlur(0.6)).save(folder / record.filename, quality=90)
+        image.crop((2, 2, w - 2, h - 2)).filter(ImageFilter.GaussianBlur(0.6)).save(
+            folder / record.filename, quality=90
+        )
         made.append(record)
     strangers = [c for c in CHARACTERS if c.name != character.name]
     for i in range(others):

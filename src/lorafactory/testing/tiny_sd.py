@@ -21,7 +21,9 @@ _WORDS = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable character table (a documented part of its BPE format)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -51,13 +53,19 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 
 # SDXL 1.0's UNet configuration (2.6B parameters).
 FULL_SDXL_UNET = dict(
-    sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    sample_size=128,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
-)  # fmt: skip
+)
 
 
 def _tokenizer(folder: Path, pad: str = "<|endoftext|>"):
@@ -76,10 +84,17 @@ def _clip_config(hidden: int, layers: int, heads: int, projection: int):
 
     vocab, _ = _vocab_and_merges()
     return CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=(4 if hidden >= 768 else 2) * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77, projection_dim=projection,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-    )  # fmt: skip
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=(4 if hidden >= 768 else 2) * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
 
 
 def _vae(full_size: bool):
@@ -155,12 +170,23 @@ def build_tiny_sd(path: Path, seed: int = 0, full_size: bool = False) -> Path:
                 norm_num_groups=16,
             )
         scheduler = PNDMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            skip_prk_steps=True,
+            steps_offset=1,
         )
         return StableDiffusionPipeline(
-            vae=_vae(full_size), text_encoder=text_encoder, tokenizer=_tokenizer(work / "tok"), unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
+            vae=_vae(full_size),
+            text_encoder=text_encoder,
+            tokenizer=_tokenizer(work / "tok"),
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
     return _cached_build(path, _save_pipeline(make, half=full_size))
 
@@ -180,24 +206,48 @@ def build_tiny_sdxl(path: Path, seed: int = 0, full_size: bool = False) -> Path:
     def make(work: Path):
         torch.manual_seed(seed)
         if full_size:
-            encoders = (CLIPTextModel(_clip_config(768, 12, 12, 768)), CLIPTextModelWithProjection(_clip_config(1280, 32, 20, 1280)))
+            encoders = (
+                CLIPTextModel(_clip_config(768, 12, 12, 768)),
+                CLIPTextModelWithProjection(_clip_config(1280, 32, 20, 1280)),
+            )
             unet = UNet2DConditionModel(**FULL_SDXL_UNET)
         else:
-            encoders = (CLIPTextModel(_clip_config(32, 3, 4, 32)), CLIPTextModelWithProjection(_clip_config(48, 3, 4, 40)))
+            encoders = (
+                CLIPTextModel(_clip_config(32, 3, 4, 32)),
+                CLIPTextModelWithProjection(_clip_config(48, 3, 4, 40)),
+            )
             unet = UNet2DConditionModel(
-                sample_size=16, layers_per_block=2, block_out_channels=(32, 64),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=32 + 48,
-                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=40 + 6 * 8, norm_num_groups=16,
-            )  # fmt: skip
+                sample_size=16,
+                layers_per_block=2,
+                block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2),
+                attention_head_dim=(2, 4),
+                cross_attention_dim=32 + 48,
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=40 + 6 * 8,
+                norm_num_groups=16,
+            )
         scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading"
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            timestep_spacing="leading",
         )
         return StableDiffusionXLPipeline(
-            vae=_vae(full_size), text_encoder=encoders[0], text_encoder_2=encoders[1],
-            tokenizer=_tokenizer(work / "tok"), tokenizer_2=_tokenizer(work / "tok2", pad="!"), unet=unet, scheduler=scheduler,
-        )  # fmt: skip
+            vae=_vae(full_size),
+            text_encoder=encoders[0],
+            text_encoder_2=encoders[1],
+            tokenizer=_tokenizer(work / "tok"),
+            tokenizer_2=_tokenizer(work / "tok2", pad="!"),
+            unet=unet,
+            scheduler=scheduler,
+        )
 
     return _cached_build(path, _save_pipeline(make, half=full_size))
 
@@ -211,10 +261,19 @@ def build_tiny_clip(path: Path, seed: int = 0) -> Path:
     def write(work: Path, out: Path) -> None:
         torch.manual_seed(seed)
         text = _clip_config(32, 2, 4, 32)
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        )
         model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32))
         processor = CLIPProcessor(
-            image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=_tokenizer(work / "tok")
+            image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+            tokenizer=_tokenizer(work / "tok"),
         )
         model.save_pretrained(out, safe_serialization=True)
         processor.save_pretrained(out)

@@ -35,13 +35,22 @@ class Example:
 
 
 def build_caption(
-    trigger: str | None, tags: list[str], rng: random.Random, shuffle: bool, tag_dropout: float, caption_dropout: float, keep_tokens: int = 0
+    trigger: str | None,
+    tags: list[str],
+    rng: random.Random,
+    shuffle: bool,
+    tag_dropout: float,
+    caption_dropout: float,
+    keep_tokens: int = 0,
 ) -> str:
     """Trigger first (none for regularization images), then ``keep_tokens`` fixed tags, then the
     rest (shuffled, dropped out)."""
     if caption_dropout and rng.random() < caption_dropout:
         return ""
-    fixed, rest = list(tags[:keep_tokens]), [tag for tag in tags[keep_tokens:] if not (tag_dropout and rng.random() < tag_dropout)]
+    fixed, rest = (
+        list(tags[:keep_tokens]),
+        [tag for tag in tags[keep_tokens:] if not (tag_dropout and rng.random() < tag_dropout)],
+    )
     if shuffle:
         rng.shuffle(rest)
     return ", ".join([*([trigger] if trigger else []), *fixed, *rest])
@@ -119,7 +128,11 @@ def load_examples(
             log.warning("skipping unreadable training image %s: %s", record["file"], exc)
             counts["unreadable"] += 1
             continue
-        placement = buckets.fit_fixed(image.width, image.height, fixed) if fixed else buckets.fit(image.width, image.height, resolution, step)
+        placement = (
+            buckets.fit_fixed(image.width, image.height, fixed)
+            if fixed
+            else buckets.fit(image.width, image.height, resolution, step)
+        )
         if placement is None:
             counts["too_small"] += 1
             continue
@@ -162,7 +175,9 @@ def split_validation(examples: list[Example], share: float, seed: int) -> tuple[
     return [ex for ex in examples if ex.source not in held], [ex for ex in examples if ex.source in held]
 
 
-def batch_plan(examples: list[Example], batch_size: int, rng: random.Random, repeats: dict[str, int]) -> list[list[int]]:
+def batch_plan(
+    examples: list[Example], batch_size: int, rng: random.Random, repeats: dict[str, int]
+) -> list[list[int]]:
     """One epoch of batches: each training example ``repeats[group]`` times, shuffled within its
     bucket, batch order shuffled.
 

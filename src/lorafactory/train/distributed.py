@@ -49,7 +49,11 @@ class Collective:
             from accelerate import PartialState
 
             self._state = PartialState(cpu=device.type == "cpu")
-            self.rank, self.size, self.device = self._state.process_index, self._state.num_processes, self._state.device
+            self.rank, self.size, self.device = (
+                self._state.process_index,
+                self._state.num_processes,
+                self._state.device,
+            )
 
     @property
     def is_main(self) -> bool:
@@ -68,7 +72,9 @@ class Collective:
         from accelerate.utils import reduce
 
         params = [p for p in params if p.requires_grad]
-        present = reduce(torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=loss.device), "sum")
+        present = reduce(
+            torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=loss.device), "sum"
+        )
         used = [p for p, count in zip(params, present.tolist()) if count > 0]
         for p in used:
             if p.grad is None:
@@ -128,9 +134,13 @@ def worker_main(job_file: str) -> int:
     relay = _RelayProgress(sys.stdout) if main else None
     try:
         result = train(
-            Settings.model_validate(job["settings"]), job["trigger"], Path(job["dataset_dir"]), Path(job["out_dir"]),
-            relay or SilentProgress(), job["stop_after"],
-        )  # fmt: skip
+            Settings.model_validate(job["settings"]),
+            job["trigger"],
+            Path(job["dataset_dir"]),
+            Path(job["out_dir"]),
+            relay or SilentProgress(),
+            job["stop_after"],
+        )
     except (StageError, ConfigError) as exc:
         if relay:
             relay._emit(error=str(exc), kind=type(exc).__name__)
@@ -146,23 +156,54 @@ def worker_main(job_file: str) -> int:
 def _check_devices(settings: Settings) -> None:
     n, device = settings.train.num_processes, settings.train.device
     if device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < n:
-        raise ConfigError(f"train.num_processes = {n} but only {torch.cuda.device_count()} GPU(s) are visible; lower train.num_processes")
+        raise ConfigError(
+            (
+                f"train.num_processes = {n} but only {torch.cuda.device_count()} "
+                "GPU(s) are visible; lower train.num_processes"
+            )
+        )
     if device != "cpu" and not torch.cuda.is_available():
-        raise ConfigError(f"train.num_processes = {n} needs {n} GPUs and none is visible; set train.num_processes = 1 (or train.device = 'cpu')")
+        raise ConfigError(
+            (
+                f"train.num_processes = {n} needs {n} GPUs and none is visible; "
+                "set train.num_processes = 1 (or train.device = 'cpu')"
+            )
+        )
 
 
-def launch(settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, progress: Progress, stop_after: int | None) -> TrainResult:
+def launch(
+    settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, progress: Progress, stop_after: int | None
+) -> TrainResult:
     """Train on ``train.num_processes`` processes and return the main one's result."""
     from lorafactory.train.trainer import TrainResult
 
     _check_devices(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     job_file = out_dir / JOB_FILE
-    job = {"settings": settings.model_dump(mode="json"), "trigger": trigger, "dataset_dir": str(dataset_dir), "out_dir": str(out_dir), "stop_after": stop_after}
+    job = {
+        "settings": settings.model_dump(mode="json"),
+        "trigger": trigger,
+        "dataset_dir": str(dataset_dir),
+        "out_dir": str(out_dir),
+        "stop_after": stop_after,
+    }
     job_file.write_text(json.dumps(job))  # secrets are masked by model_dump; the file is removed below
     n = settings.train.num_processes
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "lorafactory.train.distributed", str(job_file)]
-    env = {**os.environ, WORKER_ENV: "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or n) // n)))}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "lorafactory.train.distributed",
+        str(job_file),
+    ]
+    env = {
+        **os.environ,
+        WORKER_ENV: "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or n) // n))),
+    }
     progress.note(f"training on {n} processes")
     outcome: dict = {}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
@@ -178,7 +219,9 @@ def launch(settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, p
     if "error" in outcome:
         raise (ConfigError if outcome["kind"] == "ConfigError" else StageError)(outcome["error"])
     if code != 0 or "result" not in outcome:
-        raise StageError(f"distributed training stopped (exit code {code}); see the worker messages above, then rerun to resume")
+        raise StageError(
+            f"distributed training stopped (exit code {code}); see the worker messages above, then rerun to resume"
+        )
     result = outcome["result"]
     result["checkpoints"] = {int(step): path for step, path in result["checkpoints"].items()}
     return TrainResult(**result)
@@ -195,7 +238,10 @@ def _relay(lines: Iterable[str], progress: Progress, outcome: dict) -> None:
             event = json.loads(line[len(_EVENT) :])
             if "begin" in event:
                 stack = ExitStack()
-                open_tasks[event["begin"]] = (stack, stack.enter_context(progress.task(event["description"], event["total"])))
+                open_tasks[event["begin"]] = (
+                    stack,
+                    stack.enter_context(progress.task(event["description"], event["total"])),
+                )
             elif "advance" in event:
                 open_tasks[event["advance"]][1].advance(event["amount"])
             elif "end" in event:

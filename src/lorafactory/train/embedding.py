@@ -44,7 +44,9 @@ class SplicedTokenEmbedding(nn.Module):
         return torch.where(added.unsqueeze(-1), self.vectors[index].to(out.dtype), out)
 
 
-def _init_vectors(tokenizer, table: nn.Embedding, vectors: int, init_text: str, generator: torch.Generator) -> torch.Tensor:
+def _init_vectors(
+    tokenizer, table: nn.Embedding, vectors: int, init_text: str, generator: torch.Generator
+) -> torch.Tensor:
     dim = table.embedding_dim
     if init_text.strip():
         ids = tokenizer(init_text, add_special_tokens=False).input_ids
@@ -60,7 +62,9 @@ def install_trigger(tokenizer, text_encoder, trigger: str, vectors: int, init_te
     names = token_names(trigger, vectors)
     clash = [name for name in names if name in tokenizer.get_vocab()]
     if clash:
-        raise ConfigError(f"trigger {trigger!r} is already a token of the base model; choose another character.trigger")
+        raise ConfigError(
+            f"trigger {trigger!r} is already a token of the base model; choose another character.trigger"
+        )
     first_id = len(tokenizer)
     tokenizer.add_tokens(names)
     ids = tokenizer.convert_tokens_to_ids(names)

@@ -75,11 +75,17 @@ def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32, con
         elif path.is_dir() or not (path.suffix in (".safetensors", ".ckpt") or base_model.startswith((".", "/", "~"))):
             pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base_model, **kwargs)
         else:
-            raise ConfigError(f"base model {base_model} does not exist; set train.base_model to a model folder, file or hub id")
+            raise ConfigError(
+                f"base model {base_model} does not exist; set train.base_model to a model folder, file or hub id"
+            )
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load base model {base_model!r}: {str(exc).splitlines()[0]}; check train.base_model") from exc
+        raise ConfigError(
+            f"cannot load base model {base_model!r}: {str(exc).splitlines()[0]}; check train.base_model"
+        ) from exc
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-        raise ConfigError(f"base model {base_model!r} is a {type(pipe).__name__}; lorafactory trains SD1.x and SDXL models")
+        raise ConfigError(
+            f"base model {base_model!r} is a {type(pipe).__name__}; lorafactory trains SD1.x and SDXL models"
+        )
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     return pipe

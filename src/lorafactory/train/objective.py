@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def sample_noise(shape: tuple[int, ...], device: torch.device, generator: torch.Generator, offset: float) -> torch.Tensor:
+def sample_noise(
+    shape: tuple[int, ...], device: torch.device, generator: torch.Generator, offset: float
+) -> torch.Tensor:
     """Gaussian noise for latents of ``shape`` [B, C, h, w]; ``offset`` adds a per-channel constant (noise offset)."""
     noise = torch.randn(shape, generator=generator, device=device)
     if offset:
@@ -13,7 +15,9 @@ def sample_noise(shape: tuple[int, ...], device: torch.device, generator: torch.
     return noise
 
 
-def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def target_for(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     if prediction_type == "epsilon":
         return noise
     return scheduler.get_velocity(latents, noise, timesteps)

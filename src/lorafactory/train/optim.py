@@ -18,10 +18,17 @@ def build_optimizer(
     """One parameter group each for the UNet LoRA, the trigger embedding and the text-encoder LoRA."""
     groups = [
         {"params": lora_params, "lr": t.unet_lr, "weight_decay": t.weight_decay, "name": "lora"},
-        {"params": embedding_params, "lr": t.embedding_lr, "weight_decay": t.embedding_weight_decay, "name": "embedding"},
+        {
+            "params": embedding_params,
+            "lr": t.embedding_lr,
+            "weight_decay": t.embedding_weight_decay,
+            "name": "embedding",
+        },
     ]
     if text_lora_params:
-        groups.append({"params": text_lora_params, "lr": t.text_encoder_lr, "weight_decay": t.weight_decay, "name": "text_lora"})
+        groups.append(
+            {"params": text_lora_params, "lr": t.text_encoder_lr, "weight_decay": t.weight_decay, "name": "text_lora"}
+        )
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups)
     if t.optimizer == "adamw8bit":
@@ -29,7 +36,9 @@ def build_optimizer(
     try:
         from prodigyopt import Prodigy
     except ImportError as exc:
-        raise ConfigError("train.optimizer = 'prodigy' needs prodigyopt; pip install prodigyopt, or use 'adamw'") from exc
+        raise ConfigError(
+            "train.optimizer = 'prodigy' needs prodigyopt; pip install prodigyopt, or use 'adamw'"
+        ) from exc
     return Prodigy(groups)
 
 
@@ -38,10 +47,17 @@ def _adamw8bit(groups: list[dict], device: torch.device):
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
-        raise ConfigError("train.optimizer = 'adamw8bit' needs bitsandbytes; pip install 'lorafactory[adamw8bit]', or use 'adamw'") from exc
+        raise ConfigError(
+            "train.optimizer = 'adamw8bit' needs bitsandbytes; pip install 'lorafactory[adamw8bit]', or use 'adamw'"
+        ) from exc
     version = tuple(int(part) for part in bnb.__version__.split(".")[:2] if part.isdigit())
     if device.type == "cpu" and version < (0, 48):
-        raise ConfigError(f"train.optimizer = 'adamw8bit' on CPU needs bitsandbytes >= 0.48 (found {bnb.__version__}); upgrade it or use 'adamw'")
+        raise ConfigError(
+            (
+                "train.optimizer = 'adamw8bit' on CPU needs bitsandbytes >= "
+                f"0.48 (found {bnb.__version__}); upgrade it or use 'adamw'"
+            )
+        )
     return bnb.optim.AdamW8bit(groups)
 
 

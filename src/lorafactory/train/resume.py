@@ -91,7 +91,8 @@ def load_state(out_dir: Path, fingerprint: str, live: Stateful) -> LoopPosition:
         raise StageError(f"no saved training state in {out_dir}")
     if meta[0] != fingerprint:
         raise StageError(
-            f"the saved training state in {out_dir / STATE_DIR} was made with a different base model, dataset or train settings; "
+            f"the saved training state in {out_dir / STATE_DIR} was made "
+            "with a different base model, dataset or train settings; "
             "restore them, or rerun with --force train to start over"
         )
     payload = torch.load(out_dir / STATE_DIR / "state.pt", weights_only=False)  # our own file: includes RNG tuples

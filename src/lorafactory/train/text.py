@@ -46,11 +46,19 @@ def chunk_ids(tokenizer, texts: list[str], max_chunks: int | None, device: torch
 
 
 def encode_prompts(
-    family: Family, tokenizers: list, encoders: list, texts: list[str], clip_skip: int, device: torch.device, max_chunks: int | None = 1
+    family: Family,
+    tokenizers: list,
+    encoders: list,
+    texts: list[str],
+    clip_skip: int,
+    device: torch.device,
+    max_chunks: int | None = 1,
 ) -> Conditioning:
     """Conditioning for already-expanded prompts (trigger tokens in place), chunked past 75 tokens."""
     if family == "sd1":
-        hidden = [encode_text(encoders[0], ids, clip_skip) for ids in chunk_ids(tokenizers[0], texts, max_chunks, device)]
+        hidden = [
+            encode_text(encoders[0], ids, clip_skip) for ids in chunk_ids(tokenizers[0], texts, max_chunks, device)
+        ]
         return Conditioning(torch.cat(hidden, dim=1), None)
     per_encoder, pooled = [], None
     layer = -max(clip_skip, 2)  # SDXL is conditioned on the penultimate layer, without the final norm
@@ -69,9 +77,17 @@ class TextEncoders:
     """The base model's tokenizers and encoders with the trigger installed in each."""
 
     def __init__(
-        self, family: Family, tokenizers: list, encoders: list, trigger: str, vectors: int, init_text: str, clip_skip: int, seed: int,
+        self,
+        family: Family,
+        tokenizers: list,
+        encoders: list,
+        trigger: str,
+        vectors: int,
+        init_text: str,
+        clip_skip: int,
+        seed: int,
         max_chunks: int = 1,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.family, self.tokenizers, self.encoders = family, tokenizers, encoders
         self.trigger, self.n_vectors, self.clip_skip, self.max_chunks = trigger, vectors, clip_skip, max_chunks
         self.vectors: dict[str, nn.Parameter] = {
@@ -95,4 +111,6 @@ class TextEncoders:
         trainable = any(p.requires_grad for encoder in self.encoders for p in encoder.parameters())
         # after the pivot nothing in the text encoders trains: skip their backward pass
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            return encode_prompts(self.family, self.tokenizers, self.encoders, texts, self.clip_skip, device, self.max_chunks)
+            return encode_prompts(
+                self.family, self.tokenizers, self.encoders, texts, self.clip_skip, device, self.max_chunks
+            )

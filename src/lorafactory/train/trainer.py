@@ -23,16 +23,30 @@ import torch
 from lorafactory.config import Settings, settings_hash
 from lorafactory.errors import StageError
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
-from lorafactory.export.kohya import bundle_tensors, lora_metadata, text_encoder_lora_tensors, unet_lora_tensors, write_safetensors
+from lorafactory.export.kohya import (
+    bundle_tensors,
+    lora_metadata,
+    text_encoder_lora_tensors,
+    unet_lora_tensors,
+    write_safetensors,
+)
 from lorafactory.progress import Progress
-from lorafactory.train.buckets import fixed_buckets
 from lorafactory.train import distributed
-from lorafactory.train.data import Example, LatentCache, batch_plan, build_caption, load_examples, read_metadata, split_validation
-from lorafactory.train.text import TextEncoders
+from lorafactory.train.buckets import fixed_buckets
+from lorafactory.train.data import (
+    Example,
+    LatentCache,
+    batch_plan,
+    build_caption,
+    load_examples,
+    read_metadata,
+    split_validation,
+)
 from lorafactory.train.model import load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
 from lorafactory.train.resume import LoopPosition, Stateful, load_state, save_state, saved_step
+from lorafactory.train.text import TextEncoders
 from lorafactory.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)
@@ -96,15 +110,32 @@ class _Run:
         cache_dir = Path(t.latent_cache_dir).expanduser() if t.latent_cache_dir else None
         model_key = settings_hash(t.base_model, json.loads(json.dumps(dict(base.vae.config), default=str)))
         self.cache = LatentCache(base.vae, model_key, self.device, cache_dir)
-        fixed = fixed_buckets(t.resolution, t.bucket_step, t.resolution // 2, t.resolution * 2) if t.bucket_mode == "fixed" else None
+        fixed = (
+            fixed_buckets(t.resolution, t.bucket_step, t.resolution // 2, t.resolution * 2)
+            if t.bucket_mode == "fixed"
+            else None
+        )
         regularization_dir = Path(t.regularization_dir).expanduser() if t.regularization_dir else None
         if regularization_dir is not None and not (regularization_dir / "metadata.jsonl").is_file():
-            raise StageError(f"train.regularization_dir {regularization_dir} is not a prepared dataset (no metadata.jsonl)")
+            raise StageError(
+                f"train.regularization_dir {regularization_dir} is not a prepared dataset (no metadata.jsonl)"
+            )
         total = len(read_metadata(dataset_dir)) + (len(read_metadata(regularization_dir)) if regularization_dir else 0)
         with progress.task("encoding images", total=total) as task:
-            load = dict(resolution=t.resolution, step=t.bucket_step, flip=t.flip, cached=t.cache_latents, on_item=task.advance, fixed=fixed)
+            load = dict(
+                resolution=t.resolution,
+                step=t.bucket_step,
+                flip=t.flip,
+                cached=t.cache_latents,
+                on_item=task.advance,
+                fixed=fixed,
+            )
             examples, self.counts = load_examples(dataset_dir, self.cache, **load)
-            regular = load_examples(regularization_dir, self.cache, regularization=True, **load)[0] if regularization_dir else []
+            regular = (
+                load_examples(regularization_dir, self.cache, regularization=True, **load)[0]
+                if regularization_dir
+                else []
+            )
         self.examples, held_out = split_validation(examples, t.validation_split, t.seed)
         self.counts["regularization_images"] = len(regular)
         self.examples += regular
@@ -115,20 +146,31 @@ class _Run:
         if t.cache_latents:
             base.vae.to("cpu")
         if not self.examples:
-            raise StageError(f"no training images fit train.resolution={t.resolution}; lower train.bucket_step or add larger images")
+            raise StageError(
+                f"no training images fit train.resolution={t.resolution}; lower train.bucket_step or add larger images"
+            )
 
         for module in (*base.text_encoders, base.unet):
             module.to(dtype=self.dtype)
         self.text = TextEncoders(
-            base.family, base.tokenizers, base.text_encoders, trigger, t.embedding_vectors, t.embedding_init, t.clip_skip, t.seed,
+            base.family,
+            base.tokenizers,
+            base.text_encoders,
+            trigger,
+            t.embedding_vectors,
+            t.embedding_init,
+            t.clip_skip,
+            t.seed,
             t.max_token_length // 75,
-        )  # fmt: skip
+        )
         self.text.to(self.device)
         self.text_lora = self._add_text_encoder_lora() if t.text_encoder_lora_rank else {}
         base.unet.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=list(t.lora_targets)))
         self.lora = {name: p for name, p in base.unet.named_parameters() if p.requires_grad}
         if not self.lora:
-            raise StageError(f"train.lora_targets {t.lora_targets} matched no UNet layer; use names such as to_q, to_k, to_v")
+            raise StageError(
+                f"train.lora_targets {t.lora_targets} matched no UNet layer; use names such as to_q, to_k, to_v"
+            )
         for param in self.lora.values():
             param.data = param.data.float()
         if t.gradient_checkpointing:
@@ -140,19 +182,29 @@ class _Run:
             config["prediction_type"] = t.prediction_type
         self.noise_scheduler = DDPMScheduler.from_config(config, rescale_betas_zero_snr=t.zero_terminal_snr)
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        self.optimizer = build_optimizer(t, list(self.lora.values()), self.text.parameters(), list(self.text_lora.values()), self.device)
+        self.optimizer = build_optimizer(
+            t, list(self.lora.values()), self.text.parameters(), list(self.text_lora.values()), self.device
+        )
         self.lr_scheduler = build_scheduler(t, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.rng = random.Random(t.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
         self.validation = ValidationSet(held_out, t.validation_timesteps, t.seed)
         self.pivot_step = math.ceil(t.embedding_pivot * t.max_steps)
-        self.fingerprint = settings_hash(t, trigger, _dataset_hash(dataset_dir), _dataset_hash(regularization_dir) if regularization_dir else "")
+        self.fingerprint = settings_hash(
+            t, trigger, _dataset_hash(dataset_dir), _dataset_hash(regularization_dir) if regularization_dir else ""
+        )
         character = [ex for ex in self.examples if not ex.regularization]
         self.character_images = len(character)
-        self.tag_frequency = {"dataset": dict(Counter(tag for ex in character for tag in [trigger] + ex.tags).most_common())}
+        self.tag_frequency = {
+            "dataset": dict(Counter(tag for ex in character for tag in [trigger] + ex.tags).most_common())
+        }
         self.position = LoopPosition()
-        self.trainables = {**self.lora, **self.text_lora, **{f"trigger_{key}": vec for key, vec in self.text.vectors.items()}}
+        self.trainables = {
+            **self.lora,
+            **self.text_lora,
+            **{f"trigger_{key}": vec for key, vec in self.text.vectors.items()},
+        }
 
     def _add_text_encoder_lora(self) -> dict[str, torch.nn.Parameter]:
         """peft LoRA layers in every text encoder; their float32 parameters by name."""
@@ -160,7 +212,11 @@ class _Run:
 
         t = self.t
         params: dict[str, torch.nn.Parameter] = {}
-        config = LoraConfig(r=t.text_encoder_lora_rank, lora_alpha=t.text_encoder_lora_alpha, target_modules=list(t.text_encoder_lora_targets))
+        config = LoraConfig(
+            r=t.text_encoder_lora_rank,
+            lora_alpha=t.text_encoder_lora_alpha,
+            target_modules=list(t.text_encoder_lora_targets),
+        )
         for index, encoder in enumerate(self.base.text_encoders):
             inject_adapter_in_model(config, encoder)
             for name, param in encoder.named_parameters():
@@ -168,7 +224,9 @@ class _Run:
                     param.data = param.data.float()
                     params[f"te{index}.{name}"] = param
         if not params:
-            raise StageError(f"train.text_encoder_lora_targets {t.text_encoder_lora_targets} matched no text-encoder layer")
+            raise StageError(
+                f"train.text_encoder_lora_targets {t.text_encoder_lora_targets} matched no text-encoder layer"
+            )
         return params
 
     # --- pieces of a step -------------------------------------------------------------
@@ -176,13 +234,18 @@ class _Run:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], batch: list[Example]) -> torch.Tensor:
+    def predict(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], batch: list[Example]
+    ) -> torch.Tensor:
         """The UNet's prediction; SDXL also gets the pooled text embedding and size/crop conditioning."""
         cond = self.text(captions, self.device)
         added = None
         if self.base.family == "sdxl":
             time_ids = [[*ex.original_size, *ex.crop, ex.bucket[1], ex.bucket[0]] for ex in batch]
-            added = {"text_embeds": cond.pooled, "time_ids": torch.tensor(time_ids, device=self.device, dtype=cond.hidden.dtype)}
+            added = {
+                "text_embeds": cond.pooled,
+                "time_ids": torch.tensor(time_ids, device=self.device, dtype=cond.hidden.dtype),
+            }
         return self.base.unet(noisy.to(self.dtype), timesteps, cond.hidden, added_cond_kwargs=added).sample
 
     def _micro_batch(self, compute: bool) -> torch.Tensor | None:
@@ -202,11 +265,25 @@ class _Run:
             shape = (len(batch), self.cache.channels, *(size // self.cache.factor for size in pixels[0].shape[-2:]))
             latents = self.cache.encode(torch.stack(pixels)) if compute else None
         captions = [
-            build_caption(None if ex.regularization else self.trigger, ex.tags, self.rng, t.shuffle_tags, t.tag_dropout, t.caption_dropout, t.keep_tokens)
+            build_caption(
+                None if ex.regularization else self.trigger,
+                ex.tags,
+                self.rng,
+                t.shuffle_tags,
+                t.tag_dropout,
+                t.caption_dropout,
+                t.keep_tokens,
+            )
             for ex in batch
         ]
         noise = sample_noise(shape, self.device, self.generator, t.noise_offset)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(batch),), generator=self.generator, device=self.device)
+        timesteps = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (len(batch),),
+            generator=self.generator,
+            device=self.device,
+        )
         if latents is None:
             return None
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -214,7 +291,9 @@ class _Run:
         with self.autocast():
             prediction = self.predict(noisy, timesteps, captions, batch)
         weights = snr_weights(self.noise_scheduler, timesteps, t.min_snr_gamma, self.prediction_type)
-        sample_weights = [t.prior_loss_weight if ex.regularization else t.group_loss_weights.get(ex.group, 1.0) for ex in batch]
+        sample_weights = [
+            t.prior_loss_weight if ex.regularization else t.group_loss_weights.get(ex.group, 1.0) for ex in batch
+        ]
         weights = weights * torch.tensor(sample_weights, device=self.device)
         return (per_sample_mse(prediction, target) * weights).mean()
 
@@ -278,10 +357,21 @@ class _Run:
         if self.text_lora:
             tensors.update(text_encoder_lora_tensors(self.base.text_encoders, t.text_encoder_lora_alpha))
         common = dict(
-            output_name=self.trigger, trigger=self.trigger, rank=t.lora_rank, alpha=t.lora_alpha, steps=step, epoch=self.position.epoch,
-            resolution=t.resolution, clip_skip=t.clip_skip, max_token_length=t.max_token_length, num_train_images=self.character_images,
-            tag_frequency=self.tag_frequency, base_model_name=Path(t.base_model).name, seed=t.seed, family=self.base.family,
-        )  # fmt: skip
+            output_name=self.trigger,
+            trigger=self.trigger,
+            rank=t.lora_rank,
+            alpha=t.lora_alpha,
+            steps=step,
+            epoch=self.position.epoch,
+            resolution=t.resolution,
+            clip_skip=t.clip_skip,
+            max_token_length=t.max_token_length,
+            num_train_images=self.character_images,
+            tag_frequency=self.tag_frequency,
+            base_model_name=Path(t.base_model).name,
+            seed=t.seed,
+            family=self.base.family,
+        )
         write_safetensors(folder / LORA_FILE, tensors, lora_metadata(tensors=tensors, **common))
         bundled = {**tensors, **bundle_tensors(self.trigger, self.text.vectors)}
         write_safetensors(folder / BUNDLED_FILE, bundled, lora_metadata(tensors=bundled, **common))
@@ -305,7 +395,12 @@ class _Run:
 
 
 def train(
-    settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, progress: Progress, stop_after: int | None = None
+    settings: Settings,
+    trigger: str,
+    dataset_dir: Path,
+    out_dir: Path,
+    progress: Progress,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train a UNet LoRA plus the trigger embedding into ``out_dir``, resuming a saved state there.
 
@@ -332,7 +427,12 @@ def train(
                 loss = run.step()
                 step = run.position.step
                 if log_file:
-                    record = {"step": step, "loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], "t": round(time.monotonic() - started, 4)}
+                    record = {
+                        "step": step,
+                        "loss": loss,
+                        "lr": run.lr_scheduler.get_last_lr()[0],
+                        "t": round(time.monotonic() - started, 4),
+                    }
                     log_file.write(json.dumps(record) + "\n")
                 task.advance()
                 if step % t.save_every == 0 or step == t.max_steps:
@@ -349,7 +449,13 @@ def train(
         ) from exc
 
     position = run.position
-    counts = {**run.counts, "images": run.character_images, "validation_images": len(run.validation.examples), "steps": position.step, "checkpoints": len(position.checkpoints)}
+    counts = {
+        **run.counts,
+        "images": run.character_images,
+        "validation_images": len(run.validation.examples),
+        "steps": position.step,
+        "checkpoints": len(position.checkpoints),
+    }
     details = {
         "trigger": trigger,
         "buckets": dict(Counter(f"{w}x{h}" for w, h in (ex.bucket for ex in run.examples))),

@@ -24,7 +24,13 @@ class ValidationSet:
         return bool(self.examples)
 
     @torch.no_grad()
-    def loss(self, scheduler, prediction_type: str, predict: Callable[[torch.Tensor, torch.Tensor, Example], torch.Tensor], device: torch.device) -> dict[str, float]:
+    def loss(
+        self,
+        scheduler,
+        prediction_type: str,
+        predict: Callable[[torch.Tensor, torch.Tensor, Example], torch.Tensor],
+        device: torch.device,
+    ) -> dict[str, float]:
         """Mean loss per timestep (``t200``…) and over all (``mean``); ``predict(noisy, timestep, example)``."""
         totals = {t: 0.0 for t in self.timesteps}
         for example, noises in zip(self.examples, self.noise):
@@ -33,7 +39,9 @@ class ValidationSet:
                 noise = noise.unsqueeze(0).to(device)
                 timestep = torch.tensor([t], device=device)
                 prediction = predict(scheduler.add_noise(latents, noise, timestep), timestep, example)
-                totals[t] += per_sample_mse(prediction, target_for(scheduler, latents, noise, timestep, prediction_type)).item()
+                totals[t] += per_sample_mse(
+                    prediction, target_for(scheduler, latents, noise, timestep, prediction_type)
+                ).item()
         result = {f"t{t}": total / len(self.examples) for t, total in totals.items()}
         result["mean"] = sum(totals.values()) / (len(self.examples) * len(self.timesteps))
         return result

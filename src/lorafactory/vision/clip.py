@@ -28,12 +28,16 @@ class Clip:
     def images(self, images: list[Image.Image]) -> np.ndarray:
         chunks = []
         for start in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=images[start : start + self.batch_size], return_tensors="pt")["pixel_values"]
+            pixels = self.processor(images=images[start : start + self.batch_size], return_tensors="pt")[
+                "pixel_values"
+            ]
             chunks.append(_projected(self.model.get_image_features(pixel_values=pixels.to(self.device))))
         return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1).cpu().numpy()
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> np.ndarray:
         tokens = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
-        features = _projected(self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+        features = _projected(
+            self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        )
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()

@@ -32,7 +32,12 @@ class Box:
         cx, cy = (self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2
         hw, hh = self.width * factor / 2, self.height * factor / 2
         return Box(
-            max(0, int(cx - hw)), max(0, int(cy - hh)), min(limit[0], int(cx + hw)), min(limit[1], int(cy + hh)), self.label, self.score
+            max(0, int(cx - hw)),
+            max(0, int(cy - hh)),
+            min(limit[0], int(cx + hw)),
+            min(limit[1], int(cy + hh)),
+            self.label,
+            self.score,
         )
 
 

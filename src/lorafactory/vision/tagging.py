@@ -19,7 +19,10 @@ def tag_scores(image: Image.Image, model_name: str) -> dict[str, float]:
     """Every general tag's probability (threshold 0), for checking what a prompt asked for."""
     from imgutils.tagging import get_wd14_tags
 
-    return {tag: float(score) for tag, score in get_wd14_tags(image, model_name=model_name, general_threshold=0.0, fmt="general").items()}
+    return {
+        tag: float(score)
+        for tag, score in get_wd14_tags(image, model_name=model_name, general_threshold=0.0, fmt="general").items()
+    }
 
 
 def rating(image: Image.Image, model_name: str) -> str:
