@@ -1,6 +1,9 @@
 """Our exported files, loaded by diffusers' own loaders, reproduce the model as it was in training (SD1 and SDXL)."""
 
 import json
+import pickle
+import re
+import zipfile
 
 import pytest
 import torch
@@ -201,3 +204,53 @@ def test_sgm_names_round_trip_through_diffusers_on_the_real_sdxl_layout():
     words = {"down_blocks": "input_blocks", "up_blocks": "output_blocks", "mid_block": "middle_block"}
     expected = {f"lora_unet_{words[n.split('.')[0]]}_{'_'.join(n.split('.')[1:])}.alpha" for n in names}
     assert set(mapped) == expected
+
+
+# AUTOMATIC1111's restricted loader (modules/safe.py): the zip records it allows, the globals it
+# resolves, and the five pickles it reads from a legacy (non-zip) file.
+A1111_ZIP_RECORD = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")
+A1111_GLOBALS = {
+    ("collections", "OrderedDict"),
+    *(("torch._utils", n) for n in ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_device_tensor_from_numpy")),
+    *(
+        ("torch", n)
+        for n in ("DoubleStorage", "FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "ByteStorage")
+    ),
+    ("torch", "float32"),
+    ("torch", "BFloat16Storage"),
+}
+
+
+class A1111Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in A1111_GLOBALS:
+            raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+        return super().find_class(module, name)
+
+    def persistent_load(self, saved_id):
+        assert saved_id[0] == "storage"
+        return torch.storage.TypedStorage(_internal=True)
+
+
+def a1111_check_pt(path):
+    """Raise as A1111 does for a file its restricted loader refuses."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            bad = [name for name in archive.namelist() if not A1111_ZIP_RECORD.match(name)]
+            if bad:
+                raise ValueError(f"bad file inside {path}: {bad[0]}")
+            with archive.open(next(n for n in archive.namelist() if n.endswith("/data.pkl"))) as handle:
+                A1111Unpickler(handle).load()
+        return
+    with open(path, "rb") as handle:
+        unpickler = A1111Unpickler(handle)
+        for _ in range(5):
+            unpickler.load()
+
+
+def test_a1111_pt_passes_a1111s_restricted_loader(trained, tmp_path):
+    a1111_check_pt(trained["folder"] / "emb.pt")
+    zipped = tmp_path / "zip.pt"  # torch's default format is refused: the check really checks
+    torch.save({"clip_l": torch.zeros(2, 4)}, zipped)
+    with pytest.raises(ValueError, match="bad file inside"):
+        a1111_check_pt(zipped)

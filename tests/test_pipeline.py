@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from conftest import demo_settings
@@ -87,6 +88,20 @@ def test_release_loads_in_diffusers(demo_run, kit):
         f"{TRIGGER}, smile", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
     ).images[0]
     assert image.size == (64, 64)
+
+
+def test_each_lora_file_has_its_own_alias_and_the_card_says_what_each_ui_reads(demo_run):
+    release = _char(demo_run).artifact("release")
+    names = {}
+    for path in (release / f"{TRIGGER}.safetensors", release / f"{TRIGGER}_lora.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            names[path.stem] = (handle.metadata()["ss_output_name"], handle.metadata()["modelspec.title"])
+    assert names == {TRIGGER: (TRIGGER, TRIGGER), f"{TRIGGER}_lora": (f"{TRIGGER}_lora", f"{TRIGGER}_lora")}
+    card = (release / "README.md").read_text()
+    forge = next(line for line in card.splitlines() if line.startswith("- **Forge**"))
+    assert f"`{TRIGGER}_lora.safetensors`" in forge and f"`embeddings/{TRIGGER}.safetensors`" in forge
+    assert "does not read the embedding bundled" in forge
+    assert "Forge" not in next(line for line in card.splitlines() if line.startswith(f"| `{TRIGGER}.safetensors`"))
 
 
 def test_model_card_and_metrics(demo_run):

@@ -178,6 +178,7 @@ def test_civitai_publish_uploads_model_version_file_and_previews(civitai_char, d
     [version] = fake_civitai.versions.values()
     [registered] = fake_civitai.files.values()
     assert model["type"] == "LORA" and model["name"] == "Akane Hoshino" and model["published"]
+    assert "Forge and ComfyUI do not" in model["description"]  # the bundled embedding is A1111's alone
     assert (
         version["baseModel"] == "SD 1.5"
         and version["trainedWords"] == ["akane_hoshino"]

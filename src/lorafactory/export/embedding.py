@@ -1,6 +1,8 @@
 """Textual-inversion files: AUTOMATIC1111 ``.pt`` and ``.safetensors``, for SD1 and SDXL.
 
 A1111 takes the trigger word from the file name, so both files are named ``<trigger>.*``.
+The ``.pt`` uses torch's legacy (non-zip) serialization: the zip format of torch 2.x adds records
+(``.format_version``, ``.storage_alignment``) that A1111's restricted loader refuses.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def write_a1111_pt(
     else:
         data = tensors
     buffer = io.BytesIO()
-    torch.save(data, buffer)
+    torch.save(data, buffer, _use_new_zipfile_serialization=False)
     write_bytes_atomic(path, buffer.getvalue())
 
 

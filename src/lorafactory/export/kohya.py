@@ -85,6 +85,9 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().float().cpu().contiguous()
 
 
+PLAIN_LORA_SUFFIX = "_lora"  # the plain LoRA is released as <trigger>_lora: its own name and alias in A1111
+
+
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the tensors alone (metadata excluded), so later metadata edits keep it valid."""
     return hashlib.sha256(save(tensors)).hexdigest()

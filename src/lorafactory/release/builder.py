@@ -3,7 +3,7 @@
 Layout::
 
     README.md                      model card (Hugging Face front matter)
-    <trigger>.safetensors          best step: LoRA with the embedding bundled (A1111 / Forge)
+    <trigger>.safetensors          best step: LoRA with the embedding bundled (A1111)
     <trigger>_lora.safetensors     best step: plain kohya LoRA (ComfyUI, diffusers, ...)
     embeddings/<trigger>.{safetensors,pt}
     previews/*.png                 best step
@@ -25,6 +25,7 @@ from lorafactory.config import Settings
 from lorafactory.errors import StageError
 from lorafactory.evaluate.evaluator import step_dir
 from lorafactory.evaluate.scoring import METRICS
+from lorafactory.export.kohya import PLAIN_LORA_SUFFIX
 from lorafactory.release.card import CardInput, model_card
 from lorafactory.train.trainer import BUNDLED_FILE, EMBEDDING_FILE, EMBEDDING_PT_FILE, LORA_FILE
 from lorafactory.workspace import write_bytes_atomic
@@ -75,7 +76,7 @@ def _copy_step_files(source: Path, target: Path, trigger: str) -> list[str]:
     (target / "embeddings").mkdir(parents=True, exist_ok=True)
     pairs = [
         (BUNDLED_FILE, f"{trigger}.safetensors"),
-        (LORA_FILE, f"{trigger}_lora.safetensors"),
+        (LORA_FILE, f"{trigger}{PLAIN_LORA_SUFFIX}.safetensors"),
         (EMBEDDING_FILE, f"embeddings/{trigger}.safetensors"),
         (EMBEDDING_PT_FILE, f"embeddings/{trigger}.pt"),
     ]

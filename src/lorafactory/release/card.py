@@ -93,6 +93,24 @@ def metrics_table(card: CardInput) -> str:
     return "\n".join(rows)
 
 
+def how_to_load_in_each_ui(trigger: str) -> list[tuple[str, str]]:
+    """What each UI reads of the release (Forge and ComfyUI ignore the bundled embedding)."""
+    return [
+        ("AUTOMATIC1111", f"put `{trigger}.safetensors` in `models/Lora`; it brings the embedding with it"),
+        (
+            "Forge",
+            f"put `{trigger}_lora.safetensors` in `models/Lora` and `embeddings/{trigger}.safetensors` in "
+            "`embeddings/`: Forge does not read the embedding bundled in the LoRA file",
+        ),
+        (
+            "ComfyUI",
+            f"load `{trigger}_lora.safetensors` with a LoRA loader and put `embeddings/{trigger}.safetensors` in "
+            f"`models/embeddings`, then write `embedding:{trigger}` in the prompt",
+        ),
+        ("diffusers", "`load_lora_weights` plus `load_textual_inversion`, as below"),
+    ]
+
+
 def model_card(card: CardInput) -> str:
     header = _front_matter(
         {
@@ -125,15 +143,15 @@ def model_card(card: CardInput) -> str:
         f"{_DATASET_KEYS[k]}: {card.dataset_counts[k]}" for k in _DATASET_KEYS if k in card.dataset_counts
     )
     preview_md = "\n".join(f"![{Path(p).stem}]({p})" for p in card.previews) or "(none)"
-    embedding_uses = (
-        f"ComfyUI: `embedding:{card.trigger}`; A1111 `embeddings/` folder; diffusers `load_textual_inversion`"
-    )
+    how_to_load = "\n".join(f"- **{ui}**: {how}" for ui, how in how_to_load_in_each_ui(card.trigger))
     return f"""{header}
 
 # {card.name}: character LoRA
 {warning}
-Trigger word: **`{card.trigger}`**. It is a pivotal-tuning embedding trained together with the LoRA, so load
-both (the bundled file does that in AUTOMATIC1111 and Forge).
+Trigger word: **`{card.trigger}`**. It is a pivotal-tuning embedding trained together with the LoRA: load
+both.
+
+{how_to_load}
 
 Core tags learned by the trigger (add them to the prompt if a trait goes missing): {core}.
 
@@ -143,9 +161,9 @@ Recommended weights: LoRA 0.6–0.85, trigger 0.8–1.1.
 
 | file | for |
 |---|---|
-| `{card.trigger}.safetensors` | AUTOMATIC1111 / Forge: LoRA with the embedding bundled (`bundle_emb.*`) |
-| `{card.trigger}_lora.safetensors` | ComfyUI, diffusers and other tools: the plain kohya LoRA |
-| `embeddings/{card.trigger}.safetensors`, `embeddings/{card.trigger}.pt` | the trigger embedding ({embedding_uses}) |
+| `{card.trigger}.safetensors` | LoRA + bundled embedding (`bundle_emb.*`), read whole by AUTOMATIC1111 only |
+| `{card.trigger}_lora.safetensors` | the plain kohya LoRA: Forge, ComfyUI, diffusers and other tools |
+| `embeddings/{card.trigger}.safetensors`, `embeddings/{card.trigger}.pt` | the trigger embedding alone |
 | `steps/<step>/` | the same files for every kept step, with previews and per-image metrics |
 
 diffusers:

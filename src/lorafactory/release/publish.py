@@ -63,6 +63,9 @@ def civitai_plan(char: CharacterDir, settings: Settings, trigger: str) -> Civita
     description = (
         f"<p>{settings.character.name}, a character LoRA with a "
         "pivotal-tuning trigger embedding (bundled in the file).</p>"
+        "<p>AUTOMATIC1111 reads the bundled embedding. Forge and ComfyUI do not: they also need the embedding "
+        f"file <code>embeddings/{trigger}.safetensors</code> of the full release (Forge: its <code>embeddings/</code> "
+        f"folder; ComfyUI: <code>models/embeddings</code> and <code>embedding:{trigger}</code> in the prompt).</p>"
         f"<p>Trigger word: <strong>{trigger}</strong>. Core tags the trigger learned: {core}.</p>"
         f"<p>Recommended weights: LoRA 0.6–0.85, trigger 0.8–1.1.</p>"
         f"<p>Step {step} was chosen automatically: {evaluation.details['reason']}.</p>"

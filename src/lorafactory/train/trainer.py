@@ -24,6 +24,7 @@ from lorafactory.config import Settings, settings_hash
 from lorafactory.errors import StageError
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import (
+    PLAIN_LORA_SUFFIX,
     bundle_tensors,
     lora_metadata,
     text_encoder_lora_tensors,
@@ -372,7 +373,8 @@ class _Run:
             seed=t.seed,
             family=self.base.family,
         )
-        write_safetensors(folder / LORA_FILE, tensors, lora_metadata(tensors=tensors, **common))
+        plain_name = {"output_name": self.trigger + PLAIN_LORA_SUFFIX}
+        write_safetensors(folder / LORA_FILE, tensors, lora_metadata(tensors=tensors, **{**common, **plain_name}))
         bundled = {**tensors, **bundle_tensors(self.trigger, self.text.vectors)}
         write_safetensors(folder / BUNDLED_FILE, bundled, lora_metadata(tensors=bundled, **common))
         write_embedding_safetensors(folder / EMBEDDING_FILE, self.text.vectors)
