@@ -61,3 +61,32 @@ def test_toml_round_trip_and_hash_stability():
     assert again == settings
     assert settings_hash(settings.train) == settings_hash(again.train)
     assert settings_hash(settings.train) != settings_hash(load_settings(overrides=["train.max_steps=9"]).train)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.bucket_step=60", "train.bucket_step"),
+        ("train.group_repeats={head = -1}", "train.group_repeats.head"),
+        ("train.group_loss_weights={head = -0.5}", "train.group_loss_weights.head"),
+        ("train.max_steps=1000000000", "train.max_steps"),
+        ("train.validation_timesteps=[200, 5000]", "train.validation_timesteps.1"),
+        ('train.device="banana"', "train.device"),
+        ("evaluate.width=100", "evaluate.width"),
+        ("evaluate.height=32", "evaluate.height"),
+        ("prepare.purity_bootstrap=4", "prepare.purity_bootstrap"),
+        ('character.trigger="Has Space"', "character.trigger"),
+        (f'character.trigger="{"x" * 65}"', "character.trigger"),
+    ],
+)
+def test_invalid_values_are_refused_before_any_work(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=[override])
+    assert f"{key}:" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_valid_edge_values_are_accepted():
+    settings = load_settings(
+        overrides=["train.bucket_step=8", 'train.device="cuda:1"', "evaluate.width=64", "prepare.purity_bootstrap=5"]
+    )
+    assert settings.train.bucket_step == 8 and settings.train.device == "cuda:1"

@@ -193,6 +193,13 @@ def test_empty_dataset_fails_cleanly(tmp_path, kit):
 
 def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     runner = CliRunner()
+    ws = str(tmp_path / "ws")
+    for args in (["--site", "nosuchsite"], ["--site", "danbooru", "--from-dir", str(tmp_path)]):
+        result = runner.invoke(app, ["crawl", "X", *args, "--workspace", ws])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    long_name = "A Character With An Extremely Long Name " * 8  # 300+ characters: a folder name too long
+    result = runner.invoke(app, ["run", long_name, "--from-dir", str(tmp_path / "missing"), "--workspace", ws])
+    assert result.exit_code == 3 and "does not exist" in result.output and "Traceback" not in result.output
     result = runner.invoke(
         app, ["run", "X", "--from-dir", str(tmp_path / "missing"), "--workspace", str(tmp_path / "ws")]
     )

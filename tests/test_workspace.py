@@ -10,6 +10,9 @@ def test_slugify():
     assert slugify("Surtr (Arknights)") == "surtr_arknights"
     assert slugify("  Akane Hoshino ") == "akane_hoshino"
     assert slugify("初音ミク").startswith("char_")
+    long_a, long_b = "Very Long Name " * 20, "Very Long Name " * 20 + "II"
+    assert len(slugify(long_a)) <= 64 and slugify(long_a) != slugify(long_b)
+    assert slugify(long_a).startswith("very_long_name_very")
 
 
 def test_atomic_json_leaves_no_temporary_files(tmp_path):

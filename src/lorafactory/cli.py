@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from lorafactory.config import PRESETS, load_settings, read_toml, to_toml
-from lorafactory.errors import LorafactoryError
+from lorafactory.errors import ConfigError, LorafactoryError
 from lorafactory.progress import RichProgress
 from lorafactory.workspace import STAGES, Workspace, slugify
 
@@ -103,12 +103,12 @@ def _source_overrides(from_dir: Optional[Path], sites: Optional[List[str]]) -> l
     from lorafactory.config import SITE_NAMES
 
     if from_dir is not None and sites:
-        _fail(LorafactoryError("pass either --from-dir or --site, not both"))
+        _fail(ConfigError("pass either --from-dir or --site, not both"))
     if from_dir is not None:
         return ['crawl.source="local"', f"crawl.from_dir={json.dumps(str(from_dir.expanduser().resolve()))}"]
     for site in sites or []:
         if site not in SITE_NAMES:
-            _fail(LorafactoryError(f"unknown site {site!r}; supported sites: {', '.join(SITE_NAMES)}"))
+            _fail(ConfigError(f"unknown site {site!r}; supported sites: {', '.join(SITE_NAMES)}"))
     return ['crawl.source="sites"', f"crawl.sites={json.dumps(list(dict.fromkeys(sites)))}"] if sites else []
 
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -33,7 +33,12 @@ class Section(BaseModel):
 
 class CharacterSettings(Section):
     name: str = ""
-    trigger: str = Field("", description="Trigger word; derived from the name when empty.")
+    trigger: str = Field(
+        "",
+        max_length=64,
+        pattern=r"^[a-z0-9_]*$",
+        description="Trigger word: lowercase ASCII letters, digits and _ (it names the files); empty = from the name.",
+    )
 
 
 SITE_URLS = {
@@ -149,7 +154,9 @@ class PrepareSettings(Section):
     crops: list[Literal["person", "halfbody", "head"]] = Field(default_factory=lambda: ["person", "halfbody", "head"])
     single_head: bool = Field(True, description="Keep only person crops with exactly one head.")
     purity: bool = Field(True, description="Keep only crops that CCIP judges to be the main character.")
-    purity_bootstrap: int = Field(15, ge=2, description="Images the reference cluster is bootstrapped from.")
+    purity_bootstrap: int = Field(
+        15, ge=5, description="Images the reference cluster is bootstrapped from (OPTICS needs at least 5)."
+    )
     purity_cluster_share: float = Field(0.6, gt=0, le=1)
     purity_min_match: float = Field(0.5, gt=0, le=1, description="Share of the reference an image must match.")
     head_scale: float = Field(1.5, ge=1.0, description="Head boxes are enlarged by this factor.")
@@ -176,7 +183,7 @@ class TrainSettings(Section):
         225, description="Caption tokens used, in chunks of 75 as in kohya and A1111; the rest is cut."
     )
     resolution: int = Field(512, ge=64, description="Target area is resolution squared.")
-    bucket_step: int = Field(64, ge=8)
+    bucket_step: int = Field(64, ge=8, multiple_of=8, description="Bucket sides are multiples of this (of 8).")
     bucket_mode: Literal["no_upscale", "fixed"] = Field(
         "no_upscale", description="'fixed' is the classic bucket list (upscales)."
     )
@@ -184,7 +191,7 @@ class TrainSettings(Section):
         "", description="A prepared dataset folder of generic images (no trigger in their captions)."
     )
     prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularization images.")
-    max_steps: int = Field(1500, ge=1)
+    max_steps: int = Field(1500, ge=1, le=1_000_000)
     save_every: int = Field(100, ge=1)
     batch_size: int = Field(4, ge=1)
     seed: int = 42
@@ -237,10 +244,12 @@ class TrainSettings(Section):
     tag_dropout: float = Field(0.0, ge=0, lt=1)
     caption_dropout: float = Field(0.0, ge=0, lt=1)
     flip: bool = Field(False, description="Random horizontal flips (off for asymmetric characters).")
-    group_repeats: dict[str, int] = Field(
+    group_repeats: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="Repeats per crop group, e.g. {head = 1, person = 2}."
     )
-    group_loss_weights: dict[str, float] = Field(default_factory=dict, description="Loss weight per crop group.")
+    group_loss_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="Loss weight per crop group."
+    )
     cache_latents: bool = Field(True, description="Encode each image once; off re-encodes every batch.")
     latent_cache_dir: str = Field(
         "",
@@ -248,9 +257,13 @@ class TrainSettings(Section):
         json_schema_extra={"runtime": True},
     )
     validation_split: float = Field(0.05, ge=0, lt=1, description="Share of images held out for the validation loss.")
-    validation_timesteps: list[int] = Field(default_factory=lambda: [200, 400, 600, 800])
+    validation_timesteps: list[Annotated[int, Field(ge=0, le=999)]] = Field(
+        default_factory=lambda: [200, 400, 600, 800], description="Timesteps (0-999) of the validation loss."
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
+    )
     num_processes: int = Field(
         1,
         ge=1,
@@ -291,8 +304,8 @@ class EvaluateSettings(Section):
     sampler: Literal["dpmpp_2m_karras", "euler_a", "euler", "ddim"] = "dpmpp_2m_karras"
     steps: int = Field(25, ge=1)
     cfg_scale: float = Field(7.0, ge=0)
-    width: int = Field(512, ge=8)
-    height: int = Field(768, ge=8)
+    width: int = Field(512, ge=64, le=4096, multiple_of=8, description="Image width: a multiple of 8.")
+    height: int = Field(768, ge=64, le=4096, multiple_of=8, description="Image height: a multiple of 8.")
     lora_scale: float = Field(0.8, ge=0)
     batch_size: int = Field(8, ge=1)
     checkpoints: Literal["all", "coarse_to_fine"] = Field(

@@ -68,10 +68,7 @@ class StageOutput:
 
 
 def trigger_for(settings: Settings) -> str:
-    trigger = settings.character.trigger or slugify(settings.character.name)
-    if not trigger.replace("_", "").isalnum() or not trigger.isascii() or trigger != trigger.lower():
-        raise ConfigError(f"character.trigger {trigger!r} must be lowercase ASCII letters, digits and underscores")
-    return trigger
+    return settings.character.trigger or slugify(settings.character.name)
 
 
 def _crawl(ctx: Context, out: Path) -> StageOutput:

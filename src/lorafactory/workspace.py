@@ -10,6 +10,7 @@ Layout::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from lorafactory.errors import StageError
 MANIFEST = "manifest.json"
 FINGERPRINT = ".fingerprint"
 STAGES = ("crawl", "prepare", "train", "evaluate", "release")
+MAX_SLUG = 64
 _TRACKED_PACKAGES = (
     "lorafactory",
     "torch",
@@ -42,11 +44,17 @@ _TRACKED_PACKAGES = (
 
 
 def slugify(name: str) -> str:
-    """ASCII, lowercase, underscores: ``'Surtr (Arknights)'`` -> ``'surtr_arknights'``."""
+    """ASCII, lowercase, underscores: ``'Surtr (Arknights)'`` -> ``'surtr_arknights'``.
+
+    At most ``MAX_SLUG`` characters (it names folders and released files): a longer one keeps its
+    start and ends with a hash of the whole name, so distinct names stay distinct.
+    """
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_")
     if not slug:
         slug = "char_" + "".join(f"{ord(c):x}" for c in name)[:24]
+    if len(slug) > MAX_SLUG:
+        slug = slug[: MAX_SLUG - 9].rstrip("_") + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
     return slug
 
 

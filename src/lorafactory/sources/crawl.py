@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 
 import httpx
 
-from lorafactory.config import SITE_NAMES, Settings
+from lorafactory.config import Settings
 from lorafactory.errors import InputError, StageError
 from lorafactory.progress import Progress
 from lorafactory.sources.anime_pictures import AnimePictures
@@ -288,9 +288,6 @@ def crawl(
                 raise InputError("crawl.source is 'local' but no folder was given; pass --from-dir DIR")
             posts, counts = crawl_local(Path(c.from_dir), images_dir, c.limit, on_item=task.advance)
         else:
-            unknown = [s for s in c.sites if s not in SITE_NAMES]
-            if unknown:
-                raise InputError(f"unknown site {unknown[0]!r}; supported sites: {', '.join(SITE_NAMES)}")
             state = _SiteCrawl(settings, images_dir, archive or MemoryArchive(), previous, task.advance)
             asyncio.run(_crawl_sites(state))
             posts = sorted((post for *_, post in state.kept), key=lambda post: _order(c.sites, post))
