@@ -1,11 +1,16 @@
 import asyncio
+import time
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from lorafactory.cli import app
 from lorafactory.config import load_settings
 from lorafactory.errors import InputError, StageError
 from lorafactory.progress import SilentProgress
+from lorafactory.sources.base import file_md5
 from lorafactory.sources.crawl import MemoryArchive, crawl
 from lorafactory.sources.danbooru import character_tag, choose_variant
 from lorafactory.sources.http import CloudflareBlocked, RateLimit, SiteClient
@@ -533,3 +538,83 @@ def test_sankaku_login_unlocks_contentious_posts(tmp_path, kit, monkeypatch):
         logged_in, _ = crawl(load_settings(overrides=overrides), tmp_path / "b", SilentProgress())
     assert len(logged_in) == 4
     assert "sankaku-token" not in (tmp_path / "b" / "posts.jsonl").read_text()
+
+
+def _downloads(replay):
+    return [(t, path) for t, path in replay.requests if path.startswith("/data/")]
+
+
+def test_retry_after_pauses_every_worker_of_the_site(tmp_path, kit):
+    with _replay(kit, count=7, latency_s=0.02) as replay:
+        replay.data_faults.append((429, {"Retry-After": "1"}, b"slow down"))
+        settings = _settings(replay, rps=8, more=["crawl.danbooru.concurrency=4"])  # a start every 0.125 s
+        posts, _ = crawl(settings, tmp_path, SilentProgress())
+    assert len(posts) == 7
+    first = _downloads(replay)[0][0]  # the request answered with the 429
+    during = [path for t, path in replay.requests if first + 0.15 < t < first + 0.95]
+    assert during == []  # nothing reached the site inside the window the server gave
+    assert any(t >= first + 1.0 for t, _ in _downloads(replay))
+
+
+def test_failed_downloads_are_replaced_until_the_limit(tmp_path, kit):
+    with _replay(kit, count=9) as replay:
+        replay.data_faults += [(404, {}, b"gone")] * 3
+        settings = _settings(replay, more=["crawl.limit=5", "crawl.danbooru.concurrency=1"])
+        posts, counts = crawl(settings, tmp_path, SilentProgress())
+    assert len(posts) == 5 and counts["failed"] == 3
+    assert len(_downloads(replay)) == 8  # a 404 is permanent: each failed file was asked for once
+
+
+@pytest.mark.parametrize("style", ["relative", "protocol-relative"])
+def test_relative_file_urls_are_resolved_against_the_site(tmp_path, kit, style):
+    with _replay(kit, count=3, file_urls=style) as replay:
+        assert replay.file_url(replay.posts[0]).startswith("/")
+        posts, counts = crawl(_settings(replay), tmp_path, SilentProgress())
+    assert len(posts) == 3 and counts["downloaded"] == 3
+
+
+def test_unsupported_url_scheme_is_not_retried(kit):
+    async def go():
+        http = httpx.AsyncClient()
+        client = SiteClient("danbooru", http, RateLimit(1000, 2), 5)
+        async with http:
+            with pytest.raises(StageError, match="cannot fetch this URL"):
+                await client.get("ftp://127.0.0.1/file.png")
+
+    started = time.monotonic()
+    asyncio.run(go())
+    assert time.monotonic() - started < 0.2  # five retries would back off for seconds
+
+
+def test_downloads_are_checked_against_the_sites_md5(tmp_path, kit):
+    impostor = sorted(kit.images.glob("main_*.png"))[-1].read_bytes()  # a valid image, not the post's
+    for wrong, kept in ((2, 1), (4, 0)):  # retried, then dropped after max_retries
+        with _replay(kit, count=1) as replay:
+            replay.data_faults += [(200, {"Content-Type": "image/png"}, impostor)] * wrong
+            settings = _settings(replay, more=["crawl.max_retries=3"])
+            if kept:
+                posts, counts = crawl(settings, tmp_path / str(wrong), SilentProgress())
+                assert (
+                    len(posts) == 1 and file_md5(tmp_path / str(wrong) / "images" / posts[0].filename) == posts[0].md5
+                )
+            else:
+                with pytest.raises(InputError, match="no usable images"):
+                    crawl(settings, tmp_path / str(wrong), SilentProgress())
+                assert not list((tmp_path / str(wrong) / "images").iterdir())
+        assert len(_downloads(replay)) == min(wrong + 1, 4)
+
+
+def test_secrets_in_any_encoding_stay_out_of_output_and_state(tmp_path, kit, monkeypatch):
+    secret = "SECRET/XYZ+123="
+    monkeypatch.setenv("LORAFACTORY_DANBOORU_LOGIN", "me")
+    monkeypatch.setenv("LORAFACTORY_DANBOORU_API_KEY", secret)
+    with _replay(kit, count=2) as replay:
+        echo = f'{{"message": "denied: /posts.json?login=me&api_key={quote_plus(secret)}"}}'.encode()
+        replay.faults.append((403, {}, echo))
+        args = ["crawl", "Akane", "--site", "danbooru", "--workspace", str(tmp_path / "ws")]
+        args += ["--set", f'crawl.danbooru.base_url="{replay.url}"', "--set", 'crawl.tags=["akane"]']
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 4 and "HTTP 403" in result.output and "***" in result.output
+    forms = {secret, quote_plus(secret), quote(secret, safe=""), quote(secret, safe="").lower()}
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "ws").rglob("*") if p.is_file())
+    assert not any(form in result.output or form.encode() in stored for form in forms)

@@ -99,3 +99,24 @@ def test_single_file_family_is_read_from_the_keys(tmp_path):
     )
     assert _single_file_is_sdxl(tmp_path / "xl.safetensors")
     assert not _single_file_is_sdxl(tmp_path / "sd1.safetensors")
+
+
+def test_redact_masks_every_encoding_of_a_registered_secret(caplog):
+    import html
+    import json
+    import logging
+    from urllib.parse import quote, quote_plus
+
+    from lorafactory.redact import RedactingFilter, redact, register
+
+    secret = 'k/ey+"va&lue="'
+    register(secret)
+    forms = [secret, quote(secret, safe=""), quote(secret, safe="").lower(), quote_plus(secret)]
+    forms += [html.escape(secret), json.dumps(secret)[1:-1]]
+    text = " | ".join(forms)
+    assert redact(text).count("***") == len(forms) and "va" not in redact(text).replace("***", "")
+    logger = logging.getLogger("lorafactory.test_redact")
+    logger.addFilter(RedactingFilter())
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("url %s", quote_plus(secret))
+    assert caplog.records[-1].getMessage() == "url ***"

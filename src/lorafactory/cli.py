@@ -12,11 +12,13 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from lorafactory.config import PRESETS, load_settings, read_toml, to_toml
 from lorafactory.errors import ConfigError, LorafactoryError
 from lorafactory.progress import RichProgress
+from lorafactory.redact import RedactingFilter, redact
 from lorafactory.workspace import STAGES, Workspace, slugify
 
 app = typer.Typer(
@@ -43,7 +45,7 @@ ForceOpt = typer.Option(None, "--force", help=f"Rerun from this stage onward: {'
 
 
 def _fail(exc: LorafactoryError) -> None:
-    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/bold red] {escape(redact(str(exc)))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -52,9 +54,9 @@ def _setup_logging() -> None:
     for key in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         os.environ.setdefault(key, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.basicConfig(
-        level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)]
-    )
+    handler = RichHandler(console=err, show_path=False)
+    handler.addFilter(RedactingFilter())
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
     logging.getLogger("lorafactory").setLevel(logging.INFO)
 
 

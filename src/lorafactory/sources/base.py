@@ -37,10 +37,17 @@ def file_md5(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A post worth downloading and the URL of its chosen variant."""
+    """A post worth downloading, the URL of its chosen variant, and the md5 that file must have
+    (empty when unknown: sites give the md5 of the original file only)."""
 
     post: Post
     url: str
+    md5: str = ""
+
+
+def original_md5(raw: dict[str, Any], url: str) -> str:
+    """The site's md5 when ``url`` is the original file (``file_url``), whose md5 it is; else empty."""
+    return str(raw.get("md5") or "") if url and url == raw.get("file_url") else ""
 
 
 class Site(Protocol):

@@ -14,9 +14,10 @@ import logging
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
+from urllib.parse import urljoin
 
 import httpx
 
@@ -139,6 +140,7 @@ class _SiteCrawl:
         self.done_by_md5 = {post["md5"]: post for post in self.done.values() if post.get("md5")}
         self.kept: list[tuple[int, int, Post]] = []  # (site order, search order, post) as fetched
         self.reserved = 0
+        self.pending: set[asyncio.Task] = set()  # downloads in flight, all sites together
         self.seen_md5: set[str] = set()
         self.counts: Counter[str] = Counter()
         self.chosen: dict[str, str] = {}  # site -> the tag the lookup chose
@@ -159,12 +161,14 @@ class _SiteCrawl:
                 )
             headers["User-Agent"] = f"{c.user_agent} - {site_settings.username}"
         limit = RateLimit(site_settings.requests_per_second, site_settings.concurrency)
-        client = SiteClient(name, http, limit, c.max_retries, auth or (), headers)
+        client = SiteClient(
+            name, http, limit, c.max_retries, auth[1:] if auth else (), headers
+        )  # the key, not the login
         site = SITES[name][0](client, site_settings.base_url, c.page_size, name=name, auth=auth)
         tags = site_settings.tags or c.tags or [await self.character_tag(site, name)]
-        tasks: list[asyncio.Task] = []
         index = 0
         async for raw in site.posts(tags):
+            await self._wait_for_room()
             if self.full:
                 break
             self.counts["found"] += 1
@@ -178,9 +182,20 @@ class _SiteCrawl:
                 continue
             self.seen_md5.add(md5)
             self.reserved += 1
-            tasks.append(asyncio.create_task(self.fetch(client, candidate, (order, index))))
+            # some sites send relative or protocol-relative file URLs
+            candidate = replace(candidate, url=urljoin(site_settings.base_url.rstrip("/") + "/", candidate.url))
+            self.pending.add(asyncio.create_task(self.fetch(client, candidate, (order, index))))
             index += 1
-        await asyncio.gather(*tasks)
+        await self._wait_for_room(until_idle=True)
+
+    async def _wait_for_room(self, until_idle: bool = False) -> None:
+        """While the limit is reserved, wait for downloads to finish: a failed one frees its place, so
+        listing goes on until the limit is met or the site is exhausted (``until_idle``: wait for all)."""
+        while self.pending and (self.full or until_idle):
+            done, _ = await asyncio.wait(set(self.pending), return_when=asyncio.FIRST_COMPLETED)
+            self.pending -= done  # the set is shared by the sites' loops: remove, never reassign
+            for task in done:
+                task.result()  # a download error that stops the crawl (a full disk) surfaces here
 
     async def character_tag(self, site: Site, name: str) -> str:
         """The site's tag for the character: remembered, else the most-posted character tag its own
@@ -218,7 +233,7 @@ class _SiteCrawl:
         else:
             target = self.images_dir / post.filename
             try:
-                await client.download(candidate.url, target)
+                await client.download(candidate.url, target, candidate.md5)
             except StorageFull:
                 raise
             except StageError as exc:

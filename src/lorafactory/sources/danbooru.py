@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from lorafactory.sources.base import Candidate, Post, smallest_fit
+from lorafactory.sources.base import Candidate, Post, original_md5, smallest_fit
 from lorafactory.sources.http import SiteClient, keyset
 
 _CATEGORIES = ("general", "character", "copyright", "artist", "meta")
@@ -96,4 +96,4 @@ class Danbooru:
             score=int(raw.get("score") or 0),
             tags={c: (raw.get(f"tag_string_{c}") or "").split() for c in _CATEGORIES},
         )
-        return Candidate(post, url)
+        return Candidate(post, url, original_md5(raw, url))

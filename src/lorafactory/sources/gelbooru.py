@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from lorafactory.sources.base import Candidate, Post, smallest_fit
+from lorafactory.sources.base import Candidate, Post, original_md5, smallest_fit
 from lorafactory.sources.danbooru import character_tag
 from lorafactory.sources.http import SiteClient, keyset
 
@@ -93,4 +93,4 @@ class Gelbooru:
             score=int(raw.get("score") or 0),
             tags={"general": (raw.get("tags") or "").split()},
         )
-        return Candidate(post, url)
+        return Candidate(post, url, original_md5(raw, url))

@@ -1,14 +1,17 @@
 """Polite asynchronous HTTP: one httpx client, a rate limit per site, bounded retries.
 
-Each site gets its own requests-per-second and concurrency. Retries honour ``Retry-After`` on 429
-and back off exponentially with jitter on 5xx and timeouts. A Cloudflare challenge stops that site
-at once instead of hammering it. Downloads land through a temporary file, checked for size and
-image type, and renamed only when complete. Credentials never appear in messages.
+Each site gets its own requests-per-second and concurrency. A ``Retry-After`` (or
+``X-RateLimit-Reset``) pauses the whole site: no request of any worker starts before the time the
+server gave. 5xx and timeouts back off exponentially with jitter; permanent failures (a URL
+scheme httpx cannot fetch, 401/403/404/410) are not retried. A Cloudflare challenge stops that
+site at once instead of hammering it. Downloads land through a temporary file, checked for size,
+image type and the site's md5, and renamed only when complete. Credentials never appear in messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
@@ -20,6 +23,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import httpx
 
 from lorafactory.errors import StageError
+from lorafactory.redact import redact, register
 
 log = logging.getLogger(__name__)
 RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -52,22 +56,33 @@ def _wait_hint(response: httpx.Response) -> str | None:
 
 
 class RateLimit:
-    """At most ``per_second`` request starts per second, and ``concurrency`` requests at once."""
+    """At most ``per_second`` request starts per second, and ``concurrency`` requests at once;
+    ``pause`` holds back every request start until a time the server gave."""
 
     def __init__(self, per_second: float, concurrency: int) -> None:
         self.interval = 1.0 / per_second if per_second > 0 else 0.0
         self._slots = asyncio.Semaphore(concurrency)
         self._lock = asyncio.Lock()
         self._next = 0.0
+        self._paused_until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     async def __aenter__(self) -> None:
         await self._slots.acquire()
-        async with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self.interval
-        if start > now:
-            await asyncio.sleep(start - now)
+        try:
+            while True:
+                async with self._lock:
+                    now = time.monotonic()
+                    start = max(now, self._next, self._paused_until)
+                    if start <= now:
+                        self._next = now + self.interval
+                        return
+                await asyncio.sleep(start - now)  # then look again: a pause may have come meanwhile
+        except BaseException:
+            self._slots.release()
+            raise
 
     async def __aexit__(self, *_exc: object) -> None:
         self._slots.release()
@@ -86,13 +101,17 @@ class SiteClient:
         headers: dict | None = None,
     ) -> None:
         self.site, self.http, self.limit, self.max_retries = site, http, limit, max_retries
-        self.secrets = tuple(s for s in secrets if s)
         self.headers = headers or {}  # sent with every request to this site (e.g. its own User-Agent rule)
+        self.secrets: tuple[str, ...] = ()
+        self.add_secrets(*secrets)
+
+    def add_secrets(self, *secrets: str) -> None:
+        """Credentials of this site: masked in every message (in any encoding), here and process-wide."""
+        self.secrets += tuple(s for s in secrets if s)
+        register(*secrets)
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self.secrets)
 
     async def get(self, url: str, params: dict | None = None, headers: dict | None = None) -> httpx.Response:
         """GET with retries; the last response is returned when retries run out."""
@@ -101,6 +120,8 @@ class SiteClient:
             try:
                 async with self.limit:
                     response = await self.http.get(url, params=params, headers={**self.headers, **(headers or {})})
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                raise StageError(f"{self.site}: cannot fetch this URL ({exc.__class__.__name__})") from None
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
                     raise StageError(
@@ -122,6 +143,20 @@ class SiteClient:
                 continue
             return response
 
+    async def _backoff(self, attempt: int, wait_hint: str | None) -> None:
+        """Wait before a retry: the server's own wait pauses the whole site; else exponential with jitter."""
+        try:
+            delay = float(wait_hint) if wait_hint is not None else None
+        except ValueError:
+            delay = None
+        if delay is not None:
+            log.info("%s: the server asked for a %.1fs pause; pausing the site", self.site, delay)
+            self.limit.pause(delay)
+            return
+        delay = min(60.0, 0.5 * 2.0**attempt) * random.uniform(0.5, 1.5)
+        log.info("%s: retrying in %.1fs", self.site, delay)
+        await asyncio.sleep(delay)
+
     async def get_json(self, url: str, params: dict, refusals: dict[int, str] | None = None) -> Any:
         """A JSON API page; a refusal or a body that is not JSON is a one-line StageError
         (``refusals`` gives the message for statuses that need one, such as 401)."""
@@ -142,22 +177,10 @@ class SiteClient:
         if response.status_code != 200:
             raise StageError(f"{self.site} login failed with HTTP {response.status_code}; {failure}")
         token = response.json()["access_token"]
-        self.secrets += (token,)
+        self.add_secrets(token)
         self.headers["Authorization"] = f"Bearer {token}"
 
-    async def _backoff(self, attempt: int, retry_after: str | None) -> None:
-        try:
-            delay = float(retry_after) if retry_after is not None else None
-        except ValueError:
-            delay = None
-        if delay is None:
-            delay = min(60.0, 0.5 * 2.0**attempt) * random.uniform(0.5, 1.5)
-        log.info("%s: retrying in %.1fs", self.site, delay)
-        await asyncio.sleep(delay)
-
-    async def download(self, url: str, dest: Path) -> int:
-        """Fetch an image into ``dest``; a truncated or non-image body never lands."""
-        response = await self.get(url)
+    def _image_body(self, response: httpx.Response) -> bytes:
         if response.status_code != 200:
             raise StageError(f"{self.site}: download failed with HTTP {response.status_code}")
         if response.url.path.endswith("/expired.png"):
@@ -170,6 +193,20 @@ class SiteClient:
             raise StageError(
                 f"{self.site}: download is not an image ({response.headers.get('content-type', 'unknown type')})"
             )
+        return body
+
+    async def download(self, url: str, dest: Path, md5: str = "") -> int:
+        """Fetch an image into ``dest``; a truncated or non-image body never lands, nor one whose md5
+        differs from the site's (``md5``, when given: such a download is retried, then dropped)."""
+        attempt = 0
+        while True:
+            body = self._image_body(await self.get(url))
+            if not md5 or hashlib.md5(body).hexdigest() == md5.lower():
+                break
+            if attempt >= self.max_retries:
+                raise StageError(f"{self.site}: the download does not match the site's md5 after {attempt + 1} tries")
+            await self._backoff(attempt, None)
+            attempt += 1
         try:
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         except OSError as exc:

@@ -49,7 +49,7 @@ class Pixiv:
 
     async def _login(self) -> None:
         refresh, client_id, secret = _env("REFRESH_TOKEN"), _env("CLIENT_ID"), _env("CLIENT_SECRET")
-        self.client.secrets += (refresh, secret)
+        self.client.add_secrets(refresh, secret)
         form = {
             "grant_type": "refresh_token",
             "refresh_token": refresh,

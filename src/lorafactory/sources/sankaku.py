@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from lorafactory.sources.base import Candidate, Post, smallest_fit
+from lorafactory.sources.base import Candidate, Post, original_md5, smallest_fit
 from lorafactory.sources.danbooru import character_tag
 from lorafactory.sources.http import SiteClient
 
@@ -92,4 +92,4 @@ class Sankaku:
             score=int(raw.get("total_score") or 0),
             tags=by_type,
         )
-        return Candidate(post, url)
+        return Candidate(post, url, original_md5(raw, url))

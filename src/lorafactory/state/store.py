@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorafactory.errors import ConfigError
+from lorafactory.redact import redact
 from lorafactory.state.models import (
     SCHEMA_VERSION,
     Base,
@@ -35,6 +36,10 @@ from lorafactory.state.models import (
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _redacted(error: str | None) -> str | None:
+    return None if error is None else redact(error)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -145,7 +150,7 @@ class Store:
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
         with self.session() as session:
             run = session.get(Run, run_id)
-            run.status, run.error, run.finished_at = status, error, _now()
+            run.status, run.error, run.finished_at = status, _redacted(error), _now()
 
     # stages ----------------------------------------------------------------
 
@@ -163,7 +168,7 @@ class Store:
     ) -> None:
         with self.session() as session:
             record = session.get(StageExecution, stage_id)
-            record.status, record.error, record.finished_at = status, error, _now()
+            record.status, record.error, record.finished_at = status, _redacted(error), _now()
             if counts is not None:
                 record.counts = counts
 

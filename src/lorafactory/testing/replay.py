@@ -52,6 +52,7 @@ class Replay(LoopbackServer):
     latency_s: float = 0.0  # simulated server time per request
     agents: list[str] = field(default_factory=list)  # User-Agent of each API request
     authorizations: list[str] = field(default_factory=list)  # Authorization header of each API request
+    file_urls: str = "absolute"  # or "relative" (/data/x) or "protocol-relative" (//host/data/x), as some boorus
     _server: ThreadingHTTPServer | None = None
 
     def _index(self) -> list[_Post]:
@@ -64,7 +65,10 @@ class Replay(LoopbackServer):
         return posts
 
     def file_url(self, post: _Post) -> str:
-        return f"{self.url}/data/{post.image.path.name}"
+        path = f"/data/{post.image.path.name}"
+        if self.file_urls == "relative":
+            return path
+        return (self.url.split(":", 1)[1] if self.file_urls == "protocol-relative" else self.url) + path
 
     def matching(self, wanted: set[str]) -> list[_Post]:
         """Posts carrying every wanted tag; ``id:<N`` filters by id, as the sites' search syntax does."""
