@@ -1,6 +1,7 @@
 """The whole pipeline end to end, offline: artifacts, release, state, skip, force and failures."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import demo_settings
 from lorafactory.cli import app
-from lorafactory.errors import InputError
+from lorafactory.errors import InputError, StageError
 from lorafactory.pipeline import run_pipeline
 from lorafactory.progress import SilentProgress
 from lorafactory.state import Store
@@ -152,6 +153,39 @@ def test_rerun_skips_and_force_reruns_downstream(demo_run):
     assert again.executed == [] and again.skipped == list(STAGES)
     forced = run_pipeline(ws, store, settings, SilentProgress(), force="evaluate")
     assert forced.executed == ["evaluate", "release"] and forced.skipped == ["crawl", "prepare", "train"]
+
+
+def _copy_of_the_demo(demo_run, tmp_path):
+    shutil.copytree(demo_run["workspace"].root, tmp_path / "ws")
+    workspace = Workspace(tmp_path / "ws")
+    return workspace, Store(workspace.default_db_url), workspace.character(demo_run["outcome"].slug)
+
+
+def test_a_damaged_artifact_is_rebuilt_with_everything_made_from_it(demo_run, tmp_path):
+    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    best = char.manifest("evaluate").details["selected_step"]
+    damaged = char.artifact("train") / _char(demo_run).manifest("train").details["checkpoints"][str(best)]
+    bundled = damaged / "bundled.safetensors"
+    bundled.write_bytes(bundled.read_bytes()[:300])  # truncated behind the pipeline's back
+    outcome = run_pipeline(workspace, store, demo_run["settings"], SilentProgress())
+    assert outcome.skipped == ["crawl", "prepare"] and outcome.executed == ["train", "evaluate", "release"]
+    release = char.artifact("release") / f"{TRIGGER}.safetensors"
+    with safe_open(str(release), "pt") as handle:
+        assert len(list(handle.keys())) > 10
+    assert char.manifest("release").files[f"{TRIGGER}.safetensors"] == release.stat().st_size
+
+
+@pytest.mark.parametrize("name", ["bundled.safetensors", "embedding.pt"])
+def test_a_damaged_checkpoint_file_is_never_released(demo_run, tmp_path, name):
+    from lorafactory.release.builder import _copy_step_files
+
+    source = tmp_path / "step"
+    best = _char(demo_run).manifest("evaluate").details["selected_step"]
+    checkpoint = _char(demo_run).manifest("train").details["checkpoints"][str(best)]
+    shutil.copytree(_char(demo_run).artifact("train") / checkpoint, source)
+    (source / name).write_bytes((source / name).read_bytes()[:300])
+    with pytest.raises(StageError, match=r"is damaged: .*nothing was released: rerun with --force train"):
+        _copy_step_files(source, tmp_path / "release", TRIGGER)
 
 
 def test_status_json_reports_the_run(demo_run):

@@ -26,6 +26,7 @@ from lorafactory.workspace import (
     CharacterDir,
     Manifest,
     Workspace,
+    damage,
     slugify,
     write_bytes_atomic,
     write_json_atomic,
@@ -211,9 +212,14 @@ def run_pipeline(
         prints = fingerprints(current)
         ctx = Context(current, trigger, char, progress, store, run_id)
         for stage in stages:
+            existing = char.manifest(stage)
+            damaged = damage(char.artifact(stage), existing) if existing is not None else None
+            if damaged and stage not in forced:  # rebuilt, and everything made from it
+                progress.note(f"[yellow]{stage}: {damaged} since it was made; rebuilding it and later stages[/yellow]")
+                forced |= set(STAGES[STAGES.index(stage) :])
             if stage in forced:
                 char.invalidate(stage)
-            existing = char.manifest(stage)
+                existing = None
             if existing is not None and existing.fingerprint == prints[stage]:
                 store.record_skip(run_id, stage, prints[stage])
                 progress.note(f"[dim]{stage}: up to date, skipped[/dim]")

@@ -102,7 +102,28 @@ class Manifest(BaseModel):
     counts: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     details: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, int] = Field(default_factory=dict, description="Every file of the artifact -> its size.")
     created_at: datetime = Field(default_factory=utcnow)
+
+
+def list_files(folder: Path) -> dict[str, int]:
+    """Relative path -> size of every file under ``folder`` (the manifest itself excluded)."""
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def damage(artifact: Path, manifest: Manifest) -> str | None:
+    """What changed in a finished artifact since its manifest was written (None: all files intact)."""
+    for name, size in manifest.files.items():
+        path = artifact / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes instead of {size}"
+    return None
 
 
 def read_manifest(artifact: Path) -> Manifest | None:
@@ -162,6 +183,7 @@ class CharacterDir:
         """Write the manifest last, then swap the partial folder in place of the old artifact."""
         partial = self.partial(stage)
         (partial / FINGERPRINT).unlink(missing_ok=True)
+        manifest = manifest.model_copy(update={"files": list_files(partial)})
         write_json_atomic(partial / MANIFEST, manifest.model_dump(mode="json"))
         final = self.artifact(stage)
         old = self.path / f"{stage}.old"

@@ -26,6 +26,7 @@ from lorafactory.errors import StageError
 from lorafactory.evaluate.evaluator import step_dir
 from lorafactory.evaluate.scoring import METRICS
 from lorafactory.export.kohya import PLAIN_LORA_SUFFIX
+from lorafactory.export.verify import verify_model_files
 from lorafactory.release.card import CardInput, model_card
 from lorafactory.train.trainer import BUNDLED_FILE, EMBEDDING_FILE, EMBEDDING_PT_FILE, LORA_FILE
 from lorafactory.workspace import write_bytes_atomic
@@ -73,6 +74,7 @@ def train_summary(settings: Settings, family: str) -> dict:
 
 
 def _copy_step_files(source: Path, target: Path, trigger: str) -> list[str]:
+    """Copy a checkpoint's files under their release names, each read back whole first."""
     (target / "embeddings").mkdir(parents=True, exist_ok=True)
     pairs = [
         (BUNDLED_FILE, f"{trigger}.safetensors"),
@@ -82,6 +84,10 @@ def _copy_step_files(source: Path, target: Path, trigger: str) -> list[str]:
     ]
     for name, destination in pairs:
         shutil.copyfile(source / name, target / destination)
+    verify_model_files(
+        [target / destination for _, destination in pairs],
+        f"nothing was released: rerun with --force train (checkpoint {source.name})",
+    )
     return [destination for _, destination in pairs]
 
 
