@@ -77,7 +77,16 @@ def _settings(
 
 
 def _run(
-    name: str, until: str, workspace: Path, db: Optional[str], config, preset, overrides, force, source_overrides=()
+    name: str,
+    until: str,
+    workspace: Path,
+    db: Optional[str],
+    config,
+    preset,
+    overrides,
+    force,
+    source_overrides=(),
+    wait: bool = False,
 ) -> None:
     from lorafactory.pipeline import run_pipeline
     from lorafactory.state import Store
@@ -91,7 +100,7 @@ def _run(
         err.print(
             f"[bold]{settings.character.name}[/bold] → {ws.character(slugify(name)).path}  (preset {settings.preset})"
         )
-        outcome = run_pipeline(ws, store, settings, RichProgress(err), until=until, force=force)
+        outcome = run_pipeline(ws, store, settings, RichProgress(err), until=until, force=force, wait=wait)
     except LorafactoryError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -137,9 +146,12 @@ def _stage_command(stage: str, doc: str):
         preset: Optional[str] = PresetOpt,
         set_: Optional[List[str]] = SetOpt,
         force: Optional[str] = ForceOpt,
+        wait: bool = typer.Option(
+            False, "--wait", help="When another run holds this character, wait for it instead of stopping."
+        ),
     ) -> None:
         sources = _source_overrides(from_dir, site) + ([f"crawl.limit={limit}"] if limit else [])
-        _run(name, stage, workspace, db, config, preset, set_, force, sources)
+        _run(name, stage, workspace, db, config, preset, set_, force, sources, wait)
 
     command.__doc__ = doc
     return command

@@ -29,3 +29,9 @@ class QualityGateFailed(StageError):
     """The best checkpoint stayed below the quality gate after every allowed retrain."""
 
     exit_code = 5
+
+
+class CharacterBusy(LorafactoryError):
+    """Another live run holds the character."""
+
+    exit_code = 6

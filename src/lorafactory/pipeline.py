@@ -21,6 +21,7 @@ from lorafactory.config import Settings, settings_hash, to_toml
 from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed
 from lorafactory.progress import Progress
 from lorafactory.state import Store
+from lorafactory.state.lock import CharacterLockHandle, acquire
 from lorafactory.workspace import (
     STAGES,
     CharacterDir,
@@ -186,8 +187,10 @@ def run_pipeline(
     progress: Progress,
     until: str = "release",
     force: str | None = None,
+    wait: bool = False,
 ) -> RunOutcome:
-    """Run every stage up to ``until``; ``force`` reruns from that stage onward."""
+    """Run every stage up to ``until``; ``force`` reruns from that stage onward. The character is
+    locked for the run: a second run refuses at once (or, with ``wait``, waits for the first)."""
     for stage in (until, force):
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
@@ -195,6 +198,24 @@ def run_pipeline(
         raise ConfigError("the character has no name; pass NAME to the command")
     trigger = trigger_for(settings)
     slug = slugify(settings.character.name)
+    lock = acquire(store, slug, wait=wait)
+    try:
+        return _run_locked(workspace, store, settings, progress, until, force, trigger, slug, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    workspace: Workspace,
+    store: Store,
+    settings: Settings,
+    progress: Progress,
+    until: str,
+    force: str | None,
+    trigger: str,
+    slug: str,
+    lock: CharacterLockHandle,
+) -> RunOutcome:
     char = workspace.character(slug)
     char.path.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(char.config_path, to_toml(settings).encode("utf-8"))
@@ -212,6 +233,7 @@ def run_pipeline(
         prints = fingerprints(current)
         ctx = Context(current, trigger, char, progress, store, run_id)
         for stage in stages:
+            lock.check()
             existing = char.manifest(stage)
             damaged = damage(char.artifact(stage), existing) if existing is not None else None
             if damaged and stage not in forced:  # rebuilt, and everything made from it

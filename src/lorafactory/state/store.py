@@ -19,10 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lorafactory.errors import ConfigError
 from lorafactory.redact import redact
+from lorafactory.state.lock import STALE_S, holder_dead
 from lorafactory.state.models import (
     SCHEMA_VERSION,
     Base,
     Character,
+    CharacterLock,
     Checkpoint,
     Download,
     Metric,
@@ -40,16 +42,6 @@ def _now() -> datetime:
 
 def _redacted(error: str | None) -> str | None:
     return None if error is None else redact(error)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -132,14 +124,18 @@ class Store:
             return run.id
 
     def _mark_dead_runs(self, character_id: int) -> None:
-        """Runs left 'running' by a killed process on this host become 'interrupted'."""
-        host = socket.gethostname()
+        """Runs left 'running' by a dead process become 'interrupted': a live run holds the
+        character's lock with a fresh heartbeat (runs of this very process count as live)."""
+        me = (socket.gethostname(), os.getpid())
         with self.session() as session:
-            stale = session.execute(
-                select(Run).where(Run.character_id == character_id, Run.status == "running", Run.host == host)
+            character = session.get(Character, character_id)
+            lock = session.get(CharacterLock, character.slug)
+            holder = (lock.host, lock.pid) if lock is not None and not holder_dead(lock, STALE_S) else None
+            running = session.execute(
+                select(Run).where(Run.character_id == character_id, Run.status == "running")
             ).scalars()
-            for run in stale:
-                if run.pid != os.getpid() and not _pid_alive(run.pid):
+            for run in running:
+                if (run.host, run.pid) not in (me, holder):
                     run.status = "interrupted"
                     run.finished_at = run.finished_at or _now()
                     for stage in run.stages:
@@ -276,8 +272,11 @@ class Store:
         """The character, its latest run with stage records, and the newest checkpoint metrics."""
         with self.session() as session:
             character = session.execute(select(Character).where(Character.slug == slug)).scalar_one_or_none()
-            if character is None:
-                return None
+        if character is None:
+            return None
+        self._mark_dead_runs(character.id)  # status never shows a dead run as running
+        with self.session() as session:
+            character = session.get(Character, character.id)
             runs = character.runs
             latest = runs[-1] if runs else None
             scored = next((run for run in reversed(runs) if run.checkpoints), None)
