@@ -188,6 +188,45 @@ def test_a_damaged_checkpoint_file_is_never_released(demo_run, tmp_path, name):
         _copy_step_files(source, tmp_path / "release", TRIGGER)
 
 
+def test_a_full_disk_in_a_stage_is_one_line_and_loses_nothing(demo_run, tmp_path, monkeypatch):
+    import errno
+
+    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+
+    def full(source, target, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(StageError, match=r"^disk full at .*: free space and rerun; nothing was lost$"):
+        run_pipeline(workspace, store, demo_run["settings"], SilentProgress(), force="release")
+    monkeypatch.undo()
+    stages = store.character_summary(char.slug)["latest_run"]["stages"]
+    assert stages[-1]["stage"] == "release" and stages[-1]["error"].startswith("disk full at")
+    assert not char.partial("release").exists()
+
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"attempt": "x", "settings_hash": 1}', '{"attempt": 1}'])
+def test_a_malformed_gate_file_counts_as_no_retrain(tmp_path, content):
+    from lorafactory.pipeline import GATE_FILE, _gate_attempt
+
+    char = Workspace(tmp_path).character("x")
+    char.path.mkdir(parents=True)
+    (char.path / GATE_FILE).write_text(content)
+    assert _gate_attempt(char, "hash") == 0
+
+
+def test_bad_workspace_and_database_are_one_line_errors(tmp_path):
+    runner = CliRunner()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    result = runner.invoke(app, ["crawl", "X", "--from-dir", str(tmp_path), "--workspace", str(a_file)])
+    assert result.exit_code == 3 and "in the way" in result.output and "Traceback" not in result.output
+    (tmp_path / "ws").mkdir()
+    bad_db = f"sqlite:///{tmp_path / 'missing' / 'dir' / 'x.db'}"
+    result = runner.invoke(app, ["status", "X", "--workspace", str(tmp_path / "ws"), "--db", bad_db])
+    assert result.exit_code == 2 and "unable to open database file" in result.output, result.output
+
+
 def test_status_json_reports_the_run(demo_run):
     result = CliRunner().invoke(
         app, ["status", "Akane Hoshino", "--workspace", str(demo_run["workspace"].root), "--json"]

@@ -9,8 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import demo_settings
-from lorafactory.errors import StageError
+from lorafactory.errors import ConfigError, StageError
 from lorafactory.progress import SilentProgress
+from lorafactory.train.model import load_pipeline
 from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir, train
 
 
@@ -50,6 +51,34 @@ def test_resuming_with_other_settings_is_refused(kit, dataset, tmp_path):
     train(_settings(kit), "akane_hoshino", dataset, tmp_path, SilentProgress(), stop_after=4)
     with pytest.raises(StageError, match="different base model, dataset or train settings"):
         train(_settings(kit, "train.unet_lr=0.5"), "akane_hoshino", dataset, tmp_path, SilentProgress())
+
+
+def test_a_truncated_training_state_says_force_train(kit, dataset, tmp_path):
+    train(_settings(kit), "akane_hoshino", dataset, tmp_path, SilentProgress(), stop_after=4)
+    state = tmp_path / "state" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(StageError, match=r"training state .* is damaged .*--force train"):
+        train(_settings(kit), "akane_hoshino", dataset, tmp_path, SilentProgress())
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ('train.lora_targets=["nope"]', "train.lora_targets"),
+        ('train.text_encoder_lora_targets=["nope"]', "train.text_encoder_lora_targets"),
+    ],
+)
+def test_targets_matching_no_layer_are_a_config_error(kit, dataset, tmp_path, override, match):
+    settings = _settings(kit, override, "train.text_encoder_lora_rank=2")
+    with pytest.raises(ConfigError, match=rf"{match} \['nope'\] matched no"):
+        train(settings, "akane_hoshino", dataset, tmp_path, SilentProgress())
+
+
+def test_a_garbage_single_file_base_model_is_a_config_error(tmp_path):
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    with pytest.raises(ConfigError, match="cannot load base model .*check train.base_model"):
+        load_pipeline(str(garbage))
 
 
 def test_pivot_freezes_the_embedding(kit, dataset, tmp_path):

@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from lorafactory.config import PRESETS, load_settings, read_toml, to_toml
-from lorafactory.errors import ConfigError, LorafactoryError
+from lorafactory.errors import ConfigError, LorafactoryError, from_os_error
 from lorafactory.progress import RichProgress
 from lorafactory.redact import RedactingFilter, redact
 from lorafactory.workspace import STAGES, Workspace, slugify
@@ -44,7 +45,15 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a setting, e.g. --set 
 ForceOpt = typer.Option(None, "--force", help=f"Rerun from this stage onward: {', '.join(STAGES)}.")
 
 
-def _fail(exc: LorafactoryError) -> None:
+USER_ERRORS = (LorafactoryError, OSError, SQLAlchemyError)  # shown as one line, never as a traceback
+
+
+def _fail(exc: Exception) -> None:
+    if isinstance(exc, OSError):  # a file in the way, a read-only or full disk
+        exc = from_os_error(exc)
+    elif isinstance(exc, SQLAlchemyError):
+        cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        exc = LorafactoryError(f"state database error: {cause}; check --db and that the database is reachable")
     err.print(f"[bold red]error:[/bold red] {escape(redact(str(exc)))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
@@ -101,7 +110,7 @@ def _run(
             f"[bold]{settings.character.name}[/bold] → {ws.character(slugify(name)).path}  (preset {settings.preset})"
         )
         outcome = run_pipeline(ws, store, settings, RichProgress(err), until=until, force=force, wait=wait)
-    except LorafactoryError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]; run the same command again to resume where it stopped")
@@ -200,7 +209,7 @@ def publish(
             dry_run=dry_run,
             store=store,
         )
-    except LorafactoryError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     for report in reports:
         if hasattr(report, "unchanged"):
@@ -266,7 +275,7 @@ def status(
                     k: dataset.details.get(k) for k in ("filters", "ratios", "core_tags", "per_site")
                 }
             report.append(summary)
-    except LorafactoryError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     if as_json:
         out.print_json(json.dumps(report))
@@ -361,7 +370,7 @@ def config_show(
     """Print the effective settings as TOML."""
     try:
         settings = _settings(workspace, name, config, preset, set_ or [])
-    except LorafactoryError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     sys.stdout.write(to_toml(settings))
 
@@ -393,7 +402,7 @@ def demo(
         run_demo(workspace, cache or default_cache(), ["--force", force] if force else [])
         ws = Workspace(workspace)
         summary = Store(ws.default_db_url).character_summary(slugify(DEMO_CHARACTER))
-    except LorafactoryError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     release_dir = ws.character(slugify(DEMO_CHARACTER)).artifact("release")
     _print_metrics(summary["checkpoints"])

@@ -1,5 +1,7 @@
 """User-facing errors: each carries a one-line message that names the problem and the fix."""
 
+import errno
+
 
 class LorafactoryError(Exception):
     """Base class for errors shown to the user as one line, without a traceback."""
@@ -35,3 +37,17 @@ class CharacterBusy(LorafactoryError):
     """Another live run holds the character."""
 
     exit_code = 6
+
+
+def from_os_error(exc: OSError, where: object = "") -> LorafactoryError:
+    """A one-line error for a failed file operation: what, where, and what to do."""
+    place = exc.filename or where or "the workspace"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StageError(f"disk full at {place}: free space and rerun; nothing was lost")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return InputError(f"cannot write {place} ({exc.strerror}); make it writable or use another --workspace")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return InputError(f"{place} is in the way ({exc.strerror}); remove it or use another --workspace")
+    if exc.errno == errno.ENAMETOOLONG:
+        return InputError(f"a path is too long ({place}); use a shorter --workspace or name")
+    return StageError(f"{exc.strerror or exc.__class__.__name__} at {place}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorafactory.config import Settings, settings_hash, to_toml
-from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed
+from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, from_os_error
 from lorafactory.progress import Progress
 from lorafactory.state import Store
 from lorafactory.state.lock import CharacterLockHandle, acquire
@@ -295,9 +295,10 @@ def _gate_attempt(char: CharacterDir, settings_key: str) -> int:
     """How many retrains the gate already asked for with these settings (0 when none)."""
     try:
         saved = json.loads((char.path / GATE_FILE).read_text())
-    except (OSError, ValueError):
+        attempt = int(saved["attempt"]) if saved["settings_hash"] == settings_key else 0
+    except (OSError, ValueError, TypeError, KeyError):  # absent or malformed: no retrain recorded
         return 0
-    return int(saved.get("attempt", 0)) if saved.get("settings_hash") == settings_key else 0
+    return max(attempt, 0)
 
 
 def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> None:
@@ -314,12 +315,15 @@ def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> 
         store.finish_run(ctx.run_id, "interrupted", f"interrupted during {stage}")
         raise
     except Exception as exc:
-        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        error = from_os_error(exc, ctx.char.partial(stage)) if isinstance(exc, OSError) else exc
+        message = str(error).splitlines()[0] if str(error) else error.__class__.__name__
         if not resumable:  # a failed stage leaves nothing half-written; training keeps its saved state
             shutil.rmtree(ctx.char.partial(stage), ignore_errors=True)
         store.finish_stage(stage_id, "failed", message)
         store.finish_run(ctx.run_id, "failed", f"{stage}: {message}")
-        raise
+        if error is exc:
+            raise
+        raise error from exc
     upstream = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
     manifest = Manifest(
         stage=stage,

@@ -70,7 +70,8 @@ class Store:
         try:
             Base.metadata.create_all(self.engine)
         except SQLAlchemyError as exc:
-            raise ConfigError(f"cannot open state database {_safe_url(self.url)}: {exc.__class__.__name__}") from exc
+            cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise ConfigError(f"cannot open state database {_safe_url(self.url)}: {cause}; check --db") from exc
         with self.session() as session:
             info = session.get(SchemaInfo, 1)
             if info is None:

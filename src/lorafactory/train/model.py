@@ -62,6 +62,7 @@ def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32, con
     """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
+    from safetensors import SafetensorError
 
     diffusers_logging.disable_progress_bar()  # stages show their own progress
     path = Path(base_model).expanduser()
@@ -78,10 +79,9 @@ def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32, con
             raise ConfigError(
                 f"base model {base_model} does not exist; set train.base_model to a model folder, file or hub id"
             )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load base model {base_model!r}: {str(exc).splitlines()[0]}; check train.base_model"
-        ) from exc
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # also a garbage single file
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise ConfigError(f"cannot load base model {base_model!r}: {reason}; check train.base_model") from exc
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ConfigError(
             f"base model {base_model!r} is a {type(pipe).__name__}; lorafactory trains SD1.x and SDXL models"

@@ -95,12 +95,18 @@ def load_state(out_dir: Path, fingerprint: str, live: Stateful) -> LoopPosition:
             "with a different base model, dataset or train settings; "
             "restore them, or rerun with --force train to start over"
         )
-    payload = torch.load(out_dir / STATE_DIR / "state.pt", weights_only=False)  # our own file: includes RNG tuples
-    with torch.no_grad():
-        for name, tensor in live.trainables.items():
-            tensor.copy_(payload["trainables"][name])
-    live.optimizer.load_state_dict(payload["optimizer"])
-    live.scheduler.load_state_dict(payload["scheduler"])
+    try:
+        payload = torch.load(out_dir / STATE_DIR / "state.pt", weights_only=False)  # ours: includes RNG tuples
+        with torch.no_grad():
+            for name, tensor in live.trainables.items():
+                tensor.copy_(payload["trainables"][name])
+        live.optimizer.load_state_dict(payload["optimizer"])
+        live.scheduler.load_state_dict(payload["scheduler"])
+    except Exception as exc:  # noqa: BLE001 - truncated or garbled: whatever torch raises
+        raise StageError(
+            f"the saved training state in {out_dir / STATE_DIR} is damaged ({exc.__class__.__name__}); "
+            "rerun with --force train to start over"
+        ) from exc
     if live.scaler is not None and payload["scaler"] is not None:
         live.scaler.load_state_dict(payload["scaler"])
     states = payload["rng"]

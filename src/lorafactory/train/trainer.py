@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lorafactory.config import Settings, settings_hash
-from lorafactory.errors import StageError
+from lorafactory.errors import ConfigError, StageError
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import (
     PLAIN_LORA_SUFFIX,
@@ -166,10 +166,16 @@ class _Run:
         )
         self.text.to(self.device)
         self.text_lora = self._add_text_encoder_lora() if t.text_encoder_lora_rank else {}
-        base.unet.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=list(t.lora_targets)))
-        self.lora = {name: p for name, p in base.unet.named_parameters() if p.requires_grad}
+        try:
+            base.unet.add_adapter(
+                LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=list(t.lora_targets))
+            )
+        except ValueError:  # peft: no module matches
+            self.lora = {}
+        else:
+            self.lora = {name: p for name, p in base.unet.named_parameters() if p.requires_grad}
         if not self.lora:
-            raise StageError(
+            raise ConfigError(
                 f"train.lora_targets {t.lora_targets} matched no UNet layer; use names such as to_q, to_k, to_v"
             )
         for param in self.lora.values():
@@ -219,7 +225,13 @@ class _Run:
             target_modules=list(t.text_encoder_lora_targets),
         )
         for index, encoder in enumerate(self.base.text_encoders):
-            inject_adapter_in_model(config, encoder)
+            try:
+                inject_adapter_in_model(config, encoder)
+            except ValueError:  # peft: no module matches
+                raise ConfigError(
+                    f"train.text_encoder_lora_targets {t.text_encoder_lora_targets} matched no text-encoder "
+                    "layer; use names such as q_proj, k_proj, v_proj"
+                ) from None
             for name, param in encoder.named_parameters():
                 if "lora_" in name:
                     param.data = param.data.float()
