@@ -264,6 +264,26 @@ def test_empty_dataset_fails_cleanly(tmp_path, kit):
     )
 
 
+def test_sidecar_tags_reach_the_captions_of_full_person_crops(tmp_path, kit):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for image in sorted(kit.images.glob("main_*.png"))[:10]:
+        shutil.copyfile(image, folder / image.name)
+        (folder / image.name).with_suffix(".txt").write_text("rain, holding umbrella\n", encoding="utf-8")
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    settings = demo_settings(
+        kit, "http://127.0.0.1:1", 'crawl.source="local"', f'crawl.from_dir="{folder}"', 'character.name="Mine"'
+    )
+    run_pipeline(ws, Store(ws.default_db_url), settings, SilentProgress(), until="prepare")
+    lines = (ws.character("mine").artifact("prepare") / "metadata.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    person = [r["caption"] for r in records if r["group"] == "person"]
+    others = [r["caption"] for r in records if r["group"] != "person"]
+    assert person and all("rain" in c and "holding umbrella" in c for c in person)
+    assert others and not any("holding umbrella" in c for c in others)
+
+
 def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     runner = CliRunner()
     ws = str(tmp_path / "ws")

@@ -14,7 +14,7 @@ from lorafactory.sources.base import file_md5
 from lorafactory.sources.crawl import MemoryArchive, crawl
 from lorafactory.sources.danbooru import character_tag, choose_variant
 from lorafactory.sources.http import CloudflareBlocked, RateLimit, SiteClient
-from lorafactory.sources.local import crawl_local
+from lorafactory.sources.local import crawl_local, sidecar_tags
 from lorafactory.testing.replay import DanbooruReplay, ReplayImage
 
 
@@ -618,3 +618,17 @@ def test_secrets_in_any_encoding_stay_out_of_output_and_state(tmp_path, kit, mon
     forms = {secret, quote_plus(secret), quote(secret, safe=""), quote(secret, safe="").lower()}
     stored = b"".join(p.read_bytes() for p in (tmp_path / "ws").rglob("*") if p.is_file())
     assert not any(form in result.output or form.encode() in stored for form in forms)
+
+
+@pytest.mark.parametrize(
+    "data", [b"\xef\xbb\xbfsailor hat, smile", "sailor hat, smile".encode("utf-16"), b"sailor_hat\nsmile\n"]
+)
+def test_sidecar_encodings_are_read(tmp_path, data):
+    (tmp_path / "a.txt").write_bytes(data)
+    assert sidecar_tags(tmp_path / "a.png") == ["sailor_hat", "smile"]
+
+
+def test_a_sidecar_in_another_encoding_is_refused_by_name(tmp_path):
+    (tmp_path / "a.txt").write_bytes("caf\xe9, smile".encode("latin-1"))
+    with pytest.raises(InputError, match=r"tag file .*a\.txt is not UTF-8 or UTF-16 text; save it as UTF-8"):
+        sidecar_tags(tmp_path / "a.png")

@@ -120,3 +120,31 @@ def test_redact_masks_every_encoding_of_a_registered_secret(caplog):
     with caplog.at_level(logging.INFO, logger=logger.name):
         logger.info("url %s", quote_plus(secret))
     assert caplog.records[-1].getMessage() == "url ***"
+
+
+def test_sixteen_bit_grayscale_and_exif_orientation_decode_correctly(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lorafactory.dataset.clean import load_rgb
+
+    gray = np.full((16, 24), 32768, dtype=np.uint16)
+    gray[:, :12] = 8192
+    Image.fromarray(gray).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    decoded = np.asarray(load_rgb(tmp_path / "gray16.png", 1024))
+    assert decoded.shape == (16, 24, 3) and decoded[0, 0, 0] == 32 and decoded[0, -1, 0] == 128
+
+    wide = Image.new("RGB", (40, 20), (200, 0, 0))
+    wide.paste((0, 0, 200), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: view rotated 90 degrees clockwise
+    wide.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    upright = load_rgb(tmp_path / "turned.jpg", 1024)
+    assert upright.size == (20, 40) and upright.getpixel((10, 5))[2] > 150  # the blue half is now on top
+
+
+def test_own_tags_join_the_taggers():
+    from lorafactory.dataset.prepare import with_own_tags
+
+    assert with_own_tags({"smile": 0.6}, ["sailor_hat", "smile"]) == {"smile": 1.0, "sailor_hat": 1.0}

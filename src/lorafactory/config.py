@@ -164,6 +164,11 @@ class PrepareSettings(Section):
     general_threshold: float = Field(0.35, gt=0, lt=1)
     drop_overlap: bool = True
     drop_blacklisted: bool = True
+    sidecar_tags: bool = Field(
+        True,
+        description="A local folder's .txt tags join the WD14 tags of each image's full-person crops "
+        "(half-body and head crops keep what the tagger sees in them).",
+    )
     core_tag_ratio: float = Field(0.35, gt=0, le=1)
     prune_core_tags: bool = True
     min_images: int = Field(10, ge=1, description="Fail when fewer images survive cleaning.")

@@ -139,6 +139,11 @@ def prepare(
     return _write_dataset(records, chain, trigger, settings, out_dir, len(posts))
 
 
+def with_own_tags(scores: dict[str, float], own: list[str]) -> dict[str, float]:
+    """The tagger's tags plus the image's own (from its .txt file), which count as certain."""
+    return {**scores, **{tag: 1.0 for tag in own if tag}}
+
+
 def _tag_and_save(crops: list[tuple[Post, Crop]], settings: Settings, out_dir: Path, progress: Progress) -> list[dict]:
     p, v = settings.prepare, settings.vision
     images_dir = out_dir / "images"
@@ -149,6 +154,8 @@ def _tag_and_save(crops: list[tuple[Post, Crop]], settings: Settings, out_dir: P
             name = f"{Path(post.filename).stem}_{crop.suffix}"
             crop.image.save(images_dir / f"{name}.png")
             tags = tag_image(crop.image, v.tagger_model, p.general_threshold, p.drop_overlap)
+            if p.sidecar_tags and post.site == "local" and crop.group == "person":
+                tags = with_own_tags(tags, post.tags.get("general", []))
             if p.drop_blacklisted:
                 tags = drop_blacklisted(tags)
             records.append(

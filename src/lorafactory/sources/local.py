@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 import shutil
 from pathlib import Path
@@ -15,12 +16,24 @@ from lorafactory.sources.base import IMAGE_SUFFIXES, Post, file_md5
 log = logging.getLogger(__name__)
 
 
-def _sidecar_tags(image: Path) -> list[str]:
+def read_sidecar(sidecar: Path) -> str:
+    """A tag file's text: UTF-8 (with or without a BOM) or UTF-16 with its BOM; anything else is refused."""
+    data = sidecar.read_bytes()
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"tag file {sidecar} is not UTF-8 or UTF-16 text; save it as UTF-8") from None
+
+
+def sidecar_tags(image: Path) -> list[str]:
+    """Tags from ``image.txt`` (comma- or line-separated), in the tagger's form (underscores)."""
     sidecar = image.with_suffix(".txt")
     if not sidecar.is_file():
         return []
-    text = sidecar.read_text(encoding="utf-8", errors="replace")
-    return [tag.strip() for tag in text.replace("\n", ",").split(",") if tag.strip()]
+    text = read_sidecar(sidecar)
+    return ["_".join(tag.split()) for tag in text.replace("\n", ",").split(",") if tag.strip()]
 
 
 def crawl_local(
@@ -70,7 +83,7 @@ def crawl_local(
                 filename=name,
                 width=width,
                 height=height,
-                tags={"general": _sidecar_tags(path)},
+                tags={"general": sidecar_tags(path)},
             )
         )
     counts["kept"] = len(posts)
