@@ -5,7 +5,7 @@ import pytest
 
 from lorafactory.config import EvaluateSettings, PromptSpec
 from lorafactory.dataset.clusters import outfit_clusters
-from lorafactory.evaluate.metrics import bikini_plus, bootstrap_interval, prompt_tags, vendi_score
+from lorafactory.evaluate.metrics import bikini_plus, bootstrap_interval, prompt_tags, tag_weights, vendi_score
 from lorafactory.evaluate.prompts import is_male, jobs, prompt_specs
 from lorafactory.evaluate.select import fbeta, keep_count, normalise, select_steps
 
@@ -94,10 +94,18 @@ def test_vendi_bootstrap_and_bikini_plus():
     assert 0.2 <= low < 0.5 < high <= 0.8
     vocabulary = {"bikini", "beach", "watermark", "red_hair"}
     assert prompt_tags("best quality, akane, bikini, Beach, red hair", vocabulary, {"red_hair"}) == ["bikini", "beach"]
-    assert bikini_plus({"bikini": 0.9, "watermark": 0.2}, ["bikini", "beach"], ["watermark"]) == pytest.approx(
-        (0.9 + 0.0 + 0.8) / 3
+    scores = {"bikini": 0.9, "watermark": 0.2}
+    assert bikini_plus(scores, ["bikini", "beach"], ["watermark"], {}) == pytest.approx((0.9 + 0.0 + 0.8) / 3)
+    assert bikini_plus({"bikini": 0.9}, [], [], {}) is None
+    # weights 1.5 ** (ln(count) - p75): log counts 0, 1, 2, 3 -> p75 = 2.25
+    weights = tag_weights({"rare": 1, "beach": round(np.e), "watermark": round(np.e**2), "bikini": round(np.e**3)})
+    assert weights["bikini"] == pytest.approx(1.5 ** (np.log(20) - np.percentile(np.log([1, 3, 7, 20]), 75)))
+    assert weights["rare"] < weights["beach"] < weights["watermark"] < weights["bikini"]
+    w = weights
+    expected = (0.9 * w["bikini"] + 0.0 * w["beach"] + 0.8 * w["watermark"]) / (
+        w["bikini"] + w["beach"] + w["watermark"]
     )
-    assert bikini_plus({"bikini": 0.9}, [], []) is None
+    assert bikini_plus(scores, ["bikini", "beach"], ["watermark"], weights) == pytest.approx(expected)
 
 
 def test_prompt_suite_sets_clusters_and_seeds():

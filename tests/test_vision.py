@@ -12,7 +12,7 @@ from lorafactory.testing.synthetic import CHARACTERS
 from lorafactory.vision.ccip import default_threshold, differences, extract_features
 from lorafactory.vision.classify import monochrome_score
 from lorafactory.vision.detect import detect
-from lorafactory.vision.tagging import is_character_trait, tag_image
+from lorafactory.vision.tagging import is_character_trait, tag_counts, tag_image
 
 V = VisionSettings()
 
@@ -85,3 +85,9 @@ def test_every_standin_model_runs_through_imgutils():
     assert anime_completeness(a)[0] in ("monochrome", "rough", "polished")
     assert drop_blacklisted_tags({"cosplay": 0.9, "smile": 0.8}) == {"smile": 0.8}
     assert drop_overlap_tags(["long_hair", "very_long_hair", "hair"]) == ["very_long_hair"]
+
+
+def test_tag_counts_come_from_the_taggers_own_tag_list():
+    counts = tag_counts(VisionSettings().tagger_model)
+    assert counts and all(isinstance(n, int) and n > 0 for n in counts.values())
+    assert "bikini" in counts and len(set(counts.values())) > 1  # real per-tag counts, not a constant

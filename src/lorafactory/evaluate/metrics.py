@@ -39,11 +39,29 @@ def prompt_tags(text: str, vocabulary: set[str], exclude: set[str] = frozenset()
     return list(dict.fromkeys(part for part in parts if part in vocabulary and part not in exclude))
 
 
-def bikini_plus(scores: dict[str, float], positive: list[str], negative: list[str]) -> float | None:
-    """Prompt adherence of one image: the mean of P(tag) over the prompt's tags and 1 - P(tag) over
-    the negative prompt's. None (missing, not zero) when the prompts hold no tag the tagger knows."""
-    values = [scores.get(tag, 0.0) for tag in positive] + [1.0 - scores.get(tag, 0.0) for tag in negative]
-    return float(np.mean(values)) if values else None
+BIKINI_PLUS_BASE = 1.5
+
+
+def tag_weights(counts: dict[str, int]) -> dict[str, float]:
+    """BikiniPlus's weight of each tag, ``1.5 ** (ln(count) - p75)``, p75 the 75th percentile of
+    the log counts over the tagger's vocabulary: common tags weigh more, a p75 tag weighs 1."""
+    logs = {tag: float(np.log(max(count, 1))) for tag, count in counts.items()}
+    p75 = float(np.percentile(list(logs.values()), 75)) if logs else 0.0
+    return {tag: BIKINI_PLUS_BASE ** (value - p75) for tag, value in logs.items()}
+
+
+def bikini_plus(
+    scores: dict[str, float], positive: list[str], negative: list[str], weights: dict[str, float]
+) -> float | None:
+    """Prompt adherence of one image: the weighted mean of P(tag) over the prompt's tags and
+    1 - P(tag) over the negative prompt's (``weights`` from ``tag_weights``; 1 for a tag without a
+    count). None (missing, not zero) when the prompts hold no tag the tagger knows."""
+    pairs = [(scores.get(tag, 0.0), weights.get(tag, 1.0)) for tag in positive]
+    pairs += [(1.0 - scores.get(tag, 0.0), weights.get(tag, 1.0)) for tag in negative]
+    if not pairs:
+        return None
+    values, tag_weight = np.array(pairs).T
+    return float(np.sum(values * tag_weight) / np.sum(tag_weight))
 
 
 def vendi_score(features: np.ndarray) -> float:

@@ -22,12 +22,13 @@ from lorafactory.evaluate.metrics import (
     ccip_recscore,
     image_matches,
     prompt_tags,
+    tag_weights,
     vendi_score,
 )
 from lorafactory.evaluate.prompts import Job
 from lorafactory.vision.ccip import differences, extract_features
 from lorafactory.vision.quality import aesthetic_percentile, ai_corrupt_score
-from lorafactory.vision.tagging import is_character_trait, tag_scores
+from lorafactory.vision.tagging import is_character_trait, tag_counts, tag_scores
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +65,7 @@ class Scorer:
         self.missing: dict[str, str] = {}  # metric -> why it could not be computed
         self._clip = None
         self._excluded: set[str] | None = None  # tags BikiniPlus leaves out: the trigger and character traits
+        self._weights: dict[str, float] | None = None  # BikiniPlus's tag weights, from the tagger's tag counts
 
     def _attempt(self, metrics: tuple[str, ...], compute: Callable[[], T]) -> T | None:
         if any(m in self.missing for m in metrics):
@@ -104,9 +106,7 @@ class Scorer:
             ),
         )
         put("ccip", matched)
-        tags = self._attempt(
-            ("bikini", "bikini_plus"), lambda: [tag_scores(image, v.tagger_model) for image in images]
-        )
+        tags = self._attempt(("bikini", "bikini_plus"), lambda: self._tag_scores(images))
         if tags is not None:
             put(
                 "bikini",
@@ -138,6 +138,12 @@ class Scorer:
             self.missing.setdefault("diversity", "evaluate.clip_model is empty")
         return self._summarise(dict(per_image), matched, diversity)
 
+    def _tag_scores(self, images: list[Image.Image]) -> list[dict[str, float]]:
+        model = self.settings.vision.tagger_model
+        if self._weights is None:
+            self._weights = tag_weights(tag_counts(model))
+        return [tag_scores(image, model) for image in images]
+
     def _adherence(self, job: Job, scores: dict[str, float]) -> float | None:
         vocabulary = set(scores)  # the tagger's whole vocabulary: the same for every image
         if self._excluded is None:
@@ -146,6 +152,7 @@ class Scorer:
             scores,
             prompt_tags(job.prompt, vocabulary, self._excluded),
             prompt_tags(job.negative, vocabulary, self._excluded),
+            self._weights or {},
         )
 
     def _clip_scores(self, work: list[Job], images: list[Image.Image]) -> tuple[list[float], float | None]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from functools import lru_cache
+
 from PIL import Image
 
 
@@ -46,3 +49,15 @@ def drop_blacklisted(tags: dict[str, float]) -> dict[str, float]:
 
     kept = drop_blacklisted_tags(tags)
     return {tag: score for tag, score in tags.items() if tag in kept}
+
+
+@lru_cache(maxsize=4)
+def tag_counts(model_name: str) -> dict[str, int]:
+    """How often each tag occurs in the tagger's training data (the ``count`` column of its
+    ``selected_tags.csv``)."""
+    from huggingface_hub import hf_hub_download
+    from imgutils.tagging.wd14 import LABEL_FILENAME, MODEL_NAMES
+
+    path = hf_hub_download(MODEL_NAMES[model_name], LABEL_FILENAME)
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["name"]: int(row["count"]) for row in csv.DictReader(handle)}
