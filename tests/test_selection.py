@@ -129,8 +129,8 @@ def test_prompt_suite_sets_clusters_and_seeds():
     )
     work = jobs(custom, prompt_specs(custom, female_tags), "akane")
     assert [(j.filename, j.prompt) for j in work] == [
-        ("a_0.png", "best quality, masterpiece, highres, solo, akane, smile"),
-        ("a_1.png", "best quality, masterpiece, highres, solo, akane, smile"),
+        ("a_0.png", "best quality, masterpiece, highres, solo, (akane:1.1), smile"),
+        ("a_1.png", "best quality, masterpiece, highres, solo, (akane:1.1), smile"),
     ]
     assert work[1].seed == work[0].seed + 1
     more = custom.model_copy(update={"prompts": [PromptSpec(name="b", prompt="x"), *custom.prompts]})

@@ -300,10 +300,14 @@ class EvaluateSettings(Section):
     )
     nsfw: bool = Field(False, description="Add the built-in set's nsfw prompts.")
     cluster_prompts: bool = Field(True, description="One prompt per outfit cluster of the dataset's tags.")
-    prefix: str = "best quality, masterpiece, highres, solo, {trigger}"
+    prefix: str = Field(
+        "best quality, masterpiece, highres, solo, ({trigger}:1.1)",
+        description="Before every prompt; AUTOMATIC1111 emphasis such as (tag:1.2) applies here and in prompts.",
+    )
     negative_prompt: str = (
-        "worst quality, low quality, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
-        "jpeg artifacts, signature, watermark, username, blurry, sketch, comic, censored, mosaic censoring, bar censor"
+        "(worst quality, low quality:1.4), (zombie, sketch, interlocked fingers, comic:1.1), (full body:1.1), "
+        "lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, jpeg artifacts, signature, "
+        "watermark, username, blurry, (censored, mosaic censoring, bar censor:1.2)"
     )
     seed: int = 42
     sampler: Literal["dpmpp_2m_karras", "euler_a", "euler", "ddim"] = "dpmpp_2m_karras"

@@ -15,10 +15,11 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file
 
 from lorafactory.config import EvaluateSettings
+from lorafactory.evaluate.attention import parse_attention
 from lorafactory.evaluate.prompts import Job
 from lorafactory.train.embedding import token_names
 from lorafactory.train.model import family_of
-from lorafactory.train.text import ENCODER_KEYS, Conditioning, encode_prompts
+from lorafactory.train.text import BREAK, ENCODER_KEYS, Conditioning, encode_weighted
 
 
 def make_scheduler(name: str, config: dict):
@@ -88,18 +89,22 @@ class Generator:
     def encode(self, prompts: list[str], negatives: list[str]) -> tuple[Conditioning, Conditioning]:
         """Prompt and negative conditioning computed here, with clip skip (diffusers 0.42's own
         clip-skip path reads ``text_encoder.text_model``, which transformers 5 no longer has).
-        Prompts longer than 75 tokens are encoded in chunks, as AUTOMATIC1111 does; both halves
-        get the same number of chunks, which classifier-free guidance needs."""
-        texts = self.pipe.maybe_convert_prompt(
-            prompts + negatives, self.pipe.tokenizer
-        )  # expands multi-vector triggers
+        Emphasis such as ``(tag:1.2)`` is applied as in AUTOMATIC1111, and prompts longer than 75
+        tokens are encoded in chunks; both halves get the same number of chunks, which
+        classifier-free guidance needs."""
+        weighted = [
+            [(self._expand(text) if weight != BREAK else text, weight) for text, weight in parse_attention(prompt)]
+            for prompt in prompts + negatives
+        ]
         tokenizers, encoders = zip(*self.pairs)
-        both = encode_prompts(
-            self.family, list(tokenizers), list(encoders), texts, self.clip_skip, self.device, max_chunks=None
-        )
+        both = encode_weighted(self.family, list(tokenizers), list(encoders), weighted, self.clip_skip, self.device)
         n = len(prompts)
         pooled = (both.pooled[:n], both.pooled[n:]) if both.pooled is not None else (None, None)
         return Conditioning(both.hidden[:n], pooled[0]), Conditioning(both.hidden[n:], pooled[1])
+
+    def _expand(self, text: str) -> str:
+        """A multi-vector trigger becomes its N tokens (diffusers' textual-inversion convention)."""
+        return self.pipe.maybe_convert_prompt(text, self.pipe.tokenizer)
 
     def render(self, work: list[Job], on_image: Callable[[], None] | None = None) -> Iterator[tuple[Job, Image.Image]]:
         s = self.settings

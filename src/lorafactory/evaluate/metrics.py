@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lorafactory.evaluate.attention import plain_text
+
 
 @dataclass(frozen=True)
 class RecScore:
@@ -34,8 +36,9 @@ def image_matches(matched_fractions) -> list[float]:
 
 
 def prompt_tags(text: str, vocabulary: set[str], exclude: set[str] = frozenset()) -> list[str]:
-    """The comma-separated prompt parts the tagger knows (spaces as underscores), minus ``exclude``."""
-    parts = (part.strip().lower().replace(" ", "_") for part in text.split(","))
+    """The comma-separated prompt parts the tagger knows (spaces as underscores, emphasis syntax
+    removed), minus ``exclude``."""
+    parts = (part.strip().lower().replace(" ", "_") for part in plain_text(text).split(","))
     return list(dict.fromkeys(part for part in parts if part in vocabulary and part not in exclude))
 
 

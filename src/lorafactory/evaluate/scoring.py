@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lorafactory.config import Settings
+from lorafactory.evaluate.attention import plain_text
 from lorafactory.evaluate.metrics import (
     bikini_plus,
     bootstrap_interval,
@@ -161,7 +162,11 @@ class Scorer:
         clip = self._clip_model()
         features = clip.images(images)
         texts = [
-            ", ".join(part.strip() for part in job.prompt.split(",") if part.strip() and part.strip() != self.trigger)
+            ", ".join(
+                part.strip()
+                for part in plain_text(job.prompt).split(",")
+                if part.strip() and part.strip() != self.trigger
+            )
             for job in work
         ]
         alignment = [float(x) for x in np.sum(features * clip.texts(texts), axis=1)]

@@ -18,6 +18,8 @@ ENCODER_KEYS = ("clip_l", "clip_g")
 
 
 CHUNK = 75  # prompt tokens per CLIP pass; with BOS and EOS that fills the 77 positions
+BREAK = float("-inf")  # the weight of a fragment that ends the current chunk (A1111's BREAK)
+Fragments = list[tuple[str, float]]  # a prompt as (text, attention weight) pieces
 
 
 @dataclass
@@ -26,23 +28,64 @@ class Conditioning:
     pooled: torch.Tensor | None  # [B, P] for SDXL's added conditioning (from the first chunk), None for SD1
 
 
-def chunk_ids(tokenizer, texts: list[str], max_chunks: int | None, device: torch.device) -> list[torch.Tensor]:
-    """Token ids in chunks of 75, as AUTOMATIC1111 and kohya handle long prompts: each chunk is
-    ``BOS + 75 tokens + EOS`` (padded), every text gets as many chunks as the longest one needs
-    (at most ``max_chunks``; what lies beyond is cut), and a prompt that fits in 75 tokens gives
-    exactly the usual single 77-token sequence."""
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+
+def weighted_tokens(tokenizer, fragments: Fragments) -> tuple[list[int], list[float]]:
+    """Token ids and their attention weights; a BREAK pads to the end of the chunk, as A1111 does."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for text, weight in fragments:
+        if weight == BREAK:
+            fill = CHUNK - len(ids) % CHUNK
+            ids += [tokenizer.eos_token_id] * fill
+            weights += [1.0] * fill
+            continue
+        part = _tokens(tokenizer, text)
+        ids += part
+        weights += [weight] * len(part)
+    return ids, weights
+
+
+def token_chunks(
+    tokenizer, tokens: list[tuple[list[int], list[float]]], max_chunks: int | None, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Token ids and weights in chunks of 75, as AUTOMATIC1111 and kohya handle long prompts: each
+    chunk is ``BOS + 75 tokens + EOS`` (padded; BOS, EOS and padding weigh 1), every text gets as
+    many chunks as the longest one needs (at most ``max_chunks``; what lies beyond is cut), and a
+    prompt that fits in 75 tokens gives exactly the usual single 77-token sequence. The weights are
+    None for a chunk where every token weighs 1 (decided here, so the GPU is never asked)."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    tokens = [tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids for text in texts]
-    count = max(1, *(-(-len(ids) // CHUNK) for ids in tokens))
+    count = max(1, *(-(-len(ids) // CHUNK) for ids, _ in tokens))
     count = min(count, max_chunks) if max_chunks else count
     chunks = []
     for index in range(count):
-        rows = []
-        for ids in tokens:
-            part = ids[index * CHUNK : (index + 1) * CHUNK]
+        rows, multipliers = [], []
+        for ids, weights in tokens:
+            window = slice(index * CHUNK, (index + 1) * CHUNK)
+            part, part_weights = ids[window], weights[window]
             rows.append([bos, *part, eos] + [pad] * (CHUNK - len(part)))
-        chunks.append(torch.tensor(rows, device=device))
+            multipliers.append([1.0, *part_weights, 1.0] + [1.0] * (CHUNK - len(part)))
+        plain = all(weight == 1.0 for row in multipliers for weight in row)
+        chunks.append((torch.tensor(rows, device=device), None if plain else torch.tensor(multipliers, device=device)))
     return chunks
+
+
+def chunk_ids(tokenizer, texts: list[str], max_chunks: int | None, device: torch.device) -> list[torch.Tensor]:
+    """Token ids of plain texts in chunks of 75 (see ``token_chunks``)."""
+    tokens = [(ids, [1.0] * len(ids)) for ids in (_tokens(tokenizer, text) for text in texts)]
+    return [ids for ids, _ in token_chunks(tokenizer, tokens, max_chunks, device)]
+
+
+def emphasise(hidden: torch.Tensor, multipliers: torch.Tensor | None) -> torch.Tensor:
+    """A1111's emphasis: each token's states times its weight, then rescaled so the mean of each
+    prompt's chunk stays what it was (per prompt, so an image never depends on its batch)."""
+    if multipliers is None:
+        return hidden
+    before = hidden.mean(dim=(1, 2), keepdim=True)
+    weighted = hidden * multipliers.to(hidden.dtype).unsqueeze(-1)
+    return weighted * (before / weighted.mean(dim=(1, 2), keepdim=True))
 
 
 def encode_prompts(
@@ -55,20 +98,36 @@ def encode_prompts(
     max_chunks: int | None = 1,
 ) -> Conditioning:
     """Conditioning for already-expanded prompts (trigger tokens in place), chunked past 75 tokens."""
-    if family == "sd1":
-        hidden = [
-            encode_text(encoders[0], ids, clip_skip) for ids in chunk_ids(tokenizers[0], texts, max_chunks, device)
-        ]
-        return Conditioning(torch.cat(hidden, dim=1), None)
+    return encode_weighted(
+        family, tokenizers, encoders, [[(text, 1.0)] for text in texts], clip_skip, device, max_chunks
+    )
+
+
+def encode_weighted(
+    family: Family,
+    tokenizers: list,
+    encoders: list,
+    prompts: list[Fragments],
+    clip_skip: int,
+    device: torch.device,
+    max_chunks: int | None = None,
+) -> Conditioning:
+    """Conditioning for prompts given as weighted fragments (A1111 emphasis), chunked past 75 tokens.
+    SDXL's pooled embedding comes from the first chunk, unweighted, as in A1111."""
     per_encoder, pooled = [], None
     layer = -max(clip_skip, 2)  # SDXL is conditioned on the penultimate layer, without the final norm
     for tokenizer, encoder in zip(tokenizers, encoders):
+        tokens = [weighted_tokens(tokenizer, fragments) for fragments in prompts]
         states = []
-        for index, ids in enumerate(chunk_ids(tokenizer, texts, max_chunks, device)):
-            out = encoder(ids, output_hidden_states=True)
-            states.append(out.hidden_states[layer])
-            if index == 0 and hasattr(out, "text_embeds"):
-                pooled = out.text_embeds
+        for index, (ids, multipliers) in enumerate(token_chunks(tokenizer, tokens, max_chunks, device)):
+            if family == "sd1":
+                hidden = encode_text(encoder, ids, clip_skip)
+            else:
+                out = encoder(ids, output_hidden_states=True)
+                hidden = out.hidden_states[layer]
+                if index == 0 and hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds
+            states.append(emphasise(hidden, multipliers))
         per_encoder.append(torch.cat(states, dim=1))
     return Conditioning(torch.cat(per_encoder, dim=-1), pooled)
 
