@@ -5,9 +5,9 @@ import torch
 
 from lorafactory.evaluate.attention import parse_attention, plain_text
 from lorafactory.evaluate.metrics import prompt_tags
-from lorafactory.train.embedding import encode_text
+from lorafactory.train.embedding import encode_text, text_core
 from lorafactory.train.model import load_pipeline
-from lorafactory.train.text import BREAK, CHUNK, encode_prompts, encode_weighted
+from lorafactory.train.text import BREAK, CHUNK, emphasise, encode_prompts, encode_weighted
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,15 @@ def test_plain_text_feeds_tag_matching():
 @pytest.fixture(scope="module")
 def clip(kit):
     pipe = load_pipeline(str(kit.tiny_sd))
+    with torch.no_grad():  # a trained CLIP's final norm has a bias, so its states have a mean to restore
+        text_core(pipe.text_encoder).final_layer_norm.bias.fill_(0.25)
     return pipe.tokenizer, pipe.text_encoder
+
+
+def test_a_mean_too_close_to_zero_is_not_restored():
+    hidden = torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])
+    weighted = emphasise(hidden, torch.tensor([[1.0, 2.0]]))
+    assert torch.equal(weighted, torch.tensor([[[1.0, -1.0], [4.0, -4.0]]]))
 
 
 def _ids(tokenizer, text):

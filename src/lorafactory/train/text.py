@@ -80,12 +80,17 @@ def chunk_ids(tokenizer, texts: list[str], max_chunks: int | None, device: torch
 
 def emphasise(hidden: torch.Tensor, multipliers: torch.Tensor | None) -> torch.Tensor:
     """A1111's emphasis: each token's states times its weight, then rescaled so the mean of each
-    prompt's chunk stays what it was (per prompt, so an image never depends on its batch)."""
+    prompt's chunk stays what it was (per prompt, so an image never depends on its batch). Where a
+    mean is too close to zero for the ratio to mean anything (a random test model's encoder, whose
+    final norm has no bias), the weighted states are kept as they are."""
     if multipliers is None:
         return hidden
     before = hidden.mean(dim=(1, 2), keepdim=True)
     weighted = hidden * multipliers.to(hidden.dtype).unsqueeze(-1)
-    return weighted * (before / weighted.mean(dim=(1, 2), keepdim=True))
+    after = weighted.mean(dim=(1, 2), keepdim=True)
+    floor = 1e-3 * hidden.abs().mean(dim=(1, 2), keepdim=True)
+    usable = (before.abs() > floor) & (after.abs() > floor) & (before * after > 0)
+    return torch.where(usable, weighted * (before / torch.where(usable, after, torch.ones_like(after))), weighted)
 
 
 def encode_prompts(
