@@ -254,3 +254,61 @@ def test_a1111_pt_passes_a1111s_restricted_loader(trained, tmp_path):
     torch.save({"clip_l": torch.zeros(2, 4)}, zipped)
     with pytest.raises(ValueError, match="bad file inside"):
         a1111_check_pt(zipped)
+
+
+def test_the_tiny_models_have_every_module_name_of_sd15_and_sdxl(kit):
+    """Shrunk only in width: each exported key of the test kit's models is a key of the real model."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from lorafactory.testing import tiny_sd
+
+    def names(model):
+        return {name for name, _ in model.named_modules()}
+
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD1.5's
+        sdxl = UNet2DConditionModel(**FULL_SDXL_UNET)
+        clip_l = CLIPTextModel(tiny_sd._clip_config(768, 12, 12, 768))
+        clip_g = CLIPTextModelWithProjection(tiny_sd._clip_config(1280, 32, 20, 1280))
+    sd1_tiny = load_base(str(kit.tiny_sd))
+    sdxl_tiny = load_base(str(build_tiny_sdxl(KIT_ROOT / "tiny-sdxl")))
+    assert names(sd1_tiny.unet) == names(sd15) and names(sd1_tiny.text_encoders[0]) == names(clip_l)
+    assert names(sdxl_tiny.unet) == names(sdxl)
+    assert [names(e) for e in sdxl_tiny.text_encoders] == [names(clip_l), names(clip_g)]
+    assert "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k" in names(sd1_tiny.unet)  # layer 2 of 2
+    assert "mid_block.attentions.0.transformer_blocks.9.ff.net.2" in names(sdxl_tiny.unet)
+
+
+def _a1111_compvis_name(key: str) -> str:
+    """AUTOMATIC1111's conversion of a kohya SD1 UNet LoRA key to its module in the original model
+    (extensions-builtin/Lora: convert_diffusers_name_to_compvis), for the layers LoRAs target."""
+    resnet = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1"}
+    if m := re.fullmatch(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        rest = resnet.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_input_blocks_{1 + block * 3 + layer}_{1 if kind == 'attentions' else 0}_{rest}"
+    if m := re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key):
+        kind, layer, rest = m[1], int(m[2]), m[3]
+        return f"diffusion_model_middle_block_{1 if kind == 'attentions' else layer * 2}_{rest}"
+    if m := re.fullmatch(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        rest = resnet.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_output_blocks_{block * 3 + layer}_{1 if kind == 'attentions' else 0}_{rest}"
+    return key
+
+
+def test_every_sd1_key_finds_its_module_through_a1111s_conversion(trained, tmp_path, kit):
+    if trained["family"] != "sd1":
+        pytest.skip("A1111 maps SDXL keys by their original names, checked by the SGM round trip")
+    from lorafactory.testing.single_file import write_ldm_checkpoint
+
+    checkpoint = write_ldm_checkpoint(kit.tiny_sd, tmp_path / "original.safetensors")
+    with safe_open(str(checkpoint), "pt") as handle:
+        modules = {
+            k[len("model.") : -len(".weight")].replace(".", "_") for k in handle.keys() if k.endswith(".weight")
+        }
+    with safe_open(str(trained["folder"] / "lora.safetensors"), "pt") as handle:
+        lora = {k.split(".")[0] for k in handle.keys() if k.startswith("lora_unet_")}
+    assert {_a1111_compvis_name(k) for k in lora} <= modules
+    assert "diffusion_model_input_blocks_5_1_transformer_blocks_0_attn1_to_q" in {_a1111_compvis_name(k) for k in lora}

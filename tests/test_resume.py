@@ -41,15 +41,15 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
             "--set",
             f'train.base_model="{kit.tiny_sd}"',
             "--set",
-            "train.max_steps=300",
+            "train.max_steps=60",
             "--set",
-            "train.save_every=150",
+            "train.save_every=30",
         ]
         state = ws.character("akane_hoshino").partial("train") / "state" / "state.json"
         first = subprocess.Popen(command, env=offline_env(kit), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and first.poll() is None:
-            if state.is_file() and json.loads(state.read_text())["step"] == 150:
+            if state.is_file() and json.loads(state.read_text())["step"] == 30:
                 break
             time.sleep(0.05)
         assert first.poll() is None, "the run ended before it could be killed during training"
@@ -65,7 +65,7 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
 
         second = subprocess.run(command, env=offline_env(kit), capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr[-2000:]
-        assert "resuming training at step 150" in second.stderr
+        assert "resuming training at step 30" in second.stderr
         assert sum(1 for _, path in replay.requests if path.startswith("/posts.json")) == crawl_requests  # no re-crawl
 
     summary = Store(ws.default_db_url).character_summary("akane_hoshino")
@@ -91,8 +91,8 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
     if how == "kill":  # the resumed weights equal an uninterrupted run's (compared once)
         settings = load_settings(base=read_toml(char.config_path))
         train(settings, "akane_hoshino", char.artifact("prepare"), tmp_path / "straight", SilentProgress())
-        resumed = load_file(char.artifact("train") / "checkpoints" / "step-000300" / "lora.safetensors")
-        straight = load_file(tmp_path / "straight" / "checkpoints" / "step-000300" / "lora.safetensors")
+        resumed = load_file(char.artifact("train") / "checkpoints" / "step-000060" / "lora.safetensors")
+        straight = load_file(tmp_path / "straight" / "checkpoints" / "step-000060" / "lora.safetensors")
         for key in straight:
             torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
 

@@ -1,8 +1,9 @@
 """Tiny, seeded, random-initialised SD1.5- and SDXL-architecture pipelines in diffusers format.
 
-Same component classes and tensor layout as Stable Diffusion 1.5 (CLIP text encoder,
-UNet2DConditionModel with cross-attention, an 8x AutoencoderKL), a few MB in all. The CLIP
-tokenizer is built locally from a byte-level vocabulary, so nothing is downloaded.
+The exact block and layer structure of Stable Diffusion 1.5 and SDXL (every UNet block, resnet,
+transformer layer and text-encoder layer, so every module, and every LoRA key, has a real name),
+shrunk only in width: a few MB in all. The CLIP tokenizer is built locally from a byte-level
+vocabulary, so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-BUILD_VERSION = "3"
+BUILD_VERSION = "4"  # 4: the real SD1.5 / SDXL block and layer structure
 _WORDS = (
     "best quality masterpiece solo portrait full body standing smile looking at viewer upper maid headdress apron "
     "yukata festival night starry sky beach bikini light dress skirt coat shirt hair long red blue green girl "
@@ -51,6 +52,18 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
+CLIP_L_LAYERS, CLIP_G_LAYERS = 12, 32  # text-encoder depths of SD1.5 / SDXL (CLIP ViT-L, OpenCLIP ViT-bigG)
+
+# SD1.5's UNet is diffusers' default UNet2DConditionModel (4 blocks, 2 layers each, attention in
+# the first three, one transformer layer each); only the widths below differ.
+TINY_SD15_UNET = dict(
+    sample_size=16,
+    block_out_channels=(16, 32, 64, 64),  # SD1.5: 320, 640, 1280, 1280 (the same steps, so the same shortcuts)
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
 # SDXL 1.0's UNet configuration (2.6B parameters).
 FULL_SDXL_UNET = dict(
     sample_size=128,
@@ -66,6 +79,19 @@ FULL_SDXL_UNET = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
+
+
+# SDXL's structure (transformer depths 1, 2, 10, mid block 10), narrow.
+TINY_SDXL_UNET = {
+    **FULL_SDXL_UNET,
+    "sample_size": 16,
+    "block_out_channels": (16, 32, 64),  # SDXL: 320, 640, 1280
+    "attention_head_dim": (2, 4, 4),
+    "cross_attention_dim": 32 + 48,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 40 + 6 * 8,
+    "norm_num_groups": 8,
+}
 
 
 def _tokenizer(folder: Path, pad: str = "<|endoftext|>"):
@@ -158,17 +184,8 @@ def build_tiny_sd(path: Path, seed: int = 0, full_size: bool = False) -> Path:
             text_encoder = CLIPTextModel(_clip_config(768, 12, 12, 768))
             unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
         else:
-            text_encoder = CLIPTextModel(_clip_config(32, 3, 4, 32))
-            unet = UNet2DConditionModel(
-                sample_size=16,
-                layers_per_block=1,
-                block_out_channels=(32, 64),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=32,
-                attention_head_dim=8,
-                norm_num_groups=16,
-            )
+            text_encoder = CLIPTextModel(_clip_config(32, CLIP_L_LAYERS, 4, 32))
+            unet = UNet2DConditionModel(**TINY_SD15_UNET)
         scheduler = PNDMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -213,24 +230,10 @@ def build_tiny_sdxl(path: Path, seed: int = 0, full_size: bool = False) -> Path:
             unet = UNet2DConditionModel(**FULL_SDXL_UNET)
         else:
             encoders = (
-                CLIPTextModel(_clip_config(32, 3, 4, 32)),
-                CLIPTextModelWithProjection(_clip_config(48, 3, 4, 40)),
+                CLIPTextModel(_clip_config(32, CLIP_L_LAYERS, 4, 32)),
+                CLIPTextModelWithProjection(_clip_config(48, CLIP_G_LAYERS, 4, 40)),
             )
-            unet = UNet2DConditionModel(
-                sample_size=16,
-                layers_per_block=2,
-                block_out_channels=(32, 64),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2),
-                attention_head_dim=(2, 4),
-                cross_attention_dim=32 + 48,
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=40 + 6 * 8,
-                norm_num_groups=16,
-            )
+            unet = UNet2DConditionModel(**TINY_SDXL_UNET)
         scheduler = EulerDiscreteScheduler(
             beta_start=0.00085,
             beta_end=0.012,
