@@ -6,7 +6,12 @@ making the whole token-embedding matrix trainable and restoring the other rows a
 Ours is measured with latent caching off (re-encoding like the baseline) and on. Each
 configuration runs in its own process, so peak memory (max RSS) is its own.
 
-    PYTHONPATH=src python benchmarks/cpu_trainer_ratio.py [STEPS]
+The machine is shared and noisy, so every contender runs REPEATS times, in rounds that rotate the
+order; each run reports its mean step time by wall clock and by process CPU time. The table gives
+the median over runs with the spread (min-max), and the ratio to the baseline as the median of the
+per-round ratios (each round's runs ran back to back) with their spread.
+
+    PYTHONPATH=src python benchmarks/cpu_trainer_ratio.py [STEPS] [REPEATS]
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STEPS, WARMUP, BATCH, RESOLUTION, RANK, VECTORS = 40, 5, 4, 128, 4, 2
+STEPS, WARMUP, BATCH, RESOLUTION, RANK, VECTORS, REPEATS = 40, 5, 4, 128, 4, 2, 3
+KINDS = ("baseline", "ours-uncached", "ours-cached")
 
 
 def _dataset(root: Path) -> Path:
@@ -43,7 +49,17 @@ def _dataset(root: Path) -> Path:
     return folder
 
 
-def run_ours(model: Path, data: Path, cached: bool, steps: int) -> list[float]:
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    """(wall, process CPU) seconds since ``start``."""
+    wall, cpu = _clocks()
+    return wall - start[0], cpu - start[1]
+
+
+def run_ours(model: Path, data: Path, cached: bool, steps: int) -> list[tuple[float, float]]:
     from lorafactory.config import load_settings
     from lorafactory.progress import SilentProgress
     from lorafactory.train.trainer import _Run
@@ -63,16 +79,16 @@ def run_ours(model: Path, data: Path, cached: bool, steps: int) -> list[float]:
             f"train.max_steps={steps}",
         ],
     )
-    run = _Run(settings, "bench", data, data.parent / "out", SilentProgress())
+    run = _Run(settings, "bench", data, data.parent / f"out-{os.getpid()}", SilentProgress())
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        start = _clocks()
         run.step()
-        times.append(time.perf_counter() - start)
+        times.append(_since(start))
     return times
 
 
-def run_baseline(model: Path, data: Path, steps: int) -> list[float]:
+def run_baseline(model: Path, data: Path, steps: int) -> list[tuple[float, float]]:
     """A minimal diffusers-example-style loop with the same settings."""
     import random
 
@@ -112,7 +128,7 @@ def run_baseline(model: Path, data: Path, steps: int) -> list[float]:
     keep[ids_new] = False
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        start = _clocks()
         batch = rng.sample(range(len(images)), BATCH)
         with torch.no_grad():
             latents = (
@@ -132,7 +148,7 @@ def run_baseline(model: Path, data: Path, steps: int) -> list[float]:
         optimizer.zero_grad()
         with torch.no_grad():  # retract: only the new rows may change
             embeddings.weight[keep] = original[keep]
-        times.append(time.perf_counter() - start)
+        times.append(_since(start))
     return times
 
 
@@ -150,41 +166,50 @@ def child(kind: str, steps: int) -> None:
         json.dumps(
             {
                 "kind": kind,
-                "step_ms": 1000 * sum(timed) / len(timed),
+                "wall_ms": 1000 * sum(w for w, _ in timed) / len(timed),
+                "cpu_ms": 1000 * sum(c for _, c in timed) / len(timed),
                 "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         )
     )
 
 
-def main(steps: int) -> None:
+def _spread(values: list[float]) -> str:
+    return f"{np.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main(steps: int, repeats: int) -> None:
     root = Path(tempfile.mkdtemp(prefix="lorafactory-bench-"))
     env = {**os.environ, "BENCH_ROOT": str(root), "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
     subprocess.run(
         [sys.executable, __file__, "--child", "baseline", str(WARMUP + 1)], env=env, check=True, capture_output=True
     )  # builds the kit
-    results = {}
-    for kind in ("baseline", "ours-uncached", "ours-cached"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", kind, str(steps)],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = results["baseline"]
+    rounds: list[dict[str, dict]] = []
+    for index in range(repeats):
+        order = KINDS[index % len(KINDS) :] + KINDS[: index % len(KINDS)]  # rotate who goes first
+        results = {}
+        for kind in order:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", kind, str(steps)],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        rounds.append(results)
     print(
-        (
-            f"CPU, {torch.get_num_threads()} threads, tiny SD1 model, "
-            f"{RESOLUTION}px, batch {BATCH}, {steps} steps ({WARMUP} warm-up)"
-        )
+        f"CPU, {torch.get_num_threads()} threads, tiny SD1 model, {RESOLUTION}px, batch {BATCH}, "
+        f"{steps} steps ({WARMUP} warm-up) per run, {repeats} rounds with rotating order; median (min-max)"
     )
-    print(f"{'loop':<16}{'ms/step':>10}{'peak MiB':>10}{'time ratio':>12}{'memory ratio':>14}")
-    for kind, r in results.items():
+    print(f"{'loop':<15}{'wall ms/step':>24}{'CPU ms/step':>24}{'wall ratio':>20}{'CPU ratio':>20}{'peak MiB':>10}")
+    for kind in KINDS:
+        runs = [r[kind] for r in rounds]
+        wall_ratio = [r[kind]["wall_ms"] / r["baseline"]["wall_ms"] for r in rounds]
+        cpu_ratio = [r[kind]["cpu_ms"] / r["baseline"]["cpu_ms"] for r in rounds]
         print(
-            f"{kind:<16}{r['step_ms']:>10.1f}{r['peak_mib']:>10.0f}"
-            f"{r['step_ms'] / base['step_ms']:>12.2f}{r['peak_mib'] / base['peak_mib']:>14.2f}"
+            f"{kind:<15}{_spread([x['wall_ms'] for x in runs]):>24}{_spread([x['cpu_ms'] for x in runs]):>24}"
+            f"{_spread(wall_ratio):>20}{_spread(cpu_ratio):>20}{np.median([x['peak_mib'] for x in runs]):>10.0f}"
         )
 
 
@@ -192,4 +217,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], int(sys.argv[3]))
     else:
-        main(int(sys.argv[1]) if len(sys.argv) > 1 else STEPS)
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else STEPS, int(sys.argv[2]) if len(sys.argv) > 2 else REPEATS)
