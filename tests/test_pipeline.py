@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import demo_settings
 from lorafactory.cli import app
-from lorafactory.errors import InputError, StageError
+from lorafactory.errors import ConfigError, InputError, StageError
 from lorafactory.pipeline import run_pipeline
 from lorafactory.progress import SilentProgress
 from lorafactory.state import Store
@@ -213,6 +213,15 @@ def test_a_malformed_gate_file_counts_as_no_retrain(tmp_path, content):
     char.path.mkdir(parents=True)
     (char.path / GATE_FILE).write_text(content)
     assert _gate_attempt(char, "hash") == 0
+
+
+def test_lora_targets_naming_no_layer_are_refused_before_any_work(tmp_path, kit):
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    settings = demo_settings(kit, "http://127.0.0.1:1", 'train.lora_targets=["to_q", "to_qq"]')
+    with pytest.raises(ConfigError, match=r"train.lora_targets \['to_qq'\] matched no UNet layer"):
+        run_pipeline(ws, Store(ws.default_db_url), settings, SilentProgress())
+    assert not list(ws.root.glob("*/crawl"))  # refused before the crawl
 
 
 def test_bad_workspace_and_database_are_one_line_errors(tmp_path):

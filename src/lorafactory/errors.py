@@ -45,7 +45,7 @@ def from_os_error(exc: OSError, where: object = "") -> LorafactoryError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StageError(f"disk full at {place}: free space and rerun; nothing was lost")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return InputError(f"cannot write {place} ({exc.strerror}); make it writable or use another --workspace")
+        return InputError(f"cannot access {place} ({exc.strerror}); fix its permissions or use another --workspace")
     if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return InputError(f"{place} is in the way ({exc.strerror}); remove it or use another --workspace")
     if exc.errno == errno.ENAMETOOLONG:

@@ -198,6 +198,10 @@ def run_pipeline(
         raise ConfigError("the character has no name; pass NAME to the command")
     trigger = trigger_for(settings)
     slug = slugify(settings.character.name)
+    if STAGES.index(until) >= STAGES.index("train"):
+        from lorafactory.train.preflight import check_targets
+
+        check_targets(settings.train)  # against the base model's architecture, before any work
     lock = acquire(store, slug, wait=wait)
     try:
         return _run_locked(workspace, store, settings, progress, until, force, trigger, slug, lock)
