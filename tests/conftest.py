@@ -66,3 +66,29 @@ def demo_run(kit: Kit, tmp_path_factory):
         settings = demo_settings(kit, replay.url)
         outcome = run_pipeline(workspace, store, settings, SilentProgress())
         yield {"workspace": workspace, "store": store, "settings": settings, "outcome": outcome, "replay": replay}
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on 127.0.0.1 for the session (CI installs Debian's postgresql)."""
+    from lorafactory.testing.postgres import LocalPostgres, server_binaries
+
+    if server_binaries() is None:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql; CI does)")
+    with LocalPostgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_database(postgres_server):
+    """A new, empty database on the session's PostgreSQL server; its SQLAlchemy URL."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(postgres_server.url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return postgres_server.url.rsplit("/", 1)[0] + f"/{name}"

@@ -15,8 +15,8 @@ from lorafactory.state.lock import STALE_S, acquire
 from lorafactory.state.models import SCHEMA_VERSION, CharacterLock, Run
 
 
-def test_schema_and_records(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+def test_schema_and_records(state_url):
+    store = Store(state_url)
     assert store.schema_version == SCHEMA_VERSION
     assert {"characters", "runs", "stage_executions", "checkpoints", "metrics", "schema_info"} <= set(
         inspect(store.engine).get_table_names()
@@ -43,8 +43,8 @@ def test_schema_and_records(tmp_path):
     assert Store(store.url).character_summary("alice")["runs"] == 1
 
 
-def test_runs_of_dead_processes_become_interrupted(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+def test_runs_of_dead_processes_become_interrupted(state_url):
+    store = Store(state_url)
     character = store.ensure_character("bob", "Bob", "bob")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     run = store.start_run(character, "cfg")
@@ -64,12 +64,16 @@ def _dead_pid():
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
 
 
-def _store(tmp_path):
-    return Store(f"sqlite:///{tmp_path / 'state.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request, tmp_path):
+    """A fresh state database: SQLite in a file, or a new database on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("postgres_database")
 
 
-def test_a_second_run_of_a_character_is_refused_with_one_line(tmp_path):
-    store = _store(tmp_path)
+def test_a_second_run_of_a_character_is_refused_with_one_line(state_url):
+    store = Store(state_url)
     held = acquire(store, "carol")
     with pytest.raises(CharacterBusy) as info:
         acquire(Store(store.url), "carol")  # another handle, as another process opens it
@@ -80,8 +84,8 @@ def test_a_second_run_of_a_character_is_refused_with_one_line(tmp_path):
     acquire(store, "carol").release()  # released: free again
 
 
-def test_a_dead_holders_lock_is_recovered(tmp_path):
-    store = _store(tmp_path)
+def test_a_dead_holders_lock_is_recovered(state_url):
+    store = Store(state_url)
     now = datetime.now(timezone.utc)
     with store.session() as session:  # a killed run on this host, and a silent one on another machine
         session.add(
@@ -98,8 +102,8 @@ def test_a_dead_holders_lock_is_recovered(tmp_path):
         acquire(store, "gus")  # a fresh heartbeat from another machine: alive
 
 
-def test_wait_takes_the_lock_once_the_holder_is_done_and_heartbeats_keep_it(tmp_path):
-    store = _store(tmp_path)
+def test_wait_takes_the_lock_once_the_holder_is_done_and_heartbeats_keep_it(state_url):
+    store = Store(state_url)
     held = acquire(store, "hal", heartbeat_s=0.05)
     timer = threading.Timer(0.6, held.release)
     timer.start()
@@ -110,8 +114,8 @@ def test_wait_takes_the_lock_once_the_holder_is_done_and_heartbeats_keep_it(tmp_
     waited.release()
 
 
-def test_status_never_shows_a_dead_run_as_running(tmp_path):
-    store = _store(tmp_path)
+def test_status_never_shows_a_dead_run_as_running(state_url):
+    store = Store(state_url)
     character = store.ensure_character("ivy", "Ivy", "ivy")
     run = store.start_run(character, "cfg")
     with store.session() as session:  # a run on another machine whose lock is gone (it died there)
