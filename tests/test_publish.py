@@ -12,6 +12,7 @@ from lorafactory.release import remote
 from lorafactory.release.civitai import NSFW_LEVELS, publish_to_civitai
 from lorafactory.release.hub import commit_groups, publish_to_hub, release_files
 from lorafactory.release.publish import CIVITAI_STATE, civitai_plan, parse_parameters
+from lorafactory.state.lock import acquire
 from lorafactory.testing.fake_civitai import FakeCivitai
 from lorafactory.testing.fake_hub import FakeHub
 
@@ -102,6 +103,12 @@ def test_publish_command(demo_run, fake_hub):
     assert latest["target"] == "huggingface" and latest["url"].endswith("/team/akane") and latest["uploaded"] > 0
     missing = CliRunner().invoke(app, ["publish", "Nobody", "-w", root, "--endpoint", fake_hub.url])
     assert missing.exit_code == 3 and "no finished release" in missing.output
+    held = acquire(demo_run["store"], "akane_hoshino")  # a run (or another publish) holds the character
+    try:
+        busy = CliRunner().invoke(app, ["publish", "Akane Hoshino", "-w", root, "--endpoint", fake_hub.url])
+    finally:
+        held.release()
+    assert busy.exit_code == 6 and "is being run by another lorafactory" in busy.output
 
 
 def test_release_holds_no_local_path_or_secret(release_dir, demo_run):

@@ -189,6 +189,7 @@ def publish(
     from lorafactory.pipeline import trigger_for
     from lorafactory.release.publish import publish as publish_release
     from lorafactory.state import Store
+    from lorafactory.state.lock import acquire
 
     _setup_logging()
     try:
@@ -197,18 +198,23 @@ def publish(
         )
         r, ws = settings.release, Workspace(workspace)
         store = None if dry_run else Store(db or ws.default_db_url)
-        reports = publish_release(
-            ws.character(slugify(name)),
-            settings,
-            trigger_for(settings),
-            list(r.publish_to),
-            repo=repo or r.hf_repo or slugify(name),
-            private=r.hf_private if private is None else private,
-            endpoint=endpoint or r.hf_endpoint,
-            progress=RichProgress(err),
-            dry_run=dry_run,
-            store=store,
-        )
+        lock = None if store is None else acquire(store, slugify(name))  # no run or publish meanwhile
+        try:
+            reports = publish_release(
+                ws.character(slugify(name)),
+                settings,
+                trigger_for(settings),
+                list(r.publish_to),
+                repo=repo or r.hf_repo or slugify(name),
+                private=r.hf_private if private is None else private,
+                endpoint=endpoint or r.hf_endpoint,
+                progress=RichProgress(err),
+                dry_run=dry_run,
+                store=store,
+            )
+        finally:
+            if lock is not None:
+                lock.release()
     except USER_ERRORS as exc:
         _fail(exc)
     for report in reports:
