@@ -21,7 +21,7 @@ from lorafactory.config import Settings, settings_hash, to_toml
 from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, from_os_error
 from lorafactory.progress import Progress
 from lorafactory.state import Store
-from lorafactory.state.lock import CharacterLockHandle, acquire
+from lorafactory.state.lock import acquire
 from lorafactory.workspace import (
     STAGES,
     CharacterDir,
@@ -202,80 +202,65 @@ def run_pipeline(
         from lorafactory.train.preflight import check_targets
 
         check_targets(settings.train)  # against the base model's architecture, before any work
-    lock = acquire(store, slug, wait=wait)
-    try:
-        return _run_locked(workspace, store, settings, progress, until, force, trigger, slug, lock)
-    finally:
-        lock.release()
+    with acquire(store, slug, wait=wait) as lock:
+        char = workspace.character(slug)
+        char.path.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(char.config_path, to_toml(settings).encode("utf-8"))
 
-
-def _run_locked(
-    workspace: Workspace,
-    store: Store,
-    settings: Settings,
-    progress: Progress,
-    until: str,
-    force: str | None,
-    trigger: str,
-    slug: str,
-    lock: CharacterLockHandle,
-) -> RunOutcome:
-    char = workspace.character(slug)
-    char.path.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(char.config_path, to_toml(settings).encode("utf-8"))
-
-    character_id = store.ensure_character(slug, settings.character.name, trigger)
-    original = settings_hash(settings)
-    run_id = store.start_run(character_id, original)
-    executed: list[str] = []
-    skipped: list[str] = []
-    stages = STAGES[: STAGES.index(until) + 1]
-    forced = set(STAGES[STAGES.index(force) :]) if force else set()
-    attempt = _gate_attempt(char, original)
-    while True:
-        current = retrain_settings(settings, attempt)
-        prints = fingerprints(current)
-        ctx = Context(current, trigger, char, progress, store, run_id)
-        for stage in stages:
-            lock.check()
-            existing = char.manifest(stage)
-            damaged = damage(char.artifact(stage), existing) if existing is not None else None
-            if damaged and stage not in forced:  # rebuilt, and everything made from it
-                progress.note(f"[yellow]{stage}: {damaged} since it was made; rebuilding it and later stages[/yellow]")
-                forced |= set(STAGES[STAGES.index(stage) :])
-            if stage in forced:
-                char.invalidate(stage)
-                existing = None
-            if existing is not None and existing.fingerprint == prints[stage]:
-                store.record_skip(run_id, stage, prints[stage])
-                progress.note(f"[dim]{stage}: up to date, skipped[/dim]")
-                skipped.append(stage)
+        character_id = store.ensure_character(slug, settings.character.name, trigger)
+        original = settings_hash(settings)
+        run_id = store.start_run(character_id, original)
+        executed: list[str] = []
+        skipped: list[str] = []
+        stages = STAGES[: STAGES.index(until) + 1]
+        forced = set(STAGES[STAGES.index(force) :]) if force else set()
+        attempt = _gate_attempt(char, original)
+        while True:
+            current = retrain_settings(settings, attempt)
+            prints = fingerprints(current)
+            ctx = Context(current, trigger, char, progress, store, run_id)
+            for stage in stages:
+                lock.check()
+                existing = char.manifest(stage)
+                damaged = damage(char.artifact(stage), existing) if existing is not None else None
+                if damaged and stage not in forced:  # rebuilt, and everything made from it
+                    progress.note(
+                        f"[yellow]{stage}: {damaged} since it was made; rebuilding it and later stages[/yellow]"
+                    )
+                    forced |= set(STAGES[STAGES.index(stage) :])
+                if stage in forced:
+                    char.invalidate(stage)
+                    existing = None
+                if existing is not None and existing.fingerprint == prints[stage]:
+                    store.record_skip(run_id, stage, prints[stage])
+                    progress.note(f"[dim]{stage}: up to date, skipped[/dim]")
+                    skipped.append(stage)
+                else:
+                    _execute(ctx, stage, prints, store)
+                    executed.append(stage)
+                if stage == "evaluate" and not ctx.manifest("evaluate").details["gate"]["passed"]:
+                    break
             else:
-                _execute(ctx, stage, prints, store)
-                executed.append(stage)
-            if stage == "evaluate" and not ctx.manifest("evaluate").details["gate"]["passed"]:
                 break
-        else:
-            break
-        forced = set()
-        reason = ctx.manifest("evaluate").details["gate"]["reason"]
-        if attempt >= settings.evaluate.gate_attempts:
-            message = (
-                f"quality gate failed after {attempt + 1} training attempt(s): "
-                f"{reason}; see {char.artifact('evaluate') / 'metrics.csv'}"
+            forced = set()
+            reason = ctx.manifest("evaluate").details["gate"]["reason"]
+            if attempt >= settings.evaluate.gate_attempts:
+                message = (
+                    f"quality gate failed after {attempt + 1} training attempt(s): "
+                    f"{reason}; see {char.artifact('evaluate') / 'metrics.csv'}"
+                )
+                store.finish_run(run_id, "failed", message)
+                raise QualityGateFailed(message)
+            attempt += 1
+            write_json_atomic(char.path / GATE_FILE, {"settings_hash": original, "attempt": attempt, "reason": reason})
+            progress.note(
+                (
+                    f"[yellow]quality gate: {reason}; retraining (attempt "
+                    f"{attempt + 1} of {settings.evaluate.gate_attempts + 1})[/yellow]"
+                )
             )
-            store.finish_run(run_id, "failed", message)
-            raise QualityGateFailed(message)
-        attempt += 1
-        write_json_atomic(char.path / GATE_FILE, {"settings_hash": original, "attempt": attempt, "reason": reason})
-        progress.note(
-            (
-                f"[yellow]quality gate: {reason}; retraining (attempt "
-                f"{attempt + 1} of {settings.evaluate.gate_attempts + 1})[/yellow]"
-            )
-        )
-    store.finish_run(run_id, "succeeded")
-    return RunOutcome(slug, run_id, executed, skipped)
+        store.finish_run(run_id, "succeeded")
+        return RunOutcome(slug, run_id, executed, skipped)
 
 
 def retrain_settings(settings: Settings, attempt: int) -> Settings:

@@ -112,6 +112,12 @@ class CharacterLockHandle:
                 f"{self.slug}: another run took over this character (this run's heartbeat was missed); stopping"
             )
 
+    def __enter__(self) -> CharacterLockHandle:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
