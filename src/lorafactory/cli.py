@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -198,8 +199,7 @@ def publish(
         )
         r, ws = settings.release, Workspace(workspace)
         store = None if dry_run else Store(db or ws.default_db_url)
-        lock = None if store is None else acquire(store, slugify(name))  # no run or publish meanwhile
-        try:
+        with nullcontext() if store is None else acquire(store, slugify(name)):  # no run or publish meanwhile
             reports = publish_release(
                 ws.character(slugify(name)),
                 settings,
@@ -212,9 +212,6 @@ def publish(
                 dry_run=dry_run,
                 store=store,
             )
-        finally:
-            if lock is not None:
-                lock.release()
     except USER_ERRORS as exc:
         _fail(exc)
     for report in reports:
