@@ -92,3 +92,11 @@ def postgres_database(postgres_server):
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
     return postgres_server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request, tmp_path):
+    """A fresh state database: SQLite in a file, or a new database on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("postgres_database")

@@ -64,14 +64,6 @@ def _dead_pid():
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state_url(request, tmp_path):
-    """A fresh state database: SQLite in a file, or a new database on the real PostgreSQL server."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    return request.getfixturevalue("postgres_database")
-
-
 def test_a_second_run_of_a_character_is_refused_with_one_line(state_url):
     store = Store(state_url)
     held = acquire(store, "carol")

@@ -1,0 +1,171 @@
+"""The durable job queue: one row per character in the state store, so it outlives every process.
+
+A claim is one atomic ``UPDATE … RETURNING``: on PostgreSQL its candidate row is picked with
+``FOR UPDATE SKIP LOCKED`` (claimers never wait on each other), and on every database the update
+re-checks the candidate's status, which SQLite's serialised writers make sufficient. A claimed job
+holds a lease that its worker renews; a job whose lease ran out (its worker or machine died) is
+claimed again, and after ``max_attempts`` claims it is quarantined instead: a job that keeps
+killing its worker stops doing so. Bad input fails a job for good with its reason; a transient
+failure puts it back in the queue after an exponential backoff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import aliased
+
+from lorafactory.state.models import Job
+
+ACTIVE = ("queued", "running")
+BACKOFF_S, BACKOFF_CAP_S = 30.0, 3600.0
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker holds: run it, renew the lease, then finish or fail it."""
+
+    id: int
+    slug: str
+    name: str
+    settings: dict
+    until: str
+    attempt: int
+
+
+class JobQueue:
+    """The queue in a state store (``lorafactory.state.Store``); safe to use from many processes."""
+
+    def __init__(self, store, max_attempts: int = 3) -> None:
+        self.store, self.max_attempts = store, max_attempts
+
+    def add(self, slug: str, name: str, settings: dict, priority: int = 0, until: str = "release") -> int:
+        """Queue a character; a character already queued or running keeps its job (its id is returned)."""
+        with self.store.session() as session:
+            existing = session.execute(
+                select(Job.id).where(Job.slug == slug, Job.status.in_(ACTIVE))
+            ).scalar_one_or_none()
+            if existing is not None:
+                return existing
+            job = Job(
+                slug=slug,
+                name=name,
+                settings=settings,
+                until=until,
+                status="queued",
+                priority=priority,
+                attempts=0,
+                max_attempts=self.max_attempts,
+                created_at=_now(),
+            )
+            session.add(job)
+            session.flush()
+            return job.id
+
+    @staticmethod
+    def _claimable(jobs, now: datetime):
+        waiting = and_(jobs.status == "queued", or_(jobs.not_before.is_(None), jobs.not_before <= now))
+        abandoned = and_(jobs.status == "running", jobs.lease_until < now, jobs.attempts < jobs.max_attempts)
+        return or_(waiting, abandoned)
+
+    def claim(self, owner: str, lease_s: float) -> Claim | None:
+        """The most urgent claimable job, now leased to ``owner`` for ``lease_s`` seconds; None when
+        nothing is claimable."""
+        self.quarantine_abandoned()
+        now = _now()
+        pick = aliased(Job)  # the candidate query reads its own copy of the table, never the updated row
+        candidate = (
+            select(pick.id)
+            .where(self._claimable(pick, now))
+            .order_by(pick.priority.desc(), pick.id)
+            .limit(1)
+            .with_for_update(skip_locked=True, of=pick)
+            .scalar_subquery()
+        )
+        statement = (
+            update(Job)
+            .where(Job.id == candidate, self._claimable(Job, now))  # re-checked: SQLite drops SKIP LOCKED
+            .values(
+                status="running",
+                lease_owner=owner,
+                lease_until=now + timedelta(seconds=lease_s),
+                attempts=Job.attempts + 1,
+                not_before=None,
+            )
+            .returning(Job.id, Job.slug, Job.name, Job.settings, Job.until, Job.attempts)
+            .execution_options(synchronize_session=False)
+        )
+        with self.store.session() as session:
+            row = session.execute(statement).first()
+        return None if row is None else Claim(*row)
+
+    def quarantine_abandoned(self) -> int:
+        """Jobs whose lease ran out on their last allowed attempt are set aside; returns how many."""
+        now = _now()
+        statement = (
+            update(Job)
+            .where(Job.status == "running", Job.lease_until < now, Job.attempts >= Job.max_attempts)
+            .values(
+                status="quarantined",
+                finished_at=now,
+                last_error="its worker stopped without finishing it on every attempt (quarantined)",
+            )
+            .execution_options(synchronize_session=False)
+        )
+        with self.store.session() as session:
+            return session.execute(statement).rowcount
+
+    def _owned(self, job_id: int, owner: str):
+        return and_(Job.id == job_id, Job.status == "running", Job.lease_owner == owner)
+
+    def renew(self, job_id: int, owner: str, lease_s: float) -> bool:
+        """Extend the lease; False when the job is no longer this owner's (its lease ran out and another took it)."""
+        statement = (
+            update(Job)
+            .where(self._owned(job_id, owner))
+            .values(lease_until=_now() + timedelta(seconds=lease_s))
+            .execution_options(synchronize_session=False)
+        )
+        with self.store.session() as session:
+            return session.execute(statement).rowcount == 1
+
+    def finish(self, job_id: int, owner: str) -> bool:
+        return self._close(job_id, owner, status="done", finished_at=_now(), lease_until=None, last_error=None)
+
+    def fail(self, job_id: int, owner: str, error: str, transient: bool) -> str:
+        """Record a failure: a transient one requeues the job after a backoff while attempts remain;
+        bad input, or the last attempt, fails it for good. Returns the job's new status."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            retry = transient and job is not None and job.attempts < job.max_attempts
+            attempts = job.attempts if job is not None else 1
+        if retry:
+            delay = min(BACKOFF_CAP_S, BACKOFF_S * 2 ** (attempts - 1))
+            values = dict(status="queued", not_before=_now() + timedelta(seconds=delay), lease_until=None)
+        else:
+            values = dict(status="failed", finished_at=_now(), lease_until=None)
+        closed = self._close(job_id, owner, last_error=error, lease_owner=None, **values)
+        return values["status"] if closed else "lost"
+
+    def _close(self, job_id: int, owner: str, **values) -> bool:
+        statement = (
+            update(Job).where(self._owned(job_id, owner)).values(**values).execution_options(synchronize_session=False)
+        )
+        with self.store.session() as session:
+            return session.execute(statement).rowcount == 1
+
+    def jobs(self, statuses: tuple[str, ...] = ()) -> list[Job]:
+        """Jobs, most urgent first (detached rows, for listing)."""
+        query = select(Job).order_by(Job.priority.desc(), Job.id)
+        if statuses:
+            query = query.where(Job.status.in_(statuses))
+        with self.store.session() as session:
+            rows = session.execute(query).scalars().all()
+            session.expunge_all()
+            return list(rows)

@@ -1,0 +1,71 @@
+"""The fleet's durable queue, on SQLite and on a real PostgreSQL server."""
+
+import threading
+import time
+from collections import Counter
+
+from lorafactory.fleet.queue import JobQueue
+from lorafactory.state import Store
+
+
+def test_concurrent_claimers_never_claim_a_job_twice(state_url):
+    queue = JobQueue(Store(state_url))
+    for index in range(1000):
+        queue.add(f"c{index}", f"C{index}", {})
+    claimed: list[int] = []
+    guard = threading.Lock()
+
+    def claimer(worker: int) -> None:
+        own = JobQueue(Store(state_url))  # its own engine and connections, as another process has
+        while (claim := own.claim(f"w{worker}", lease_s=600)) is not None:
+            with guard:
+                claimed.append(claim.id)
+
+    threads = [threading.Thread(target=claimer, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claimed) == 1000 and max(Counter(claimed).values()) == 1  # 0 double claims
+    assert {job.status for job in queue.jobs()} == {"running"}
+
+
+def test_priority_order_and_one_active_job_per_character(state_url):
+    queue = JobQueue(Store(state_url))
+    low, high = queue.add("a", "A", {"x": 1}), queue.add("b", "B", {}, priority=5)
+    assert queue.add("a", "A", {"x": 2}) == low  # already queued: the same job
+    first = queue.claim("w", lease_s=60)
+    assert (first.id, first.slug, first.attempt) == (high, "b", 1)
+    assert queue.claim("w", lease_s=60).settings == {"x": 1}
+    assert queue.claim("w", lease_s=60) is None
+    assert queue.finish(high, "w") and not queue.finish(high, "w")  # finished once
+    assert queue.add("b", "B", {}) != high  # done: a new job may be queued
+
+
+def test_an_expired_lease_is_claimed_again_then_quarantined(state_url):
+    queue = JobQueue(Store(state_url), max_attempts=2)
+    job = queue.add("a", "A", {})
+    assert queue.claim("dead-1", lease_s=0.2).attempt == 1
+    assert queue.claim("w", lease_s=0.2) is None  # the lease holds
+    time.sleep(0.3)
+    again = queue.claim("dead-2", lease_s=0.2)
+    assert again.id == job and again.attempt == 2
+    assert not queue.renew(job, "dead-1", 60)  # the first worker lost it
+    time.sleep(0.3)
+    assert queue.claim("w", lease_s=60) is None  # two attempts died: set aside, not claimed a third time
+    [record] = queue.jobs()
+    assert record.status == "quarantined" and "quarantined" in record.last_error
+
+
+def test_transient_failures_back_off_and_bad_input_fails_for_good(state_url):
+    queue = JobQueue(Store(state_url), max_attempts=3)
+    flaky, bad = queue.add("flaky", "Flaky", {}), queue.add("bad", "Bad", {})
+    assert queue.claim("w", lease_s=60).id == flaky
+    assert queue.fail(flaky, "w", "HTTP 503", transient=True) == "queued"
+    assert queue.claim("w", lease_s=60).id == bad  # the flaky one waits for its backoff
+    assert queue.fail(bad, "w", "image folder is empty", transient=False) == "failed"
+    assert queue.claim("w", lease_s=60) is None
+    by_slug = {job.slug: job for job in queue.jobs()}
+    assert by_slug["flaky"].not_before is not None and by_slug["flaky"].last_error == "HTTP 503"
+    assert by_slug["bad"].status == "failed" and by_slug["bad"].last_error == "image folder is empty"
+    assert queue.renew(flaky, "w", 60) is False  # requeued: no longer leased
