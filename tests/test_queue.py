@@ -1,5 +1,6 @@
 """The fleet's durable queue, on SQLite and on a real PostgreSQL server."""
 
+import json
 import threading
 import time
 from collections import Counter
@@ -57,6 +58,17 @@ def test_an_expired_lease_is_claimed_again_then_quarantined(state_url):
     assert record.status == "quarantined" and "quarantined" in record.last_error
 
 
+def test_retry_requeues_the_newest_ended_job_of_a_character_once(state_url):
+    queue = JobQueue(Store(state_url))
+    first = queue.add("a", "A", {})
+    queue.claim("w", lease_s=60)
+    queue.fail(first, "w", "bad", transient=False)
+    second = queue.add("a", "A", {})
+    queue.cancel(["a"])
+    assert queue.retry(["a"]) == 1 and queue.retry([str(first)]) == 0  # one active job per character
+    assert {job.id: job.status for job in queue.jobs()} == {first: "failed", second: "queued"}
+
+
 def test_transient_failures_back_off_and_bad_input_fails_for_good(state_url):
     queue = JobQueue(Store(state_url), max_attempts=3)
     flaky, bad = queue.add("flaky", "Flaky", {}), queue.add("bad", "Bad", {})
@@ -69,3 +81,30 @@ def test_transient_failures_back_off_and_bad_input_fails_for_good(state_url):
     assert by_slug["flaky"].not_before is not None and by_slug["flaky"].last_error == "HTTP 503"
     assert by_slug["bad"].status == "failed" and by_slug["bad"].last_error == "image folder is empty"
     assert queue.renew(flaky, "w", 60) is False  # requeued: no longer leased
+
+
+def test_queue_commands(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorafactory.cli import app
+
+    runner, ws = CliRunner(), ["--workspace", str(tmp_path / "ws")]
+    names = tmp_path / "names.txt"
+    names.write_text("# Arknights\nSurtr (Arknights)\nAmiya (Arknights)\n\n", encoding="utf-8")
+    added = runner.invoke(app, ["queue", "add", "Akane", "--file", str(names), "--priority", "2", *ws])
+    assert added.exit_code == 0 and added.output.count("queued") == 3, added.output
+    secret = runner.invoke(app, ["queue", "add", "Mika", "--set", 'crawl.danbooru.key="sekrit"', *ws])
+    assert secret.exit_code == 0
+    listed = runner.invoke(app, ["queue", "list", "--json", *ws])
+    rows = json.loads(listed.output)
+    assert [r["name"] for r in rows] == ["Akane", "Surtr (Arknights)", "Amiya (Arknights)", "Mika"]
+    assert all(r["status"] == "queued" for r in rows) and rows[0]["priority"] == 2
+    queue = JobQueue(Store(f"sqlite:///{tmp_path / 'ws' / 'lorafactory.db'}"))
+    settings = {job.name: job.settings for job in queue.jobs()}
+    assert settings["Surtr (Arknights)"]["character"]["name"] == "Surtr (Arknights)"
+    assert "sekrit" not in json.dumps(settings)  # credentials never enter the queue
+    assert runner.invoke(app, ["queue", "cancel", "Amiya (Arknights)", *ws]).output.startswith("1 job")
+    assert runner.invoke(app, ["queue", "retry", "amiya_arknights", *ws]).output.startswith("1 job")
+    assert runner.invoke(app, ["queue", "retry", "amiya_arknights", *ws]).output.startswith("0 job")  # active now
+    bad = runner.invoke(app, ["queue", "add", *ws])
+    assert bad.exit_code == 2 and "no characters to queue" in bad.output

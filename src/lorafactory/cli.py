@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from lorafactory.config import PRESETS, load_settings, read_toml, to_toml
+from lorafactory.config import PRESETS, load_settings, read_toml, to_toml, tomllib
 from lorafactory.errors import ConfigError, LorafactoryError, from_os_error
 from lorafactory.progress import RichProgress
 from lorafactory.redact import RedactingFilter, redact
@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+queue_app = typer.Typer(help="The fleet's durable queue of characters (in the state store).", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
 err = Console(stderr=True)
 out = Console()
 
@@ -360,6 +362,111 @@ def _print_metrics(checkpoints: list[dict]) -> None:
         rank = checkpoint["kept_rank"]
         table.add_row(str(checkpoint["step"]), *values, "best" if rank == 1 else f"#{rank}" if rank else "")
     out.print(table)
+
+
+def _queue(workspace: Path, db: Optional[str]):
+    from lorafactory.fleet.queue import JobQueue
+    from lorafactory.state import Store
+
+    ws = Workspace(workspace)
+    ws.root.mkdir(parents=True, exist_ok=True)
+    return JobQueue(Store(db or ws.default_db_url))
+
+
+@queue_app.command("add")
+def queue_add(
+    names: Optional[List[str]] = typer.Argument(None, help="Character names."),
+    file: Optional[Path] = typer.Option(None, "--file", help="A text file of names, one per line (# comments)."),
+    priority: int = typer.Option(0, "--priority", help="Higher runs first."),
+    until: str = typer.Option("release", "--until", help=f"Last stage to run: {', '.join(STAGES)}."),
+    workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
+    config: Optional[Path] = ConfigOpt,
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Queue characters with the given settings (credentials stay out of the queue)."""
+    try:
+        wanted = list(names or [])
+        if file is not None:
+            lines = file.read_text(encoding="utf-8").splitlines()
+            wanted += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not wanted:
+            raise ConfigError("no characters to queue; pass names or --file names.txt")
+        if until not in STAGES:
+            raise ConfigError(f"unknown stage {until!r}; stages are: {', '.join(STAGES)}")
+        queue = _queue(workspace, db)
+        added = []
+        for name in dict.fromkeys(wanted):
+            settings = load_settings(config, preset, [*(set_ or []), f"character.name={json.dumps(name)}"])
+            layers = tomllib.loads(to_toml(settings))  # the effective settings, without credentials
+            added.append((name, queue.add(slugify(name), name, layers, priority, until)))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    for name, job_id in added:
+        out.print(f"queued [bold]{escape(name)}[/bold] as job {job_id}")
+
+
+@queue_app.command("list")
+def queue_list(
+    status_: Optional[List[str]] = typer.Option(None, "--status", help="Only jobs with this status (repeatable)."),
+    workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """The queue, most urgent first: status, attempts, lease owner and last error of each job."""
+    try:
+        jobs = _queue(workspace, db).jobs(tuple(status_ or ()))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    rows = [
+        {
+            "id": job.id,
+            "name": job.name,
+            "status": job.status,
+            "priority": job.priority,
+            "attempts": f"{job.attempts}/{job.max_attempts}",
+            "until": job.until,
+            "owner": job.lease_owner or "",
+            "error": job.last_error or "",
+        }
+        for job in jobs
+    ]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("id", "name", "status", "priority", "attempts", "until", "owner", "last error")
+    for row in rows:
+        table.add_row(*(escape(str(value)) for value in row.values()))
+    out.print(table)
+
+
+@queue_app.command("retry")
+def queue_retry(
+    refs: List[str] = typer.Argument(..., help="Job ids or character names."),
+    workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
+) -> None:
+    """Queue failed, quarantined or cancelled jobs again, with fresh attempts."""
+    try:
+        count = _queue(workspace, db).retry([ref if ref.isdigit() else slugify(ref) for ref in refs])
+    except USER_ERRORS as exc:
+        _fail(exc)
+    out.print(f"{count} job(s) queued again")
+
+
+@queue_app.command("cancel")
+def queue_cancel(
+    refs: List[str] = typer.Argument(..., help="Job ids or character names."),
+    workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
+) -> None:
+    """Cancel queued or running jobs."""
+    try:
+        count = _queue(workspace, db).cancel([ref if ref.isdigit() else slugify(ref) for ref in refs])
+    except USER_ERRORS as exc:
+        _fail(exc)
+    out.print(f"{count} job(s) cancelled")
 
 
 @config_app.command("show")

@@ -160,6 +160,44 @@ class JobQueue:
         with self.store.session() as session:
             return session.execute(statement).rowcount == 1
 
+    def _select(self, refs: list[str]):
+        """Jobs named by id or by character slug."""
+        ids = [int(ref) for ref in refs if ref.isdigit()]
+        slugs = [ref for ref in refs if not ref.isdigit()]
+        return or_(Job.id.in_(ids), Job.slug.in_(slugs))
+
+    def retry(self, refs: list[str]) -> int:
+        """Queue failed, quarantined or cancelled jobs again with fresh attempts (the newest job of
+        each character, and none whose character has an active job); returns how many."""
+        with self.store.session() as session:
+            ended = session.execute(
+                select(Job.id, Job.slug)
+                .where(self._select(refs), Job.status.in_(("failed", "quarantined", "cancelled")))
+                .order_by(Job.id)
+            ).all()
+            newest = {slug: job_id for job_id, slug in ended}
+            busy = set(session.execute(select(Job.slug).where(Job.slug.in_(newest), Job.status.in_(ACTIVE))).scalars())
+            chosen = [job_id for slug, job_id in newest.items() if slug not in busy]
+            if chosen:
+                session.execute(
+                    update(Job)
+                    .where(Job.id.in_(chosen))
+                    .values(status="queued", attempts=0, not_before=None, lease_owner=None, finished_at=None)
+                    .execution_options(synchronize_session=False)
+                )
+            return len(chosen)
+
+    def cancel(self, refs: list[str]) -> int:
+        """Cancel queued or running jobs (a running one's worker can no longer finish it); returns how many."""
+        statement = (
+            update(Job)
+            .where(self._select(refs), Job.status.in_(ACTIVE))
+            .values(status="cancelled", finished_at=_now(), lease_until=None)
+            .execution_options(synchronize_session=False)
+        )
+        with self.store.session() as session:
+            return session.execute(statement).rowcount
+
     def jobs(self, statuses: tuple[str, ...] = ()) -> list[Job]:
         """Jobs, most urgent first (detached rows, for listing)."""
         query = select(Job).order_by(Job.priority.desc(), Job.id)
