@@ -30,6 +30,8 @@ config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 queue_app = typer.Typer(help="The fleet's durable queue of characters (in the state store).", no_args_is_help=True)
 app.add_typer(queue_app, name="queue")
+fleet_app = typer.Typer(help="Run the queue on Ray: one machine or a cluster.", no_args_is_help=True)
+app.add_typer(fleet_app, name="fleet")
 err = Console(stderr=True)
 out = Console()
 
@@ -467,6 +469,34 @@ def queue_cancel(
     except USER_ERRORS as exc:
         _fail(exc)
     out.print(f"{count} job(s) cancelled")
+
+
+@fleet_app.command("run")
+def fleet_run(
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),
+    until_empty: bool = typer.Option(
+        True, "--until-empty/--forever", help="Stop when the queue is empty, or keep waiting for jobs."
+    ),
+    workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
+) -> None:
+    """Run queued characters as Ray tasks; a killed driver or worker loses nothing (leases expire, jobs return)."""
+    from lorafactory.fleet.scheduler import run_fleet
+
+    _setup_logging()
+    ws = Workspace(workspace)
+
+    def report(claim, outcome) -> None:
+        detail = f": {escape(outcome.error)}" if outcome.error else ""
+        out.print(f"job {claim.id} [bold]{escape(claim.name)}[/bold] → {outcome.status}{detail}", soft_wrap=True)
+
+    try:
+        ws.root.mkdir(parents=True, exist_ok=True)
+        result = run_fleet(ws.root, db or ws.default_db_url, address, until_empty, on_outcome=report)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    counts = ", ".join(f"{status} {n}" for status, n in sorted(result.counts.items())) or "nothing to run"
+    err.print(f"[green]queue empty[/green]: {counts}")
 
 
 @config_app.command("show")
