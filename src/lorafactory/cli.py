@@ -450,11 +450,7 @@ def queue_retry(
     db: Optional[str] = DbOpt,
 ) -> None:
     """Queue failed, quarantined or cancelled jobs again, with fresh attempts."""
-    try:
-        count = _queue(workspace, db).retry([ref if ref.isdigit() else slugify(ref) for ref in refs])
-    except USER_ERRORS as exc:
-        _fail(exc)
-    out.print(f"{count} job(s) queued again")
+    _change_jobs("retry", refs, workspace, db, "queued again")
 
 
 @queue_app.command("cancel")
@@ -464,11 +460,16 @@ def queue_cancel(
     db: Optional[str] = DbOpt,
 ) -> None:
     """Cancel queued or running jobs."""
+    _change_jobs("cancel", refs, workspace, db, "cancelled")
+
+
+def _change_jobs(action: str, refs: List[str], workspace: Path, db: Optional[str], done: str) -> None:
+    """``JobQueue.retry`` or ``.cancel`` on jobs named by id or character name."""
     try:
-        count = _queue(workspace, db).cancel([ref if ref.isdigit() else slugify(ref) for ref in refs])
+        count = getattr(_queue(workspace, db), action)([ref if ref.isdigit() else slugify(ref) for ref in refs])
     except USER_ERRORS as exc:
         _fail(exc)
-    out.print(f"{count} job(s) cancelled")
+    out.print(f"{count} job(s) {done}")
 
 
 @fleet_app.command("run")
