@@ -108,3 +108,28 @@ def test_queue_commands(tmp_path):
     assert runner.invoke(app, ["queue", "retry", "amiya_arknights", *ws]).output.startswith("0 job")  # active now
     bad = runner.invoke(app, ["queue", "add", *ws])
     assert bad.exit_code == 2 and "no characters to queue" in bad.output
+
+
+def test_fleet_status_counts_and_eta(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorafactory.cli import app
+
+    (tmp_path / "ws").mkdir()
+    queue = JobQueue(Store(f"sqlite:///{tmp_path / 'ws' / 'lorafactory.db'}"))
+    for slug in "abcde":
+        queue.add(slug, slug.upper(), {})
+    for outcome in ("done", "done", "failed"):
+        claim = queue.claim("hostA:1:0", lease_s=60)
+        if outcome == "done":
+            queue.finish(claim.id, "hostA:1:0")
+        else:
+            queue.fail(claim.id, "hostA:1:0", "bad input", transient=False)
+    queue.claim("hostB:7:3", lease_s=60)
+    summary = queue.summary()
+    assert summary["by_status"] == {"done": 2, "failed": 1, "queued": 1, "running": 1}
+    assert summary["running_per_host"] == {"hostB": 1} and summary["done_today"] == 2
+    assert summary["failed_today"] == 1 and summary["models_per_day"] == 2
+    assert summary["eta_hours"] == 24.0  # 2 waiting at 2 a day
+    shown = CliRunner().invoke(app, ["fleet", "status", "--workspace", str(tmp_path / "ws")])
+    assert shown.exit_code == 0 and "running on hostB" in shown.output and "24.0 h" in shown.output

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
@@ -498,6 +499,50 @@ def fleet_run(
         _fail(exc)
     counts = ", ".join(f"{status} {n}" for status, n in sorted(result.counts.items())) or "nothing to run"
     err.print(f"[green]queue empty[/green]: {counts}")
+
+
+@fleet_app.command("status")
+def fleet_status(
+    workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    watch: float = typer.Option(0.0, "--watch", help="Refresh every N seconds until Ctrl-C (0: print once)."),
+) -> None:
+    """Jobs per status, running jobs per host, done and failed today, models per day and an ETA."""
+    from rich.live import Live
+
+    try:
+        queue = _queue(workspace, db)
+        summary = queue.summary()
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    if watch <= 0:
+        out.print(_fleet_table(summary))
+        return
+    with Live(_fleet_table(summary), console=out, refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(watch)
+                live.update(_fleet_table(queue.summary()))
+        except KeyboardInterrupt:
+            return
+
+
+def _fleet_table(summary: dict) -> Table:
+    table = Table("", "", title="fleet", show_header=False)
+    for status, count in summary["by_status"].items():
+        table.add_row(f"jobs {status}", str(count))
+    for host, count in summary["running_per_host"].items():
+        table.add_row(f"running on {escape(host)}", str(count))
+    table.add_row("done today", str(summary["done_today"]))
+    table.add_row("failed today", str(summary["failed_today"]))
+    table.add_row("models per day (last 24 h)", str(summary["models_per_day"]))
+    eta = summary["eta_hours"]
+    table.add_row("queue empty in", "unknown (nothing finished in 24 h)" if eta is None else f"{eta} h")
+    return table
 
 
 @config_app.command("show")

@@ -11,13 +11,14 @@ failure puts it back in the queue after an exponential backoff.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import aliased
 
-from lorafactory.state.models import Job
+from lorafactory.state.models import Job, as_utc
 
 ACTIVE = ("queued", "running")
 BACKOFF_S, BACKOFF_CAP_S = 30.0, 3600.0
@@ -197,6 +198,30 @@ class JobQueue:
         )
         with self.store.session() as session:
             return session.execute(statement).rowcount
+
+    def summary(self, now: datetime | None = None) -> dict:
+        """The fleet at a glance: jobs per status, running jobs per host, done and failed since
+        midnight (UTC), models per day over the last 24 hours, and when the queue should be empty."""
+        now = now or _now()
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        with self.store.session() as session:
+            rows = session.execute(select(Job.status, Job.lease_owner, Job.finished_at)).all()
+        by_status = Counter(status for status, _, _ in rows)
+        ended = [(status, as_utc(finished)) for status, _, finished in rows if finished is not None]
+        per_day = sum(1 for status, finished in ended if status == "done" and finished > now - timedelta(days=1))
+        waiting = by_status.get("queued", 0) + by_status.get("running", 0)
+        return {
+            "by_status": dict(sorted(by_status.items())),
+            "running_per_host": dict(
+                Counter(owner.split(":")[0] for status, owner, _ in rows if status == "running" and owner)
+            ),
+            "done_today": sum(1 for status, finished in ended if status == "done" and finished >= midnight),
+            "failed_today": sum(
+                1 for status, finished in ended if status in ("failed", "quarantined") and finished >= midnight
+            ),
+            "models_per_day": per_day,
+            "eta_hours": round(waiting / per_day * 24, 1) if per_day and waiting else (0.0 if not waiting else None),
+        }
 
     def jobs(self, statuses: tuple[str, ...] = ()) -> list[Job]:
         """Jobs, most urgent first (detached rows, for listing)."""

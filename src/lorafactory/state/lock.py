@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from lorafactory.errors import CharacterBusy, StageError
 from lorafactory.state.models import CharacterLock as LockRow
+from lorafactory.state.models import as_utc
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 20.0
@@ -41,12 +42,8 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)  # SQLite drops the zone
-
-
 def holder_dead(row: LockRow, stale_s: float) -> bool:
-    if _now() - _aware(row.heartbeat_at) > timedelta(seconds=stale_s):
+    if _now() - as_utc(row.heartbeat_at) > timedelta(seconds=stale_s):
         return True
     return row.host == socket.gethostname() and not pid_alive(row.pid)
 
@@ -138,7 +135,7 @@ def acquire(
     handle = CharacterLockHandle(store, slug, heartbeat_s)
     announced = False
     while (holder := handle.try_acquire(stale_s)) is not None:
-        since = _aware(holder.acquired_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        since = as_utc(holder.acquired_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
         who = f"pid {holder.pid} on {holder.host}, since {since}"
         if not wait:
             raise CharacterBusy(f"{slug} is being run by another lorafactory ({who}); pass --wait to wait for it")
