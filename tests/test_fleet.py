@@ -60,3 +60,14 @@ def test_fleet_run_command(tmp_path, local_ray):
     result = runner.invoke(app, ["fleet", "run", *ws])
     assert result.exit_code == 0, result.output
     assert "Nobody" in result.output and "failed" in result.output and "has no images" in result.output
+
+
+def test_every_node_must_see_the_workspace(tmp_path, local_ray):
+    from lorafactory.fleet.scheduler import PROBE, check_shared_workspace, nodes_missing_workspace
+
+    check_shared_workspace(local_ray, tmp_path)  # the local node sees it
+    assert not (tmp_path / PROBE).exists()
+    assert nodes_missing_workspace("t", {"10.0.0.1": "t", "10.0.0.2": None, "10.0.0.3": "old"}) == [
+        "10.0.0.2",
+        "10.0.0.3",
+    ]

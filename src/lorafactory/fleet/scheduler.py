@@ -1,8 +1,9 @@
 """The fleet's driver: claims jobs from the durable queue and runs them as Ray tasks.
 
 With no address it starts a local Ray (one machine, no setup); with an address it drives a
-cluster. Each job runs its character's pipeline in a Ray worker under a lease the worker renews;
-if the driver or a worker dies, the lease runs out and the job is claimed again, so nothing is lost.
+cluster. Either way it first checks that every node sees the workspace. Each job runs its
+character's pipeline in a Ray worker under a lease the worker renews; if the driver or a worker
+dies, the lease runs out and the job is claimed again, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -11,16 +12,59 @@ import itertools
 import os
 import socket
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lorafactory.errors import ConfigError
 from lorafactory.fleet.queue import Claim, JobQueue
 from lorafactory.fleet.worker import Outcome, run_job
 from lorafactory.state import Store
 
 LEASE_S = 120.0
+PROBE = ".fleet-probe"
+
+
+def _read_probe(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def nodes_missing_workspace(expected: str, answers: dict[str, str | None]) -> list[str]:
+    """The nodes whose answer is not the probe's content (they do not see the same workspace)."""
+    return sorted(node for node, seen in answers.items() if seen != expected)
+
+
+def check_shared_workspace(ray, workspace: Path) -> None:
+    """Every alive node must read the probe this driver writes into the workspace: artifacts are
+    shared through that folder (a shared filesystem or volume on a cluster)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    probe = workspace / PROBE
+    probe.write_text(token)
+    reader = ray.remote(num_cpus=0)(_read_probe)
+    try:
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        refs = {
+            node.get("NodeManagerAddress", node["NodeID"]): reader.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(str(probe))
+            for node in nodes
+        }
+        answers = {name: ray.get(ref, timeout=60) for name, ref in refs.items()}
+    finally:
+        probe.unlink(missing_ok=True)
+    missing = nodes_missing_workspace(token, answers)
+    if missing:
+        raise ConfigError(
+            f"node(s) {', '.join(missing)} do not see the workspace {workspace}; mount the same shared "
+            "filesystem at that path on every node (or pass -w with a path they all see)"
+        )
 
 
 @dataclass
@@ -56,6 +100,7 @@ def run_fleet(
     """Run queued jobs on Ray, as many at once as the cluster has slots (one per GPU, or per CPU
     without GPUs), until the queue is empty (``until_empty``) or for ever."""
     ray = _connect(address, num_cpus)
+    check_shared_workspace(ray, Path(workspace))
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     slots = gpus or max(1, int(resources.get("CPU", 1)))
