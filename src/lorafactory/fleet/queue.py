@@ -139,15 +139,16 @@ class JobQueue:
     def finish(self, job_id: int, owner: str) -> bool:
         return self._close(job_id, owner, status="done", finished_at=_now(), lease_until=None, last_error=None)
 
-    def fail(self, job_id: int, owner: str, error: str, transient: bool) -> str:
-        """Record a failure: a transient one requeues the job after a backoff while attempts remain;
-        bad input, or the last attempt, fails it for good. Returns the job's new status."""
+    def fail(self, job_id: int, owner: str, error: str, transient: bool, backoff: bool = True) -> str:
+        """Record a failure: a transient one requeues the job (after an exponential backoff, unless
+        ``backoff`` is off) while attempts remain; bad input, or the last attempt, fails it for
+        good. Returns the job's new status."""
         with self.store.session() as session:
             job = session.get(Job, job_id)
             retry = transient and job is not None and job.attempts < job.max_attempts
             attempts = job.attempts if job is not None else 1
         if retry:
-            delay = min(BACKOFF_CAP_S, BACKOFF_S * 2 ** (attempts - 1))
+            delay = min(BACKOFF_CAP_S, BACKOFF_S * 2 ** (attempts - 1)) if backoff else 0.0
             values = dict(status="queued", not_before=_now() + timedelta(seconds=delay), lease_until=None)
         else:
             values = dict(status="failed", finished_at=_now(), lease_until=None)

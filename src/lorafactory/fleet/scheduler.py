@@ -127,9 +127,11 @@ def run_fleet(
             claim, owner = in_flight.pop(ref)
             try:
                 outcome = ray.get(ref)
-            except ray.exceptions.RayError as exc:  # the worker process died: the job goes back to the queue
+            except ray.exceptions.RayError as exc:  # the worker died: back to the queue at once (a job that
+                # keeps killing its workers runs out of attempts); the pipeline resumes what it had done
                 message = f"worker died: {exc.__class__.__name__}"
-                outcome = Outcome(claim.id, queue.fail(claim.id, owner, message, transient=True), message)
+                status = queue.fail(claim.id, owner, message, transient=True, backoff=False)
+                outcome = Outcome(claim.id, status, message)
             report.outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(claim, outcome)
