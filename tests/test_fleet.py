@@ -81,17 +81,19 @@ def test_every_node_must_see_the_workspace(tmp_path, local_ray):
     ]
 
 
-def _ray_task_pids(name: str) -> list[int]:
-    """Processes whose title Ray set to ``ray::<name>`` (the worker running that task)."""
-    pids = []
+def _ray_task_pid(name: str) -> int:
+    """The Ray worker whose title is ``ray::<name>``: the oldest such process, since the children a
+    worker forks carry its title until they exec."""
+    started = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if (entry / "cmdline").read_bytes().startswith(f"ray::{name}".encode()):
-                    pids.append(int(entry.name))
-            except OSError:
+                    started[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[19])
+            except (OSError, IndexError, ValueError):
                 continue
-    return pids
+    assert started, f"no process runs ray::{name}"
+    return min(started, key=started.get)
 
 
 def test_a_worker_killed_during_training_is_retried_and_the_job_completes_once(kit, tmp_path, local_ray):
@@ -109,8 +111,7 @@ def test_a_worker_killed_during_training_is_retried_and_the_job_completes_once(k
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] == 30):
             time.sleep(0.05)
-        [pid] = _ray_task_pids("run_job")
-        os.kill(pid, signal.SIGKILL)  # mid-training, after the first checkpoint
+        os.kill(_ray_task_pid("run_job"), signal.SIGKILL)  # mid-training, after the first checkpoint
         driver.join(timeout=300)
     assert [o.status for o in result["report"].outcomes] == ["queued", "done"]
     [record] = queue.jobs()
