@@ -13,19 +13,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import aliased
 
-from lorafactory.state.models import Job, as_utc
+from lorafactory.state.models import Job, as_utc, utcnow
 
 ACTIVE = ("queued", "running")
 BACKOFF_S, BACKOFF_CAP_S = 30.0, 3600.0
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -63,7 +59,7 @@ class JobQueue:
                 priority=priority,
                 attempts=0,
                 max_attempts=self.max_attempts,
-                created_at=_now(),
+                created_at=utcnow(),
             )
             session.add(job)
             session.flush()
@@ -79,7 +75,7 @@ class JobQueue:
         """The most urgent claimable job, now leased to ``owner`` for ``lease_s`` seconds; None when
         nothing is claimable."""
         self.quarantine_abandoned()
-        now = _now()
+        now = utcnow()
         pick = aliased(Job)  # the candidate query reads its own copy of the table, never the updated row
         candidate = (
             select(pick.id)
@@ -108,7 +104,7 @@ class JobQueue:
 
     def quarantine_abandoned(self) -> int:
         """Jobs whose lease ran out on their last allowed attempt are set aside; returns how many."""
-        now = _now()
+        now = utcnow()
         statement = (
             update(Job)
             .where(Job.status == "running", Job.lease_until < now, Job.attempts >= Job.max_attempts)
@@ -130,14 +126,14 @@ class JobQueue:
         statement = (
             update(Job)
             .where(self._owned(job_id, owner))
-            .values(lease_until=_now() + timedelta(seconds=lease_s))
+            .values(lease_until=utcnow() + timedelta(seconds=lease_s))
             .execution_options(synchronize_session=False)
         )
         with self.store.session() as session:
             return session.execute(statement).rowcount == 1
 
     def finish(self, job_id: int, owner: str) -> bool:
-        return self._close(job_id, owner, status="done", finished_at=_now(), lease_until=None, last_error=None)
+        return self._close(job_id, owner, status="done", finished_at=utcnow(), lease_until=None, last_error=None)
 
     def fail(self, job_id: int, owner: str, error: str, transient: bool, backoff: bool = True) -> str:
         """Record a failure: a transient one requeues the job (after an exponential backoff, unless
@@ -149,9 +145,9 @@ class JobQueue:
             attempts = job.attempts if job is not None else 1
         if retry:
             delay = min(BACKOFF_CAP_S, BACKOFF_S * 2 ** (attempts - 1)) if backoff else 0.0
-            values = dict(status="queued", not_before=_now() + timedelta(seconds=delay), lease_until=None)
+            values = dict(status="queued", not_before=utcnow() + timedelta(seconds=delay), lease_until=None)
         else:
-            values = dict(status="failed", finished_at=_now(), lease_until=None)
+            values = dict(status="failed", finished_at=utcnow(), lease_until=None)
         closed = self._close(job_id, owner, last_error=error, lease_owner=None, **values)
         return values["status"] if closed else "lost"
 
@@ -194,7 +190,7 @@ class JobQueue:
         statement = (
             update(Job)
             .where(self._select(refs), Job.status.in_(ACTIVE))
-            .values(status="cancelled", finished_at=_now(), lease_until=None)
+            .values(status="cancelled", finished_at=utcnow(), lease_until=None)
             .execution_options(synchronize_session=False)
         )
         with self.store.session() as session:
@@ -203,7 +199,7 @@ class JobQueue:
     def summary(self, now: datetime | None = None) -> dict:
         """The fleet at a glance: jobs per status, running jobs per host, done and failed since
         midnight (UTC), models per day over the last 24 hours, and when the queue should be empty."""
-        now = now or _now()
+        now = now or utcnow()
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
         with self.store.session() as session:
             rows = session.execute(select(Job.status, Job.lease_owner, Job.finished_at)).all()

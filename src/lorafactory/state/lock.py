@@ -14,14 +14,14 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 
 from lorafactory.errors import CharacterBusy, StageError
 from lorafactory.state.models import CharacterLock as LockRow
-from lorafactory.state.models import as_utc
+from lorafactory.state.models import as_utc, utcnow
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 20.0
@@ -38,12 +38,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def holder_dead(row: LockRow, stale_s: float) -> bool:
-    if _now() - as_utc(row.heartbeat_at) > timedelta(seconds=stale_s):
+    if utcnow() - as_utc(row.heartbeat_at) > timedelta(seconds=stale_s):
         return True
     return row.host == socket.gethostname() and not pid_alive(row.pid)
 
@@ -60,7 +56,7 @@ class CharacterLockHandle:
 
     def try_acquire(self, stale_s: float) -> LockRow | None:
         """Take the lock; on failure return the live holder's row (detached)."""
-        now = _now()
+        now = utcnow()
         mine = dict(token=self.token, host=socket.gethostname(), pid=os.getpid(), acquired_at=now, heartbeat_at=now)
         try:
             with self.store.session() as session:
@@ -94,7 +90,7 @@ class CharacterLockHandle:
                     kept = session.execute(
                         update(LockRow)
                         .where(LockRow.slug == self.slug, LockRow.token == self.token)
-                        .values(heartbeat_at=_now())
+                        .values(heartbeat_at=utcnow())
                     ).rowcount
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try again next beat
                 log.warning("%s: lock heartbeat failed (%s)", self.slug, exc.__class__.__name__)

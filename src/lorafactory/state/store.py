@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from sqlalchemy import create_engine, delete, event, select
@@ -33,11 +32,8 @@ from lorafactory.state.models import (
     SchemaInfo,
     SiteTag,
     StageExecution,
+    utcnow,
 )
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _redacted(error: str | None) -> str | None:
@@ -102,7 +98,7 @@ class Store:
         with self.session() as session:
             character = session.execute(select(Character).where(Character.slug == slug)).scalar_one_or_none()
             if character is None:
-                character = Character(slug=slug, name=name, trigger=trigger, created_at=_now())
+                character = Character(slug=slug, name=name, trigger=trigger, created_at=utcnow())
                 session.add(character)
                 session.flush()
             else:
@@ -118,7 +114,7 @@ class Store:
                 config_hash=config_hash,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                started_at=_now(),
+                started_at=utcnow(),
             )
             session.add(run)
             session.flush()
@@ -138,23 +134,23 @@ class Store:
             for run in running:
                 if (run.host, run.pid) not in (me, holder):
                     run.status = "interrupted"
-                    run.finished_at = run.finished_at or _now()
+                    run.finished_at = run.finished_at or utcnow()
                     for stage in run.stages:
                         if stage.status == "running":
                             stage.status = "interrupted"
-                            stage.finished_at = _now()
+                            stage.finished_at = utcnow()
 
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
         with self.session() as session:
             run = session.get(Run, run_id)
-            run.status, run.error, run.finished_at = status, _redacted(error), _now()
+            run.status, run.error, run.finished_at = status, _redacted(error), utcnow()
 
     # stages ----------------------------------------------------------------
 
     def start_stage(self, run_id: int, stage: str, fingerprint: str) -> int:
         with self.session() as session:
             record = StageExecution(
-                run_id=run_id, stage=stage, status="running", fingerprint=fingerprint, started_at=_now()
+                run_id=run_id, stage=stage, status="running", fingerprint=fingerprint, started_at=utcnow()
             )
             session.add(record)
             session.flush()
@@ -165,12 +161,12 @@ class Store:
     ) -> None:
         with self.session() as session:
             record = session.get(StageExecution, stage_id)
-            record.status, record.error, record.finished_at = status, _redacted(error), _now()
+            record.status, record.error, record.finished_at = status, _redacted(error), utcnow()
             if counts is not None:
                 record.counts = counts
 
     def record_skip(self, run_id: int, stage: str, fingerprint: str) -> None:
-        now = _now()
+        now = utcnow()
         with self.session() as session:
             session.add(
                 StageExecution(
@@ -228,7 +224,7 @@ class Store:
                         md5=md5,
                         filename=filename,
                         post=post,
-                        created_at=_now(),
+                        created_at=utcnow(),
                     )
                 )
 
@@ -245,7 +241,7 @@ class Store:
                 select(SiteTag).where(SiteTag.site == site, SiteTag.name == name)
             ).scalar_one_or_none()
             if row is None:
-                session.add(SiteTag(site=site, name=name, tag=tag, post_count=post_count, created_at=_now()))
+                session.add(SiteTag(site=site, name=name, tag=tag, post_count=post_count, created_at=utcnow()))
             else:
                 row.tag, row.post_count = tag, post_count
 
@@ -265,7 +261,7 @@ class Store:
                     release_fingerprint=release_fingerprint,
                     uploaded=uploaded,
                     unchanged=unchanged,
-                    published_at=_now(),
+                    published_at=utcnow(),
                 )
             )
 
