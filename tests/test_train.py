@@ -279,14 +279,16 @@ def test_two_processes_train_what_one_does_with_double_accumulation(kit, dataset
     single = train(
         _settings(kit, "train.gradient_accumulation=2"), "akane_hoshino", dataset, tmp_path / "one", SilentProgress()
     )
+    from lorafactory.launch import torchrun
+
     two = _settings(kit, "train.num_processes=2", 'train.device="cpu"')
     progress = _RecordedProgress()
-    first = train(two, "akane_hoshino", dataset, tmp_path / "two", progress, stop_after=4)
+    first = torchrun.train(two, "akane_hoshino", dataset, tmp_path / "two", progress, stop_after=4)
     assert (
         not first.finished and first.checkpoints == {4: "checkpoints/step-000004"} and first.details["processes"] == 2
     )
     assert progress.advanced["training"] == 4 and progress.notes == ["training on 2 processes"]
-    second = train(two, "akane_hoshino", dataset, tmp_path / "two", progress)
+    second = torchrun.train(two, "akane_hoshino", dataset, tmp_path / "two", progress)
     assert second.finished and list(second.checkpoints) == [4, 8] and progress.advanced["training"] == 4 + 8
     a, b = _weights(tmp_path / "one", 8), _weights(tmp_path / "two", 8)
     for key in a:
@@ -298,9 +300,12 @@ def test_two_processes_train_what_one_does_with_double_accumulation(kit, dataset
 
 def test_distributed_errors_reach_the_caller(kit, dataset, tmp_path):
     from lorafactory.errors import ConfigError
+    from lorafactory.launch import torchrun
 
+    with pytest.raises(ConfigError, match="through lorafactory.launch.torchrun"):  # the trainer never launches
+        train(_settings(kit, "train.num_processes=2"), "akane_hoshino", dataset, tmp_path, SilentProgress())
     with pytest.raises(ConfigError, match="train.num_processes = 2"):
-        train(
+        torchrun.train(
             _settings(kit, "train.num_processes=2", 'train.device="cuda"'),
             "akane_hoshino",
             dataset,
@@ -311,7 +316,7 @@ def test_distributed_errors_reach_the_caller(kit, dataset, tmp_path):
     with pytest.raises(
         StageError, match="not a prepared dataset"
     ):  # raised inside the workers, relayed by the launcher
-        train(bad, "akane_hoshino", dataset, tmp_path / "out", SilentProgress())
+        torchrun.train(bad, "akane_hoshino", dataset, tmp_path / "out", SilentProgress())
 
 
 def test_long_captions_are_encoded_in_chunks_of_75_tokens(kit):

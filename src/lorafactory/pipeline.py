@@ -91,7 +91,7 @@ def _prepare(ctx: Context, out: Path) -> StageOutput:
 
 def _train(ctx: Context, out: Path) -> StageOutput:
     from lorafactory.dataset.regularization import ensure_set, wanted
-    from lorafactory.train.trainer import train
+    from lorafactory.launch.torchrun import train
 
     settings = ctx.settings
     if not settings.train.regularization_dir and wanted(settings, ctx.manifest("prepare").counts.get("dataset", 0)):

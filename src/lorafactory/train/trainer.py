@@ -32,8 +32,8 @@ from lorafactory.export.kohya import (
     write_safetensors,
 )
 from lorafactory.progress import Progress
-from lorafactory.train import distributed
 from lorafactory.train.buckets import fixed_buckets
+from lorafactory.train.collective import Collective, in_worker
 from lorafactory.train.data import (
     Example,
     LatentCache,
@@ -100,7 +100,7 @@ class _Run:
         self.settings, self.trigger, self.out_dir = settings, trigger, out_dir
         seed_everything(t.seed)
         self.device = resolve_device(t.device)
-        self.collective = distributed.Collective(self.device)
+        self.collective = Collective(self.device)
         self.device = self.collective.device or self.device
         self.dtype = resolve_dtype(t.mixed_precision, self.device)
         base = self.base = load_base(t.base_model, t.base_config)
@@ -421,8 +421,10 @@ def train(
     ``stop_after`` ends the run (state saved) at the first checkpoint at or after that step;
     calling again continues it exactly.
     """
-    if settings.train.num_processes > 1 and not distributed.in_worker():
-        return distributed.launch(settings, trigger, dataset_dir, out_dir, progress, stop_after)
+    if settings.train.num_processes > 1 and not in_worker():
+        raise ConfigError(
+            "train.num_processes > 1 starts its processes through lorafactory.launch.torchrun.train, not trainer.train"
+        )
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(settings, trigger, dataset_dir, out_dir, progress)

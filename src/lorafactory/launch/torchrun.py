@@ -1,13 +1,8 @@
-"""Training on several processes, one per GPU: torch.distributed processes set up through accelerate.
-
-Every process draws the same random numbers and builds the same micro-batches; process ``r`` of
-``N`` computes the micro-batches whose index is ``r`` modulo ``N``, and gradients are summed across
-processes before each optimizer step. So N processes with gradient accumulation A train the same
-model as one process with accumulation N·A, and a saved state is the same whichever process count
-wrote it.
+"""Training on several processes, one per GPU: ``torchrun`` starts the workers (see
+``lorafactory.train.collective`` for how they split the work).
 
 The pipeline's process stays single: ``launch`` starts the workers, relays their progress bars
-and returns their result.
+and returns their result; ``train`` picks one process or several from the settings.
 """
 
 from __future__ import annotations
@@ -19,77 +14,19 @@ import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterable, Iterator
+from typing import IO, Iterable, Iterator
 
 import torch
 
+from lorafactory.config import Settings
 from lorafactory.errors import ConfigError, StageError
 from lorafactory.progress import Progress, SilentProgress, Task
+from lorafactory.train import trainer
+from lorafactory.train.collective import WORKER_ENV, in_worker
+from lorafactory.train.trainer import TrainResult
 
-if TYPE_CHECKING:
-    from lorafactory.config import Settings
-    from lorafactory.train.trainer import TrainResult
-
-WORKER_ENV = "LORAFACTORY_TRAIN_WORKER"
 _EVENT = "@lorafactory-train "
 JOB_FILE = "distributed_job.json"
-
-
-def in_worker() -> bool:
-    return os.environ.get(WORKER_ENV) == "1"
-
-
-class Collective:
-    """The group of training processes as the trainer sees it; a group of one outside a launch."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.rank, self.size, self.device = 0, 1, None
-        self._state = None
-        if in_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            self._state = PartialState(cpu=device.type == "cpu")
-            self.rank, self.size, self.device = (
-                self._state.process_index,
-                self._state.num_processes,
-                self._state.device,
-            )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def owns(self, micro_batch: int) -> bool:
-        return micro_batch % self.size == self.rank
-
-    def sum_gradients(self, params: Iterable[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-        """Sum every parameter's gradient (and the loss) over the processes, in one flat all-reduce.
-
-        A parameter no process computed a gradient for keeps ``grad = None``, exactly as in one
-        process, so the optimizer skips it the same way."""
-        if self.size == 1:
-            return loss
-        from accelerate.utils import reduce
-
-        params = [p for p in params if p.requires_grad]
-        present = reduce(
-            torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=loss.device), "sum"
-        )
-        used = [p for p, count in zip(params, present.tolist()) if count > 0]
-        for p in used:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = reduce(torch.cat([p.grad.reshape(-1) for p in used] + [loss.reshape(1).float()]), "sum")
-        offset = 0
-        for p in used:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-        return flat[-1]
-
-    def barrier(self) -> None:
-        if self._state is not None:
-            self._state.wait_for_everyone()
-
 
 # --- the workers' side ---------------------------------------------------------------------
 
@@ -126,14 +63,11 @@ class _RelayProgress:
 
 def worker_main(job_file: str) -> int:
     """One training process: run the job; the main process reports the result or the error."""
-    from lorafactory.config import Settings
-    from lorafactory.train.trainer import train
-
     job = json.loads(Path(job_file).read_text())
     main = int(os.environ.get("RANK", "0")) == 0
     relay = _RelayProgress(sys.stdout) if main else None
     try:
-        result = train(
+        result = trainer.train(
             Settings.model_validate(job["settings"]),
             job["trigger"],
             Path(job["dataset_dir"]),
@@ -175,8 +109,6 @@ def launch(
     settings: Settings, trigger: str, dataset_dir: Path, out_dir: Path, progress: Progress, stop_after: int | None
 ) -> TrainResult:
     """Train on ``train.num_processes`` processes and return the main one's result."""
-    from lorafactory.train.trainer import TrainResult
-
     _check_devices(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     job_file = out_dir / JOB_FILE
@@ -196,7 +128,7 @@ def launch(
         "--standalone",
         f"--nproc-per-node={n}",
         "-m",
-        "lorafactory.train.distributed",
+        "lorafactory.launch.torchrun",
         str(job_file),
     ]
     env = {
@@ -253,6 +185,20 @@ def _relay(lines: Iterable[str], progress: Progress, outcome: dict) -> None:
     finally:
         for stack, _ in open_tasks.values():
             stack.close()
+
+
+def train(
+    settings: Settings,
+    trigger: str,
+    dataset_dir: Path,
+    out_dir: Path,
+    progress: Progress,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """The train stage on as many processes as ``train.num_processes`` asks (see ``trainer.train``)."""
+    if settings.train.num_processes > 1 and not in_worker():
+        return launch(settings, trigger, dataset_dir, out_dir, progress, stop_after)
+    return trainer.train(settings, trigger, dataset_dir, out_dir, progress, stop_after)
 
 
 if __name__ == "__main__":

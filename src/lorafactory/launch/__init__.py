@@ -1,0 +1,1 @@
+"""Starting work in other processes: several training processes on one machine (``torchrun``)."""
