@@ -16,7 +16,7 @@ pytestmark = pytest.mark.xdist_group("ray")  # one local Ray per test run: these
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a declared GPU
     yield ray
     ray.shutdown()
 
@@ -41,7 +41,7 @@ def test_the_fleet_runs_the_queue_and_bad_input_fails_only_its_job(kit, tmp_path
         queue.add("akane_hoshino", good.character.name, _layers(good))
         report = run_fleet(ws, db, poll_s=0.5)
     jobs = {job.slug: job for job in queue.jobs()}
-    assert report.counts["done"] == 1 and report.counts["failed"] == 1
+    assert report.counts["done"] == 1 and report.counts["failed"] == 1, report.outcomes
     assert jobs["akane_hoshino"].status == "done"
     assert jobs["nobody"].status == "failed" and "has no images" in jobs["nobody"].last_error
     assert (ws / "akane_hoshino" / "release" / "manifest.json").is_file()

@@ -20,6 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from lorafactory.config import PRESETS, load_settings, read_toml, to_toml, tomllib
 from lorafactory.errors import ConfigError, LorafactoryError, from_os_error
+from lorafactory.fleet.phases import STEPS
+from lorafactory.fleet.queue import LEASE_S
 from lorafactory.progress import RichProgress
 from lorafactory.redact import RedactingFilter, redact
 from lorafactory.workspace import STAGES, Workspace, slugify
@@ -381,7 +383,9 @@ def queue_add(
     names: Optional[List[str]] = typer.Argument(None, help="Character names."),
     file: Optional[Path] = typer.Option(None, "--file", help="A text file of names, one per line (# comments)."),
     priority: int = typer.Option(0, "--priority", help="Higher runs first."),
-    until: str = typer.Option("release", "--until", help=f"Last stage to run: {', '.join(STAGES)}."),
+    until: str = typer.Option(
+        "release", "--until", help=f"Last stage to run: {', '.join(STEPS)} (publish: to release.publish_to)."
+    ),
     workspace: Path = WorkspaceOpt,
     db: Optional[str] = DbOpt,
     config: Optional[Path] = ConfigOpt,
@@ -396,8 +400,8 @@ def queue_add(
             wanted += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not wanted:
             raise ConfigError("no characters to queue; pass names or --file names.txt")
-        if until not in STAGES:
-            raise ConfigError(f"unknown stage {until!r}; stages are: {', '.join(STAGES)}")
+        if until not in STEPS:
+            raise ConfigError(f"unknown stage {until!r}; stages are: {', '.join(STEPS)}")
         queue = _queue(workspace, db)
         added = []
         for name in dict.fromkeys(wanted):
@@ -427,6 +431,7 @@ def queue_list(
             "id": job.id,
             "name": job.name,
             "status": job.status,
+            "phase": job.phase,
             "priority": job.priority,
             "attempts": f"{job.attempts}/{job.max_attempts}",
             "until": job.until,
@@ -438,7 +443,7 @@ def queue_list(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table("id", "name", "status", "priority", "attempts", "until", "owner", "last error")
+    table = Table("id", "name", "status", "phase", "priority", "attempts", "until", "owner", "last error")
     for row in rows:
         table.add_row(*(escape(str(value)) for value in row.values()))
     out.print(table)
@@ -479,10 +484,21 @@ def fleet_run(
     until_empty: bool = typer.Option(
         True, "--until-empty/--forever", help="Stop when the queue is empty, or keep waiting for jobs."
     ),
+    lease: float = typer.Option(
+        LEASE_S,
+        "--lease",
+        min=5.0,
+        help="Seconds a job stays claimed without a heartbeat (a dead driver's return then).",
+    ),
+    crawl_ahead: Optional[int] = typer.Option(
+        None, "--crawl-ahead", min=1, help="Datasets built ahead of the GPUs at most (default: 2 per GPU, at least 4)."
+    ),
     workspace: Path = WorkspaceOpt,
     db: Optional[str] = DbOpt,
 ) -> None:
-    """Run queued characters as Ray tasks; a killed driver or worker loses nothing (leases expire, jobs return)."""
+    """Run queued characters on Ray: datasets and releases on CPUs, training and evaluation on GPUs.
+
+    A killed worker's job returns to the queue at once; a killed driver's return when their leases run out."""
     from lorafactory.fleet.scheduler import run_fleet
 
     _setup_logging()
@@ -490,11 +506,20 @@ def fleet_run(
 
     def report(claim, outcome) -> None:
         detail = f": {escape(outcome.error)}" if outcome.error else ""
-        out.print(f"job {claim.id} [bold]{escape(claim.name)}[/bold] → {outcome.status}{detail}", soft_wrap=True)
+        went = f"{outcome.status} for {outcome.next_phase}" if outcome.next_phase else outcome.status
+        out.print(f"job {claim.id} [bold]{escape(claim.name)}[/bold] {claim.phase} → {went}{detail}", soft_wrap=True)
 
     try:
         ws.root.mkdir(parents=True, exist_ok=True)
-        result = run_fleet(ws.root, db or ws.default_db_url, address, until_empty, on_outcome=report)
+        result = run_fleet(
+            ws.root,
+            db or ws.default_db_url,
+            address,
+            until_empty,
+            lease_s=lease,
+            crawl_ahead=crawl_ahead,
+            on_outcome=report,
+        )
     except USER_ERRORS as exc:
         _fail(exc)
     counts = ", ".join(f"{status} {n}" for status, n in sorted(result.counts.items())) or "nothing to run"
@@ -535,6 +560,9 @@ def _fleet_table(summary: dict) -> Table:
     table = Table("", "", title="fleet", show_header=False)
     for status, count in summary["by_status"].items():
         table.add_row(f"jobs {status}", str(count))
+    for label, key in (("queued for", "queued_per_phase"), ("running", "running_per_phase")):
+        for phase, count in summary[key].items():
+            table.add_row(f"  {label} {phase}", str(count))
     for host, count in summary["running_per_host"].items():
         table.add_row(f"running on {escape(host)}", str(count))
     table.add_row("done today", str(summary["done_today"]))

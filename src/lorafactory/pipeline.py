@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from lorafactory.config import Settings, settings_hash, to_toml
 from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, from_os_error
@@ -32,6 +32,9 @@ from lorafactory.workspace import (
     write_bytes_atomic,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:
+    from lorafactory.sources.http import SharedBudget
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "3"  # bump when a stage's output format changes, so old artifacts are rebuilt
@@ -55,6 +58,7 @@ class Context:
     progress: Progress
     store: Store
     run_id: int
+    site_budget: SharedBudget | None = None
 
     def manifest(self, stage: str) -> Manifest:
         found = self.char.manifest(stage)
@@ -78,7 +82,9 @@ def _crawl(ctx: Context, out: Path) -> StageOutput:
 
     previous = ctx.char.artifact("crawl") / "images"
     archive = StoreArchive(ctx.store, ctx.char.slug)
-    posts, counts = crawl(ctx.settings, out, ctx.progress, archive, previous if previous.is_dir() else None)
+    posts, counts = crawl(
+        ctx.settings, out, ctx.progress, archive, previous if previous.is_dir() else None, ctx.site_budget
+    )
     return StageOutput(counts, {"sites": sorted({p.site for p in posts})})
 
 
@@ -188,9 +194,11 @@ def run_pipeline(
     until: str = "release",
     force: str | None = None,
     wait: bool = False,
+    site_budget: SharedBudget | None = None,
 ) -> RunOutcome:
     """Run every stage up to ``until``; ``force`` reruns from that stage onward. The character is
-    locked for the run: a second run refuses at once (or, with ``wait``, waits for the first)."""
+    locked for the run: a second run refuses at once (or, with ``wait``, waits for the first).
+    ``site_budget`` shares each image site's request rate with other processes (a fleet's crawls)."""
     for stage in (until, force):
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
@@ -218,7 +226,7 @@ def run_pipeline(
         while True:
             current = retrain_settings(settings, attempt)
             prints = fingerprints(current)
-            ctx = Context(current, trigger, char, progress, store, run_id)
+            ctx = Context(current, trigger, char, progress, store, run_id, site_budget)
             for stage in stages:
                 lock.check()
                 existing = char.manifest(stage)

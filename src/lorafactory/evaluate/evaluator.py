@@ -22,11 +22,12 @@ from lorafactory.config import Settings
 from lorafactory.evaluate.generate import Generator, a1111_parameters, save_png
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
+from lorafactory.evaluate.resident import base_pipeline
 from lorafactory.evaluate.scoring import METRICS, Scorer, StepScores
 from lorafactory.evaluate.select import Selection, select_steps
 from lorafactory.progress import Progress
 from lorafactory.train.data import read_metadata
-from lorafactory.train.model import load_pipeline, resolve_device, resolve_dtype
+from lorafactory.train.model import resolve_device, resolve_dtype
 from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE
 from lorafactory.vision.ccip import default_threshold, extract_features
 from lorafactory.vision.tagging import is_character_trait
@@ -107,45 +108,46 @@ def evaluate(
         raise ConfigError(str(exc)) from exc
     work = jobs(e, specs, trigger)
     device = resolve_device(t.device)
-    generator = Generator(
-        load_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device), t.base_config), e, t.clip_skip, device
-    )
-    scorer = Scorer(settings, trigger, features, threshold, device)
+    with base_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device), t.base_config, device) as pipe:
+        generator = Generator(pipe, e, t.clip_skip, device)
+        scorer = Scorer(settings, trigger, features, threshold, device)
 
-    steps = sorted(checkpoints)
-    table: dict[int, dict[str, float | None]] = {
-        s: {m: None for m in METRICS} | {"validation_loss": validation_loss.get(s)} for s in steps
-    }
-    intervals: dict[int, dict[str, tuple[float, float] | None]] = {}
-    failed: dict[int, str] = {}
-    rounds = (
-        [steps] if e.checkpoints == "all" else [coarse_steps(steps, e.coarse_every), None]
-    )  # None: refine around the best
-    with progress.task("evaluating checkpoints", total=len(steps) * len(work)) as task:
-        done: set[int] = set()
-        for planned in rounds:
-            if planned is None:
-                around = select_steps({s: table[s] for s in sorted(done)}, e).kept
-                planned = refine_steps(steps, done, around, e.coarse_every)
-            for step in planned:
-                done.add(step)
-                scores = _evaluate_step(
-                    generator,
-                    scorer,
-                    work,
-                    settings,
-                    trigger,
-                    train_dir / checkpoints[step],
-                    step_dir(out_dir, step),
-                    task,
-                )
-                if isinstance(scores, str):
-                    failed[step] = scores
-                    continue
-                table[step].update(scores.values)
-                intervals[step] = scores.intervals
-                write_json_atomic(step_dir(out_dir, step) / "metrics.json", _step_record(step, table[step], scores))
-        task.advance((len(steps) - len(done)) * len(work))
+        steps = sorted(checkpoints)
+        table: dict[int, dict[str, float | None]] = {
+            s: {m: None for m in METRICS} | {"validation_loss": validation_loss.get(s)} for s in steps
+        }
+        intervals: dict[int, dict[str, tuple[float, float] | None]] = {}
+        failed: dict[int, str] = {}
+        rounds = (
+            [steps] if e.checkpoints == "all" else [coarse_steps(steps, e.coarse_every), None]
+        )  # None: refine around the best
+        with progress.task("evaluating checkpoints", total=len(steps) * len(work)) as task:
+            done: set[int] = set()
+            for planned in rounds:
+                if planned is None:
+                    around = select_steps({s: table[s] for s in sorted(done)}, e).kept
+                    planned = refine_steps(steps, done, around, e.coarse_every)
+                for step in planned:
+                    done.add(step)
+                    scores = _evaluate_step(
+                        generator,
+                        scorer,
+                        work,
+                        settings,
+                        trigger,
+                        train_dir / checkpoints[step],
+                        step_dir(out_dir, step),
+                        task,
+                    )
+                    if isinstance(scores, str):
+                        failed[step] = scores
+                        continue
+                    table[step].update(scores.values)
+                    intervals[step] = scores.intervals
+                    write_json_atomic(
+                        step_dir(out_dir, step) / "metrics.json", _step_record(step, table[step], scores)
+                    )
+            task.advance((len(steps) - len(done)) * len(work))
     skipped = [s for s in steps if s not in done]
 
     selection = select_steps(table, e)

@@ -1,5 +1,9 @@
 """The durable job queue: one row per character in the state store, so it outlives every process.
 
+A job goes through the pipeline in phases (``lorafactory.fleet.phases``): each phase is claimed,
+run and then handed on to the next, so a CPU worker can crawl one character while a GPU trains
+another. Attempts count per phase.
+
 A claim is one atomic ``UPDATE … RETURNING``: on PostgreSQL its candidate row is picked with
 ``FOR UPDATE SKIP LOCKED`` (claimers never wait on each other), and on every database the update
 re-checks the candidate's status, which SQLite's serialised writers make sufficient. A claimed job
@@ -15,13 +19,14 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import aliased
 
 from lorafactory.state.models import Job, as_utc, utcnow
 
 ACTIVE = ("queued", "running")
 BACKOFF_S, BACKOFF_CAP_S = 30.0, 3600.0
+LEASE_S = 120.0  # a claim's lease; its worker renews it every third of that
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class Claim:
     settings: dict
     until: str
     attempt: int
+    phase: str = "dataset"
 
 
 class JobQueue:
@@ -66,20 +72,21 @@ class JobQueue:
             return job.id
 
     @staticmethod
-    def _claimable(jobs, now: datetime):
+    def _claimable(jobs, now: datetime, phases: tuple[str, ...] | None):
         waiting = and_(jobs.status == "queued", or_(jobs.not_before.is_(None), jobs.not_before <= now))
         abandoned = and_(jobs.status == "running", jobs.lease_until < now, jobs.attempts < jobs.max_attempts)
-        return or_(waiting, abandoned)
+        claimable = or_(waiting, abandoned)
+        return claimable if phases is None else and_(claimable, jobs.phase.in_(phases))
 
-    def claim(self, owner: str, lease_s: float) -> Claim | None:
-        """The most urgent claimable job, now leased to ``owner`` for ``lease_s`` seconds; None when
-        nothing is claimable."""
+    def claim(self, owner: str, lease_s: float, phases: tuple[str, ...] | None = None) -> Claim | None:
+        """The most urgent claimable job (in one of ``phases``, when given), now leased to ``owner``
+        for ``lease_s`` seconds; None when nothing is claimable."""
         self.quarantine_abandoned()
         now = utcnow()
         pick = aliased(Job)  # the candidate query reads its own copy of the table, never the updated row
         candidate = (
             select(pick.id)
-            .where(self._claimable(pick, now))
+            .where(self._claimable(pick, now, phases))
             .order_by(pick.priority.desc(), pick.id)
             .limit(1)
             .with_for_update(skip_locked=True, of=pick)
@@ -87,15 +94,16 @@ class JobQueue:
         )
         statement = (
             update(Job)
-            .where(Job.id == candidate, self._claimable(Job, now))  # re-checked: SQLite drops SKIP LOCKED
+            .where(Job.id == candidate, self._claimable(Job, now, phases))  # re-checked: SQLite drops SKIP LOCKED
             .values(
                 status="running",
                 lease_owner=owner,
                 lease_until=now + timedelta(seconds=lease_s),
                 attempts=Job.attempts + 1,
                 not_before=None,
+                worker=None,
             )
-            .returning(Job.id, Job.slug, Job.name, Job.settings, Job.until, Job.attempts)
+            .returning(Job.id, Job.slug, Job.name, Job.settings, Job.until, Job.attempts, Job.phase)
             .execution_options(synchronize_session=False)
         )
         with self.store.session() as session:
@@ -121,13 +129,14 @@ class JobQueue:
     def _owned(self, job_id: int, owner: str):
         return and_(Job.id == job_id, Job.status == "running", Job.lease_owner == owner)
 
-    def renew(self, job_id: int, owner: str, lease_s: float) -> bool:
-        """Extend the lease; False when the job is no longer this owner's (its lease ran out and another took it)."""
+    def renew(self, job_id: int, owner: str, lease_s: float, worker: str | None = None) -> bool:
+        """Extend the lease (and record the ``worker`` process running the job, when given); False when
+        the job is no longer this owner's (its lease ran out and another took it)."""
+        values: dict = {"lease_until": utcnow() + timedelta(seconds=lease_s)}
+        if worker is not None:
+            values["worker"] = worker
         statement = (
-            update(Job)
-            .where(self._owned(job_id, owner))
-            .values(lease_until=utcnow() + timedelta(seconds=lease_s))
-            .execution_options(synchronize_session=False)
+            update(Job).where(self._owned(job_id, owner)).values(**values).execution_options(synchronize_session=False)
         )
         with self.store.session() as session:
             return session.execute(statement).rowcount == 1
@@ -135,10 +144,25 @@ class JobQueue:
     def finish(self, job_id: int, owner: str) -> bool:
         return self._close(job_id, owner, status="done", finished_at=utcnow(), lease_until=None, last_error=None)
 
-    def fail(self, job_id: int, owner: str, error: str, transient: bool, backoff: bool = True) -> str:
+    def advance(self, job_id: int, owner: str, phase: str) -> bool:
+        """The job's current phase is done: queue it at once for ``phase``, with fresh attempts."""
+        return self._close(
+            job_id,
+            owner,
+            status="queued",
+            phase=phase,
+            attempts=0,
+            lease_owner=None,
+            lease_until=None,
+            last_error=None,
+        )
+
+    def fail(
+        self, job_id: int, owner: str, error: str, transient: bool, backoff: bool = True, settings: dict | None = None
+    ) -> str:
         """Record a failure: a transient one requeues the job (after an exponential backoff, unless
-        ``backoff`` is off) while attempts remain; bad input, or the last attempt, fails it for
-        good. Returns the job's new status."""
+        ``backoff`` is off; with new ``settings`` when given) while attempts remain; bad input, or the
+        last attempt, fails it for good. Returns the job's new status."""
         with self.store.session() as session:
             job = session.get(Job, job_id)
             retry = transient and job is not None and job.attempts < job.max_attempts
@@ -146,6 +170,8 @@ class JobQueue:
         if retry:
             delay = min(BACKOFF_CAP_S, BACKOFF_S * 2 ** (attempts - 1)) if backoff else 0.0
             values = dict(status="queued", not_before=utcnow() + timedelta(seconds=delay), lease_until=None)
+            if settings is not None:  # a retry with other settings (lighter, after an out-of-memory) is a new try
+                values.update(settings=settings, attempts=Job.attempts - 1)
         else:
             values = dict(status="failed", finished_at=utcnow(), lease_until=None)
         closed = self._close(job_id, owner, last_error=error, lease_owner=None, **values)
@@ -196,21 +222,40 @@ class JobQueue:
         with self.store.session() as session:
             return session.execute(statement).rowcount
 
+    def pending(self) -> bool:
+        """Whether any job is still queued (perhaps waiting out a backoff) or running."""
+        with self.store.session() as session:
+            return session.execute(select(Job.id).where(Job.status.in_(ACTIVE)).limit(1)).first() is not None
+
+    def waiting(self, phase: str) -> int:
+        """Jobs queued for ``phase`` (not yet running)."""
+        with self.store.session() as session:
+            return session.execute(
+                select(func.count()).select_from(Job).where(Job.status == "queued", Job.phase == phase)
+            ).scalar_one()
+
     def summary(self, now: datetime | None = None) -> dict:
-        """The fleet at a glance: jobs per status, running jobs per host, done and failed since
-        midnight (UTC), models per day over the last 24 hours, and when the queue should be empty."""
+        """The fleet at a glance: jobs per status, queued and running jobs per phase, running jobs per
+        host, done and failed since midnight (UTC), models per day over the last 24 hours, and when the
+        queue should be empty."""
         now = now or utcnow()
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
         with self.store.session() as session:
-            rows = session.execute(select(Job.status, Job.lease_owner, Job.finished_at)).all()
-        by_status = Counter(status for status, _, _ in rows)
-        ended = [(status, as_utc(finished)) for status, _, finished in rows if finished is not None]
+            rows = session.execute(select(Job.status, Job.phase, Job.lease_owner, Job.worker, Job.finished_at)).all()
+        by_status = Counter(row.status for row in rows)
+        ended = [(row.status, as_utc(row.finished_at)) for row in rows if row.finished_at is not None]
         per_day = sum(1 for status, finished in ended if status == "done" and finished > now - timedelta(days=1))
         waiting = by_status.get("queued", 0) + by_status.get("running", 0)
         return {
             "by_status": dict(sorted(by_status.items())),
+            "queued_per_phase": dict(Counter(row.phase for row in rows if row.status == "queued")),
+            "running_per_phase": dict(Counter(row.phase for row in rows if row.status == "running")),
             "running_per_host": dict(
-                Counter(owner.split(":")[0] for status, owner, _ in rows if status == "running" and owner)
+                Counter(
+                    (row.worker or row.lease_owner).split(":")[0]
+                    for row in rows
+                    if row.status == "running" and (row.worker or row.lease_owner)
+                )
             ),
             "done_today": sum(1 for status, finished in ended if status == "done" and finished >= midnight),
             "failed_today": sum(

@@ -1,9 +1,9 @@
-"""The fleet's driver: claims jobs from the durable queue and runs them as Ray tasks.
+"""The fleet's driver: claims job phases from the durable queue and runs them on Ray.
 
 With no address it starts a local Ray (one machine, no setup); with an address it drives a
-cluster. Either way it first checks that every node sees the workspace. Each job runs its
-character's pipeline in a Ray worker under a lease the worker renews; if the driver or a worker
-dies, the lease runs out and the job is claimed again, so nothing is lost.
+cluster. Either way it first checks that every node sees the workspace. Each phase runs in a Ray
+worker under a lease the worker renews; if a worker dies its phase goes back to the queue at once,
+and if the driver dies the leases run out and the phases are claimed again, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Callable
 
 from lorafactory.errors import ConfigError
-from lorafactory.fleet.queue import Claim, JobQueue
+from lorafactory.fleet.budget import fleet_budget
+from lorafactory.fleet.phases import CPU_PHASES, GPU_PHASES
+from lorafactory.fleet.queue import LEASE_S, Claim, JobQueue
 from lorafactory.fleet.worker import Outcome, run_job
 from lorafactory.state import Store
 
-LEASE_S = 120.0
 PROBE = ".fleet-probe"
 
 
@@ -73,18 +74,50 @@ class FleetReport:
 
     @property
     def counts(self) -> Counter:
-        return Counter(outcome.status for outcome in self.outcomes)
+        """How each finished, retried or failed job phase ended (phases handed on are not counted)."""
+        return Counter(outcome.status for outcome in self.outcomes if outcome.next_phase is None)
 
 
-def _connect(address: str | None, num_cpus: int | None):
+def _connect(address: str | None, num_cpus: int | None, num_gpus: int | None):
     import ray
 
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        else:  # always a fresh local Ray, never a cluster that happens to run on this machine
+            ray.init(
+                address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False
+            )
     return ray
+
+
+class PhaseRunner:
+    """A resident worker for the GPU phase (one per GPU): its process, with the libraries it has
+    imported and the evaluation pipeline it keeps (``evaluate.resident``), serves job after job."""
+
+    def run(self, workspace_root: str, db_url: str, claim: Claim, owner: str, lease_s: float) -> Outcome:
+        return run_job(workspace_root, db_url, claim, owner, lease_s)
+
+
+@dataclass
+class Lanes:
+    """Where phases run: GPU phases on resident actors, CPU phases as Ray tasks on free CPUs."""
+
+    actors: list
+    cpu_slots: int
+    cpu_task: object
+    budget: object
+
+
+def _lanes(ray, gpus: int, cpus: int) -> Lanes:
+    actor_cpus = 1 if cpus > 1 else 0  # a one-CPU machine keeps its CPU for the CPU phases
+    runner = ray.remote(PhaseRunner).options(
+        num_gpus=1 if gpus else 0, num_cpus=actor_cpus, max_restarts=-1, max_task_retries=0
+    )
+    actors = [runner.remote() for _ in range(max(gpus, 1))]  # without GPUs, one runner trains on the CPU
+    cpu_slots = max(1, cpus - actor_cpus * len(actors))
+    task = ray.remote(run_job).options(num_cpus=1, num_gpus=0, max_retries=0)
+    return Lanes(actors, cpu_slots, task, fleet_budget(ray))
 
 
 def run_fleet(
@@ -93,45 +126,65 @@ def run_fleet(
     address: str | None = None,
     until_empty: bool = True,
     num_cpus: int | None = None,
+    num_gpus: int | None = None,
     lease_s: float = LEASE_S,
     poll_s: float = 2.0,
+    crawl_ahead: int | None = None,
     on_outcome: Callable[[Claim, Outcome], None] | None = None,
 ) -> FleetReport:
-    """Run queued jobs on Ray, as many at once as the cluster has slots (one per GPU, or per CPU
-    without GPUs), until the queue is empty (``until_empty``) or for ever."""
-    ray = _connect(address, num_cpus)
+    """Run queued jobs on Ray until the queue is empty (``until_empty``) or for ever.
+
+    GPU phases (train, evaluate) run on one resident actor per GPU; CPU phases (crawl, prepare,
+    release, publish) run as tasks on the CPUs left, at most ``crawl_ahead`` datasets (default: two
+    per GPU, at least 4) waiting for a GPU at a time, so crawls stay just ahead of training.
+    """
+    ray = _connect(address, num_cpus, num_gpus)
     check_shared_workspace(ray, Path(workspace))
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    slots = gpus or max(1, int(resources.get("CPU", 1)))
-    task = ray.remote(run_job).options(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=0)
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    lanes = _lanes(ray, gpus, cpus)
+    ahead = crawl_ahead if crawl_ahead is not None else max(4, 2 * gpus)
     queue = JobQueue(Store(db_url))
     me = f"{socket.gethostname()}:{os.getpid()}"
-    in_flight: dict = {}
+    idle = list(lanes.actors)
+    in_flight: dict = {}  # object ref -> (claim, owner, actor or None)
     report = FleetReport()
     claims = itertools.count()
+
+    def claim(phases: tuple[str, ...]) -> tuple[Claim, str] | None:
+        owner = f"{me}:{next(claims)}"  # the lease holder: this driver's n-th claim, renewed by its worker
+        found = queue.claim(owner, lease_s, phases)
+        return None if found is None else (found, owner)
+
     while True:
-        while len(in_flight) < slots:
-            owner = f"{me}:{next(claims)}"  # the lease holder: this driver's n-th claim, renewed by its worker
-            claim = queue.claim(owner, lease_s)
-            if claim is None:
+        while idle and (got := claim(GPU_PHASES)):
+            actor = idle.pop()
+            in_flight[actor.run.remote(str(workspace), db_url, *got, lease_s)] = (*got, actor)
+        cpu_busy = sum(1 for *_, actor in in_flight.values() if actor is None)
+        while cpu_busy < lanes.cpu_slots:
+            phases = CPU_PHASES if queue.waiting("model") < ahead else tuple(p for p in CPU_PHASES if p != "dataset")
+            got = claim(phases)
+            if got is None:
                 break
-            in_flight[task.remote(str(workspace), db_url, claim, owner, lease_s)] = (claim, owner)
+            in_flight[lanes.cpu_task.remote(str(workspace), db_url, *got, lease_s, lanes.budget)] = (*got, None)
+            cpu_busy += 1
         if not in_flight:
-            if until_empty:
+            if until_empty and not queue.pending():
                 return report
-            time.sleep(poll_s)
+            time.sleep(poll_s)  # jobs waiting out a backoff, or (with --forever) none yet
             continue
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
         for ref in done:
-            claim, owner = in_flight.pop(ref)
+            job, owner, actor = in_flight.pop(ref)
+            if actor is not None:
+                idle.append(actor)  # a dead actor restarts itself (max_restarts) and takes the next job
             try:
                 outcome = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the worker died: back to the queue at once (a job that
                 # keeps killing its workers runs out of attempts); the pipeline resumes what it had done
                 message = f"worker died: {exc.__class__.__name__}"
-                status = queue.fail(claim.id, owner, message, transient=True, backoff=False)
-                outcome = Outcome(claim.id, status, message)
+                status = queue.fail(job.id, owner, message, transient=True, backoff=False)
+                outcome = Outcome(job.id, status, message, job.phase)
             report.outcomes.append(outcome)
             if on_outcome is not None:
-                on_outcome(claim, outcome)
+                on_outcome(job, outcome)

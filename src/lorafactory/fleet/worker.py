@@ -1,31 +1,52 @@
-"""One queued job run by a fleet worker: the pipeline for its character, under a renewed lease.
+"""One claimed phase of a queued job, run by a fleet worker under a renewed lease.
 
-Bad settings or input fail the job for good; anything else (a crash, a site down, a busy character)
-is transient and the queue retries it. Runs in a Ray worker process or in-process alike.
+Bad settings or input (and a quality gate that failed every retrain) fail the job for good; an
+out-of-memory on the GPU retries it at once with lighter settings; anything else (a crash, a site
+down, a busy character) is transient and the queue retries it. A finished phase hands the job on
+to the next one. Runs in a Ray worker process or in-process alike.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lorafactory.config import load_settings
-from lorafactory.errors import ConfigError, InputError
+from lorafactory.config import Settings, load_settings
+from lorafactory.errors import ConfigError, InputError, QualityGateFailed
+from lorafactory.fleet.memory import lighter, merged, out_of_memory
+from lorafactory.fleet.phases import BY_NAME, last_stage, next_phase
 from lorafactory.fleet.queue import Claim, JobQueue
 from lorafactory.progress import SilentProgress
 from lorafactory.redact import redact
+from lorafactory.state import Store
+from lorafactory.state.lock import acquire
 from lorafactory.workspace import Workspace
 
+if TYPE_CHECKING:
+    from lorafactory.sources.http import SharedBudget
+
 log = logging.getLogger(__name__)
+PERMANENT = (ConfigError, InputError, QualityGateFailed)  # retrying the same settings cannot help
 
 
 @dataclass(frozen=True)
 class Outcome:
     job_id: int
-    status: str  # done, queued (retry later), failed, lost (the lease went to another worker)
+    status: str  # done, queued (next phase or a retry), failed, lost (the lease went to another worker)
     error: str | None = None
+    phase: str = ""  # the phase that ran
+    next_phase: str | None = None  # where the job went next, when it went on
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _renew_until_stopped(queue: JobQueue, claim: Claim, owner: str, lease_s: float, stop: threading.Event) -> None:
@@ -35,27 +56,90 @@ def _renew_until_stopped(queue: JobQueue, claim: Claim, owner: str, lease_s: flo
             return
 
 
-def run_job(workspace_root: str, db_url: str, claim: Claim, owner: str, lease_s: float) -> Outcome:
-    """Run the claimed job's pipeline and record how it ended in the queue."""
-    from lorafactory.pipeline import run_pipeline
-    from lorafactory.state import Store
-
+def run_job(
+    workspace_root: str, db_url: str, claim: Claim, owner: str, lease_s: float, budget: SharedBudget | None = None
+) -> Outcome:
+    """Run the claimed phase and record how it ended in the queue."""
     store = Store(db_url)
     queue = JobQueue(store)
+    if not queue.renew(claim.id, owner, lease_s, worker=worker_id()):  # cancelled, or reclaimed meanwhile
+        return Outcome(claim.id, "lost", phase=claim.phase)
     stop = threading.Event()
     beat = threading.Thread(target=_renew_until_stopped, args=(queue, claim, owner, lease_s, stop), daemon=True)
     beat.start()
+    settings: Settings | None = None
     try:
         settings = load_settings(base=claim.settings)
-        run_pipeline(Workspace(Path(workspace_root)), store, settings, SilentProgress(), until=claim.until)
-    except (ConfigError, InputError) as exc:  # bad settings or input: retrying cannot help
-        message = redact(str(exc))
-        return Outcome(claim.id, queue.fail(claim.id, owner, message, transient=False), message)
-    except Exception as exc:  # noqa: BLE001 - a worker survives any job (another run holding the character
-        # included); the queue decides on a retry
-        message = redact(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
-        return Outcome(claim.id, queue.fail(claim.id, owner, message, transient=True), message)
+        _run_phase(Workspace(Path(workspace_root)), store, settings, claim, budget)
+    except Exception as exc:  # noqa: BLE001 - a worker survives any job; the queue decides on a retry
+        return _record_failure(queue, store, Workspace(Path(workspace_root)), settings, claim, owner, exc)
     finally:
         stop.set()
         beat.join()
-    return Outcome(claim.id, "done" if queue.finish(claim.id, owner) else "lost")
+    following = next_phase(claim.phase, claim.until)
+    if following is not None:
+        status = "queued" if queue.advance(claim.id, owner, following) else "lost"
+        return Outcome(claim.id, status, phase=claim.phase, next_phase=following)
+    return Outcome(claim.id, "done" if queue.finish(claim.id, owner) else "lost", phase=claim.phase)
+
+
+def _run_phase(ws: Workspace, store: Store, settings: Settings, claim: Claim, budget: SharedBudget | None) -> None:
+    from lorafactory.pipeline import run_pipeline, trigger_for
+
+    phase = BY_NAME[claim.phase]
+    if phase.stages:
+        until = last_stage(phase, claim.until)
+        run_pipeline(ws, store, settings, SilentProgress(), until=until, site_budget=budget)
+        return
+    from lorafactory.release.publish import publish
+
+    r = settings.release
+    with acquire(store, claim.slug):
+        publish(
+            ws.character(claim.slug),
+            settings,
+            trigger_for(settings),
+            list(r.publish_to),
+            repo=r.hf_repo or claim.slug,
+            private=r.hf_private,
+            endpoint=r.hf_endpoint,
+            progress=SilentProgress(),
+            store=store,
+        )
+
+
+def _record_failure(
+    queue: JobQueue,
+    store: Store,
+    ws: Workspace,
+    settings: Settings | None,
+    claim: Claim,
+    owner: str,
+    exc: Exception,
+) -> Outcome:
+    message = redact(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+    if isinstance(exc, PERMANENT) or settings is None:
+        return Outcome(claim.id, queue.fail(claim.id, owner, message, transient=False), message, claim.phase)
+    if out_of_memory(exc):
+        stage = _failed_stage(store, claim.slug)
+        layer = lighter(settings, stage) if stage in ("train", "evaluate") else None
+        if layer is None:
+            message = f"out of GPU memory in {stage} even with the lightest settings: {message}"
+            return Outcome(claim.id, queue.fail(claim.id, owner, message, transient=False), message, claim.phase)
+        if stage == "train":  # its saved state was made with the heavier settings: start that stage over
+            with acquire(store, claim.slug):
+                shutil.rmtree(ws.character(claim.slug).partial("train"), ignore_errors=True)
+        message = f"out of GPU memory in {stage}; retrying with {json.dumps(layer)}"
+        log.warning("job %d: %s", claim.id, message)
+        status = queue.fail(
+            claim.id, owner, message, transient=True, backoff=False, settings=merged(claim.settings, layer)
+        )
+        return Outcome(claim.id, status, message, claim.phase)
+    return Outcome(claim.id, queue.fail(claim.id, owner, message, transient=True), message, claim.phase)
+
+
+def _failed_stage(store: Store, slug: str) -> str | None:
+    """The stage that failed in the character's latest run."""
+    summary = store.character_summary(slug) or {}
+    failed = [s["stage"] for s in (summary.get("latest_run") or {}).get("stages", []) if s["status"] == "failed"]
+    return failed[-1] if failed else None

@@ -28,7 +28,7 @@ from lorafactory.sources.anime_pictures import AnimePictures
 from lorafactory.sources.base import Candidate, Post, Site, file_md5
 from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
-from lorafactory.sources.http import RateLimit, SiteClient, StorageFull
+from lorafactory.sources.http import RateLimit, SharedBudget, SiteClient, StorageFull
 from lorafactory.sources.local import crawl_local
 from lorafactory.sources.moebooru import Moebooru
 from lorafactory.sources.pixiv import Pixiv
@@ -128,6 +128,7 @@ class _SiteCrawl:
         archive: Archive,
         previous: Path | None,
         on_item: Callable[[], None],
+        budget: SharedBudget | None = None,
     ) -> None:
         self.settings, self.images_dir, self.archive, self.previous, self.on_item = (
             settings,
@@ -136,6 +137,7 @@ class _SiteCrawl:
             previous,
             on_item,
         )
+        self.budget = budget
         self.done = archive.archived()
         self.done_by_md5 = {post["md5"]: post for post in self.done.values() if post.get("md5")}
         self.kept: list[tuple[int, int, Post]] = []  # (site order, search order, post) as fetched
@@ -160,7 +162,7 @@ class _SiteCrawl:
                     "zerochan requires your Zerochan username in the User-Agent; set crawl.zerochan.username"
                 )
             headers["User-Agent"] = f"{c.user_agent} - {site_settings.username}"
-        limit = RateLimit(site_settings.requests_per_second, site_settings.concurrency)
+        limit = RateLimit(site_settings.requests_per_second, site_settings.concurrency, name, self.budget)
         client = SiteClient(
             name, http, limit, c.max_retries, auth[1:] if auth else (), headers
         )  # the key, not the login
@@ -291,9 +293,15 @@ def _order(sites: list[str], post: Post) -> tuple:
 
 
 def crawl(
-    settings: Settings, out_dir: Path, progress: Progress, archive: Archive | None = None, previous: Path | None = None
+    settings: Settings,
+    out_dir: Path,
+    progress: Progress,
+    archive: Archive | None = None,
+    previous: Path | None = None,
+    budget: SharedBudget | None = None,
 ) -> tuple[list[Post], dict[str, int]]:
-    """Fetch into ``out_dir``; ``previous`` is the last finished crawl's images folder, reused for archived posts."""
+    """Fetch into ``out_dir``; ``previous`` is the last finished crawl's images folder, reused for archived
+    posts. With a shared ``budget`` each site's request rate is shared with other crawls (a fleet's)."""
     c = settings.crawl
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +311,7 @@ def crawl(
                 raise InputError("crawl.source is 'local' but no folder was given; pass --from-dir DIR")
             posts, counts = crawl_local(Path(c.from_dir), images_dir, c.limit, on_item=task.advance)
         else:
-            state = _SiteCrawl(settings, images_dir, archive or MemoryArchive(), previous, task.advance)
+            state = _SiteCrawl(settings, images_dir, archive or MemoryArchive(), previous, task.advance, budget)
             asyncio.run(_crawl_sites(state))
             posts = sorted((post for *_, post in state.kept), key=lambda post: _order(c.sites, post))
             counts = {**state.counts, "kept": len(posts), **({"tags": state.chosen} if state.chosen else {})}

@@ -18,7 +18,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import httpx
 
@@ -55,12 +55,27 @@ def _wait_hint(response: httpx.Response) -> str | None:
     return None
 
 
+class SharedBudget(Protocol):
+    """A site's request rate shared with other processes (a fleet's workers, on any machine)."""
+
+    async def reserve(self, site: str, interval: float) -> float:
+        """Book the site's next request start, ``interval`` seconds after the last one booked by
+        anyone; returns the seconds to wait for it."""
+
+    def pause(self, site: str, seconds: float) -> None:
+        """Hold back every process's requests to the site for ``seconds`` (without waiting for an answer)."""
+
+
 class RateLimit:
     """At most ``per_second`` request starts per second, and ``concurrency`` requests at once;
-    ``pause`` holds back every request start until a time the server gave."""
+    ``pause`` holds back every request start until a time the server gave. With a ``shared``
+    budget the rate (and the pause) is the site's across every process using that budget."""
 
-    def __init__(self, per_second: float, concurrency: int) -> None:
+    def __init__(
+        self, per_second: float, concurrency: int, site: str = "", shared: SharedBudget | None = None
+    ) -> None:
         self.interval = 1.0 / per_second if per_second > 0 else 0.0
+        self.site, self.shared = site, shared
         self._slots = asyncio.Semaphore(concurrency)
         self._lock = asyncio.Lock()
         self._next = 0.0
@@ -68,10 +83,16 @@ class RateLimit:
 
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+        if self.shared is not None:
+            self.shared.pause(self.site, seconds)
 
     async def __aenter__(self) -> None:
         await self._slots.acquire()
         try:
+            if self.shared is not None:
+                delay = await self.shared.reserve(self.site, self.interval)
+                await asyncio.sleep(max(delay, self._paused_until - time.monotonic(), 0.0))
+                return
             while True:
                 async with self._lock:
                     now = time.monotonic()

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 6  # v5: character_locks; v6: jobs
+SCHEMA_VERSION = 7  # v5: character_locks; v6: jobs; v7: jobs.phase/worker, characters.copyright/popularity
 
 
 class Base(DeclarativeBase):
@@ -38,6 +38,8 @@ class Character(Base):
     name: Mapped[str] = mapped_column(String(400))
     trigger: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    copyright: Mapped[str | None] = mapped_column(String(400), nullable=True)  # the game or show, when known
+    popularity: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the site's post count, when queued by it
 
     runs: Mapped[list[Run]] = relationship(back_populates="character", order_by="Run.id")
     publications: Mapped[list[Publication]] = relationship(back_populates="character", order_by="Publication.id")
@@ -177,12 +179,14 @@ class Job(Base):
     name: Mapped[str] = mapped_column(String(400))
     settings: Mapped[dict] = mapped_column(JSON)  # the run's settings layers (no credentials)
     until: Mapped[str] = mapped_column(String(40))  # the last stage to run
+    phase: Mapped[str] = mapped_column(String(20), server_default="dataset")  # the part of the pipeline to run next
     status: Mapped[str] = mapped_column(String(20))  # queued, running, done, failed, quarantined, cancelled
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
     lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)  # host:pid of the process running it
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # retry backoff
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -11,7 +11,7 @@ import socket
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from sqlalchemy import create_engine, delete, event, select
+from sqlalchemy import create_engine, delete, event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,6 +48,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _add_missing_columns(session: Session) -> None:
+    """Columns added to existing tables since they were created (nullable or with a default)."""
+    existing = inspect(session.connection())
+    dialect = session.bind.dialect
+    preparer = dialect.identifier_preparer
+    guard = " IF NOT EXISTS" if dialect.name == "postgresql" else ""  # two processes upgrading at once
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            kind = column.type.compile(dialect=dialect)
+            default = f" DEFAULT '{column.server_default.arg}'" if column.server_default is not None else ""
+            name, table_name = preparer.quote(column.name), preparer.quote(table.name)
+            session.execute(text(f"ALTER TABLE {table_name} ADD COLUMN{guard} {name} {kind}{default}"))
+
+
 class Store:
     """A handle on the state database at ``url`` (any SQLAlchemy URL)."""
 
@@ -73,7 +90,8 @@ class Store:
             if info is None:
                 session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
             elif info.version < SCHEMA_VERSION:
-                info.version = SCHEMA_VERSION  # migrations so far only add tables, which create_all did
+                _add_missing_columns(session)
+                info.version = SCHEMA_VERSION  # migrations only add tables (create_all made them) and columns
             elif info.version > SCHEMA_VERSION:
                 raise ConfigError(
                     (

@@ -1,0 +1,48 @@
+"""Each image site's politeness budget, shared by every crawl of the fleet.
+
+One Ray actor books request starts for all workers on all machines: ``requests_per_second`` is
+then the site's rate for the whole fleet, not for each worker, and a site's ``Retry-After``
+pause holds back every worker. A site's ``concurrency`` stays per crawl.
+"""
+
+from __future__ import annotations
+
+import time
+
+ACTOR_NAME = "lorafactory-site-budgets"
+
+
+class SiteBudgets:
+    """The actor's state: per site, the next free request start and a pause (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.next: dict[str, float] = {}
+        self.paused_until: dict[str, float] = {}
+
+    def reserve(self, site: str, interval: float) -> float:
+        now = time.monotonic()
+        start = max(now, self.next.get(site, 0.0), self.paused_until.get(site, 0.0))
+        self.next[site] = start + interval
+        return start - now
+
+    def pause(self, site: str, seconds: float) -> None:
+        self.paused_until[site] = max(self.paused_until.get(site, 0.0), time.monotonic() + seconds)
+
+
+class RayBudget:
+    """``sources.http.SharedBudget`` over the fleet's actor; travels to workers with their jobs."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    async def reserve(self, site: str, interval: float) -> float:
+        return await self.actor.reserve.remote(site, interval)
+
+    def pause(self, site: str, seconds: float) -> None:
+        self.actor.pause.remote(site, seconds)  # fire and forget: the next reservation sees it
+
+
+def fleet_budget(ray) -> RayBudget:
+    """The fleet's budget actor (created by the first driver that asks; shared by name)."""
+    actor = ray.remote(num_cpus=0)(SiteBudgets).options(name=ACTOR_NAME, get_if_exists=True).remote()
+    return RayBudget(actor)
