@@ -1,4 +1,12 @@
-"""The fleet on a real local Ray: jobs from the durable queue run as Ray tasks."""
+"""The fleet on a real local Ray: jobs from the durable queue run phase by phase on Ray workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
@@ -23,6 +31,35 @@ def local_ray():
 
 def _layers(settings):
     return tomllib.loads(to_toml(settings))
+
+
+def _killable_settings(kit, url):
+    """Training long enough to be killed between its two saved states (at step 30 of 60)."""
+    return demo_settings(kit, url, "train.max_steps=60", "train.save_every=30")
+
+
+def _wait_for_saved_state(ws, job_id, queue, alive, step=30, timeout=240):
+    """Wait until the job's training saved its state at ``step``; returns the job row."""
+    state = ws / "akane_hoshino" / "train.partial" / "state" / "state.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        if state.is_file() and json.loads(state.read_text())["step"] == step:
+            return next(job for job in queue.jobs() if job.id == job_id)
+        time.sleep(0.05)
+    raise AssertionError("the job ended before it could be killed during training")
+
+
+def _trained_once_and_resumed(ws):
+    """The train artifact is whole, and its log shows one run that resumed at step 30 (its clock
+    restarts there) with every step logged once."""
+    from lorafactory.workspace import Workspace, damage
+
+    char = Workspace(ws).character("akane_hoshino")
+    manifest = char.manifest("train")
+    assert manifest is not None and damage(char.artifact("train"), manifest) is None
+    log = [json.loads(line) for line in (char.artifact("train") / "train_log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == list(range(1, 61))
+    assert log[30]["t"] < log[29]["t"]  # step 31 came from a new process that resumed the saved state
 
 
 def test_the_fleet_runs_the_queue_and_bad_input_fails_only_its_job(kit, tmp_path, local_ray):
@@ -71,3 +108,141 @@ def test_every_node_must_see_the_workspace(tmp_path, local_ray):
         "10.0.0.2",
         "10.0.0.3",
     ]
+
+
+def test_phases_are_routed_by_resources(local_ray):
+    """The GPU phase's resident runner holds the (declared) GPU and one CPU; CPU phases get the rest."""
+    from lorafactory.fleet.scheduler import _lanes
+
+    lanes = _lanes(local_ray, gpus=1, cpus=2)
+    assert len(lanes.actors) == 1 and lanes.cpu_slots == 1
+    deadline = time.monotonic() + 60
+    while local_ray.available_resources().get("GPU", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert local_ray.available_resources().get("GPU", 0) == 0
+    for actor in lanes.actors:
+        local_ray.kill(actor)
+
+
+def test_crawls_share_each_sites_rate_across_the_fleet(kit, tmp_path, local_ray):
+    """Two crawls in two Ray worker processes, one site budget: together they start at most 8
+    requests a second, the rate each was given."""
+    from lorafactory.fleet.budget import fleet_budget
+    from lorafactory.progress import SilentProgress
+    from lorafactory.sources.crawl import crawl
+
+    def crawl_in_worker(settings, out_dir, budget):
+        posts, _ = crawl(settings, out_dir, SilentProgress(), budget=budget)
+        return len(posts)
+
+    task = local_ray.remote(crawl_in_worker).options(num_cpus=0)
+    budget = fleet_budget(local_ray)
+    with replay_for(kit) as replay:
+        settings = demo_settings(kit, replay.url, "crawl.limit=6", "crawl.danbooru.requests_per_second=8")
+        counts = local_ray.get([task.remote(settings, tmp_path / name, budget) for name in ("a", "b")])
+    assert counts == [6, 6]
+    starts = sorted(t for t, _ in replay.requests)
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+    assert len(starts) >= 14 and min(gaps) >= 1 / 8 - 0.03
+
+
+def test_a_worker_killed_mid_training_loses_nothing(kit, tmp_path, local_ray):
+    """SIGKILL to the process training a job: the job goes back to the queue at once, resumes from
+    the saved state on the retry and completes once."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    db = f"sqlite:///{ws / 'lorafactory.db'}"
+    queue = JobQueue(Store(db))
+    with replay_for(kit) as replay:
+        job = queue.add("akane_hoshino", "Akane Hoshino", _layers(_killable_settings(kit, replay.url)), until="train")
+        result = {}
+        driver = threading.Thread(target=lambda: result.update(report=run_fleet(ws, db, poll_s=0.5)))
+        driver.start()
+        row = _wait_for_saved_state(ws, job, queue, driver.is_alive)
+        assert row.phase == "model" and row.worker
+        os.kill(int(row.worker.rsplit(":", 1)[1]), signal.SIGKILL)
+        driver.join(timeout=300)
+    outcomes = [(o.phase, o.status) for o in result["report"].outcomes]
+    assert outcomes == [("dataset", "queued"), ("model", "queued"), ("model", "done")]
+    assert "worker died" in result["report"].outcomes[1].error
+    final = queue.jobs()[0]
+    assert final.status == "done" and final.attempts == 2  # the model phase's second attempt
+    _trained_once_and_resumed(ws)
+
+
+def test_a_killed_driver_is_replaced_without_losing_or_repeating_work(kit, tmp_path):
+    """SIGKILL to `fleet run` during training: a new driver reclaims the job once its lease runs out,
+    training resumes from the saved state, and the other queued character is done too."""
+    from lorafactory.demo import DEMO_CHARACTER, offline_env
+    from lorafactory.sources.danbooru import character_tag
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    db = f"sqlite:///{ws / 'lorafactory.db'}"
+    queue = JobQueue(Store(db))
+    command = [sys.executable, "-m", "lorafactory", "fleet", "run", "--lease", "8", "--workspace", str(ws)]
+    with replay_for(kit) as replay:
+        settings = _killable_settings(kit, replay.url)
+        job = queue.add("akane_hoshino", "Akane Hoshino", _layers(settings), priority=1, until="train")
+        tags = f"crawl.tags={json.dumps([character_tag(DEMO_CHARACTER)])}"  # the replay's images
+        other = demo_settings(kit, replay.url, 'character.name="Ruby Hoshino"', tags)
+        queue.add("ruby_hoshino", "Ruby Hoshino", _layers(other), until="crawl")
+        first = subprocess.Popen(
+            command, env=offline_env(kit), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            _wait_for_saved_state(ws, job, queue, lambda: first.poll() is None)
+            first.kill()  # the driver alone; its local Ray goes with it
+            first.wait()
+            second = subprocess.run(command, env=offline_env(kit), capture_output=True, text=True, timeout=400)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)  # whatever of the first driver's Ray is still there
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    jobs = {job.slug: job for job in queue.jobs()}
+    assert jobs["akane_hoshino"].status == "done" and jobs["akane_hoshino"].attempts == 2
+    assert jobs["ruby_hoshino"].status == "done"
+    _trained_once_and_resumed(ws)
+    stages = Store(db).character_summary("akane_hoshino")["latest_run"]["stages"]
+    assert [(s["stage"], s["status"]) for s in stages] == [
+        ("crawl", "skipped"),
+        ("prepare", "skipped"),
+        ("train", "succeeded"),
+    ]
+
+
+def test_out_of_gpu_memory_retries_the_job_with_lighter_settings(kit, tmp_path, monkeypatch):
+    """The trainer runs out of GPU memory at step 12 (raised as CUDA raises it; there is no GPU here):
+    the job is requeued at once with gradient checkpointing on, without using up an attempt, the
+    state saved with the heavier settings is discarded, and the retry trains to the end."""
+    import torch
+
+    from lorafactory.fleet.worker import run_job
+    from lorafactory.train import trainer
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    db = f"sqlite:///{ws / 'lorafactory.db'}"
+    queue = JobQueue(Store(db))
+    real_step, calls = trainer._Run.step, []
+
+    def step_until_memory_runs_out(self):
+        calls.append(1)
+        if len(calls) == 12:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self)
+
+    with replay_for(kit) as replay:
+        job = queue.add("akane_hoshino", "Akane Hoshino", _layers(demo_settings(kit, replay.url)), until="train")
+        dataset = run_job(str(ws), db, queue.claim("me", 60), "me", 60)
+    assert (dataset.status, dataset.next_phase) == ("queued", "model")
+    monkeypatch.setattr(trainer._Run, "step", step_until_memory_runs_out)
+    failed = run_job(str(ws), db, queue.claim("me", 60), "me", 60)
+    assert failed.status == "queued" and "out of GPU memory in train" in failed.error
+    row = queue.jobs()[0]
+    assert row.settings["train"]["gradient_checkpointing"] is True and row.attempts == 0
+    assert not (ws / "akane_hoshino" / "train.partial").exists()
+    done = run_job(str(ws), db, queue.claim("me", 60), "me", 60)
+    assert done.status == "done" and queue.jobs()[0].id == job
+    train = json.loads((ws / "akane_hoshino" / "train" / "manifest.json").read_text())
+    assert train["counts"]["steps"] == 30
+    assert tomllib.loads((ws / "akane_hoshino" / "config.toml").read_text())["train"]["gradient_checkpointing"]

@@ -133,3 +133,63 @@ def test_fleet_status_counts_and_eta(tmp_path):
     assert summary["eta_hours"] == 24.0  # 2 waiting at 2 a day
     shown = CliRunner().invoke(app, ["fleet", "status", "--workspace", str(tmp_path / "ws")])
     assert shown.exit_code == 0 and "running on hostB" in shown.output and "24.0 h" in shown.output
+
+
+def test_jobs_go_phase_by_phase_each_claimed_by_its_kind_of_worker(state_url):
+    from lorafactory.fleet.phases import CPU_PHASES, GPU_PHASES
+
+    queue = JobQueue(Store(state_url))
+    job = queue.add("a", "A", {"x": 1})
+    assert queue.claim("gpu", 60, GPU_PHASES) is None  # a new job builds its dataset first, on a CPU
+    dataset = queue.claim("cpu", 60, CPU_PHASES)
+    assert (dataset.id, dataset.phase) == (job, "dataset")
+    assert queue.renew(job, "cpu", 60, worker="node1:42")
+    assert queue.advance(job, "cpu", "model") and not queue.advance(job, "cpu", "model")  # not its lease any more
+    assert queue.waiting("model") == 1 and queue.claim("cpu", 60, CPU_PHASES) is None
+    model = queue.claim("gpu", 60, GPU_PHASES)
+    assert (model.phase, model.attempt) == ("model", 1)  # attempts count per phase
+    assert queue.summary()["running_per_phase"] == {"model": 1}
+    # an out-of-memory retry with lighter settings does not use up an attempt
+    assert queue.fail(job, "gpu", "out of GPU memory", transient=True, backoff=False, settings={"x": 2}) == "queued"
+    again = queue.claim("gpu", 60, GPU_PHASES)
+    assert (again.settings, again.attempt) == ({"x": 2}, 1)
+    assert queue.pending()
+    queue.finish(job, "gpu")
+    assert not queue.pending()
+
+
+def test_the_phases_a_job_goes_through():
+    from lorafactory.fleet.phases import BY_NAME, last_stage, next_phase
+
+    assert next_phase("dataset", "release") == "model" and next_phase("model", "release") == "release"
+    assert next_phase("release", "release") is None and next_phase("release", "publish") == "publish"
+    assert next_phase("dataset", "crawl") is None and last_stage(BY_NAME["dataset"], "crawl") == "crawl"
+    assert next_phase("dataset", "train") == "model" and last_stage(BY_NAME["model"], "train") == "train"
+    assert last_stage(BY_NAME["model"], "publish") == "evaluate" and next_phase("publish", "publish") is None
+
+
+def test_lighter_settings_after_running_out_of_gpu_memory():
+    import torch
+
+    from lorafactory.config import load_settings
+    from lorafactory.errors import StageError
+    from lorafactory.fleet.memory import lighter, merged, out_of_memory
+
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        except torch.cuda.OutOfMemoryError as oom:
+            raise StageError("out of GPU memory while training") from oom
+    except StageError as wrapped:
+        assert out_of_memory(wrapped)
+    assert not out_of_memory(StageError("no images"))
+    layers: dict = {"train": {"batch_size": 3, "gradient_accumulation": 2}, "evaluate": {"batch_size": 2}}
+    seen = []
+    while (layer := lighter(load_settings(base=layers), "train")) is not None:
+        layers = merged(layers, layer)
+        seen.append((layers["train"].get("gradient_checkpointing"), layers["train"]["batch_size"]))
+        t = layers["train"]
+        assert t["batch_size"] * t["gradient_accumulation"] >= 6  # each step still sees as many images
+    assert seen == [(True, 3), (True, 1)]
+    assert lighter(load_settings(base=layers), "evaluate") == {"evaluate": {"batch_size": 1}}
+    assert lighter(load_settings(base=merged(layers, {"evaluate": {"batch_size": 1}})), "evaluate") is None

@@ -632,3 +632,42 @@ def test_a_sidecar_in_another_encoding_is_refused_by_name(tmp_path):
     (tmp_path / "a.txt").write_bytes("caf\xe9, smile".encode("latin-1"))
     with pytest.raises(InputError, match=r"tag file .*a\.txt is not UTF-8 or UTF-16 text; save it as UTF-8"):
         sidecar_tags(tmp_path / "a.png")
+
+
+class _RecordingBudget:
+    """A shared budget as a fleet's actor keeps it, in this process: books starts, records the calls."""
+
+    def __init__(self) -> None:
+        from lorafactory.fleet.budget import SiteBudgets
+
+        self.books, self.calls = SiteBudgets(), []
+
+    async def reserve(self, site, interval):
+        self.calls.append(("reserve", site, interval))
+        return self.books.reserve(site, interval)
+
+    def pause(self, site, seconds):
+        self.calls.append(("pause", site, seconds))
+        self.books.pause(site, seconds)
+
+
+def test_a_shared_budget_books_every_request_and_hears_every_pause(tmp_path, kit):
+    budget = _RecordingBudget()
+    with _replay(kit, count=4) as replay:
+        replay.data_faults.append((429, {"Retry-After": "0.3"}, b"slow down"))
+        posts, _ = crawl(_settings(replay, rps=50), tmp_path, SilentProgress(), budget=budget)
+    reserved = [call for call in budget.calls if call[0] == "reserve"]
+    assert len(posts) == 4 and len(reserved) == len(replay.requests)  # every request went through the budget
+    assert {(site, interval) for _, site, interval in reserved} == {("danbooru", 1 / 50)}
+    assert ("pause", "danbooru", 0.3) in budget.calls  # the server's pause reaches every worker's budget
+
+
+def test_site_budgets_space_requests_and_pause_the_site():
+    from lorafactory.fleet.budget import SiteBudgets
+
+    books = SiteBudgets()
+    waits = [books.reserve("danbooru", 0.5) for _ in range(3)]
+    assert waits[0] == 0 and 0.45 < waits[1] <= 0.5 and 0.95 < waits[2] <= 1.0
+    assert books.reserve("gelbooru", 0.5) == 0  # every site has its own budget
+    books.pause("gelbooru", 5)
+    assert 4.9 < books.reserve("gelbooru", 0.5) <= 5
