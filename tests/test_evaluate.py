@@ -166,3 +166,30 @@ def test_no_loadable_checkpoint_gives_no_release(kit, trained, dataset, tmp_path
             "sd1",
         )
     assert not (tmp_path / "release" / f"{TRIGGER}.safetensors").exists()  # a broken file is never released
+
+
+def test_the_base_pipeline_stays_loaded_between_evaluations(kit, trained, dataset, tmp_path, monkeypatch):
+    """A second evaluation in the same process (the next character on a fleet's GPU worker, or a
+    quality-gate retrain) reuses the pipeline the first one loaded, and scores exactly the same."""
+    from lorafactory.evaluate import resident
+
+    settings, out, checkpoints = trained
+    loads = []
+
+    def counted_load(*args, **kwargs):
+        loads.append(args[0])
+        return load_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(resident, "load_pipeline", counted_load)
+    resident.forget()
+    two = {step: checkpoints[step] for step in (4, 8)}
+    tables = [
+        evaluate(settings, TRIGGER, dataset, out, two, {}, tmp_path / name, SilentProgress(), tmp_path / "cache").table
+        for name in ("first", "second")
+    ]
+    assert loads == [settings.train.base_model] and tables[0] == tables[1]
+    other = settings.model_copy(deep=True)
+    other.train.mixed_precision = "bf16"  # another dtype is another pipeline
+    with resident.base_pipeline(other.train.base_model, torch.bfloat16, "", torch.device("cpu")):
+        pass
+    assert len(loads) == 2

@@ -193,3 +193,30 @@ def test_lighter_settings_after_running_out_of_gpu_memory():
     assert seen == [(True, 3), (True, 1)]
     assert lighter(load_settings(base=layers), "evaluate") == {"evaluate": {"batch_size": 1}}
     assert lighter(load_settings(base=merged(layers, {"evaluate": {"batch_size": 1}})), "evaluate") is None
+
+
+def test_queue_add_copyright_queues_its_most_popular_characters(kit, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorafactory.cli import app
+    from lorafactory.testing.replay import DanbooruReplay, ReplayImage
+
+    images = sorted(kit.images.glob("main_*.png"))
+    tagged = {"surtr_(arknights)": 3, "texas_the_omertosa_(arknights)": 2, "w_(arknights)": 1, "hatsune_miku": 4}
+    items = [ReplayImage(images[i], ["1girl"], [tag]) for tag, n in tagged.items() for i in range(n)]
+    runner, ws = CliRunner(), ["--workspace", str(tmp_path / "ws")]
+    with DanbooruReplay(items) as replay:
+        site = ["--set", f'crawl.danbooru.base_url="{replay.url}"']
+        added = runner.invoke(app, ["queue", "add", "--copyright", "Arknights", "--top", "2", *site, *ws])
+        unknown = runner.invoke(app, ["queue", "add", "--copyright", "Blue Archive", *site, *ws])
+        elsewhere = runner.invoke(app, ["queue", "add", "--copyright", "arknights", "--site", "gelbooru", *ws])
+    assert added.exit_code == 0, added.output
+    assert "Surtr (Arknights) (3 posts on danbooru)" in added.output
+    store = Store(f"sqlite:///{tmp_path / 'ws' / 'lorafactory.db'}")
+    jobs = JobQueue(store).jobs()
+    assert [job.name for job in jobs] == ["Surtr (Arknights)", "Texas the Omertosa (Arknights)"]  # most posts first
+    texas = store.character_summary("texas_the_omertosa_arknights")
+    assert (texas["copyright"], texas["popularity"]) == ("Arknights", 2)
+    assert store.site_tag("danbooru", "Texas the Omertosa (Arknights)") == ("texas_the_omertosa_(arknights)", 2)
+    assert unknown.exit_code == 3 and "lists no character tagged *_(blue_archive)" in unknown.output
+    assert elsewhere.exit_code == 2 and "pass --site danbooru" in elsewhere.output

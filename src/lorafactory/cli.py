@@ -382,6 +382,13 @@ def _queue(workspace: Path, db: Optional[str]):
 def queue_add(
     names: Optional[List[str]] = typer.Argument(None, help="Character names."),
     file: Optional[Path] = typer.Option(None, "--file", help="A text file of names, one per line (# comments)."),
+    copyright_: Optional[str] = typer.Option(
+        None,
+        "--copyright",
+        help="Queue the characters of this game or show (its tag on the site), most popular first.",
+    ),
+    top: int = typer.Option(50, "--top", min=1, max=1000, help="With --copyright: how many characters."),
+    site: str = typer.Option("danbooru", "--site", help="With --copyright: the site whose tag data to read."),
     priority: int = typer.Option(0, "--priority", help="Higher runs first."),
     until: str = typer.Option(
         "release", "--until", help=f"Last stage to run: {', '.join(STEPS)} (publish: to release.publish_to)."
@@ -392,26 +399,41 @@ def queue_add(
     preset: Optional[str] = PresetOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Queue characters with the given settings (credentials stay out of the queue)."""
+    """Queue characters with the given settings (credentials stay out of the queue).
+
+    With --copyright, the site's most-posted characters of that game or show are queued in order of
+    popularity; each one's copyright, post count and site tag are recorded."""
+    from lorafactory.pipeline import trigger_for
+
     try:
-        wanted = list(names or [])
+        wanted = {name: None for name in names or []}
         if file is not None:
             lines = file.read_text(encoding="utf-8").splitlines()
-            wanted += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        if not wanted:
-            raise ConfigError("no characters to queue; pass names or --file names.txt")
+            wanted |= {line.strip(): None for line in lines if line.strip() and not line.lstrip().startswith("#")}
         if until not in STEPS:
             raise ConfigError(f"unknown stage {until!r}; stages are: {', '.join(STEPS)}")
+        if copyright_:
+            from lorafactory.sources.catalog import copyright_characters
+
+            listing = load_settings(config, preset, list(set_ or []))
+            wanted |= {entry.name: entry for entry in copyright_characters(listing, copyright_, top, site)}
+        if not wanted:
+            raise ConfigError("no characters to queue; pass names, --file names.txt or --copyright NAME")
         queue = _queue(workspace, db)
         added = []
-        for name in dict.fromkeys(wanted):
+        for name, entry in wanted.items():
             settings = load_settings(config, preset, [*(set_ or []), f"character.name={json.dumps(name)}"])
             layers = tomllib.loads(to_toml(settings))  # the effective settings, without credentials
-            added.append((name, queue.add(slugify(name), name, layers, priority, until)))
+            slug = slugify(name)
+            if entry is not None:  # known to the site: record it, and crawl under exactly its tag
+                queue.store.ensure_character(slug, name, trigger_for(settings), copyright_, entry.post_count)
+                queue.store.remember_site_tag(site, name, entry.tag, entry.post_count)
+            added.append((name, entry, queue.add(slug, name, layers, priority, until)))
     except USER_ERRORS as exc:
         _fail(exc)
-    for name, job_id in added:
-        out.print(f"queued [bold]{escape(name)}[/bold] as job {job_id}")
+    for name, entry, job_id in added:
+        posts = f" ({entry.post_count} posts on {site})" if entry is not None else ""
+        out.print(f"queued [bold]{escape(name)}[/bold]{posts} as job {job_id}")
 
 
 @queue_app.command("list")

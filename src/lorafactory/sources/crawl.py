@@ -107,7 +107,7 @@ SITES: dict[str, tuple[type, tuple[str, str]]] = {
 }
 
 
-def _credentials(site: str, configured) -> tuple[str, str] | None:
+def site_credentials(site: str, configured) -> tuple[str, str] | None:
     """The site's two credentials: the environment's variables, else the config's ``user``/``key``."""
     names = [f"LORAFACTORY_{site.upper()}_{part}" for part in SITES[site][1]]
     values = [os.environ.get(name) for name in names]
@@ -154,7 +154,7 @@ class _SiteCrawl:
     async def run_site(self, order: int, name: str, http: httpx.AsyncClient) -> None:
         c = self.settings.crawl
         site_settings = getattr(c, name)
-        auth = _credentials(name, site_settings)
+        auth = site_credentials(name, site_settings)
         headers = {}
         if name == "zerochan":  # Zerochan's rule: the User-Agent names the project and a Zerochan user
             if not site_settings.username:

@@ -77,6 +77,22 @@ class Danbooru:
             for tag in await self.client.get_json(f"{self.base_url}/tags.json", params)
         ]
 
+    async def characters_of(self, copyright_tag: str, top: int) -> list[tuple[str, int]]:
+        """The copyright's character tags with their post counts, most posts first (at most ``top``,
+        1000 at most). Danbooru qualifies a character's tag with its copyright (``surtr_(arknights)``),
+        so these are the character tags (category 4) named ``*_(<copyright>)``."""
+        params: dict[str, Any] = {
+            "search[name_matches]": f"*_({copyright_tag})",
+            "search[category]": 4,
+            "search[order]": "count",
+            "limit": min(top, 1000),
+        }
+        if self.auth:
+            params.update({"login": self.auth[0], "api_key": self.auth[1]})
+        found = await self.client.get_json(f"{self.base_url}/tags.json", params)
+        counted = [(tag["name"], int(tag.get("post_count") or 0)) for tag in found]
+        return sorted((item for item in counted if item[1] > 0), key=lambda item: -item[1])[:top]
+
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None:
         if raw.get("is_deleted") or raw.get("is_banned"):
             return None

@@ -112,15 +112,22 @@ class Store:
 
     # characters and runs -------------------------------------------------
 
-    def ensure_character(self, slug: str, name: str, trigger: str) -> int:
+    def ensure_character(
+        self, slug: str, name: str, trigger: str, copyright: str | None = None, popularity: int | None = None
+    ) -> int:
+        """The character's row, created or updated; ``copyright`` and ``popularity`` (the site's post
+        count) are recorded when given and kept otherwise."""
         with self.session() as session:
             character = session.execute(select(Character).where(Character.slug == slug)).scalar_one_or_none()
             if character is None:
                 character = Character(slug=slug, name=name, trigger=trigger, created_at=utcnow())
                 session.add(character)
-                session.flush()
-            else:
-                character.name, character.trigger = name, trigger
+            character.name, character.trigger = name, trigger
+            if copyright is not None:
+                character.copyright = copyright
+            if popularity is not None:
+                character.popularity = popularity
+            session.flush()
             return character.id
 
     def start_run(self, character_id: int, config_hash: str) -> int:
@@ -299,6 +306,8 @@ class Store:
                 "slug": character.slug,
                 "name": character.name,
                 "trigger": character.trigger,
+                "copyright": character.copyright,
+                "popularity": character.popularity,
                 "runs": len(runs),
                 "latest_run": None if latest is None else _run_dict(latest),
                 "checkpoints": [] if scored is None else [_checkpoint_dict(c) for c in scored.checkpoints],

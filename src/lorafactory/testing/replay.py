@@ -7,6 +7,7 @@ so tests can check rate limits; ``faults`` and ``data_faults`` inject error repl
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import mimetypes
@@ -158,9 +159,24 @@ def _json(data: object) -> Reply:
 
 class DanbooruReplay(Replay):
     """``/posts.json`` with ``tags``, ``limit`` and ``page`` (numbers, or ``b<id>`` keyset); 410 past the cap.
-    Also ``/autocomplete.json``, ``/tags.json`` and ``/wiki_pages.json`` (``other_names``: tag -> names)."""
+    Also ``/autocomplete.json``, ``/wiki_pages.json`` (``other_names``: tag -> names) and ``/tags.json``
+    (``search[name_comma]`` or ``search[name_matches]`` with ``*``, ``search[category]``, ``search[order]=count``,
+    ``limit``) over the character tags of the posts."""
 
     other_names: dict[str, list[str]] = {}
+
+    def _tags(self, query: dict[str, str]) -> list[dict]:
+        tags = [{"name": t, "post_count": n, "category": 4} for t, n in self.character_counts().items()]
+        if "search[name_comma]" in query:
+            tags = [t for t in tags if t["name"] in query["search[name_comma]"].split(",")]
+        if "search[name_matches]" in query:
+            pattern = query["search[name_matches]"].replace("[", "[[]")  # Danbooru's only wildcard is *
+            tags = [t for t in tags if fnmatch.fnmatchcase(t["name"], pattern.replace("?", "[?]"))]
+        if query.get("search[category]", "4") != "4":
+            tags = []
+        if query.get("search[order]") == "count":
+            tags.sort(key=lambda t: -t["post_count"])
+        return tags[: int(query.get("limit", "20"))]
 
     def api(self, path: str, query: dict[str, str]) -> Reply:
         if path == "/autocomplete.json":
@@ -184,14 +200,7 @@ class DanbooruReplay(Replay):
                 [{"title": tag, "other_names": names} for tag, names in self.other_names.items() if name in names]
             )
         if path == "/tags.json":
-            wanted = set(query.get("search[name_comma]", "").split(","))
-            return _json(
-                [
-                    {"name": t, "post_count": n, "category": 4}
-                    for t, n in self.character_counts().items()
-                    if t in wanted
-                ]
-            )
+            return _json(self._tags(query))
         if path != "/posts.json":
             return 404, b'{"success": false}'
         limit, page = int(query.get("limit", "20")), query.get("page", "1")
