@@ -35,3 +35,21 @@ def test_demo_command_produces_a_loadable_release(kit, tmp_path):
     pipe.load_lora_weights(str(release / "akane_hoshino_lora.safetensors"))
     pipe.load_textual_inversion(str(release / "embeddings" / "akane_hoshino.pt"), token="akane_hoshino")
     assert "akane_hoshino_1" in pipe.tokenizer.get_vocab()  # the tiny-demo preset trains 2 vectors
+
+
+@pytest.mark.slow
+def test_fleet_demo_runs_three_characters_through_a_local_ray_fleet(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB")}
+    env["COLUMNS"] = "200"
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafactory", "demo", "--fleet", "-w", str(tmp_path / "ws"), "--cache", str(KIT_ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for slug, name in (("akane_hoshino", "Akane Hoshino"), ("midori_kaze", "Midori Kaze"), ("sora_aoi", "Sora Aoi")):
+        assert f"{name} model → queued for release" in result.stdout
+        assert (tmp_path / "ws" / slug / "release" / "manifest.json").is_file()
+    assert "jobs done" in result.stdout and "│ 3" in result.stdout  # the fleet status table closes the demo

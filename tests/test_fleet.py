@@ -75,13 +75,13 @@ def test_the_fleet_runs_the_queue_and_bad_input_fails_only_its_job(kit, tmp_path
             kit, replay.url, 'crawl.source="local"', f'crawl.from_dir="{empty}"', 'character.name="Nobody"'
         )
         queue.add("nobody", "Nobody", _layers(bad), priority=1)
-        queue.add("akane_hoshino", good.character.name, _layers(good))
+        queue.add("akane_hoshino", good.character.name, _layers(good), until="prepare")  # the demo goes further
         report = run_fleet(ws, db, poll_s=0.5)
     jobs = {job.slug: job for job in queue.jobs()}
     assert report.counts["done"] == 1 and report.counts["failed"] == 1, report.outcomes
     assert jobs["akane_hoshino"].status == "done"
     assert jobs["nobody"].status == "failed" and "has no images" in jobs["nobody"].last_error
-    assert (ws / "akane_hoshino" / "release" / "manifest.json").is_file()
+    assert (ws / "akane_hoshino" / "prepare" / "manifest.json").is_file()
 
 
 def test_fleet_run_command(tmp_path, local_ray):

@@ -620,14 +620,17 @@ def demo(
         None, "--cache", help="Test-kit cache (default ~/.cache/lorafactory/testkit)."
     ),
     force: Optional[str] = ForceOpt,
+    fleet: bool = typer.Option(
+        False, "--fleet", help="Three synthetic characters through a local Ray fleet, then `fleet status`."
+    ),
 ) -> None:
     """Run the whole pipeline offline on tiny stand-in models and a synthetic character."""
-    from lorafactory.demo import DEMO_CHARACTER, default_cache, run_demo
+    from lorafactory.demo import DEMO_CHARACTER, default_cache, run_demo, run_fleet_demo
     from lorafactory.state import Store
 
     _setup_logging()
     err.print(
-        "[bold yellow]Demo:[/bold yellow] tiny random-initialised stand-in models and a synthetic character, on CPU. "
+        "[bold yellow]Demo:[/bold yellow] tiny random-initialised stand-in models and synthetic characters, on CPU. "
         "It exercises every real code path, but [bold]neither the images nor the metrics mean anything[/bold]."
     )
     try:
@@ -635,6 +638,14 @@ def demo(
             from lorafactory.demo import build_kit
 
             build_kit(cache or default_cache())
+        if fleet:
+            run_fleet_demo(workspace, cache or default_cache())
+            queue = _queue(workspace, None)
+            for job in queue.jobs():
+                release = Workspace(workspace).character(job.slug).artifact("release")
+                out.print(f"{escape(job.name)}: {job.status} — {release if job.status == 'done' else job.last_error}")
+            out.print(_fleet_table(queue.summary()))
+            return
         run_demo(workspace, cache or default_cache(), ["--force", force] if force else [])
         ws = Workspace(workspace)
         summary = Store(ws.default_db_url).character_summary(slugify(DEMO_CHARACTER))

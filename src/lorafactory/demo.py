@@ -16,6 +16,7 @@ from pathlib import Path
 from lorafactory.errors import StageError
 
 DEMO_CHARACTER = "Akane Hoshino"
+FLEET_CHARACTERS = ("Akane Hoshino", "Midori Kaze", "Sora Aoi")  # the fleet demo's queue
 SYNTHETIC_VERSION = "2"  # bump when the synthetic images change, so cached kits are rebuilt
 
 
@@ -75,29 +76,72 @@ def offline_env(kit: Kit) -> dict[str, str]:
     return env
 
 
+def _demo_settings(kit: Kit, url: str) -> list[str]:
+    """The command-line settings that point a run at the kit's stand-in models and the replay."""
+    return [
+        "--preset",
+        "tiny-demo",
+        "--set",
+        f'crawl.danbooru.base_url="{url}"',
+        "--set",
+        f'train.base_model="{kit.tiny_sd}"',
+        "--set",
+        f'evaluate.clip_model="{kit.tiny_clip}"',
+    ]
+
+
+def _lorafactory(kit: Kit, *args: str, what: str) -> None:
+    """A lorafactory command in a child process (offline environment set before any import)."""
+    result = subprocess.run([sys.executable, "-m", "lorafactory", *args], env=offline_env(kit), check=False)
+    if result.returncode != 0:
+        raise StageError(f"the demo's {what} failed (exit {result.returncode}); see the messages above")
+
+
 def run_demo(workspace: Path, cache: Path, extra_args: list[str] | None = None) -> None:
     kit = build_kit(cache)
     with replay_for(kit) as replay:
-        command = [
-            sys.executable,
-            "-m",
-            "lorafactory",
-            "run",
-            DEMO_CHARACTER,
-            "--site",
-            "danbooru",
-            "--workspace",
-            str(workspace),
-            "--preset",
-            "tiny-demo",
-            "--set",
-            f'crawl.danbooru.base_url="{replay.url}"',
-            "--set",
-            f'train.base_model="{kit.tiny_sd}"',
-            "--set",
-            f'evaluate.clip_model="{kit.tiny_clip}"',
-            *(extra_args or []),
-        ]
-        result = subprocess.run(command, env=offline_env(kit), check=False)
-    if result.returncode != 0:
-        raise StageError(f"the demo pipeline failed (exit {result.returncode}); see the messages above")
+        command = ["run", DEMO_CHARACTER, "--site", "danbooru", "--workspace", str(workspace)]
+        _lorafactory(kit, *command, *_demo_settings(kit, replay.url), *(extra_args or []), what="pipeline")
+
+
+def fleet_images(cache: Path) -> dict[str, Path]:
+    """A synthetic image folder per fleet demo character (each with its own look; file names start
+    with the character's, as a site's are unique), built once."""
+    from lorafactory.testing.synthetic import CHARACTERS, generate_dataset
+
+    folders = {}
+    for index, name in enumerate(FLEET_CHARACTERS):
+        slug = name.lower().replace(" ", "_")
+        folder = cache / "fleet-images" / slug
+        marker = folder / ".complete"
+        if not marker.is_file() or marker.read_text() != SYNTHETIC_VERSION:
+            shutil.rmtree(folder, ignore_errors=True)
+            character = next(c for c in CHARACTERS if c.name == name)
+            for image in generate_dataset(folder, character, count=16, seed=index, others=2):
+                (folder / image.filename).rename(folder / f"{slug}-{image.filename}")
+            marker.write_text(SYNTHETIC_VERSION)
+        folders[name] = folder
+    return folders
+
+
+def fleet_replay(cache: Path):
+    """One danbooru replay serving every fleet demo character's images under its own tag."""
+    from lorafactory.sources.danbooru import character_tag
+    from lorafactory.testing.replay import DanbooruReplay, ReplayImage
+
+    items = []
+    for name, folder in fleet_images(cache).items():
+        for path in sorted(folder.glob("*.*")):
+            if not path.name.startswith("."):
+                tag = "someone_else" if "-other_" in path.name else character_tag(name)
+                items.append(ReplayImage(path, ["1girl", "solo"], [tag]))
+    return DanbooruReplay(items)
+
+
+def run_fleet_demo(workspace: Path, cache: Path) -> None:
+    """Queue the three fleet demo characters and run them through a local Ray fleet."""
+    kit = build_kit(cache)
+    with fleet_replay(cache) as replay:
+        ws = ["--workspace", str(workspace)]
+        _lorafactory(kit, "queue", "add", *FLEET_CHARACTERS, *_demo_settings(kit, replay.url), *ws, what="queue")
+        _lorafactory(kit, "fleet", "run", *ws, what="fleet")
