@@ -45,7 +45,10 @@ WorkspaceOpt = typer.Option(
     help="Folder for all characters and the state db.",
 )
 DbOpt = typer.Option(
-    None, "--db", help="State database URL (default: SQLite in the workspace; postgresql://… for fleets)."
+    None,
+    "--db",
+    envvar="LORAFACTORY_DB",
+    help="State database URL (default: SQLite in the workspace; postgresql+psycopg://… for fleets).",
 )
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML settings file.")
 PresetOpt = typer.Option(None, "--preset", help=f"Named preset: {', '.join(PRESETS)}.")

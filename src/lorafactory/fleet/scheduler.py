@@ -82,7 +82,9 @@ def _connect(address: str | None, num_cpus: int | None, num_gpus: int | None):
     import ray
 
     if not ray.is_initialized():
-        if address:
+        if address and address.startswith("ray://"):  # Ray Client, from outside the cluster
+            ray.init(address=address)
+        elif address:
             ray.init(address=address, log_to_driver=False)
         else:  # always a fresh local Ray, never a cluster that happens to run on this machine
             ray.init(
