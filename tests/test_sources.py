@@ -671,3 +671,17 @@ def test_site_budgets_space_requests_and_pause_the_site():
     assert books.reserve("gelbooru", 0.5) == 0  # every site has its own budget
     books.pause("gelbooru", 5)
     assert 4.9 < books.reserve("gelbooru", 0.5) <= 5
+
+
+def test_an_unreachable_shared_budget_leaves_the_crawl_its_own_pace(tmp_path, kit):
+    class Gone:
+        async def reserve(self, site, interval):
+            raise ConnectionError("the budget's node is gone")
+
+        def pause(self, site, seconds):
+            raise ConnectionError("the budget's node is gone")
+
+    with _replay(kit, count=4) as replay:
+        posts, _ = crawl(_settings(replay, rps=8), tmp_path, SilentProgress(), budget=Gone())
+    starts = sorted(t for t, _ in replay.requests)
+    assert len(posts) == 4 and min(b - a for a, b in zip(starts, starts[1:])) >= 1 / 8 - 0.02

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-ACTOR_NAME = "lorafactory-site-budgets"
+ACTOR_NAME, NAMESPACE = "lorafactory-site-budgets", "lorafactory"
 
 
 class SiteBudgets:
@@ -43,6 +43,7 @@ class RayBudget:
 
 
 def fleet_budget(ray) -> RayBudget:
-    """The fleet's budget actor (created by the first driver that asks; shared by name)."""
-    actor = ray.remote(num_cpus=0)(SiteBudgets).options(name=ACTOR_NAME, get_if_exists=True).remote()
-    return RayBudget(actor)
+    """The cluster's budget actor: created by the first driver that asks, found by name by the others
+    and by a restarted driver; it lives as long as the cluster (detached), restarted if it dies."""
+    options = dict(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1)
+    return RayBudget(ray.remote(num_cpus=0)(SiteBudgets).options(**options).remote())

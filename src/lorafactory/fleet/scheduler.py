@@ -97,8 +97,11 @@ class PhaseRunner:
     """A resident worker for the GPU phase (one per GPU): its process, with the libraries it has
     imported and the evaluation pipeline it keeps (``evaluate.resident``), serves job after job."""
 
+    def __init__(self, job: Callable[..., Outcome]) -> None:
+        self.job = job
+
     def run(self, workspace_root: str, db_url: str, claim: Claim, owner: str, lease_s: float) -> Outcome:
-        return run_job(workspace_root, db_url, claim, owner, lease_s)
+        return self.job(workspace_root, db_url, claim, owner, lease_s)
 
 
 @dataclass
@@ -111,14 +114,14 @@ class Lanes:
     budget: object
 
 
-def _lanes(ray, gpus: int, cpus: int) -> Lanes:
+def _lanes(ray, gpus: int, cpus: int, job: Callable[..., Outcome] = run_job) -> Lanes:
     actor_cpus = 1 if cpus > 1 else 0  # a one-CPU machine keeps its CPU for the CPU phases
     runner = ray.remote(PhaseRunner).options(
         num_gpus=1 if gpus else 0, num_cpus=actor_cpus, max_restarts=-1, max_task_retries=0
     )
-    actors = [runner.remote() for _ in range(max(gpus, 1))]  # without GPUs, one runner trains on the CPU
+    actors = [runner.remote(job) for _ in range(max(gpus, 1))]  # without GPUs, one runner trains on the CPU
     cpu_slots = max(1, cpus - actor_cpus * len(actors))
-    task = ray.remote(run_job).options(num_cpus=1, num_gpus=0, max_retries=0)
+    task = ray.remote(job).options(num_cpus=1, num_gpus=0, max_retries=0)
     return Lanes(actors, cpu_slots, task, fleet_budget(ray))
 
 
@@ -133,18 +136,20 @@ def run_fleet(
     poll_s: float = 2.0,
     crawl_ahead: int | None = None,
     on_outcome: Callable[[Claim, Outcome], None] | None = None,
+    job: Callable[..., Outcome] = run_job,
 ) -> FleetReport:
     """Run queued jobs on Ray until the queue is empty (``until_empty``) or for ever.
 
     GPU phases (train, evaluate) run on one resident actor per GPU; CPU phases (crawl, prepare,
     release, publish) run as tasks on the CPUs left, at most ``crawl_ahead`` datasets (default: two
     per GPU, at least 4) waiting for a GPU at a time, so crawls stay just ahead of training.
+    ``job`` runs one claimed phase in a worker (``fleet.worker.run_job``; a benchmark passes its own).
     """
     ray = _connect(address, num_cpus, num_gpus)
     check_shared_workspace(ray, Path(workspace))
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    lanes = _lanes(ray, gpus, cpus)
+    lanes = _lanes(ray, gpus, cpus, job)
     ahead = crawl_ahead if crawl_ahead is not None else max(4, 2 * gpus)
     queue = JobQueue(Store(db_url))
     me = f"{socket.gethostname()}:{os.getpid()}"

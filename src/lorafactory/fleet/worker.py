@@ -15,8 +15,9 @@ import shutil
 import socket
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from lorafactory.config import Settings, load_settings
 from lorafactory.errors import ConfigError, InputError, QualityGateFailed
@@ -56,11 +57,24 @@ def _renew_until_stopped(queue: JobQueue, claim: Claim, owner: str, lease_s: flo
             return
 
 
+@lru_cache(maxsize=4)
+def _store(db_url: str) -> Store:
+    """One store (engine and connection pool) per database for the life of a worker process."""
+    return Store(db_url)
+
+
 def run_job(
-    workspace_root: str, db_url: str, claim: Claim, owner: str, lease_s: float, budget: SharedBudget | None = None
+    workspace_root: str,
+    db_url: str,
+    claim: Claim,
+    owner: str,
+    lease_s: float,
+    budget: SharedBudget | None = None,
+    run_phase: Callable[..., None] | None = None,
 ) -> Outcome:
-    """Run the claimed phase and record how it ended in the queue."""
-    store = Store(db_url)
+    """Run the claimed phase (with ``run_phase``, by default the pipeline's stages of that phase)
+    and record how it ended in the queue."""
+    store = _store(db_url)
     queue = JobQueue(store)
     if not queue.renew(claim.id, owner, lease_s, worker=worker_id()):  # cancelled, or reclaimed meanwhile
         return Outcome(claim.id, "lost", phase=claim.phase)
@@ -70,7 +84,7 @@ def run_job(
     settings: Settings | None = None
     try:
         settings = load_settings(base=claim.settings)
-        _run_phase(Workspace(Path(workspace_root)), store, settings, claim, budget)
+        (run_phase or _run_phase)(Workspace(Path(workspace_root)), store, settings, claim, budget)
     except Exception as exc:  # noqa: BLE001 - a worker survives any job; the queue decides on a retry
         return _record_failure(queue, store, Workspace(Path(workspace_root)), settings, claim, owner, exc)
     finally:

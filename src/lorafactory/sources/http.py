@@ -84,15 +84,25 @@ class RateLimit:
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
         if self.shared is not None:
-            self.shared.pause(self.site, seconds)
+            try:
+                self.shared.pause(self.site, seconds)
+            except Exception:  # noqa: BLE001 - this crawl's own pause holds regardless
+                log.warning("%s: could not pass the pause on to the shared request budget", self.site)
 
     async def __aenter__(self) -> None:
         await self._slots.acquire()
         try:
             if self.shared is not None:
-                delay = await self.shared.reserve(self.site, self.interval)
-                await asyncio.sleep(max(delay, self._paused_until - time.monotonic(), 0.0))
-                return
+                try:
+                    delay = await self.shared.reserve(self.site, self.interval)
+                except Exception as exc:  # noqa: BLE001 - whatever the budget's transport raises
+                    log.warning(
+                        "%s: the shared request budget is unreachable (%s); pacing this crawl alone", self.site, exc
+                    )
+                    self.shared = None
+                else:
+                    await asyncio.sleep(max(delay, self._paused_until - time.monotonic(), 0.0))
+                    return
             while True:
                 async with self._lock:
                     now = time.monotonic()
