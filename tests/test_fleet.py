@@ -183,6 +183,7 @@ def test_a_worker_killed_mid_training_loses_nothing(kit, tmp_path, local_ray):
     _trained_once_and_resumed(ws)
 
 
+@pytest.mark.slow
 def test_a_killed_driver_is_replaced_without_losing_or_repeating_work(kit, tmp_path):
     """SIGKILL to `fleet run` during training: a new driver reclaims the job once its lease runs out,
     training resumes from the saved state, and the other queued character is done too."""

@@ -182,7 +182,7 @@ def run_fleet(
             continue
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
         for ref in done:
-            job, owner, actor = in_flight.pop(ref)
+            claimed, owner, actor = in_flight.pop(ref)
             if actor is not None:
                 idle.append(actor)  # a dead actor restarts itself (max_restarts) and takes the next job
             try:
@@ -190,8 +190,8 @@ def run_fleet(
             except ray.exceptions.RayError as exc:  # the worker died: back to the queue at once (a job that
                 # keeps killing its workers runs out of attempts); the pipeline resumes what it had done
                 message = f"worker died: {exc.__class__.__name__}"
-                status = queue.fail(job.id, owner, message, transient=True, backoff=False)
-                outcome = Outcome(job.id, status, message, job.phase)
+                status = queue.fail(claimed.id, owner, message, transient=True, backoff=False)
+                outcome = Outcome(claimed.id, status, message, claimed.phase)
             report.outcomes.append(outcome)
             if on_outcome is not None:
-                on_outcome(job, outcome)
+                on_outcome(claimed, outcome)
