@@ -44,19 +44,6 @@ def one_run(ray, url: str, characters: int) -> tuple[float, float]:
     return wall, cpu
 
 
-def postgres_database(server) -> str:
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    engine = create_engine(server.url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return server.url.rsplit("/", 1)[0] + f"/{name}"
-
-
 def main(characters: int, repeats: int) -> None:
     import ray
 
@@ -73,7 +60,7 @@ def main(characters: int, repeats: int) -> None:
                 if backend == "sqlite":
                     url = f"sqlite:///{tempfile.mkdtemp(prefix='lorafactory-fleet-bench-')}/state.db"
                 else:
-                    url = postgres_database(server)
+                    url = server.new_database("bench")
                 wall, cpu = one_run(ray, url, characters)
                 results[backend].append((wall, cpu))
                 print(f"round {round_ + 1} {backend:10s} {wall:7.2f} s wall  {cpu:6.2f} s driver CPU", flush=True)

@@ -82,16 +82,7 @@ def postgres_server():
 @pytest.fixture
 def postgres_database(postgres_server):
     """A new, empty database on the session's PostgreSQL server; its SQLAlchemy URL."""
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(postgres_server.url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return postgres_server.url.rsplit("/", 1)[0] + f"/{name}"
+    return postgres_server.new_database()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -56,6 +56,11 @@ def test_an_expired_lease_is_claimed_again_then_quarantined(state_url):
     assert queue.claim("w", lease_s=60) is None  # two attempts died: set aside, not claimed a third time
     [record] = queue.jobs()
     assert record.status == "quarantined" and "quarantined" in record.last_error
+    crashing = queue.add("b", "B", {})  # a worker that dies outright (the driver sees it) ends the same way
+    for attempt in (1, 2):
+        assert queue.claim("w", 60).id == crashing
+        status = queue.fail(crashing, "w", "worker died: ActorDiedError", transient=True, backoff=False, crashed=True)
+        assert status == ("queued" if attempt == 1 else "quarantined")
 
 
 def test_retry_requeues_the_newest_ended_job_of_a_character_once(state_url):

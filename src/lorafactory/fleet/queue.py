@@ -158,11 +158,19 @@ class JobQueue:
         )
 
     def fail(
-        self, job_id: int, owner: str, error: str, transient: bool, backoff: bool = True, settings: dict | None = None
+        self,
+        job_id: int,
+        owner: str,
+        error: str,
+        transient: bool,
+        backoff: bool = True,
+        settings: dict | None = None,
+        crashed: bool = False,
     ) -> str:
         """Record a failure: a transient one requeues the job (after an exponential backoff, unless
         ``backoff`` is off; with new ``settings`` when given) while attempts remain; bad input, or the
-        last attempt, fails it for good. Returns the job's new status."""
+        last attempt, fails it for good, and a job whose worker ``crashed`` on every attempt is
+        quarantined. Returns the job's new status."""
         with self.store.session() as session:
             job = session.get(Job, job_id)
             retry = transient and job is not None and job.attempts < job.max_attempts
@@ -172,6 +180,9 @@ class JobQueue:
             values = dict(status="queued", not_before=utcnow() + timedelta(seconds=delay), lease_until=None)
             if settings is not None:  # a retry with other settings (lighter, after an out-of-memory) is a new try
                 values.update(settings=settings, attempts=Job.attempts - 1)
+        elif crashed and transient:
+            error = f"{error}; its worker died on every attempt (quarantined)"
+            values = dict(status="quarantined", finished_at=utcnow(), lease_until=None)
         else:
             values = dict(status="failed", finished_at=utcnow(), lease_until=None)
         closed = self._close(job_id, owner, last_error=error, lease_owner=None, **values)

@@ -190,7 +190,7 @@ def run_fleet(
             except ray.exceptions.RayError as exc:  # the worker died: back to the queue at once (a job that
                 # keeps killing its workers runs out of attempts); the pipeline resumes what it had done
                 message = f"worker died: {exc.__class__.__name__}"
-                status = queue.fail(claimed.id, owner, message, transient=True, backoff=False)
+                status = queue.fail(claimed.id, owner, message, transient=True, backoff=False, crashed=True)
                 outcome = Outcome(claimed.id, status, message, claimed.phase)
             report.outcomes.append(outcome)
             if on_outcome is not None:

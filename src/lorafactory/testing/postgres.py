@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 
@@ -62,6 +63,17 @@ class LocalPostgres:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"PostgreSQL did not start; see {self.root / 'log'}")
+
+    def new_database(self, prefix: str = "t") -> str:
+        """A new, empty database on this server; its SQLAlchemy URL."""
+        from sqlalchemy import create_engine, text
+
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        engine = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def __exit__(self, *_exc: object) -> None:
         try:
