@@ -24,9 +24,12 @@ def extract_features(
 
 
 def differences(a: np.ndarray, b: np.ndarray, model_name: str) -> np.ndarray:
-    """[len(a), len(b)] CCIP differences (smaller = more likely the same character)."""
+    """[len(a), len(b)] CCIP differences (smaller = more likely the same character); ``b is a``
+    computes the square matrix once."""
     from imgutils.metrics import ccip_batch_differences
 
+    if b is a:
+        return np.asarray(ccip_batch_differences(list(a), model=model_name))
     both = np.concatenate([a, b])
     matrix = np.asarray(ccip_batch_differences(list(both), model=model_name))
     return matrix[: len(a), len(a) :]
