@@ -1,0 +1,67 @@
+"""Names for character clusters, from small reference sets of candidate characters.
+
+A cluster's score for a candidate is the share of (crop, reference image) pairs CCIP judges the
+same character. Clusters and candidates are matched one-to-one by the best total score (the
+assignment problem); a cluster left over may still take a name already given when it scores as
+well (one character's clusters in two outfits). A name is given only when its score reaches
+``accept`` and beats the runner-up by ``margin``: an unnamed cluster is better than a wrong name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+Difference = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+ACCEPT, MARGIN = 0.6, 0.2
+
+
+@dataclass(frozen=True)
+class ClusterName:
+    cluster: int
+    name: str | None  # None: unknown
+    score: float  # the share of pairs judged the same character, for the best candidate
+    runner_up: float  # the same for the second best (0 when there is only one candidate)
+
+
+def scores(
+    clusters: Sequence[np.ndarray], references: Mapping[str, np.ndarray], difference: Difference, threshold: float
+) -> np.ndarray:
+    """[clusters, candidates] share of crop × reference pairs whose difference is ≤ ``threshold``."""
+    table = np.zeros((len(clusters), len(references)))
+    for j, features in enumerate(references.values()):
+        for i, crops in enumerate(clusters):
+            table[i, j] = float((np.asarray(difference(crops, features)) <= threshold).mean())
+    return table
+
+
+def name_clusters(
+    clusters: Sequence[np.ndarray],
+    references: Mapping[str, np.ndarray],
+    difference: Difference,
+    threshold: float,
+    accept: float = ACCEPT,
+    margin: float = MARGIN,
+) -> list[ClusterName]:
+    """A name (or None) for each cluster, given as the features of a sample of its crops."""
+    from scipy.optimize import linear_sum_assignment
+
+    names = list(references)
+    if not names or not clusters:
+        return [ClusterName(i, None, 0.0, 0.0) for i in range(len(clusters))]
+    table = scores(clusters, references, difference, threshold)
+    ranked = np.sort(table, axis=1)[:, ::-1]
+    best, second = ranked[:, 0], (ranked[:, 1] if len(names) > 1 else np.zeros(len(clusters)))
+    confident = (best >= accept) & (best - second >= margin)
+    chosen: dict[int, str] = {}
+    rows, cols = linear_sum_assignment(-table)
+    for i, j in zip(rows, cols):
+        if confident[i] and table[i, j] == best[i]:
+            chosen[i] = names[j]
+    for i in np.flatnonzero(confident):  # another cluster of a character already named
+        if i not in chosen and names[int(table[i].argmax())] in chosen.values():
+            chosen[int(i)] = names[int(table[i].argmax())]
+    return [ClusterName(i, chosen.get(i), float(best[i]), float(second[i])) for i in range(len(clusters))]
