@@ -1,0 +1,64 @@
+"""Frames sampled per shot from synthetic episodes encoded with PyAV."""
+
+import pytest
+
+from lorafactory.sources.episodes import EpisodeError, Sampling, sample_frames
+from lorafactory.testing.episodes import Shot, write_episode
+
+SHOTS = [
+    Shot(2.0, (40, 90, 160), (0,)),
+    Shot(0.8, (200, 180, 60), (1,)),
+    Shot(1.5, (10, 10, 10), (), dark=True),
+    Shot(4.0, (90, 160, 90), (0, 2)),
+    Shot(1.0, (160, 60, 60), (3,)),
+]
+
+
+@pytest.fixture(scope="module")
+def episode(tmp_path_factory):
+    path = tmp_path_factory.mktemp("episode") / "episode_01.mp4"
+    return path, write_episode(path, SHOTS)
+
+
+def test_every_shot_is_found_and_sampled_a_few_times(episode):
+    path, starts = episode
+    frames = list(sample_frames(path))
+    shots = sorted({frame.shot for frame in frames})
+    first_frame_of = {shot: min(f.time for f in frames if f.shot == shot) for shot in shots}
+    # every lit shot gives frames, each shot's first frame a quarter second after its true start
+    lit = [start for start, shot in zip(starts, SHOTS) if not shot.dark]
+    assert len(shots) == len(lit)
+    for start, first in zip(lit, sorted(first_frame_of.values())):
+        assert start + 0.2 <= first <= start + 0.35
+    per_shot = [sum(1 for f in frames if f.shot == shot) for shot in shots]
+    assert per_shot == [2, 1, 3, 1]  # 2 s, 0.8 s, 4 s (capped at 3), 1 s
+    for shot in shots:
+        times = [f.time for f in frames if f.shot == shot]
+        assert all(later - earlier >= 0.5 for earlier, later in zip(times, times[1:]))
+    assert frames[0].image.size == (320, 180)
+
+
+def test_dark_frames_are_never_sampled(episode):
+    path, starts = episode
+    dark_start = starts[2]
+    assert not [f for f in sample_frames(path) if dark_start <= f.time < dark_start + SHOTS[2].seconds]
+
+
+def test_fewer_frames_per_shot_when_asked(episode):
+    path, _ = episode
+    assert len(list(sample_frames(path, Sampling(per_shot=1)))) == 4
+
+
+def test_a_file_that_is_not_a_video_is_reported(tmp_path):
+    bogus = tmp_path / "episode_02.mkv"
+    bogus.write_bytes(b"\x00" * 4096)
+    with pytest.raises(EpisodeError, match="episode_02.mkv: not a readable video"):
+        list(sample_frames(bogus))
+
+
+def test_a_truncated_episode_is_reported_not_fatal(episode, tmp_path):
+    path, _ = episode
+    cut = tmp_path / "episode_03.mp4"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the index (moov) is at the end
+    with pytest.raises(EpisodeError, match="episode_03.mp4"):
+        list(sample_frames(cut))
