@@ -269,3 +269,28 @@ def test_civitai_bad_key_and_the_command(civitai_char, demo_run, fake_civitai, m
         status["publications"][0]["url"].endswith(f"/models/{model['id']}")
         and status["publications"][0]["target"] == "civitai"
     )
+
+
+def test_a_fleet_job_queued_until_publish_publishes_its_release(demo_run, fake_hub, tmp_path):
+    """The fleet's publish phase (in-process here): the release goes to the Hub with the worker's
+    own HF_TOKEN, the publication is recorded, and the job is done."""
+    import shutil
+
+    from lorafactory.config import to_toml, tomllib
+    from lorafactory.fleet.queue import JobQueue
+    from lorafactory.fleet.worker import run_job
+    from lorafactory.state import Store
+
+    ws = tmp_path / "ws"
+    shutil.copytree(demo_run["workspace"].character("akane_hoshino").path, ws / "akane_hoshino")
+    db = f"sqlite:///{ws / 'lorafactory.db'}"
+    queue = JobQueue(Store(db))
+    settings = demo_run["settings"].model_copy(deep=True)
+    settings.release.publish_to, settings.release.hf_endpoint = ["huggingface"], fake_hub.url
+    job = queue.add("akane_hoshino", "Akane Hoshino", tomllib.loads(to_toml(settings)), until="publish")
+    assert queue.claim("me", 60).phase == "dataset"
+    queue.advance(job, "me", "publish")  # its earlier phases are done: the copied folder holds them
+    outcome = run_job(str(ws), db, queue.claim("me", 60), "me", 60)
+    assert (outcome.phase, outcome.status) == ("publish", "done"), outcome
+    assert "README.md" in fake_hub.repos["tester/akane_hoshino"].files
+    assert Store(db).character_summary("akane_hoshino")["publications"][0]["target"] == "huggingface"
