@@ -685,3 +685,14 @@ def test_an_unreachable_shared_budget_leaves_the_crawl_its_own_pace(tmp_path, ki
         posts, _ = crawl(_settings(replay, rps=8), tmp_path, SilentProgress(), budget=Gone())
     starts = sorted(t for t, _ in replay.requests)
     assert len(posts) == 4 and min(b - a for a, b in zip(starts, starts[1:])) >= 1 / 8 - 0.02
+
+
+def test_files_that_landed_before_a_kill_are_not_fetched_again(tmp_path, kit):
+    """A run killed between a file's landing and its archive record: the rerun checks the file
+    against the site's md5 and keeps it instead of downloading it again."""
+    with _replay(kit, count=4) as replay:
+        crawl(_settings(replay), tmp_path, SilentProgress(), MemoryArchive())
+        fetched = len(_downloads(replay))
+        posts, counts = crawl(_settings(replay), tmp_path, SilentProgress(), MemoryArchive())  # no records
+    assert fetched == 4 and len(_downloads(replay)) == 4  # nothing fetched twice
+    assert len(posts) == 4 and counts["from_archive"] == 4 and counts.get("downloaded", 0) == 0

@@ -232,6 +232,9 @@ class _SiteCrawl:
         if archived is not None and self._reuse(self.images_dir / archived["filename"]):
             post = Post.model_validate(archived)  # the copy already fetched, from whichever site
             self.counts["from_archive"] += 1
+        elif self._landed(self.images_dir / post.filename, candidate.md5):  # killed before it was recorded
+            self.archive.record(post)
+            self.counts["from_archive"] += 1
         else:
             target = self.images_dir / post.filename
             try:
@@ -255,6 +258,11 @@ class _SiteCrawl:
             self.counts["downloaded"] += 1
         self.kept.append((*order, post))
         self.on_item()
+
+    @staticmethod
+    def _landed(target: Path, md5: str) -> bool:
+        """A file a killed run had finished (downloads land whole, by rename), checked against the site's md5."""
+        return bool(md5) and target.is_file() and file_md5(target) == md5
 
     def _reuse(self, target: Path) -> bool:
         """An archived post's file, from this (resumed) folder or the previous finished crawl."""
