@@ -1,5 +1,6 @@
 """Frames sampled per shot from synthetic episodes encoded with PyAV."""
 
+import numpy as np
 import pytest
 
 from lorafactory.sources.episodes import EpisodeError, Sampling, sample_frames
@@ -62,3 +63,31 @@ def test_a_truncated_episode_is_reported_not_fatal(episode, tmp_path):
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the index (moov) is at the end
     with pytest.raises(EpisodeError, match="episode_03.mp4"):
         list(sample_frames(cut))
+
+
+def test_episodes_are_extracted_one_by_one_and_resume_after_a_kill(tmp_path):
+    """Two episodes and a broken one (stand-in models, set up by conftest): crops with CCIP features
+    per episode; the broken one is reported and skipped; a rerun after losing the second episode's
+    work redoes only that episode."""
+    from lorafactory.config import load_settings
+    from lorafactory.progress import SilentProgress
+    from lorafactory.sources.anime import DONE, FEATURES, extract_episodes
+
+    folder = tmp_path / "show"
+    folder.mkdir()
+    write_episode(folder / "ep01.mp4", SHOTS[:2])
+    write_episode(folder / "ep02.mp4", SHOTS[3:])
+    (folder / "ep03.mkv").write_bytes(b"\x00" * 4096)
+    settings = load_settings(preset="tiny-demo")
+    out = tmp_path / "extracted"
+    first = extract_episodes(folder, out, settings, SilentProgress())
+    assert first.done == ["ep01", "ep02"] and list(first.skipped) == ["ep03"]
+    assert "not a readable video" in first.skipped["ep03"]
+    features = np.load(out / "ep01" / FEATURES)
+    crops = (out / "ep01" / "crops.jsonl").read_text().splitlines()
+    assert features.shape == (len(crops), 768) and len(crops) >= 2
+    finished = (out / "ep01" / DONE).stat().st_mtime_ns
+    (out / "ep02" / DONE).unlink()  # killed before ep02's record was written
+    second = extract_episodes(folder, out, settings, SilentProgress())
+    assert second.resumed == ["ep01"] and second.done == ["ep02"] and list(second.skipped) == ["ep03"]
+    assert (out / "ep01" / DONE).stat().st_mtime_ns == finished  # not decoded again
