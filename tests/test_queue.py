@@ -176,9 +176,9 @@ def test_the_phases_a_job_goes_through():
 def test_lighter_settings_after_running_out_of_gpu_memory():
     import torch
 
-    from lorafactory.config import load_settings
+    from lorafactory.config import deep_merge, load_settings
     from lorafactory.errors import StageError
-    from lorafactory.fleet.memory import lighter, merged, out_of_memory
+    from lorafactory.fleet.memory import lighter, out_of_memory
 
     try:
         try:
@@ -191,13 +191,13 @@ def test_lighter_settings_after_running_out_of_gpu_memory():
     layers: dict = {"train": {"batch_size": 3, "gradient_accumulation": 2}, "evaluate": {"batch_size": 2}}
     seen = []
     while (layer := lighter(load_settings(base=layers), "train")) is not None:
-        layers = merged(layers, layer)
+        layers = deep_merge(layers, layer)
         seen.append((layers["train"].get("gradient_checkpointing"), layers["train"]["batch_size"]))
         t = layers["train"]
         assert t["batch_size"] * t["gradient_accumulation"] >= 6  # each step still sees as many images
     assert seen == [(True, 3), (True, 1)]
     assert lighter(load_settings(base=layers), "evaluate") == {"evaluate": {"batch_size": 1}}
-    assert lighter(load_settings(base=merged(layers, {"evaluate": {"batch_size": 1}})), "evaluate") is None
+    assert lighter(load_settings(base=deep_merge(layers, {"evaluate": {"batch_size": 1}})), "evaluate") is None
 
 
 def test_queue_add_copyright_queues_its_most_popular_characters(kit, tmp_path):

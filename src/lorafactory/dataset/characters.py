@@ -112,18 +112,13 @@ def cluster_characters(
     """Cluster crops by character; ``groups`` (e.g. the episode of each crop) keeps chunks apart."""
     features = np.asarray(features, dtype=np.float32)
     rng = np.random.default_rng(seed)
-    members: list[np.ndarray] = []
-    noise: list[np.ndarray] = []
-    for indices in _chunks(len(features), groups, chunk):
-        members, noise = _add_chunk(features, indices, difference, threshold, min_cluster, members, noise)
-        if on_chunk:
-            on_chunk(len(indices))
+    chunks = _chunks(len(features), groups, chunk)
+    members, noise = _cluster_chunks(features, chunks, difference, threshold, min_cluster, on_chunk)
     pool = np.concatenate(noise) if noise else np.zeros(0, dtype=np.int64)
-    noise = []  # a character with too few crops in any one chunk gathers in the pooled leftovers
-    for start in range(0, len(pool), chunk):
-        members, noise = _add_chunk(
-            features, pool[start : start + chunk], difference, threshold, min_cluster, members, noise
-        )
+    # a character with too few crops in any one chunk gathers in the pooled leftovers
+    pooled = [pool[start : start + chunk] for start in range(0, len(pool), chunk)]
+    more, noise = _cluster_chunks(features, pooled, difference, threshold, min_cluster)
+    members += more
     clusters = _Groups(members, rng, sample)
     _merge(features, clusters, difference, threshold, merge_ratio)
     roots = sorted({clusters.find(i) for i in range(len(members))}, key=lambda r: -len(clusters.members[r]))
@@ -140,12 +135,24 @@ def cluster_characters(
     return CharacterClusters(labels, [sizes[i] for i in order])
 
 
-def _add_chunk(features, indices, difference, threshold, min_cluster, members, noise):
-    labels = _cluster_chunk(features[indices], difference, threshold, min_cluster)
-    return (
-        members + [indices[labels == label] for label in np.unique(labels) if label >= 0],
-        noise + [indices[labels < 0]],
-    )
+def _cluster_chunks(
+    features: np.ndarray,
+    chunks: list[np.ndarray],
+    difference: Difference,
+    threshold: float,
+    min_cluster: int,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each chunk clustered on its own: the clusters' members, and each chunk's noise."""
+    members: list[np.ndarray] = []
+    noise: list[np.ndarray] = []
+    for indices in chunks:
+        labels = _cluster_chunk(features[indices], difference, threshold, min_cluster)
+        members += [indices[labels == label] for label in np.unique(labels) if label >= 0]
+        noise.append(indices[labels < 0])
+        if on_chunk:
+            on_chunk(len(indices))
+    return members, noise
 
 
 def _same_share(features: np.ndarray, a: np.ndarray, b: np.ndarray, difference: Difference, threshold: float) -> float:

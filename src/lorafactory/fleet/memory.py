@@ -43,11 +43,3 @@ def lighter(settings: Settings, stage: str) -> dict | None:
             }
         }
     return None
-
-
-def merged(layers: dict, layer: dict) -> dict:
-    """``layers`` (a job's settings) with ``layer``'s values set on top, section by section."""
-    result = {section: dict(values) if isinstance(values, dict) else values for section, values in layers.items()}
-    for section, values in layer.items():
-        result.setdefault(section, {}).update(values)
-    return result

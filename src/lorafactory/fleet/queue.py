@@ -135,18 +135,16 @@ class JobQueue:
         values: dict = {"lease_until": utcnow() + timedelta(seconds=lease_s)}
         if worker is not None:
             values["worker"] = worker
-        statement = (
-            update(Job).where(self._owned(job_id, owner)).values(**values).execution_options(synchronize_session=False)
-        )
-        with self.store.session() as session:
-            return session.execute(statement).rowcount == 1
+        return self._update_owned(job_id, owner, **values)
 
     def finish(self, job_id: int, owner: str) -> bool:
-        return self._close(job_id, owner, status="done", finished_at=utcnow(), lease_until=None, last_error=None)
+        return self._update_owned(
+            job_id, owner, status="done", finished_at=utcnow(), lease_until=None, last_error=None
+        )
 
     def advance(self, job_id: int, owner: str, phase: str) -> bool:
         """The job's current phase is done: queue it at once for ``phase``, with fresh attempts."""
-        return self._close(
+        return self._update_owned(
             job_id,
             owner,
             status="queued",
@@ -185,10 +183,11 @@ class JobQueue:
             values = dict(status="quarantined", finished_at=utcnow(), lease_until=None)
         else:
             values = dict(status="failed", finished_at=utcnow(), lease_until=None)
-        closed = self._close(job_id, owner, last_error=error, lease_owner=None, **values)
+        closed = self._update_owned(job_id, owner, last_error=error, lease_owner=None, **values)
         return values["status"] if closed else "lost"
 
-    def _close(self, job_id: int, owner: str, **values) -> bool:
+    def _update_owned(self, job_id: int, owner: str, **values) -> bool:
+        """Set ``values`` on the job while ``owner`` holds its lease; False when it no longer does."""
         statement = (
             update(Job).where(self._owned(job_id, owner)).values(**values).execution_options(synchronize_session=False)
         )

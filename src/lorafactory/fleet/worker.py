@@ -19,9 +19,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lorafactory.config import Settings, load_settings
+from lorafactory.config import Settings, deep_merge, load_settings
 from lorafactory.errors import ConfigError, InputError, QualityGateFailed
-from lorafactory.fleet.memory import lighter, merged, out_of_memory
+from lorafactory.fleet.memory import lighter, out_of_memory
 from lorafactory.fleet.phases import BY_NAME, last_stage, next_phase
 from lorafactory.fleet.queue import Claim, JobQueue
 from lorafactory.progress import SilentProgress
@@ -81,12 +81,13 @@ def run_job(
     stop = threading.Event()
     beat = threading.Thread(target=_renew_until_stopped, args=(queue, claim, owner, lease_s, stop), daemon=True)
     beat.start()
+    workspace = Workspace(Path(workspace_root))
     settings: Settings | None = None
     try:
         settings = load_settings(base=claim.settings)
-        (run_phase or _run_phase)(Workspace(Path(workspace_root)), store, settings, claim, budget)
+        (run_phase or _run_phase)(workspace, store, settings, claim, budget)
     except Exception as exc:  # noqa: BLE001 - a worker survives any job; the queue decides on a retry
-        return _record_failure(queue, store, Workspace(Path(workspace_root)), settings, claim, owner, exc)
+        return _record_failure(queue, store, workspace, settings, claim, owner, exc)
     finally:
         stop.set()
         beat.join()
@@ -146,7 +147,7 @@ def _record_failure(
         message = f"out of GPU memory in {stage}; retrying with {json.dumps(layer)}"
         log.warning("job %d: %s", claim.id, message)
         status = queue.fail(
-            claim.id, owner, message, transient=True, backoff=False, settings=merged(claim.settings, layer)
+            claim.id, owner, message, transient=True, backoff=False, settings=deep_merge(claim.settings, layer)
         )
         return Outcome(claim.id, status, message, claim.phase)
     return Outcome(claim.id, queue.fail(claim.id, owner, message, transient=True), message, claim.phase)
