@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lorafactory.sources.episodes import EpisodeError, Sampling, sample_frames
-from lorafactory.testing.episodes import Shot, write_episode
+from lorafactory.testing.episodes import BLUISH, REDDISH, Shot, write_episode
 
 SHOTS = [
     Shot(2.0, (40, 90, 160), (0,)),
@@ -75,8 +75,9 @@ def test_episodes_are_extracted_one_by_one_and_resume_after_a_kill(tmp_path):
 
     folder = tmp_path / "show"
     folder.mkdir()
-    write_episode(folder / "ep01.mp4", SHOTS[:2])
-    write_episode(folder / "ep02.mp4", SHOTS[3:])
+    light = [Shot(2.0, REDDISH[0], (0,)), Shot(1.5, BLUISH[0], (1, 2)), Shot(1.5, REDDISH[1], (3,))]
+    write_episode(folder / "ep01.mp4", light[:2])
+    write_episode(folder / "ep02.mp4", light[1:])
     (folder / "ep03.mkv").write_bytes(b"\x00" * 4096)
     settings = load_settings(preset="tiny-demo")
     out = tmp_path / "extracted"
@@ -85,7 +86,7 @@ def test_episodes_are_extracted_one_by_one_and_resume_after_a_kill(tmp_path):
     assert "not a readable video" in first.skipped["ep03"]
     features = np.load(out / "ep01" / FEATURES)
     crops = (out / "ep01" / "crops.jsonl").read_text().splitlines()
-    assert features.shape == (len(crops), 768) and len(crops) >= 2
+    assert features.shape == (len(crops), 768) and len(crops) == 2 * 1 + 2 * 2  # 2 frames of one, 2 of two characters
     finished = (out / "ep01" / DONE).stat().st_mtime_ns
     (out / "ep02" / DONE).unlink()  # killed before ep02's record was written
     second = extract_episodes(folder, out, settings, SilentProgress())

@@ -89,7 +89,9 @@ def _site(name: str):
 
 
 class CrawlSettings(Section):
-    source: Literal["local", "sites"] = "sites"
+    source: Literal["local", "sites", "anime"] = Field(
+        "sites", description="'anime': a character found in episodes by `lorafactory anime` (from_dir is its crops)."
+    )
     sites: list[SiteName] = Field(default_factory=lambda: ["danbooru"])
     from_dir: str = Field("", description="Folder of images for source = 'local'.")
     tags: list[str] = Field(
@@ -135,6 +137,7 @@ class VisionSettings(Section):
     classify_model: str = "mobilenetv3_v1.5_dist"
     ai_corrupt_model: str = "caformer_s36_v0_focal"
     aesthetic_model: str = "swinv2pv3_v0_448_ls0.2_x"
+    bangumi_model: str = "mobilenetv3_v0_dist"
 
 
 class PrepareSettings(Section):
@@ -376,6 +379,30 @@ class ReleaseSettings(Section):
     )
 
 
+class AnimeSettings(Section):
+    """Characters found in anime episodes (`lorafactory anime`): sampling, filters, clusters, names."""
+
+    frames_per_shot: int = Field(3, ge=1, description="Frames sampled from one shot at most.")
+    frame_gap_s: float = Field(1.0, ge=0.5, description="Seconds between frames sampled from one shot.")
+    duplicate_distance: float = Field(
+        3.0, ge=0, description="A frame this close to an earlier one of its episode is a near-duplicate (RMS, 0-255)."
+    )
+    recurring_distance: float = Field(
+        6.0, ge=0, description="Frames this close in different episodes are the same shot (openings, endings)."
+    )
+    recurring_episodes: int = Field(
+        2, ge=1, description="A shot seen in this many other episodes is dropped as an opening, ending or recap."
+    )
+    drop_low_detail: bool = Field(True, description="Drop crops imgutils' bangumi_char classes as 'vision'.")
+    keep_frames: int = Field(40, ge=0, description="Frames kept per episode for the regularization sets.")
+    min_cluster: int = Field(5, ge=2, description="Fewest crops that make a cluster.")
+    candidates: int = Field(30, ge=1, description="With --copyright: the most posted characters tried as names.")
+    references: int = Field(20, ge=1, description="Reference images crawled per candidate name.")
+    accept: float = Field(0.6, gt=0, le=1, description="Share of crop-reference pairs of one character to name it.")
+    margin: float = Field(0.2, ge=0, le=1, description="Lead over the runner-up name needed to name a cluster.")
+    min_crops: int = Field(10, ge=1, description="Crops a named character needs for a dataset.")
+
+
 class Settings(Section):
     preset: str = DEFAULT_PRESET
     character: CharacterSettings = Field(default_factory=CharacterSettings)
@@ -386,6 +413,7 @@ class Settings(Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     release: ReleaseSettings = Field(default_factory=ReleaseSettings)
+    anime: AnimeSettings = Field(default_factory=AnimeSettings)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -432,6 +460,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "release": {"preview_count": 4},
         "regularization": {"mode": "off", "limit": 20},
+        "anime": {"references": 8, "min_crops": 4, "keep_frames": 12},
     },
 }
 

@@ -3,11 +3,11 @@
 No n×n matrix is ever held: crops are clustered in chunks (an episode, or a slice of at most
 ``chunk`` crops) with HDBSCAN over that chunk's differences; each chunk cluster becomes a centroid
 (``centroid``: the mean of L2-normalised features at their mean length); the crops no chunk
-clustered are pooled and clustered once more (a minor character has too few crops in any one
-episode); then clusters whose
-centroids are close merge when enough of their cross pairs are the same character (the
-reference's hygiene: ``merge_ratio`` 0.85), and a leftover crop joins its nearest cluster when
-``join_ratio`` (0.90) of that cluster's members judge it the same. Members are sampled for those
+clustered are pooled and clustered once more, by DBSCAN at the model's threshold (a minor
+character has too few crops in any one episode); then clusters whose centroids are close merge
+when enough of their cross pairs are the same character (the reference's hygiene: ``merge_ratio``
+0.85), and a leftover crop joins its nearest cluster when ``join_ratio`` (0.90) of that cluster's
+members judge it the same. Members are sampled for those
 checks, so their cost does not grow with cluster size.
 
 ``difference(a, b)`` gives the [len(a), len(b)] CCIP differences (``vision.ccip.differences``
@@ -27,6 +27,7 @@ CHUNK = 2000  # crops clustered together at most (a 2,000² float64 matrix is 32
 MIN_CLUSTER = 5
 MERGE_RATIO, JOIN_RATIO = 0.85, 0.90
 SAMPLE = 32  # members compared per cluster in the merge and join checks
+DENSE_CORE = 3  # DBSCAN's min_samples (the point itself included) in the pooled pass
 NEAR = 2.0  # centroid pairs further apart than NEAR × threshold are never compared member by member
 
 
@@ -54,21 +55,31 @@ def _chunks(count: int, groups: Sequence[int] | None, chunk: int) -> list[np.nda
     return out
 
 
-def _cluster_chunk(features: np.ndarray, difference: Difference, threshold: float, min_cluster: int) -> np.ndarray:
-    """HDBSCAN labels for one chunk; a member that is the same character as fewer than half of its
-    cluster (HDBSCAN keeps outliers in a cluster's tree) becomes noise, for the join check to judge."""
-    from sklearn.cluster import HDBSCAN
+def _cluster_chunk(
+    features: np.ndarray, difference: Difference, threshold: float, min_cluster: int, dense: bool = False
+) -> np.ndarray:
+    """HDBSCAN labels for one chunk (``dense``: DBSCAN at the model's threshold, which, unlike HDBSCAN,
+    finds a chunk's only character, as pooled leftovers often hold). A member that is the same
+    character as fewer than half of the rest of its cluster becomes noise, for the pooled pass and
+    the join check (HDBSCAN keeps outliers in a cluster's tree, and may join two characters too
+    small to be clusters of their own); so does what is left of a cluster below ``min_cluster``."""
+    from sklearn.cluster import DBSCAN, HDBSCAN
 
     if len(features) < min_cluster:
         return np.full(len(features), -1)
     matrix = np.asarray(difference(features, features), dtype=np.float64)
     matrix = (matrix + matrix.T) / 2  # float rounding leaves the model's matrix slightly asymmetric
     np.fill_diagonal(matrix, 0.0)
-    labels = HDBSCAN(min_cluster_size=min_cluster, metric="precomputed", copy=True).fit(matrix).labels_
+    if dense:
+        labels = DBSCAN(eps=threshold, min_samples=DENSE_CORE, metric="precomputed").fit(matrix).labels_
+    else:
+        labels = HDBSCAN(min_cluster_size=min_cluster, metric="precomputed", copy=True).fit(matrix).labels_
     for label in np.unique(labels[labels >= 0]):
         members = np.flatnonzero(labels == label)
-        agree = (matrix[np.ix_(members, members)] <= threshold).mean(axis=1)
-        labels[members[agree < 0.5]] = -1
+        others = (matrix[np.ix_(members, members)] <= threshold).sum(axis=1) - 1  # not counting itself
+        labels[members[others < 0.5 * (len(members) - 1)]] = -1
+        if (labels == label).sum() < min_cluster:
+            labels[labels == label] = -1
     return labels
 
 
@@ -117,7 +128,7 @@ def cluster_characters(
     pool = np.concatenate(noise) if noise else np.zeros(0, dtype=np.int64)
     # a character with too few crops in any one chunk gathers in the pooled leftovers
     pooled = [pool[start : start + chunk] for start in range(0, len(pool), chunk)]
-    more, noise = _cluster_chunks(features, pooled, difference, threshold, min_cluster)
+    more, noise = _cluster_chunks(features, pooled, difference, threshold, min_cluster, dense=True)
     members += more
     clusters = _Groups(members, rng, sample)
     _merge(features, clusters, difference, threshold, merge_ratio)
@@ -142,12 +153,13 @@ def _cluster_chunks(
     threshold: float,
     min_cluster: int,
     on_chunk: Callable[[int], None] | None = None,
+    dense: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Each chunk clustered on its own: the clusters' members, and each chunk's noise."""
     members: list[np.ndarray] = []
     noise: list[np.ndarray] = []
     for indices in chunks:
-        labels = _cluster_chunk(features[indices], difference, threshold, min_cluster)
+        labels = _cluster_chunk(features[indices], difference, threshold, min_cluster, dense)
         members += [indices[labels == label] for label in np.unique(labels) if label >= 0]
         noise.append(indices[labels < 0])
         if on_chunk:

@@ -9,10 +9,14 @@ well (one character's clusters in two outfits). A name is given only when its sc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from lorafactory.config import tomllib
+from lorafactory.errors import InputError
 
 Difference = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -65,3 +69,60 @@ def name_clusters(
         if i not in chosen and names[int(table[i].argmax())] in chosen.values():
             chosen[int(i)] = names[int(table[i].argmax())]
     return [ClusterName(i, chosen.get(i), float(best[i]), float(second[i])) for i in range(len(clusters))]
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """A user's corrections, from a TOML file: ``[clusters]`` maps a cluster id to a name (two clusters
+    given one name merge into one character) or to ``false``/``""`` (no name: dropped); an optional
+    ``clustering`` key pins the clusters the file was written for."""
+
+    names: dict[int, str | None]
+    clustering: str | None = None
+
+
+def read_overrides(path: Path) -> Overrides:
+    """Parse and check an overrides file; a mistake is an ``InputError`` naming the fix."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML ({exc}); fix the line it names") from exc
+    unknown = set(data) - {"clusters", "clustering"}
+    if unknown:
+        raise InputError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; use [clusters] and clustering")
+    names: dict[int, str | None] = {}
+    for key, value in data.get("clusters", {}).items():
+        if not str(key).isdigit():
+            raise InputError(f"{path}: cluster {key!r} is not a cluster number; use the numbers `--list` shows")
+        if value is False or value == "":
+            names[int(key)] = None
+        elif isinstance(value, str) and value.strip():
+            names[int(key)] = value.strip()
+        else:
+            raise InputError(f"{path}: cluster {key} = {value!r}; give a name in quotes, or false to drop it")
+    clustering = data.get("clustering")
+    return Overrides(names, str(clustering) if clustering is not None else None)
+
+
+def apply_overrides(
+    named: list[ClusterName], overrides: Overrides, clustering: str, path: Path
+) -> list[tuple[ClusterName, str]]:
+    """Each cluster's final name with where it came from (``auto`` or ``names``)."""
+    if overrides.clustering is not None and overrides.clustering != clustering:
+        raise InputError(
+            f"{path} was written for clusters {overrides.clustering}, but the clusters are now {clustering} "
+            "(episodes changed); check `lorafactory anime SHOW --list` and update the file"
+        )
+    missing = sorted(set(overrides.names) - {c.cluster for c in named})
+    if missing:
+        raise InputError(
+            f"{path}: no cluster {', '.join(map(str, missing))} (clusters are 0–{len(named) - 1}); "
+            "see `lorafactory anime SHOW --list`"
+        )
+    out = []
+    for cluster in named:
+        if cluster.cluster in overrides.names:
+            out.append((replace(cluster, name=overrides.names[cluster.cluster]), "names"))
+        else:
+            out.append((cluster, "auto"))
+    return out

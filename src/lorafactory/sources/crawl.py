@@ -313,11 +313,17 @@ def crawl(
     c = settings.crawl
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    with progress.task(f"crawling {c.from_dir if c.source == 'local' else ', '.join(c.sites)}", total=c.limit) as task:
-        if c.source == "local":
+    where = c.from_dir if c.source in ("local", "anime") else ", ".join(c.sites)
+    with progress.task(f"crawling {where}", total=c.limit) as task:
+        if c.source == "anime" and not Path(c.from_dir or "").is_dir():
+            raise InputError(
+                f"the anime dataset of {settings.character.name!r} is gone ({c.from_dir or 'none set'}); "
+                "run `lorafactory anime SHOW` again to rebuild it"
+            )
+        if c.source in ("local", "anime"):
             if not c.from_dir:
                 raise InputError("crawl.source is 'local' but no folder was given; pass --from-dir DIR")
-            posts, counts = crawl_local(Path(c.from_dir), images_dir, c.limit, on_item=task.advance)
+            posts, counts = crawl_local(Path(c.from_dir), images_dir, c.limit, task.advance, c.source)
         else:
             state = _SiteCrawl(settings, images_dir, archive or MemoryArchive(), previous, task.advance, budget)
             asyncio.run(_crawl_sites(state))
@@ -326,7 +332,7 @@ def crawl(
     if not posts:
         where = (
             c.from_dir
-            if c.source == "local"
+            if c.source in ("local", "anime")
             else f"{', '.join(c.sites)} with tags {c.tags or [character_tag(settings.character.name)]}"
         )
         raise InputError(f"no usable images found in {where}; check the name, --site/--from-dir, or crawl.tags")

@@ -37,9 +37,10 @@ def sidecar_tags(image: Path) -> list[str]:
 
 
 def crawl_local(
-    folder: Path, images_dir: Path, limit: int, on_item: Callable[[], None] | None = None
+    folder: Path, images_dir: Path, limit: int, on_item: Callable[[], None] | None = None, site: str = "local"
 ) -> tuple[list[Post], dict[str, int]]:
-    """Copy readable images (deduplicated by md5) into ``images_dir``; returns posts and counts."""
+    """Copy readable images (deduplicated by md5) into ``images_dir``; returns posts and counts.
+    ``site`` labels the posts (``anime`` for a dataset built from episodes)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise InputError(f"image folder {folder} does not exist; pass an existing folder to --from-dir")
@@ -73,11 +74,11 @@ def crawl_local(
             counts["duplicate"] += 1
             continue
         seen.add(md5)
-        name = f"local_{len(posts):05d}{path.suffix.lower()}"
+        name = f"{site}_{len(posts):05d}{path.suffix.lower()}"
         shutil.copyfile(path, images_dir / name)
         posts.append(
             Post(
-                site="local",
+                site=site,
                 post_id=str(path.relative_to(folder)),
                 md5=md5,
                 filename=name,

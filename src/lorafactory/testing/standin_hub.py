@@ -27,9 +27,11 @@ from lorafactory.testing.onnx_graphs import (
     tensor,
 )
 
-BUILD_VERSION = "9"
+BUILD_VERSION = "13"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CCIP_THRESHOLD = 0.17847511429108218
+FIGURES = 4  # boxes a stand-in detector finds at most in one image
+MIN_CELLS = 3  # the narrowest figure it finds, in 8-pixel cells of its 640-pixel input
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
@@ -48,6 +50,7 @@ CLASSIFIERS = {
     ),
     "deepghs/anime_completeness": ("mobilenetv3_v2.2_dist", ["monochrome", "rough", "polished"], 384),
     "deepghs/anime_portrait": ("mobilenetv3_v0_dist", ["person", "halfbody", "head"], 384),
+    "deepghs/bangumi_char_type": ("mobilenetv3_v0_dist", ["vision", "imagery", "halfbody", "face"], 384),
     "deepghs/ai_image_corrupted": ("caformer_s36_v0_focal", ["corrupted", "normal"], 384),
     "deepghs/anime_aesthetic": (
         "swinv2pv3_v0_448_ls0.2_x",
@@ -88,25 +91,55 @@ def _json(path: Path, data: object) -> None:
 
 
 def _detector(label: str, band: tuple[float, float] | None) -> onnx.ModelProto:
-    """Boxes the non-white region; head/face/halfbody take a vertical band of it, as the characters are drawn.
+    """One box per figure: the non-white columns split into runs (figures side by side, with white
+    between them), each boxed over its own rows; head/face/halfbody take a vertical band of the box,
+    as the characters are drawn.
 
-    Output ``output0`` [1, 5, 8] (YOLOv8 layout, cx cy w h score): the real box, a shifted
-    duplicate that NMS must remove, a box below any default threshold, and empty slots.
+    Output ``output0`` [1, 5, 8] (YOLOv8 layout, cx cy w h score): up to ``FIGURES`` real boxes, a
+    shifted duplicate of the first that NMS must remove, a box below any default threshold, and
+    empty slots.
     """
     g = GraphBuilder()
+    cells = 80  # 640 / 8
     small = g.op("AveragePool", "images", kernel_shape=[8, 8], strides=[8, 8])  # [1,3,80,80]
     darkest = g.op("ReduceMin", small, axes=[1], keepdims=0)  # [1,80,80]
     mask = g.op("Cast", g.op("Less", darkest, g.const(0.9)), to=TensorProto.FLOAT)
-    rows = g.op("ReduceMax", mask, axes=[2], keepdims=0)  # [1,80]
-    cols = g.op("ReduceMax", mask, axes=[1], keepdims=0)
-    present = g.op("ReduceMax", rows, axes=[1], keepdims=0)  # [1]
+    raw = g.op("ReduceMax", mask, axes=[1], keepdims=1)  # [1,1,80]: the columns with some figure in them
+
+    def pool(x: str) -> str:
+        return g.op("MaxPool", x, kernel_shape=[3], pads=[1, 1])
+
+    closed = g.op("Neg", pool(g.op("Neg", pool(raw))))  # a one-cell gap inside a figure is no gap
+    cols = g.op("Reshape", closed, g.const([cells], np.int64))  # [80]
+    zero = g.const([0.0])
+    before = g.op("Slice", g.op("Concat", zero, cols, axis=0), g.const([0], np.int64), g.const([cells], np.int64))
+    after = g.op("Slice", g.op("Concat", cols, zero, axis=0), g.const([1], np.int64), g.const([cells + 1], np.int64))
+    order = g.const(np.arange(cells, 0, -1, dtype=np.float32))  # earlier columns rank higher
+
+    def first_runs(edges: str) -> tuple[str, str]:
+        """Values (> 0 where a run exists) and column indices of the first FIGURES run edges."""
+        values, indices = g.op("TopK", g.op("Mul", edges, order), g.const([FIGURES], np.int64), outputs=2)
+        return values, g.op("Cast", indices, to=TensorProto.FLOAT)
+
+    start_score, start = first_runs(g.op("Mul", cols, g.op("Sub", g.const(1.0), before)))
+    _, end = first_runs(g.op("Mul", cols, g.op("Sub", g.const(1.0), after)))
+    wide = g.op("GreaterOrEqual", g.op("Sub", end, start), g.const(float(MIN_CELLS - 1)))  # slivers are no figure
+    present = g.op("Cast", g.op("And", g.op("Greater", start_score, g.const(0.0)), wide), to=TensorProto.FLOAT)
+    column = g.const(np.arange(cells, dtype=np.float32).reshape(1, cells))
+    inside = g.op(
+        "Mul",
+        g.op("Cast", g.op("GreaterOrEqual", column, g.op("Unsqueeze", start, g.const([1], np.int64))), to=1),
+        g.op("Cast", g.op("LessOrEqual", column, g.op("Unsqueeze", end, g.const([1], np.int64))), to=1),
+    )  # [K,80]
+    per_figure = g.op("Mul", mask, g.op("Unsqueeze", inside, g.const([1], np.int64)))  # [K,80,80]
+    rows = g.op("ReduceMax", per_figure, axes=[2], keepdims=0)  # [K,80]
 
     def edge(line: str, last: int) -> str:
         index = g.op("ArgMax", line, axis=1, keepdims=0, select_last_index=last)
         return g.op("Mul", g.op("Cast", index, to=TensorProto.FLOAT), g.const(8.0))
 
     y0, y1 = edge(rows, 0), g.op("Add", edge(rows, 1), g.const(8.0))
-    x0, x1 = edge(cols, 0), g.op("Add", edge(cols, 1), g.const(8.0))
+    x0, x1 = g.op("Mul", start, g.const(8.0)), g.op("Mul", g.op("Add", end, g.const(1.0)), g.const(8.0))
     height = g.op("Sub", y1, y0)
     if band is not None:
         y0, y1 = (g.op("Add", y0, g.op("Mul", height, g.const(frac))) for frac in band)
@@ -117,19 +150,26 @@ def _detector(label: str, band: tuple[float, float] | None) -> onnx.ModelProto:
     cx = g.op("Mul", g.op("Add", x0, x1), g.const(0.5))
     cy = g.op("Mul", g.op("Add", y0, y1), g.const(0.5))
     w, h = g.op("Sub", x1, x0), g.op("Sub", y1, y0)
-    shift = g.op("Mul", w, g.const(0.03))
-
-    def column(*values: str) -> str:
-        return g.op("Reshape", g.op("Concat", *values, axis=0), g.const([1, 5, 1], np.int64))
-
     score = g.op("Mul", present, g.const(0.9))
-    candidates = [
-        column(cx, cy, w, h, score),
-        column(g.op("Add", cx, shift), cy, w, h, g.op("Mul", present, g.const(0.8))),
-        column(g.const([320.0]), g.const([320.0]), g.const([64.0]), g.const([64.0]), g.const([0.1])),
-    ]
-    candidates += [g.const(np.zeros((1, 5, 1)))] * 5  # 8 candidates in all: never 6 (the end-to-end layout)
-    g.op("Concat", *candidates, axis=2, out="output0")
+    boxes = g.op(
+        "Unsqueeze",
+        g.op("Concat", *(g.op("Unsqueeze", v, g.const([0], np.int64)) for v in (cx, cy, w, h, score)), axis=0),
+        g.const([0], np.int64),
+    )  # [1,5,K]
+    first = g.op("Slice", boxes, g.const([0], np.int64), g.const([1], np.int64), g.const([2], np.int64))  # [1,5,1]
+    shift = g.op(
+        "Mul",
+        g.op("Slice", first, g.const([2], np.int64), g.const([3], np.int64), g.const([1], np.int64)),
+        g.const(0.03),
+    )
+    duplicate = g.op(
+        "Mul",
+        g.op("Add", first, g.op("Mul", shift, g.const(np.array([1, 0, 0, 0, 0], np.float32).reshape(1, 5, 1)))),
+        g.const(np.array([1, 1, 1, 1, 0.8 / 0.9], np.float32).reshape(1, 5, 1)),
+    )
+    low = g.const(np.array([320.0, 320.0, 64.0, 64.0, 0.1], np.float32).reshape(1, 5, 1))
+    empty = g.const(np.zeros((1, 5, 8 - FIGURES - 2), np.float32))
+    g.op("Concat", boxes, duplicate, low, empty, axis=2, out="output0")  # 8 candidates: never 6 (end-to-end)
     return g.model(
         [tensor("images", [1, 3, 640, 640])],
         [tensor("output0", [1, 5, 8])],
@@ -251,7 +291,8 @@ def _selected_tags_csv(tags: list[tuple[str, int, np.ndarray, float, bool]]) -> 
 
 
 def _classifier(labels: list[str], size: int, seed: int) -> onnx.ModelProto:
-    """Softmax over labels; monochrome-like labels follow (low) saturation, the others colour mix."""
+    """Softmax over labels; monochrome-like labels follow (low) saturation, ``vision`` (a character
+    drawn without detail) follows how much of the figure one colour covers, the others colour mix."""
     g = GraphBuilder()
     rgb = g.op("Add", g.op("Mul", "input", g.const(0.5)), g.const(0.5))
     sat = saturation(g, rgb, pool=8)  # [N,1]
@@ -265,9 +306,20 @@ def _classifier(labels: list[str], size: int, seed: int) -> onnx.ModelProto:
             sat_weight[0, i], bias[i] = -40.0, 4.0
         elif label in ("normal", "illustration", "polished"):
             sat_weight[0, i], bias[i] = 40.0, -4.0
+    flat_weight = np.zeros((1, len(labels)), dtype=np.float32)
+    if "vision" in labels:
+        flat_weight[0, labels.index("vision")], bias[labels.index("vision")] = 80.0, -52.4
+    white = g.op("Gather", hist, g.const([PALETTE_NAMES.index("white")], np.int64), axis=1)  # [N,1]
+    colours = g.op("Gather", hist, g.const([i for i, n in enumerate(PALETTE_NAMES) if n != "white"], np.int64), axis=1)
+    share = g.op("Div", colours, g.op("Add", g.op("Sub", g.const(1.0), white), g.const(0.02)))  # of the figure
+    flat = g.op("ReduceMax", share, axes=[1], keepdims=1)  # [N,1]: near 1 for a one-colour figure
     logits = g.op(
         "Add",
-        g.op("Add", g.op("MatMul", hist, g.const(mix)), g.op("MatMul", sat, g.const(sat_weight))),
+        g.op(
+            "Add",
+            g.op("Add", g.op("MatMul", hist, g.const(mix)), g.op("MatMul", sat, g.const(sat_weight))),
+            g.op("MatMul", flat, g.const(flat_weight)),
+        ),
         g.const(bias),
         out="logits",
     )

@@ -18,3 +18,12 @@ def anime_class(image: Image.Image, model_name: str) -> tuple[str, float]:
 
     label, score = anime_classify(image, model_name=model_name)
     return str(label), float(score)
+
+
+def bangumi_char_class(image: Image.Image, model_name: str) -> tuple[str, float]:
+    """The most likely of ``vision, imagery, halfbody, face`` for a character cut from an anime frame;
+    ``vision`` marks a character drawn without facial detail (a background character)."""
+    from imgutils.validate import anime_bangumi_char
+
+    label, score = anime_bangumi_char(image, model_name=model_name)
+    return str(label), float(score)

@@ -1,0 +1,28 @@
+"""Contact sheets: a grid of a cluster's crops in one PNG, to see at a glance who a cluster is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageOps
+
+CELL = (128, 176)  # width, height of one crop's cell
+COLUMNS = 8
+
+
+def contact_sheet(images: Sequence[Path], out: Path, columns: int = COLUMNS) -> Path:
+    """Write the crops (each fitted into a cell, on white) as a grid at ``out``; returns ``out``."""
+    rows = max(1, -(-len(images) // columns))
+    sheet = Image.new("RGB", (CELL[0] * min(columns, max(len(images), 1)), CELL[1] * rows), "white")
+    for index, path in enumerate(images):
+        with Image.open(path) as image:
+            cell = ImageOps.contain(image.convert("RGB"), CELL)
+        x = (index % columns) * CELL[0] + (CELL[0] - cell.width) // 2
+        y = (index // columns) * CELL[1] + (CELL[1] - cell.height) // 2
+        sheet.paste(cell, (x, y))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    sheet.save(partial, format="PNG")
+    partial.replace(out)
+    return out

@@ -1,0 +1,111 @@
+"""Named characters' datasets and regularization sets from a show's clusters, and their settings.
+
+A character's dataset is her clusters' crops, spread evenly over the show up to ``crawl.limit``;
+her regularization set is kept frames of the show in which she does not appear (openings and
+endings excluded). Both are folders of hard links named by a digest of their content, so a
+changed dataset (a name corrected in names.toml) reaches her pipeline as changed settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from lorafactory.config import Settings, to_toml
+from lorafactory.progress import Progress
+from lorafactory.show.crops import ShowCrops, spread
+from lorafactory.show.layout import ShowDir, link_or_copy
+from lorafactory.sources.anime import KEPT
+from lorafactory.workspace import Workspace, slugify, write_bytes_atomic
+
+
+def _folder(parent: Path, slug: str, files: list[tuple[Path, str]]) -> Path:
+    """``parent/<slug>-<digest>`` holding ``files`` (source, name) as hard links; built once."""
+    digest = hashlib.sha256("\n".join(name for _, name in files).encode()).hexdigest()[:10]
+    folder = parent / f"{slug}-{digest}"
+    if not folder.is_dir():
+        partial = parent / f"{slug}-{digest}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for source, name in files:
+            link_or_copy(source, partial / name)
+        partial.rename(folder)
+    return folder
+
+
+def _free_frames(show: ShowDir, crops: ShowCrops, members: np.ndarray) -> list[tuple[Path, str]]:
+    """Kept frames without any crop of hers, outside recurring shots."""
+    hers = {(crops.episodes[e], f) for e, f in zip(crops.episode[members], crops.frame[members])}
+    out = []
+    for episode in crops.episodes:
+        table = np.load(show.episodes / episode / "frames.npz")
+        shot_of = dict(zip(table["index"].tolist(), table["shot"].tolist()))
+        for path in sorted((show.episodes / episode / KEPT).glob("*.jpg")):
+            index = int(path.stem)
+            if (episode, index) not in hers and shot_of.get(index) not in crops.recurring.get(episode, set()):
+                out.append((path, f"{episode}_{path.name}"))
+    return out
+
+
+def write_characters(
+    workspace: Workspace,
+    store,
+    settings: Settings,
+    show: ShowDir,
+    crops: ShowCrops,
+    labels: np.ndarray,
+    clusters: list[dict],
+    copyright: str | None,
+    progress: Progress,
+) -> list[dict]:
+    """Datasets, regularization sets and workspace settings of the named characters; their summaries."""
+    from lorafactory.pipeline import trigger_for
+
+    by_name: dict[str, list[int]] = {}
+    for cluster in clusters:
+        if cluster["name"]:
+            by_name.setdefault(cluster["name"], []).append(cluster["cluster"])
+    characters, used = [], set()
+    for name, ids in by_name.items():
+        members = np.flatnonzero(np.isin(labels, ids))
+        entry = {"name": name, "slug": slugify(name), "clusters": ids, "crops": len(members)}
+        if len(members) < settings.anime.min_crops:
+            entry["dataset"] = None
+            entry["reason"] = f"{len(members)} crops, fewer than anime.min_crops ({settings.anime.min_crops})"
+            characters.append(entry)
+            continue
+        chosen = spread(members, settings.crawl.limit)
+        files = [(crops.files[i], f"{crops.episodes[crops.episode[i]]}_{crops.files[i].name}") for i in chosen]
+        dataset = _folder(show.root / "datasets", entry["slug"], files)
+        frames = spread_list(_free_frames(show, crops, members), settings)
+        character = settings.model_copy(deep=True)
+        character.character.name = name
+        character.crawl.source, character.crawl.from_dir = "anime", str(dataset)
+        used.add(dataset)
+        regularization = None
+        if frames:
+            regularization = _folder(show.root / "regularization", entry["slug"], frames)
+            character.regularization.mode, character.regularization.from_dir = "on", str(regularization)
+            used.add(regularization)
+        char = workspace.character(entry["slug"])
+        char.path.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(char.config_path, to_toml(character).encode("utf-8"))
+        if store is not None:
+            store.ensure_character(entry["slug"], name, trigger_for(character), copyright)
+        entry.update(dataset=str(dataset), images=len(files), frames=len(frames))
+        entry["regularization"] = str(regularization) if regularization else None
+        characters.append(entry)
+        progress.note(f"{name}: {len(files)} crops from clusters {', '.join(map(str, ids))}")
+    for parent in (show.root / "datasets", show.root / "regularization"):  # what no name uses any more
+        for folder in parent.glob("*") if parent.is_dir() else []:
+            if folder not in used:
+                shutil.rmtree(folder, ignore_errors=True)
+    return characters
+
+
+def spread_list(frames: list[tuple[Path, str]], settings: Settings) -> list[tuple[Path, str]]:
+    """At most ``regularization.limit`` frames, evenly spread."""
+    return [frames[i] for i in spread(np.arange(len(frames)), settings.regularization.limit)]
