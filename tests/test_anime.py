@@ -26,6 +26,7 @@ from lorafactory.testing.synthetic import CHARACTERS
 from lorafactory.workspace import Workspace
 
 SHOW, COPYRIGHT = "Synthetic Show", "synthetic_show"
+pytestmark = pytest.mark.xdist_group("anime")  # one worker builds the show once
 NAMES = {str(i): f"{CHARACTERS[i].name} (Synthetic Show)" for i in range(3)}  # as the site's tags read
 
 
@@ -33,7 +34,7 @@ def _settings(url: str, *extra: str):
     return load_settings(preset="tiny-demo", overrides=[f'crawl.danbooru.base_url="{url}"', *extra])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, not module: a worker interleaves modules, and would build it again
 def show(tmp_path_factory):
     root = tmp_path_factory.mktemp("show")
     written = write_show(root / "episodes")
@@ -147,6 +148,8 @@ def test_names_toml_renames_merges_and_drops_without_extracting_again(show, tmp_
         f'clustering = "{manifest["clustering"]}"\n[clusters]\n'
         f'{unknown} = "Kiiro Hana"\n{by_name[NAMES["2"]]} = false\n'
     )
+    akane = workspace.character(next(c["slug"] for c in manifest["characters"] if c["name"] == NAMES["0"]))
+    akane.config_path.write_text(akane.config_path.read_text().replace("max_steps = 30", "max_steps = 77"))
     episode_done = (where.episodes / "ep01" / "done.json").stat().st_mtime_ns
     requests = len(show["replay"].requests)
     result = build_show(workspace, store, show["settings"], SHOW, SilentProgress())
@@ -157,6 +160,7 @@ def test_names_toml_renames_merges_and_drops_without_extracting_again(show, tmp_
     renamed = next(c for c in result.manifest["clusters"] if c["cluster"] == unknown)
     assert renamed["named_by"] == "names"
     assert not list((where.root / "datasets").glob("sora_aoi*"))  # the dropped one's dataset is gone
+    assert read_toml(akane.config_path)["train"]["max_steps"] == 77  # her own settings are kept
 
     where.names_path.write_text(f'[clusters]\n{unknown} = "{NAMES["0"]}"\n')  # merge into character 0
     merged = build_show(workspace, store, show["settings"], SHOW, SilentProgress())
@@ -171,7 +175,10 @@ def test_names_toml_renames_merges_and_drops_without_extracting_again(show, tmp_
         build_show(workspace, store, show["settings"], SHOW, SilentProgress())
 
 
-def test_list_shows_the_clusters_and_queue_adds_the_named(show, tmp_path):
+def test_list_shows_the_clusters_and_queue_adds_the_named(show, tmp_path, monkeypatch):
+    from lorafactory import cli
+
+    monkeypatch.setattr(cli.out, "width", 250)  # the table's long cells whole, whatever the terminal
     workspace = tmp_path / "ws"
     shutil.copytree(show["workspace"].root, workspace)
     runner = CliRunner()
@@ -187,5 +194,30 @@ def test_list_shows_the_clusters_and_queue_adds_the_named(show, tmp_path):
     )
     assert queued.exit_code == 0, queued.output
     assert queued.output.count("queued") == 3
+    status = runner.invoke(app, ["status", "--workspace", str(workspace)], env={"COLUMNS": "250"})
+    assert status.exit_code == 0, status.output
+    assert f"{SHOW} (anime): 3 episodes" in status.output and NAMES["1"] in status.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = runner.invoke(app, ["anime", "Another Show", "--episodes", str(empty), "--workspace", str(workspace)])
+    assert nothing.exit_code == 3 and "no video files" in nothing.output
     missing = runner.invoke(app, ["anime", "Another Show", "--list", "--workspace", str(workspace)])
     assert missing.exit_code != 0 and "--episodes DIR" in missing.output
+
+
+@pytest.mark.slow
+def test_a_named_character_trains_with_frames_of_the_show_as_regularization(show, kit):
+    """Her settings, as the anime command wrote them, run the usual pipeline: her crops are the
+    crawl, and frames of the show without her are the regularization set."""
+    from lorafactory.pipeline import run_pipeline
+
+    workspace, store = show["workspace"], show["store"]
+    character = next(c for c in show["result"].manifest["characters"] if c["name"] == NAMES["0"])
+    saved = read_toml(workspace.character(character["slug"]).config_path)
+    settings = load_settings(overrides=[f'train.base_model="{kit.tiny_sd}"', "train.max_steps=10"], base=saved)
+    outcome = run_pipeline(workspace, store, settings, SilentProgress(), until="train")
+    assert outcome.executed == ["crawl", "prepare", "train"]
+    char = workspace.character(character["slug"])
+    assert char.manifest("crawl").counts["kept"] == character["images"]
+    assert char.manifest("train").counts["regularization_images"] > 0
+    assert list(char.manifest("train").details["checkpoints"]) == ["10"]

@@ -92,3 +92,26 @@ def test_episodes_are_extracted_one_by_one_and_resume_after_a_kill(tmp_path):
     second = extract_episodes(folder, out, settings, SilentProgress())
     assert second.resumed == ["ep01"] and second.done == ["ep02"] and list(second.skipped) == ["ep03"]
     assert (out / "ep01" / DONE).stat().st_mtime_ns == finished  # not decoded again
+
+
+def test_a_shot_recurs_when_other_episodes_show_it():
+    """An opening in every episode recurs; a shot shown in only one other episode of four does not
+    (min_episodes=2); with two episodes, one other is enough; small noise still matches."""
+    from lorafactory.sources.recurring import recurring_frames, recurring_shots
+
+    rng = np.random.default_rng(0)
+    opening, flashback = rng.integers(0, 255, (2, 144)), rng.integers(0, 255, (1, 144))
+
+    def episode(*extra):
+        own = rng.integers(0, 255, (3, 144))
+        noisy = [np.clip(x + rng.integers(-2, 3, x.shape), 0, 255) for x in extra]
+        return np.concatenate([*noisy, own]).astype(np.uint8)
+
+    season = {"ep1": episode(opening, flashback), "ep2": episode(opening, flashback), "ep3": episode(opening)}
+    season["ep4"] = episode(opening)
+    found = recurring_frames(season, min_episodes=2, distance=6.0)
+    assert found["ep1"].tolist() == [True, True, False, False, False, False]  # the flashback: in one other only
+    assert found["ep3"].tolist() == [True, True, False, False, False]
+    pair = recurring_frames({"ep1": season["ep1"], "ep2": season["ep2"]}, min_episodes=2, distance=6.0)
+    assert pair["ep1"][:3].tolist() == [True, True, True]
+    assert recurring_shots(np.array([0, 0, 1, 2, 2, 3]), found["ep1"]) == {0}

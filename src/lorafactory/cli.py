@@ -295,6 +295,20 @@ def status(
         return
     for summary in report:
         _print_summary(summary)
+    if not name:
+        from lorafactory.show.layout import shows
+
+        for show in shows(ws):
+            _print_show_status(show.manifest())
+
+
+def _print_show_status(manifest: dict) -> None:
+    counts, characters = manifest["counts"], manifest["characters"]
+    named = ", ".join(escape(c["name"]) for c in characters if c["dataset"]) or "none yet"
+    out.print(
+        f"[bold]{escape(manifest['show'])}[/bold] (anime): {len(manifest['episodes'])} episodes, "
+        f"{counts.get('usable', 0)} crops in {counts.get('clusters', 0)} clusters; datasets: {named}"
+    )
 
 
 def _print_summary(summary: dict) -> None:
@@ -715,7 +729,9 @@ def _print_show(manifest: dict, names_path: Path) -> None:
             )
         else:
             out.print(f"  [yellow]{escape(character['name'])}[/yellow]: no dataset ({character['reason']})")
-    out.print(f'Correct names in {names_path} ([clusters] 3 = "Name", or false to drop), then run again.')
+    out.print(f'Correct a name in {names_path} (\\[clusters] 3 = "Name", or false to drop), then run again.')
+    if any(c["dataset"] for c in manifest["characters"]):
+        out.print("Train one: lorafactory run NAME; all of them: run again with --queue, then lorafactory fleet run.")
 
 
 @config_app.command("show")

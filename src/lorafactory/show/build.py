@@ -16,7 +16,7 @@ from lorafactory.show.crops import cluster_show, load_crops
 from lorafactory.show.datasets import write_characters
 from lorafactory.show.layout import show_dir
 from lorafactory.show.references import candidates, reference_features
-from lorafactory.sources.anime import Extraction, extract_episodes
+from lorafactory.sources.anime import VIDEO_SUFFIXES, Extraction, episode_files, extract_episodes
 from lorafactory.vision.ccip import default_threshold, differences
 from lorafactory.workspace import Workspace, write_bytes_atomic, write_json_atomic
 
@@ -57,6 +57,10 @@ def build_show(
     if episodes is not None:
         if not Path(episodes).is_dir():
             raise InputError(f"episode folder {episodes} does not exist; pass the folder of the show's video files")
+        if not episode_files(Path(episodes)):
+            raise InputError(
+                f"no video files in {episodes} ({', '.join(sorted(VIDEO_SUFFIXES))}); pass the folder of the episodes"
+            )
         extraction = extract_episodes(Path(episodes), show.episodes, settings, progress)
     crops = load_crops(show, settings)
     clustering, labels = cluster_show(show, crops, settings, progress)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafactory.config import Settings, to_toml
+from lorafactory.config import Settings, load_settings, read_toml, to_toml
 from lorafactory.progress import Progress
 from lorafactory.show.crops import ShowCrops, spread
 from lorafactory.show.layout import ShowDir, link_or_copy
@@ -81,7 +81,8 @@ def write_characters(
         files = [(crops.files[i], f"{crops.episodes[crops.episode[i]]}_{crops.files[i].name}") for i in chosen]
         dataset = _folder(show.root / "datasets", entry["slug"], files)
         frames = spread_list(_free_frames(show, crops, members), settings)
-        character = settings.model_copy(deep=True)
+        char = workspace.character(entry["slug"])
+        character = _settings_of(char.config_path, settings)
         character.character.name = name
         character.crawl.source, character.crawl.from_dir = "anime", str(dataset)
         used.add(dataset)
@@ -90,7 +91,8 @@ def write_characters(
             regularization = _folder(show.root / "regularization", entry["slug"], frames)
             character.regularization.mode, character.regularization.from_dir = "on", str(regularization)
             used.add(regularization)
-        char = workspace.character(entry["slug"])
+        elif Path(character.regularization.from_dir or "/").is_relative_to(show.root):  # an older set of ours
+            character.regularization.mode, character.regularization.from_dir = "auto", ""
         char.path.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(char.config_path, to_toml(character).encode("utf-8"))
         if store is not None:
@@ -98,12 +100,19 @@ def write_characters(
         entry.update(dataset=str(dataset), images=len(files), frames=len(frames))
         entry["regularization"] = str(regularization) if regularization else None
         characters.append(entry)
-        progress.note(f"{name}: {len(files)} crops from clusters {', '.join(map(str, ids))}")
+        progress.note(f"{name}: {len(files)} crops from cluster(s) {', '.join(map(str, ids))}")
     for parent in (show.root / "datasets", show.root / "regularization"):  # what no name uses any more
         for folder in parent.glob("*") if parent.is_dir() else []:
             if folder not in used:
                 shutil.rmtree(folder, ignore_errors=True)
     return characters
+
+
+def _settings_of(saved: Path, show_settings: Settings) -> Settings:
+    """Her saved settings when she has some (a user's changes to them are kept), else the show's."""
+    if saved.is_file():
+        return load_settings(base=read_toml(saved))
+    return show_settings.model_copy(deep=True)
 
 
 def spread_list(frames: list[tuple[Path, str]], settings: Settings) -> list[tuple[Path, str]]:
