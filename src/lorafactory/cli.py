@@ -677,6 +677,9 @@ def anime(
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]; run the same command again to resume at the unfinished episode")
         raise typer.Exit(130)
+    if result.extraction is not None:
+        done, resumed = result.extraction.done, result.extraction.resumed
+        out.print(f"extracted {len(done)} episode(s); {len(resumed)} already extracted were kept")
     _print_show(result.manifest, where.names_path)
     for name, job_id in queued:
         out.print(f"queued [bold]{escape(name)}[/bold] as job {job_id}")

@@ -7,8 +7,8 @@ clustered are pooled and clustered once more, by DBSCAN at the model's threshold
 character has too few crops in any one episode); then clusters whose centroids are close merge
 when enough of their cross pairs are the same character (the reference's hygiene: ``merge_ratio``
 0.85), and a leftover crop joins its nearest cluster when ``join_ratio`` (0.90) of that cluster's
-members judge it the same. Members are sampled for those
-checks, so their cost does not grow with cluster size.
+members judge it the same. Members are sampled for those checks, so their cost does not grow with
+cluster size.
 
 ``difference(a, b)`` gives the [len(a), len(b)] CCIP differences (``vision.ccip.differences``
 with the model bound); same character means difference ≤ ``threshold``.

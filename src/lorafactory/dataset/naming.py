@@ -116,7 +116,8 @@ def apply_overrides(
     missing = sorted(set(overrides.names) - {c.cluster for c in named})
     if missing:
         raise InputError(
-            f"{path}: no cluster {', '.join(map(str, missing))} (clusters are 0–{len(named) - 1}); "
+            f"{path}: no cluster {', '.join(map(str, missing))} "
+            f"({f'clusters are 0–{len(named) - 1}' if named else 'there are no clusters'}); "
             "see `lorafactory anime SHOW --list`"
         )
     out = []

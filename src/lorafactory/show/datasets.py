@@ -18,7 +18,7 @@ from lorafactory.config import Settings, load_settings, read_toml, to_toml
 from lorafactory.progress import Progress
 from lorafactory.show.crops import ShowCrops, spread
 from lorafactory.show.layout import ShowDir, link_or_copy
-from lorafactory.sources.anime import KEPT
+from lorafactory.sources.anime import FRAMES, KEPT
 from lorafactory.workspace import Workspace, slugify, write_bytes_atomic
 
 
@@ -41,7 +41,7 @@ def _free_frames(show: ShowDir, crops: ShowCrops, members: np.ndarray) -> list[t
     hers = {(crops.episodes[e], f) for e, f in zip(crops.episode[members], crops.frame[members])}
     out = []
     for episode in crops.episodes:
-        table = np.load(show.episodes / episode / "frames.npz")
+        table = np.load(show.episodes / episode / FRAMES)
         shot_of = dict(zip(table["index"].tolist(), table["shot"].tolist()))
         for path in sorted((show.episodes / episode / KEPT).glob("*.jpg")):
             index = int(path.stem)
@@ -80,7 +80,7 @@ def write_characters(
         chosen = spread(members, settings.crawl.limit)
         files = [(crops.files[i], f"{crops.episodes[crops.episode[i]]}_{crops.files[i].name}") for i in chosen]
         dataset = _folder(show.root / "datasets", entry["slug"], files)
-        frames = spread_list(_free_frames(show, crops, members), settings)
+        frames = _spread_frames(_free_frames(show, crops, members), settings)
         char = workspace.character(entry["slug"])
         character = _settings_of(char.config_path, settings)
         character.character.name = name
@@ -115,6 +115,6 @@ def _settings_of(saved: Path, show_settings: Settings) -> Settings:
     return show_settings.model_copy(deep=True)
 
 
-def spread_list(frames: list[tuple[Path, str]], settings: Settings) -> list[tuple[Path, str]]:
+def _spread_frames(frames: list[tuple[Path, str]], settings: Settings) -> list[tuple[Path, str]]:
     """At most ``regularization.limit`` frames, evenly spread."""
     return [frames[i] for i in spread(np.arange(len(frames)), settings.regularization.limit)]
