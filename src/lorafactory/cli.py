@@ -737,6 +737,43 @@ def _print_show(manifest: dict, names_path: Path) -> None:
         out.print("Train one: lorafactory run NAME; all of them: run again with --queue, then lorafactory fleet run.")
 
 
+@app.command()
+def report(
+    workspace: Path = WorkspaceOpt,
+    db: Optional[str] = DbOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the report (default <workspace>/report)."),
+    since: Optional[str] = typer.Option(
+        None, "--since", help="Only characters whose latest run began on or after this date (YYYY-MM-DD)."
+    ),
+    copyright_: Optional[str] = typer.Option(None, "--copyright", help="Only this game's or show's characters."),
+    source: Optional[str] = typer.Option(None, "--source", help="Only characters from web, anime or local images."),
+) -> None:
+    """The factory's analytics: dataset sizes, RecScore, overfitting, best steps, throughput, correlations.
+
+    Writes report.html (self-contained), the figures as PNG and the tables as CSV, from the state
+    store and the workspace only; prints the page's path."""
+    from datetime import datetime, timezone
+
+    from lorafactory.report.page import write_report
+    from lorafactory.state import Store
+
+    try:
+        ws = Workspace(workspace)
+        if db is None and not ws.root.is_dir():
+            raise LorafactoryError(f"workspace {ws.root} does not exist; pass --workspace or --db")
+        if source is not None and source not in ("web", "anime", "local"):
+            raise ConfigError(f"unknown --source {source!r}; use web, anime or local")
+        try:
+            start = datetime.fromisoformat(since).replace(tzinfo=timezone.utc) if since else None
+        except ValueError:
+            raise ConfigError(f"--since {since!r} is not a date; use YYYY-MM-DD") from None
+        store = Store(db or ws.default_db_url)
+        path = write_report(store, ws, out_dir or ws.root / "report", start, copyright_, source)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    out.print(str(path))
+
+
 @config_app.command("show")
 def config_show(
     name: Optional[str] = typer.Argument(None, help="Character whose saved settings to start from."),

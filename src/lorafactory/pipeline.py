@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "3"  # bump when a stage's output format changes, so old artifacts are rebuilt
 RESUMABLE = {"crawl", "train"}  # stages that continue an interrupted run from their unfinished folder
 GATE_FILE = "gate.json"  # the quality gate's retrain count for the character's current settings
+SOURCE_KINDS = {"sites": "web", "anime": "anime", "local": "local"}  # crawl.source -> the run's source kind
 
 _SECTIONS = {
     "crawl": ("character", "crawl"),
@@ -217,7 +218,7 @@ def run_pipeline(
 
         character_id = store.ensure_character(slug, settings.character.name, trigger)
         original = settings_hash(settings)
-        run_id = store.start_run(character_id, original)
+        run_id = store.start_run(character_id, original, SOURCE_KINDS[settings.crawl.source])
         executed: list[str] = []
         skipped: list[str] = []
         stages = STAGES[: STAGES.index(until) + 1]
@@ -332,8 +333,15 @@ def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> 
         details=result.details,
     )
     ctx.char.commit(stage, manifest)
-    store.finish_stage(stage_id, "succeeded", counts=result.counts)
+    store.finish_stage(stage_id, "succeeded", counts=result.counts, gpu_seconds=_gpu_seconds(result, manifest))
     progress.note(f"[green]{stage}: done[/green] in {manifest.timings['seconds']:.1f}s — {_summary(result.counts)}")
+
+
+def _gpu_seconds(result: StageOutput, manifest: Manifest) -> float | None:
+    """GPU time of a stage that ran on CUDA: its wall time × the GPUs it used (``None`` otherwise)."""
+    if not str(result.details.get("device", "")).startswith("cuda"):
+        return None
+    return round(manifest.timings["seconds"] * int(result.details.get("processes", 1)), 3)
 
 
 def _summary(counts: dict) -> str:

@@ -158,6 +158,7 @@ def evaluate(
     _write_tables(out_dir, table, intervals, selection)
     metrics_plot(table, intervals, METRICS, selection.kept, out_dir / "metrics_plot.png")
     details = {
+        "device": str(device),
         "selected_step": selection.best,
         "kept_steps": selection.kept,
         "reason": selection.reason,

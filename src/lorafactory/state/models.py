@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 7  # v5: character_locks; v6: jobs; v7: jobs.phase/worker, characters.copyright/popularity
+SCHEMA_VERSION = 8  # v5: character_locks; v6: jobs; v7: jobs.phase/worker, characters.copyright/popularity;
+# v8: runs.source, stage_executions.gpu_seconds
 
 
 class Base(DeclarativeBase):
@@ -59,6 +60,7 @@ class Run(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    source: Mapped[str | None] = mapped_column(String(20), nullable=True)  # web, anime or local
 
     character: Mapped[Character] = relationship(back_populates="runs")
     stages: Mapped[list[StageExecution]] = relationship(back_populates="run", order_by="StageExecution.id")
@@ -77,6 +79,7 @@ class StageExecution(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     counts: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # GPU time (seconds × GPUs), GPU stages
 
     run: Mapped[Run] = relationship(back_populates="stages")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import contextmanager
-from typing import Any, Iterator
+from datetime import datetime
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import create_engine, delete, event, inspect, select, text
 from sqlalchemy.engine import Engine
@@ -68,8 +69,10 @@ def _add_missing_columns(session: Session) -> None:
 class Store:
     """A handle on the state database at ``url`` (any SQLAlchemy URL)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, clock: Callable[[], datetime] = utcnow) -> None:
+        """``clock`` gives the times recorded (the current UTC time; tests pass a fake one)."""
         self.url = url
+        self.clock = clock
         try:
             self.engine: Engine = create_engine(url, future=True)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
@@ -120,7 +123,7 @@ class Store:
         with self.session() as session:
             character = session.execute(select(Character).where(Character.slug == slug)).scalar_one_or_none()
             if character is None:
-                character = Character(slug=slug, name=name, trigger=trigger, created_at=utcnow())
+                character = Character(slug=slug, name=name, trigger=trigger, created_at=self.clock())
                 session.add(character)
             character.name, character.trigger = name, trigger
             if copyright is not None:
@@ -130,16 +133,18 @@ class Store:
             session.flush()
             return character.id
 
-    def start_run(self, character_id: int, config_hash: str) -> int:
+    def start_run(self, character_id: int, config_hash: str, source: str | None = None) -> int:
+        """A new run of the character; ``source`` is the kind of its images: web, anime or local."""
         self._mark_dead_runs(character_id)
         with self.session() as session:
             run = Run(
                 character_id=character_id,
                 status="running",
                 config_hash=config_hash,
+                source=source,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                started_at=utcnow(),
+                started_at=self.clock(),
             )
             session.add(run)
             session.flush()
@@ -159,39 +164,45 @@ class Store:
             for run in running:
                 if (run.host, run.pid) not in (me, holder):
                     run.status = "interrupted"
-                    run.finished_at = run.finished_at or utcnow()
+                    run.finished_at = run.finished_at or self.clock()
                     for stage in run.stages:
                         if stage.status == "running":
                             stage.status = "interrupted"
-                            stage.finished_at = utcnow()
+                            stage.finished_at = self.clock()
 
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
         with self.session() as session:
             run = session.get(Run, run_id)
-            run.status, run.error, run.finished_at = status, _redacted(error), utcnow()
+            run.status, run.error, run.finished_at = status, _redacted(error), self.clock()
 
     # stages ----------------------------------------------------------------
 
     def start_stage(self, run_id: int, stage: str, fingerprint: str) -> int:
         with self.session() as session:
             record = StageExecution(
-                run_id=run_id, stage=stage, status="running", fingerprint=fingerprint, started_at=utcnow()
+                run_id=run_id, stage=stage, status="running", fingerprint=fingerprint, started_at=self.clock()
             )
             session.add(record)
             session.flush()
             return record.id
 
     def finish_stage(
-        self, stage_id: int, status: str, error: str | None = None, counts: dict[str, Any] | None = None
+        self,
+        stage_id: int,
+        status: str,
+        error: str | None = None,
+        counts: dict[str, Any] | None = None,
+        gpu_seconds: float | None = None,
     ) -> None:
         with self.session() as session:
             record = session.get(StageExecution, stage_id)
-            record.status, record.error, record.finished_at = status, _redacted(error), utcnow()
+            record.status, record.error, record.finished_at = status, _redacted(error), self.clock()
+            record.gpu_seconds = gpu_seconds
             if counts is not None:
                 record.counts = counts
 
     def record_skip(self, run_id: int, stage: str, fingerprint: str) -> None:
-        now = utcnow()
+        now = self.clock()
         with self.session() as session:
             session.add(
                 StageExecution(
@@ -249,7 +260,7 @@ class Store:
                         md5=md5,
                         filename=filename,
                         post=post,
-                        created_at=utcnow(),
+                        created_at=self.clock(),
                     )
                 )
 
@@ -266,7 +277,7 @@ class Store:
                 select(SiteTag).where(SiteTag.site == site, SiteTag.name == name)
             ).scalar_one_or_none()
             if row is None:
-                session.add(SiteTag(site=site, name=name, tag=tag, post_count=post_count, created_at=utcnow()))
+                session.add(SiteTag(site=site, name=name, tag=tag, post_count=post_count, created_at=self.clock()))
             else:
                 row.tag, row.post_count = tag, post_count
 
@@ -286,7 +297,7 @@ class Store:
                     release_fingerprint=release_fingerprint,
                     uploaded=uploaded,
                     unchanged=unchanged,
-                    published_at=utcnow(),
+                    published_at=self.clock(),
                 )
             )
 

@@ -261,6 +261,12 @@ class _Run:
             }
         return self.base.unet(noisy.to(self.dtype), timesteps, cond.hidden, added_cond_kwargs=added).sample
 
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps in one epoch (one pass over the repeated dataset, over all processes)."""
+        t = self.t
+        batches = len(batch_plan(self.examples, t.batch_size, random.Random(0), t.group_repeats))
+        return round(batches / (t.gradient_accumulation * self.collective.size), 3)
+
     def _micro_batch(self, compute: bool) -> torch.Tensor | None:
         """The next micro-batch's loss; with ``compute`` false only its random draws are made
         (another process computes it), so every process's RNGs stay in step."""
@@ -470,6 +476,7 @@ def train(
         "images": run.character_images,
         "validation_images": len(run.validation.examples),
         "steps": position.step,
+        "steps_per_epoch": run.steps_per_epoch(),
         "checkpoints": len(position.checkpoints),
     }
     details = {
