@@ -31,6 +31,9 @@ def test_demo_command_produces_a_loadable_release(kit, tmp_path):
         and (release / "metrics.csv").is_file()
     )
     assert all((step / "metrics.json").is_file() for step in (release / "steps").iterdir())
+    report = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")  # the demo's report, as printed
+    assert "Report:" in result.stdout and "1 character (everything in the store)" in report
+    assert "Akane Hoshino" in report and "../akane_hoshino/release/README.md" in report  # linked to its card
     pipe = load_pipeline(str(kit.tiny_sd))
     pipe.load_lora_weights(str(release / "akane_hoshino_lora.safetensors"))
     pipe.load_textual_inversion(str(release / "embeddings" / "akane_hoshino.pt"), token="akane_hoshino")
@@ -53,3 +56,5 @@ def test_fleet_demo_runs_three_characters_through_a_local_ray_fleet(tmp_path):
         assert f"{name} model → queued for release" in result.stdout
         assert (tmp_path / "ws" / slug / "release" / "manifest.json").is_file()
     assert "jobs done" in result.stdout and "│ 3" in result.stdout  # the fleet status table closes the demo
+    report = (tmp_path / "ws" / "report" / "report.html").read_text(encoding="utf-8")
+    assert "3 characters (everything in the store); 3 whose latest run succeeded" in report

@@ -45,6 +45,22 @@ def test_stopped_and_resumed_equals_straight_through(kit, dataset, tmp_path):
     assert straight.details["validation_loss"] == second.details["validation_loss"]
     log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
     assert log == list(range(1, 9))
+    _check_tensorboard(tmp_path / "resumed" / "tensorboard", steps=8, checkpoints=[4, 8])
+
+
+def _check_tensorboard(folder, steps: int, checkpoints: list[int]) -> None:
+    """The event files, read with TensorBoard's own reader: kohya's scalar names, every step once,
+    across the two sessions of a resumed run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "lr/embedding"} <= tags
+    for tag in ("loss/current", "loss/average", "lr/unet", "lr/textencoder"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, steps + 1)), tag
+    assert [e.step for e in events.Scalars("loss/validation/step_average")] == checkpoints
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # one per session
 
 
 def test_resuming_with_other_settings_is_refused(kit, dataset, tmp_path):

@@ -824,6 +824,7 @@ def demo(
                 release = Workspace(workspace).character(job.slug).artifact("release")
                 out.print(f"{escape(job.name)}: {job.status} — {release if job.status == 'done' else job.last_error}")
             out.print(_fleet_table(queue.summary()))
+            out.print(f"Report: [bold]{_demo_report(workspace)}[/bold]")
             return
         run_demo(workspace, cache or default_cache(), ["--force", force] if force else [])
         ws = Workspace(workspace)
@@ -836,4 +837,14 @@ def demo(
     for path in sorted(release_dir.rglob("*")):
         if path.is_file() and path.parent.name != "previews":
             out.print(f"  {path.relative_to(release_dir)}")
+    out.print(f"Report: [bold]{_demo_report(workspace)}[/bold]")
     out.print("[yellow]Reminder: stand-in models — the release shows the pipeline works, not a usable LoRA.[/yellow]")
+
+
+def _demo_report(workspace: Path) -> Path:
+    """The report of the demo's runs (`lorafactory report` on its workspace)."""
+    from lorafactory.report.page import write_report
+    from lorafactory.state import Store
+
+    ws = Workspace(workspace)
+    return write_report(Store(ws.default_db_url), ws, ws.root / "report")

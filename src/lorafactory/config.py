@@ -201,6 +201,7 @@ class TrainSettings(Section):
     prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularization images.")
     max_steps: int = Field(1500, ge=1, le=1_000_000)
     save_every: int = Field(100, ge=1)
+    tensorboard: bool = Field(True, description="Write TensorBoard event files (kohya's scalar names) in train/.")
     batch_size: int = Field(4, ge=1)
     seed: int = 42
     lora_rank: int = Field(8, ge=1)

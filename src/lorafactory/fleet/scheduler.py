@@ -103,6 +103,10 @@ class PhaseRunner:
     def run(self, workspace_root: str, db_url: str, claim: Claim, owner: str, lease_s: float) -> Outcome:
         return self.job(workspace_root, db_url, claim, owner, lease_s)
 
+    def ready(self) -> bool:
+        """Answers once the actor (restarted after a death) can take work."""
+        return True
+
 
 @dataclass
 class Lanes:
@@ -112,6 +116,20 @@ class Lanes:
     cpu_slots: int
     cpu_task: object
     budget: object
+
+
+def _recover(ray, recovering: dict, idle: list) -> None:
+    """Actors that answer again go back to work; one still restarting is asked again."""
+    if not recovering:
+        return
+    answered, _ = ray.wait(list(recovering), num_returns=len(recovering), timeout=0)
+    for ref in answered:
+        actor = recovering.pop(ref)
+        try:
+            ray.get(ref)
+            idle.append(actor)
+        except ray.exceptions.RayError:
+            recovering[actor.ready.remote()] = actor
 
 
 def _lanes(ray, gpus: int, cpus: int, job: Callable[..., Outcome] = run_job) -> Lanes:
@@ -155,6 +173,7 @@ def run_fleet(
     me = f"{socket.gethostname()}:{os.getpid()}"
     idle = list(lanes.actors)
     in_flight: dict = {}  # object ref -> (claim, owner, actor or None)
+    recovering: dict = {}  # ready() ref -> an actor whose last job killed it: no job until it answers
     report = FleetReport()
     claims = itertools.count()
 
@@ -164,6 +183,7 @@ def run_fleet(
         return None if found is None else (found, owner)
 
     while True:
+        _recover(ray, recovering, idle)
         while idle and (got := claim(GPU_PHASES)):
             actor = idle.pop()
             in_flight[actor.run.remote(str(workspace), db_url, *got, lease_s)] = (*got, actor)
@@ -178,17 +198,19 @@ def run_fleet(
         if not in_flight:
             if until_empty and not queue.pending():
                 return report
-            time.sleep(poll_s)  # jobs waiting out a backoff, or (with --forever) none yet
+            time.sleep(poll_s)  # jobs waiting out a backoff, an actor restarting, or (with --forever) none yet
             continue
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
         for ref in done:
             claimed, owner, actor = in_flight.pop(ref)
-            if actor is not None:
-                idle.append(actor)  # a dead actor restarts itself (max_restarts) and takes the next job
             try:
                 outcome = ray.get(ref)
+                if actor is not None:
+                    idle.append(actor)
             except ray.exceptions.RayError as exc:  # the worker died: back to the queue at once (a job that
                 # keeps killing its workers runs out of attempts); the pipeline resumes what it had done
+                if actor is not None:  # it restarts itself (max_restarts); no job for it until it answers
+                    recovering[actor.ready.remote()] = actor
                 message = f"worker died: {exc.__class__.__name__}"
                 status = queue.fail(claimed.id, owner, message, transient=True, backoff=False, crashed=True)
                 outcome = Outcome(claimed.id, status, message, claimed.phase)

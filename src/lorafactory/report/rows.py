@@ -29,7 +29,7 @@ class CharacterRow:
     recscore: float | None
     bikini: float | None
     bikini_plus: float | None
-    retrains: int  # quality-gate retrains in the latest run
+    retrains: int  # quality-gate retrains in the latest run that trained
     gpu_seconds: float  # over all its runs
     finished_at: datetime | None  # the latest successful run's end
 
@@ -90,7 +90,8 @@ def _row(character: Character) -> CharacterRow:
     crawl, prepare, train = (_latest_counts(runs, stage) for stage in ("crawl", "prepare", "train"))
     step, metrics = _chosen(runs)
     succeeded = [run for run in runs if run.status == "succeeded" and run.finished_at is not None]
-    trainings = sum(1 for execution in latest.stages if execution.stage == "train" and execution.status != "skipped")
+    trained = [[e for e in run.stages if e.stage == "train" and e.status != "skipped"] for run in runs]
+    trainings = next((len(executions) for executions in reversed(trained) if executions), 0)  # its latest training run
     return CharacterRow(
         slug=character.slug,
         name=character.name,

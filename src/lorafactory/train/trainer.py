@@ -43,6 +43,7 @@ from lorafactory.train.data import (
     read_metadata,
     split_validation,
 )
+from lorafactory.train.events import TrainEvents
 from lorafactory.train.model import load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
@@ -444,6 +445,10 @@ def train(
     try:
         with progress.task("training", total=t.max_steps) as task, ExitStack() as files:
             log_file = files.enter_context(log_path.open("a", encoding="utf-8")) if main else None
+            events = None
+            if main and t.tensorboard:
+                events = TrainEvents(out_dir, run.position.step, round(run.steps_per_epoch()))
+                files.callback(events.close)
             task.advance(run.position.step)
             while run.position.step < t.max_steps:
                 loss = run.step()
@@ -456,11 +461,18 @@ def train(
                         "t": round(time.monotonic() - started, 4),
                     }
                     log_file.write(json.dumps(record) + "\n")
+                if events:
+                    lrs = dict(zip((g["name"] for g in run.optimizer.param_groups), run.lr_scheduler.get_last_lr()))
+                    events.step(step, loss, lrs, run.position.epoch)
                 task.advance()
                 if step % t.save_every == 0 or step == t.max_steps:
                     if log_file:
                         log_file.flush()
                     run.checkpoint()
+                    if events:
+                        if step in run.position.validation:
+                            events.validation(step, run.position.validation[step]["mean"])
+                        events.flush()
                     if stop_after is not None and step >= stop_after and step < t.max_steps:
                         finished = False
                         break
