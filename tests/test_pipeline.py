@@ -38,6 +38,24 @@ def test_every_stage_has_a_manifest_with_counts(demo_run):
     assert set(prepare.details["ratios"]) == {"head", "halfbody", "dataset"}
 
 
+def test_the_run_records_her_source_kind_popularity_and_steps_per_epoch(demo_run):
+    """What reports read: the run's source kind, her post count on the site (the tag the crawl chose),
+    and the training's steps per epoch."""
+    from sqlalchemy import select
+
+    from lorafactory.sources.danbooru import character_tag
+    from lorafactory.state.models import Character, Run
+
+    store = demo_run["store"]
+    with store.session() as session:
+        character = session.execute(select(Character).where(Character.slug == "akane_hoshino")).scalar_one()
+        runs = session.execute(select(Run).where(Run.character_id == character.id)).scalars().all()
+        popularity, sources = character.popularity, {run.source for run in runs}
+    assert sources == {"web"}
+    assert popularity == demo_run["replay"].character_counts()[character_tag("Akane Hoshino")]
+    assert demo_run["workspace"].character("akane_hoshino").manifest("train").counts["steps_per_epoch"] > 0
+
+
 def test_cleaning_chain_removes_exactly_the_bad_images(demo_run):
     """The synthetic set has 24 good images, 3 greyscale copies, 2 near-duplicates and one image of
     another character mistagged as her: every filter is counted and removes exactly its kind."""

@@ -4,9 +4,12 @@ every chart's numbers against an independent computation on the same data."""
 from __future__ import annotations
 
 import csv
+import io
+import os
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from scipy.stats import spearmanr
@@ -207,3 +210,27 @@ def test_the_command_prints_the_page_and_rejects_bad_filters(seeded, tmp_path):
     assert bad.exit_code == 2 and "YYYY-MM-DD" in bad.output
     wrong = runner.invoke(app, ["report", *ws, "--source", "tv"])
     assert wrong.exit_code == 2 and "web, anime or local" in wrong.output
+
+
+def test_a_real_browser_shows_every_figure_with_the_network_off(seeded):
+    """Headless Chromium opens report.html from disk with no network: every image decodes, nothing is
+    fetched; the screenshot is kept in test-artifacts/ (or $LORAFACTORY_TEST_ARTIFACTS)."""
+    from PIL import Image
+
+    from lorafactory.testing.browser import Browser, chromium_binary
+
+    if chromium_binary() is None:
+        pytest.skip("Chromium not installed (apt-get install chromium; CI does)")
+    with Browser() as browser:
+        browser.open(seeded["path"])
+        images = browser.evaluate(
+            "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+        )
+        shot = browser.screenshot()
+    assert len(images) == 6 and all(complete and width > 0 and height > 0 for complete, width, height in images)
+    assert [url for url in browser.requests if not url.startswith(("file:", "data:"))] == []
+    artifacts = Path(os.environ.get("LORAFACTORY_TEST_ARTIFACTS", "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "report.png").write_bytes(shot)
+    with Image.open(io.BytesIO(shot)) as picture:
+        assert picture.width >= 1000 and picture.height > 2000  # the whole page, not one screen

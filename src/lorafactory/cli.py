@@ -771,7 +771,7 @@ def report(
         path = write_report(store, ws, out_dir or ws.root / "report", start, copyright_, source)
     except USER_ERRORS as exc:
         _fail(exc)
-    out.print(str(path))
+    typer.echo(str(path))  # the bare path, never wrapped, for scripts
 
 
 @config_app.command("show")

@@ -86,7 +86,19 @@ def _crawl(ctx: Context, out: Path) -> StageOutput:
     posts, counts = crawl(
         ctx.settings, out, ctx.progress, archive, previous if previous.is_dir() else None, ctx.site_budget
     )
+    _record_popularity(ctx)
     return StageOutput(counts, {"sites": sorted({p.site for p in posts})})
+
+
+def _record_popularity(ctx: Context) -> None:
+    """The post count of her tag on the first site that has one, as her popularity (for reports)."""
+    if ctx.settings.crawl.source != "sites":
+        return
+    for site in ctx.settings.crawl.sites:
+        found = ctx.store.site_tag(site, ctx.settings.character.name)
+        if found is not None:
+            ctx.store.ensure_character(ctx.char.slug, ctx.settings.character.name, ctx.trigger, popularity=found[1])
+            return
 
 
 def _prepare(ctx: Context, out: Path) -> StageOutput:

@@ -63,16 +63,29 @@ def dataset_sizes(rows: list[CharacterRow]) -> Chart:
         for kind in kinds
         for *_, label in SIZE_BINS
     ]
-    figure = Figure(figsize=(8, 3.6))
-    axes = figure.subplots()
+    figure = Figure(figsize=(12, 3.6))
+    axes, spread = figure.subplots(1, 2, width_ratios=(3, 2))
     width = 0.8 / max(len(kinds), 1)
     for index, kind in enumerate(kinds):
         heights = [counts[(kind, label)] for *_, label in SIZE_BINS]
         axes.bar(np.arange(len(SIZE_BINS)) + index * width, heights, width, label=kind)
-    axes.set_xticks(np.arange(len(SIZE_BINS)) + width * (len(kinds) - 1) / 2, [label for *_, label in SIZE_BINS])
+        sizes = [r.images for r in rows if r.source == kind and r.images]
+        if sizes:  # the distribution, on a log scale: one step line per kind
+            spread.hist(
+                sizes,
+                bins=np.geomspace(1, max(r.images for r in rows if r.images) + 1, 25),
+                histtype="step",
+                label=kind,
+            )
+    axes.set_xticks(
+        np.arange(len(SIZE_BINS)) + width * (len(kinds) - 1) / 2, [label for *_, label in SIZE_BINS], fontsize=8
+    )
     axes.set_ylabel("characters")
+    spread.set_xscale("log")
+    spread.set_xlabel("dataset images")
     if kinds:
         axes.legend()
+        spread.legend()
     figure.tight_layout()
     sized = [r.images for r in rows if r.images]
     parts = [

@@ -15,6 +15,8 @@ from lorafactory.report.charts import Chart, all_charts
 from lorafactory.report.rows import CharacterRow, read_rows
 from lorafactory.workspace import Workspace, write_bytes_atomic
 
+OPEN_ROWS = 24  # longer tables are folded under their figure
+
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
@@ -93,9 +95,12 @@ def _section(chart: Chart) -> str:
     if chart.png is not None:
         data = base64.b64encode(chart.png).decode("ascii")
         figure = f"<img alt='{escape(chart.title)}' src='data:image/png;base64,{data}'>"
+    table = _html_table(chart.table)
+    if len(chart.table) > OPEN_ROWS:  # a long table folds away (a native HTML element: no script)
+        table = f"<details><summary>the table ({len(chart.table)} rows)</summary>{table}</details>"
     return (
         f"<h2>{escape(chart.title)}</h2>{figure}<p class='caption'>{escape(chart.caption)}</p>"
-        f"{_html_table(chart.table)}<p class='caption'>Table: tables/{chart.name}.csv</p>"
+        f"{table}<p class='caption'>Table: tables/{chart.name}.csv</p>"
     )
 
 
