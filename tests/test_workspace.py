@@ -21,6 +21,9 @@ def test_atomic_json_leaves_no_temporary_files(tmp_path):
     write_json_atomic(target, {"x": 2})
     assert json.loads(target.read_text()) == {"x": 2}
     assert [p.name for p in target.parent.iterdir()] == ["data.json"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() gives under this umask: the atomic write matches it, not owner-only
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_commit_swaps_in_the_partial_folder_with_the_manifest_last(tmp_path):
