@@ -60,10 +60,13 @@ class SharedBudget(Protocol):
 
     async def reserve(self, site: str, interval: float) -> float:
         """Book the site's next request start, ``interval`` seconds after the last one booked by
-        anyone; returns the seconds to wait for it."""
+        anyone; returns the seconds to wait for it (below zero: the booked moment has passed)."""
 
     def pause(self, site: str, seconds: float) -> None:
         """Hold back every process's requests to the site for ``seconds`` (without waiting for an answer)."""
+
+
+REBOOKS = 5  # shared-budget bookings tried for one request start before taking the last
 
 
 class RateLimit:
@@ -94,7 +97,7 @@ class RateLimit:
         try:
             if self.shared is not None:
                 try:
-                    delay = await self.shared.reserve(self.site, self.interval)
+                    delay = await self._booked()
                 except Exception as exc:  # noqa: BLE001 - whatever the budget's transport raises
                     log.warning(
                         "%s: the shared request budget is unreachable (%s); pacing this crawl alone", self.site, exc
@@ -117,6 +120,16 @@ class RateLimit:
 
     async def __aexit__(self, *_exc: object) -> None:
         self._slots.release()
+
+    async def _booked(self) -> float:
+        """The wait for a request start booked in the shared budget. A booking whose moment passed
+        more than half an interval ago (the answer came late) is given up and another made: sent
+        now, the request would crowd the one booked after it."""
+        for _ in range(REBOOKS):
+            delay = await self.shared.reserve(self.site, self.interval)
+            if delay >= -self.interval / 2:
+                return delay
+        return max(delay, 0.0)
 
 
 class SiteClient:
