@@ -74,6 +74,7 @@ def _character_table(rows: list[CharacterRow], workspace: Workspace, out: Path) 
                 "bikini": r.bikini,
                 "BikiniPlus": r.bikini_plus,
                 "status": r.status,
+                "finished": r.finished_at.date().isoformat() if r.finished_at else None,
                 "card": "card",
                 "plot": "plot",
             }
