@@ -22,6 +22,7 @@ from lorafactory.state import Store
 from lorafactory.workspace import STAGES, Workspace
 
 COPYRIGHTS = ("arknights", "genshin_impact", "azur_lane", "sousou_no_frieren")
+pytestmark = pytest.mark.xdist_group("report")
 
 
 class Clock:
@@ -91,7 +92,7 @@ def seed(store: Store, count: int = 240, rng_seed: int = 0) -> Truth:
     return truth
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # with the group below: seeded once, on one worker
 def seeded(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     workspace = Workspace(root / "ws")
