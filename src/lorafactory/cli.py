@@ -84,16 +84,17 @@ def _settings(
     workspace: Path, name: Optional[str], config: Optional[Path], preset: Optional[str], overrides: List[str]
 ):
     """Saved character settings (if any) < --config < --set; the name always comes from the command."""
-    base = None
-    if name:
-        saved = Workspace(workspace).character(slugify(name)).config_path
-        if saved.is_file():
-            base = read_toml(saved)
-    extra = list(overrides or [])
-    settings = load_settings(config, preset, extra, base=base)
+    saved = Workspace(workspace).character(slugify(name)).config_path if name else None
+    settings = _over_saved(saved, config, preset, overrides)
     if name:
         settings.character.name = name
     return settings
+
+
+def _over_saved(saved: Optional[Path], config: Optional[Path], preset: Optional[str], overrides: List[str]):
+    """The settings saved at ``saved`` (when that file exists) < --config < --set."""
+    base = read_toml(saved) if saved is not None and saved.is_file() else None
+    return load_settings(config, preset, list(overrides or []), base=base)
 
 
 def _run(
@@ -658,8 +659,7 @@ def anime(
     try:
         if until not in STEPS:
             raise ConfigError(f"unknown stage {until!r}; stages are: {', '.join(STEPS)}")
-        base = read_toml(where.config_path) if where.config_path.is_file() else None
-        settings = load_settings(config, preset, list(set_ or []), base=base)
+        settings = _over_saved(where.config_path, config, preset, set_ or [])
         ws.root.mkdir(parents=True, exist_ok=True)
         store = Store(db or ws.default_db_url)
         result = build_show(ws, store, settings, show, RichProgress(err), episodes, copyright_, list(cast or []), site)

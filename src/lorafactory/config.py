@@ -88,6 +88,9 @@ def _site(name: str):
     return Field(default_factory=lambda: SiteSettings(base_url=SITE_URLS[name]))
 
 
+FOLDER_SOURCES = ("local", "anime")  # crawl.source values whose images are a folder (crawl.from_dir)
+
+
 class CrawlSettings(Section):
     source: Literal["local", "sites", "anime"] = Field(
         "sites", description="'anime': a character found in episodes by `lorafactory anime` (from_dir is its crops)."

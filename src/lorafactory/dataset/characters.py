@@ -167,8 +167,9 @@ def _cluster_chunks(
     return members, noise
 
 
-def _same_share(features: np.ndarray, a: np.ndarray, b: np.ndarray, difference: Difference, threshold: float) -> float:
-    return float((np.asarray(difference(features[a], features[b])) <= threshold).mean())
+def same_share(a: np.ndarray, b: np.ndarray, difference: Difference, threshold: float) -> float:
+    """The share of (a, b) feature pairs judged the same character."""
+    return float((np.asarray(difference(a, b)) <= threshold).mean())
 
 
 def _merge(features, clusters: _Groups, difference: Difference, threshold: float, ratio: float) -> None:
@@ -181,7 +182,7 @@ def _merge(features, clusters: _Groups, difference: Difference, threshold: float
     for _, i, j in sorted(pairs):
         if clusters.find(i) == clusters.find(j):
             continue
-        if _same_share(features, clusters.picked(i), clusters.picked(j), difference, threshold) >= ratio:
+        if same_share(features[clusters.picked(i)], features[clusters.picked(j)], difference, threshold) >= ratio:
             clusters.union(i, j)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageOps
+
+from lorafactory.workspace import write_bytes_atomic
 
 CELL = (128, 176)  # width, height of one crop's cell
 COLUMNS = 8
@@ -21,8 +24,7 @@ def contact_sheet(images: Sequence[Path], out: Path, columns: int = COLUMNS) -> 
         x = (index % columns) * CELL[0] + (CELL[0] - cell.width) // 2
         y = (index // columns) * CELL[1] + (CELL[1] - cell.height) // 2
         sheet.paste(cell, (x, y))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    sheet.save(partial, format="PNG")
-    partial.replace(out)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    write_bytes_atomic(out, buffer.getvalue())
     return out

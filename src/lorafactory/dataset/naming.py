@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from lorafactory.config import tomllib
+from lorafactory.dataset.characters import Difference, same_share
 from lorafactory.errors import InputError
-
-Difference = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 ACCEPT, MARGIN = 0.6, 0.2
 
@@ -38,7 +37,7 @@ def scores(
     table = np.zeros((len(clusters), len(references)))
     for j, features in enumerate(references.values()):
         for i, crops in enumerate(clusters):
-            table[i, j] = float((np.asarray(difference(crops, features)) <= threshold).mean())
+            table[i, j] = same_share(crops, features, difference, threshold)
     return table
 
 

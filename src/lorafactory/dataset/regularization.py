@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lorafactory.config import Settings, settings_hash
+from lorafactory.config import FOLDER_SOURCES, Settings, settings_hash
 from lorafactory.errors import ConfigError
 from lorafactory.progress import Progress
 from lorafactory.workspace import CharacterDir, Manifest
@@ -24,7 +24,7 @@ def wanted(settings: Settings, dataset_images: int) -> bool:
     """Whether to train with a regularization set. 'auto' needs a source for generic images: a site,
     or ``regularization.from_dir`` when the character came from a local folder."""
     r = settings.regularization
-    if r.mode == "auto" and settings.crawl.source in ("local", "anime") and not r.from_dir:
+    if r.mode == "auto" and settings.crawl.source in FOLDER_SOURCES and not r.from_dir:
         return False
     return r.mode == "on" or (r.mode == "auto" and dataset_images < r.below)
 
@@ -38,7 +38,7 @@ def _set_settings(settings: Settings) -> Settings:
     crawl.tags, crawl.limit = list(r.tags), r.limit
     if r.from_dir:
         crawl.source, crawl.from_dir = "local", r.from_dir
-    elif crawl.source in ("local", "anime"):
+    elif crawl.source in FOLDER_SOURCES:
         raise ConfigError(
             f"regularization.mode is 'on' but the character comes from a {crawl.source} folder; "
             "set regularization.from_dir"

@@ -18,9 +18,9 @@ from lorafactory.dataset.contact import contact_sheet
 from lorafactory.errors import InputError
 from lorafactory.progress import Progress
 from lorafactory.show.layout import ShowDir
-from lorafactory.sources.anime import CROPS, DONE, FEATURES, FRAMES
+from lorafactory.sources.anime import CROPS, DONE, FEATURES, FRAMES, KEPT
 from lorafactory.sources.recurring import recurring_frames, recurring_shots
-from lorafactory.vision.ccip import default_threshold, differences
+from lorafactory.vision.ccip import FEATURE_DIM, default_threshold, differences
 from lorafactory.workspace import write_json_atomic
 
 SHEET = 24  # crops per contact sheet
@@ -34,9 +34,10 @@ class ShowCrops:
     files: list[Path] = field(default_factory=list)
     episode: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # episode number per crop
     frame: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # frame number in its episode
-    features: np.ndarray = field(default_factory=lambda: np.zeros((0, 768), np.float32))
+    features: np.ndarray = field(default_factory=lambda: np.zeros((0, FEATURE_DIM), np.float32))
     counts: Counter = field(default_factory=Counter)  # per filter, all episodes together
-    recurring: dict[str, set[int]] = field(default_factory=dict)  # episode -> shots dropped as recurring
+    # the frames kept whole (for regularization) outside recurring shots: (episode number, frame number, file)
+    whole_frames: list[tuple[int, int, Path]] = field(default_factory=list)
 
 
 def load_crops(show: ShowDir, settings: Settings) -> ShowCrops:
@@ -53,8 +54,13 @@ def load_crops(show: ShowDir, settings: Settings) -> ShowCrops:
     episode, frame, features = [], [], []
     for number, folder in enumerate(folders):
         out.counts.update(json.loads((folder / DONE).read_text())["counts"])
-        dropped = recurring_shots(frames[folder.name]["shot"], recurring[folder.name])
-        out.recurring[folder.name] = dropped
+        table = frames[folder.name]
+        shots = table["shot"]
+        dropped = recurring_shots(shots, recurring[folder.name])
+        shot_of = dict(zip(table["index"].tolist(), shots.tolist()))
+        for path in sorted((folder / KEPT).glob("*.jpg")):
+            if shot_of.get(int(path.stem)) not in dropped:
+                out.whole_frames.append((number, int(path.stem), path))
         records = [json.loads(line) for line in (folder / CROPS).read_text().splitlines() if line.strip()]
         keep = [i for i, r in enumerate(records) if r["shot"] not in dropped]
         out.counts["recurring"] += len(records) - len(keep)

@@ -18,7 +18,6 @@ from lorafactory.config import Settings, load_settings, read_toml, to_toml
 from lorafactory.progress import Progress
 from lorafactory.show.crops import ShowCrops, spread
 from lorafactory.show.layout import ShowDir, link_or_copy
-from lorafactory.sources.anime import FRAMES, KEPT
 from lorafactory.workspace import Workspace, slugify, write_bytes_atomic
 
 
@@ -36,18 +35,14 @@ def _folder(parent: Path, slug: str, files: list[tuple[Path, str]]) -> Path:
     return folder
 
 
-def _free_frames(show: ShowDir, crops: ShowCrops, members: np.ndarray) -> list[tuple[Path, str]]:
+def _free_frames(crops: ShowCrops, members: np.ndarray) -> list[tuple[Path, str]]:
     """Kept frames without any crop of hers, outside recurring shots."""
-    hers = {(crops.episodes[e], f) for e, f in zip(crops.episode[members], crops.frame[members])}
-    out = []
-    for episode in crops.episodes:
-        table = np.load(show.episodes / episode / FRAMES)
-        shot_of = dict(zip(table["index"].tolist(), table["shot"].tolist()))
-        for path in sorted((show.episodes / episode / KEPT).glob("*.jpg")):
-            index = int(path.stem)
-            if (episode, index) not in hers and shot_of.get(index) not in crops.recurring.get(episode, set()):
-                out.append((path, f"{episode}_{path.name}"))
-    return out
+    hers = set(zip(crops.episode[members].tolist(), crops.frame[members].tolist()))
+    return [
+        (path, f"{crops.episodes[episode]}_{path.name}")
+        for episode, index, path in crops.whole_frames
+        if (episode, index) not in hers
+    ]
 
 
 def write_characters(
@@ -80,7 +75,7 @@ def write_characters(
         chosen = spread(members, settings.crawl.limit)
         files = [(crops.files[i], f"{crops.episodes[crops.episode[i]]}_{crops.files[i].name}") for i in chosen]
         dataset = _folder(show.root / "datasets", entry["slug"], files)
-        frames = _spread_frames(_free_frames(show, crops, members), settings)
+        frames = _spread_frames(_free_frames(crops, members), settings)
         char = workspace.character(entry["slug"])
         character = _settings_of(char.config_path, settings)
         character.character.name = name

@@ -23,7 +23,7 @@ from lorafactory.errors import InputError, StageError
 from lorafactory.progress import Progress
 from lorafactory.show.layout import ShowDir
 from lorafactory.sources.anime import character_crops
-from lorafactory.vision.ccip import extract_features
+from lorafactory.vision.ccip import FEATURE_DIM, extract_features
 from lorafactory.workspace import Workspace, slugify, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def reference_features(
         posts = []
     except StageError as exc:  # the site failed: try again next run
         log.warning("%s: reference images could not be crawled (%s); she is not a name this run", candidate.name, exc)
-        return np.zeros((0, 768), np.float32)
+        return np.zeros((0, FEATURE_DIM), np.float32)
     crops, counts = [], Counter()
     for post in posts:
         try:
@@ -106,7 +106,7 @@ def reference_features(
             crops.append(found[0][1])
         if len(crops) == wanted:
             break
-    features = extract_features(crops, settings.vision.ccip_model) if crops else np.zeros((0, 768), np.float32)
+    features = extract_features(crops, settings.vision.ccip_model)
     np.save(folder / "features.npy", features)
     write_json_atomic(folder / DONE, {**asdict(candidate), "images": len(posts), "crops": len(crops), **counts})
     return features

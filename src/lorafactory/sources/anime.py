@@ -158,8 +158,7 @@ def _extract_episode(path: Path, folder: Path, settings: Settings, progress: Pro
                 records.append({"file": name, **where, "box": [box.x0, box.y0, box.x1, box.y1]})
                 images.append(crop)
     counts["crops"] = len(records)
-    features = extract_features(images, settings.vision.ccip_model) if images else np.zeros((0, 768), np.float32)
-    np.save(folder / FEATURES, features)
+    np.save(folder / FEATURES, extract_features(images, settings.vision.ccip_model))
     table = np.array(frames, dtype=np.float64).reshape(-1, 3)
     np.savez(
         folder / FRAMES,

@@ -21,7 +21,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from lorafactory.config import Settings
+from lorafactory.config import FOLDER_SOURCES, Settings
 from lorafactory.errors import InputError, StageError
 from lorafactory.progress import Progress
 from lorafactory.sources.anime_pictures import AnimePictures
@@ -313,14 +313,14 @@ def crawl(
     c = settings.crawl
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    where = c.from_dir if c.source in ("local", "anime") else ", ".join(c.sites)
+    where = c.from_dir if c.source in FOLDER_SOURCES else ", ".join(c.sites)
     with progress.task(f"crawling {where}", total=c.limit) as task:
         if c.source == "anime" and not Path(c.from_dir or "").is_dir():
             raise InputError(
                 f"the anime dataset of {settings.character.name!r} is gone ({c.from_dir or 'none set'}); "
                 "run `lorafactory anime SHOW` again to rebuild it"
             )
-        if c.source in ("local", "anime"):
+        if c.source in FOLDER_SOURCES:
             if not c.from_dir:
                 raise InputError("crawl.source is 'local' but no folder was given; pass --from-dir DIR")
             posts, counts = crawl_local(Path(c.from_dir), images_dir, c.limit, task.advance, c.source)
@@ -332,7 +332,7 @@ def crawl(
     if not posts:
         where = (
             c.from_dir
-            if c.source in ("local", "anime")
+            if c.source in FOLDER_SOURCES
             else f"{', '.join(c.sites)} with tags {c.tags or [character_tag(settings.character.name)]}"
         )
         raise InputError(f"no usable images found in {where}; check the name, --site/--from-dir, or crawl.tags")

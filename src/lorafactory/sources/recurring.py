@@ -34,22 +34,23 @@ def recurring_frames(
     signatures: Mapping[str, np.ndarray], min_episodes: int, distance: float
 ) -> dict[str, np.ndarray]:
     """Per episode, a boolean per frame: whether frames like it appear in ``min_episodes`` other
-    episodes (at most all the others, so a two-episode show still finds its opening)."""
+    episodes (at most all the others, so a two-episode show still finds its opening). Each pair of
+    episodes is compared once, in blocks, and marks the frames of both."""
     names = list(signatures)
     needed = max(1, min(min_episodes, len(names) - 1))
-    found: dict[str, np.ndarray] = {}
-    for name in names:
-        mine = signatures[name]
-        seen_in = np.zeros(len(mine), dtype=np.int32)
-        for other in names:
-            if other == name or not len(signatures[other]) or not len(mine):
-                continue
-            hit = np.zeros(len(mine), dtype=bool)
-            for start in range(0, len(signatures[other]), BLOCK):
-                hit |= (rms_distances(mine, signatures[other][start : start + BLOCK]) <= distance).any(axis=1)
-            seen_in += hit
-        found[name] = seen_in >= needed if len(names) > 1 else np.zeros(len(mine), dtype=bool)
-    return found
+    seen_in = {name: np.zeros(len(signatures[name]), dtype=np.int32) for name in names}
+    for position, name in enumerate(names):
+        for other in names[position + 1 :]:
+            mine, theirs = signatures[name], signatures[other]
+            hit_mine, hit_theirs = np.zeros(len(mine), dtype=bool), np.zeros(len(theirs), dtype=bool)
+            for a in range(0, len(mine), BLOCK):
+                for b in range(0, len(theirs), BLOCK):
+                    close = rms_distances(mine[a : a + BLOCK], theirs[b : b + BLOCK]) <= distance
+                    hit_mine[a : a + BLOCK] |= close.any(axis=1)
+                    hit_theirs[b : b + BLOCK] |= close.any(axis=0)
+            seen_in[name] += hit_mine
+            seen_in[other] += hit_theirs
+    return {name: seen_in[name] >= needed if len(names) > 1 else seen_in[name] > 0 for name in names}
 
 
 def recurring_shots(frame_shots: np.ndarray, recurring: np.ndarray) -> set[int]:

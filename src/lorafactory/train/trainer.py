@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,7 @@ class _Run:
             }
         return self.base.unet(noisy.to(self.dtype), timesteps, cond.hidden, added_cond_kwargs=added).sample
 
+    @cached_property
     def steps_per_epoch(self) -> float:
         """Optimizer steps in one epoch (one pass over the repeated dataset, over all processes)."""
         t = self.t
@@ -447,7 +449,7 @@ def train(
             log_file = files.enter_context(log_path.open("a", encoding="utf-8")) if main else None
             events = None
             if main and t.tensorboard:
-                events = TrainEvents(out_dir, run.position.step, round(run.steps_per_epoch()))
+                events = TrainEvents(out_dir, run.position.step, round(run.steps_per_epoch))
                 files.callback(events.close)
             task.advance(run.position.step)
             while run.position.step < t.max_steps:
@@ -488,7 +490,7 @@ def train(
         "images": run.character_images,
         "validation_images": len(run.validation.examples),
         "steps": position.step,
-        "steps_per_epoch": run.steps_per_epoch(),
+        "steps_per_epoch": run.steps_per_epoch,
         "checkpoints": len(position.checkpoints),
     }
     details = {

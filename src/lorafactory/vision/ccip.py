@@ -7,11 +7,13 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+FEATURE_DIM = 768  # the CCIP models' feature width
+
 
 def extract_features(
     images: Sequence[Image.Image], model_name: str, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
 ) -> np.ndarray:
-    """[N, D] float32 features; ``on_batch(n)`` is called after each batch of n images."""
+    """[N, FEATURE_DIM] float32 features (N may be 0); ``on_batch(n)`` is called after each batch of n images."""
     from imgutils.metrics import ccip_batch_extract_features
 
     chunks = []
@@ -20,7 +22,7 @@ def extract_features(
         chunks.append(np.asarray(ccip_batch_extract_features(batch, model=model_name), dtype=np.float32))
         if on_batch:
             on_batch(len(batch))
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(chunks) if chunks else np.zeros((0, FEATURE_DIM), dtype=np.float32)
 
 
 def differences(a: np.ndarray, b: np.ndarray, model_name: str) -> np.ndarray:
