@@ -516,6 +516,44 @@ def test_credentials_from_the_config_work_and_are_never_written(tmp_path, kit):
     assert len((ws.character("akane_hoshino").artifact("crawl") / "posts.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_crawl_by_name_records_the_copyright_and_post_count_her_site_tag_names(tmp_path, kit):
+    """Crawled as plain "Surtr", she is found under ``surtr_(arknights)``: the report's correlation panels
+    need her copyright, read from the tag's qualifier, and a copyright given by the user is never replaced."""
+    from lorafactory.pipeline import run_pipeline
+    from lorafactory.state import Store
+    from lorafactory.testing.replay import DanbooruReplay
+    from lorafactory.workspace import Workspace
+
+    images = sorted(kit.images.glob("main_*.png"))
+    tagged = [ReplayImage(p, ["1girl"], ["surtr_(arknights)"]) for p in images[:3]]
+    tagged += [ReplayImage(images[3], ["1girl"], ["w_(arknights)"])]
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    store = Store(ws.default_db_url)
+    store.ensure_character("w", "W", "w", copyright="arknights_endfield")
+    with DanbooruReplay(tagged) as replay:
+        for name in ("Surtr", "W"):
+            overrides = [
+                f'character.name="{name}"',
+                "crawl.min_size=0",
+                'crawl.sites=["danbooru"]',
+                f'crawl.danbooru.base_url="{replay.url}"',
+                "crawl.danbooru.requests_per_second=100",
+            ]
+            run_pipeline(ws, store, load_settings(overrides=overrides), SilentProgress(), until="crawl")
+    surtr, w = store.character_summary("surtr"), store.character_summary("w")
+    assert (surtr["copyright"], surtr["popularity"]) == ("arknights", 3)
+    assert (w["copyright"], w["popularity"]) == ("arknights_endfield", 1)
+
+
+def test_copyright_of_reads_the_last_qualifier_of_a_character_tag():
+    from lorafactory.sources.danbooru import copyright_of
+
+    assert copyright_of("surtr_(arknights)") == "arknights"
+    assert copyright_of("ganyu_(twilight_blossom)_(genshin_impact)") == "genshin_impact"
+    assert copyright_of("hatsune_miku") is None and copyright_of("(a)") is None
+
+
 def test_sankaku_login_unlocks_contentious_posts(tmp_path, kit, monkeypatch):
     from lorafactory.testing.replay import SankakuReplay
 

@@ -432,6 +432,7 @@ def queue_add(
             raise ConfigError(f"unknown stage {until!r}; stages are: {', '.join(STEPS)}")
         if copyright_:
             from lorafactory.sources.catalog import copyright_characters
+            from lorafactory.sources.danbooru import character_tag
 
             listing = load_settings(config, preset, list(set_ or []))
             wanted |= {entry.name: entry for entry in copyright_characters(listing, copyright_, top, site)}
@@ -444,7 +445,8 @@ def queue_add(
             layers = tomllib.loads(to_toml(settings))  # the effective settings, without credentials
             slug = slugify(name)
             if entry is not None:  # known to the site: record it, and crawl under exactly its tag
-                queue.store.ensure_character(slug, name, trigger_for(settings), copyright_, entry.post_count)
+                copyright_tag = character_tag(copyright_ or "")  # one spelling, as her site tag qualifies it
+                queue.store.ensure_character(slug, name, trigger_for(settings), copyright_tag, entry.post_count)
                 queue.store.remember_site_tag(site, name, entry.tag, entry.post_count)
             added.append((name, entry, queue.add(slug, name, layers, priority, until)))
     except USER_ERRORS as exc:
@@ -755,6 +757,7 @@ def report(
     from datetime import datetime, timezone
 
     from lorafactory.report.page import write_report
+    from lorafactory.sources.danbooru import character_tag
     from lorafactory.state import Store
 
     try:
@@ -768,7 +771,8 @@ def report(
         except ValueError:
             raise ConfigError(f"--since {since!r} is not a date; use YYYY-MM-DD") from None
         store = Store(db or ws.default_db_url)
-        path = write_report(store, ws, out_dir or ws.root / "report", start, copyright_, source)
+        wanted = character_tag(copyright_) if copyright_ else None  # stored as site tags spell it: blue_archive
+        path = write_report(store, ws, out_dir or ws.root / "report", start, wanted, source)
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(str(path))  # the bare path, never wrapped, for scripts

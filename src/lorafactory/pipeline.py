@@ -91,13 +91,19 @@ def _crawl(ctx: Context, out: Path) -> StageOutput:
 
 
 def _record_popularity(ctx: Context) -> None:
-    """The post count of her tag on the first site that has one, as her popularity (for reports)."""
+    """The post count of her tag on the first site that has one, as her popularity, and the copyright the
+    tag names (``surtr_(arknights)``) when none was given (for reports)."""
+    from lorafactory.sources.danbooru import copyright_of
+
     if ctx.settings.crawl.source != "sites":
         return
     for site in ctx.settings.crawl.sites:
         found = ctx.store.site_tag(site, ctx.settings.character.name)
         if found is not None:
-            ctx.store.ensure_character(ctx.char.slug, ctx.settings.character.name, ctx.trigger, popularity=found[1])
+            name, trigger = ctx.settings.character.name, ctx.trigger
+            ctx.store.ensure_character(
+                ctx.char.slug, name, trigger, popularity=found[1], guessed_copyright=copyright_of(found[0])
+            )
             return
 
 

@@ -18,6 +18,7 @@ from lorafactory.config import Settings, load_settings, read_toml, to_toml
 from lorafactory.progress import Progress
 from lorafactory.show.crops import ShowCrops, spread
 from lorafactory.show.layout import ShowDir, link_or_copy
+from lorafactory.sources.danbooru import character_tag
 from lorafactory.workspace import Workspace, slugify, write_bytes_atomic
 
 
@@ -91,7 +92,7 @@ def write_characters(
         char.path.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(char.config_path, to_toml(character).encode("utf-8"))
         if store is not None:
-            store.ensure_character(entry["slug"], name, trigger_for(character), copyright)
+            store.ensure_character(entry["slug"], name, trigger_for(character), copyright and character_tag(copyright))
         entry.update(dataset=str(dataset), images=len(files), frames=len(frames))
         entry["regularization"] = str(regularization) if regularization else None
         characters.append(entry)

@@ -3,6 +3,7 @@ paging (``page=b<id>``), which goes past the 1000-page cap, and the smallest big
 
 from __future__ import annotations
 
+import re
 from typing import Any, AsyncIterator
 
 from lorafactory.sources.base import Candidate, Post, original_md5, smallest_fit
@@ -14,6 +15,13 @@ _CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 def character_tag(name: str) -> str:
     """Danbooru style: ``'Surtr (Arknights)'`` -> ``'surtr_(arknights)'``."""
     return "_".join(name.strip().lower().split())
+
+
+def copyright_of(tag: str) -> str | None:
+    """The copyright a character tag names in its last qualifier: ``'surtr_(arknights)'`` -> ``'arknights'``,
+    ``'hatsune_miku'`` -> None. Danbooru-style sites qualify most character tags this way."""
+    found = re.search(r"_\(([^()]+)\)$", tag.strip())
+    return found[1] if found else None
 
 
 def choose_variant(raw: dict[str, Any], min_size: int) -> tuple[str, int, int] | None:

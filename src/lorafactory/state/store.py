@@ -116,10 +116,17 @@ class Store:
     # characters and runs -------------------------------------------------
 
     def ensure_character(
-        self, slug: str, name: str, trigger: str, copyright: str | None = None, popularity: int | None = None
+        self,
+        slug: str,
+        name: str,
+        trigger: str,
+        copyright: str | None = None,
+        popularity: int | None = None,
+        guessed_copyright: str | None = None,
     ) -> int:
         """The character's row, created or updated; ``copyright`` and ``popularity`` (the site's post
-        count) are recorded when given and kept otherwise."""
+        count) are recorded when given and kept otherwise; ``guessed_copyright`` (read from her site tag)
+        only when none is known."""
         with self.session() as session:
             character = session.execute(select(Character).where(Character.slug == slug)).scalar_one_or_none()
             if character is None:
@@ -128,6 +135,8 @@ class Store:
             character.name, character.trigger = name, trigger
             if copyright is not None:
                 character.copyright = copyright
+            elif character.copyright is None:
+                character.copyright = guessed_copyright
             if popularity is not None:
                 character.popularity = popularity
             session.flush()
