@@ -15,6 +15,7 @@ from statistics import median
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lorafactory.report.rows import CharacterRow, StageRow
 
@@ -41,6 +42,12 @@ def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})  # no version: same bytes
     return buffer.getvalue()
+
+
+def _counts(axes, label: str) -> None:
+    """A y axis of counts: whole numbers only (a few characters would otherwise get ticks at 0.25)."""
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel(label)
 
 
 def _kinds(rows: list[CharacterRow]) -> list[str]:
@@ -80,7 +87,8 @@ def dataset_sizes(rows: list[CharacterRow]) -> Chart:
     axes.set_xticks(
         np.arange(len(SIZE_BINS)) + width * (len(kinds) - 1) / 2, [label for *_, label in SIZE_BINS], fontsize=8
     )
-    axes.set_ylabel("characters")
+    _counts(axes, "characters")
+    _counts(spread, "characters")
     spread.set_xscale("log")
     spread.set_xlabel("dataset images")
     if kinds:
@@ -133,7 +141,7 @@ def bikini_scores(rows: list[CharacterRow]) -> Chart:
             parts.append(f"{metric} {kind}: {_share(under, len(values))} of {len(values)} under {OVERFIT}")
         axes.axvline(OVERFIT, linestyle="--", color="black")
         axes.set_xlabel(metric)
-        axes.set_ylabel("models")
+        _counts(axes, "models")
         if kinds:
             axes.legend()
     figure.tight_layout()
@@ -163,6 +171,8 @@ def best_steps(rows: list[CharacterRow]) -> Chart:
         size_axes.scatter([r.images for r in sized], [r.best_step for r in sized], s=10)
     steps_axes.set_xlabel("best step")
     epochs_axes.set_xlabel("best epoch")
+    _counts(steps_axes, "models")
+    _counts(epochs_axes, "models")
     size_axes.set_xlabel("dataset images")
     size_axes.set_ylabel("best step")
     figure.tight_layout()
@@ -190,6 +200,8 @@ def throughput(rows: list[CharacterRow], stages: list[StageRow]) -> Chart:
     axes.bar(x - 0.2, [models[d] for d in days], 0.4, label="models released")
     axes.bar(x + 0.2, [crawls[d] for d in days], 0.4, label="crawls")
     axes.set_xticks(x, days, rotation=45, ha="right")
+    axes.set_xlim(-1, max(len(days), 1))  # a single day keeps bars of a day's width
+    _counts(axes, "per day")
     axes.legend()
     figure.tight_layout()
     released = sum(models.values())
