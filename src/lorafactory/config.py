@@ -202,7 +202,13 @@ class TrainSettings(Section):
         "", description="A prepared dataset folder of generic images (no trigger in their captions)."
     )
     prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularization images.")
-    max_steps: int = Field(1500, ge=1, le=1_000_000)
+    max_steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="A fixed step count; unset = from the dataset's size (train.epochs...)."
+    )
+    epochs: float = Field(40, gt=0, description="With max_steps unset: passes over the images to train...")
+    min_steps: int = Field(800, ge=1, description="...but at least this many steps...")
+    cap_epochs: float = Field(10, gt=0, description="...and at most the larger of this many passes...")
+    cap_steps: int = Field(10_000, ge=1, description="...and this many steps (the reference's v1.5 rule).")
     save_every: int = Field(100, ge=1)
     tensorboard: bool = Field(True, description="Write TensorBoard event files (kohya's scalar names) in train/.")
     batch_size: int = Field(4, ge=1)
@@ -348,7 +354,7 @@ class EvaluateSettings(Section):
         0.55, ge=0, le=1, description="Retrain when the best CCIP RecScore is below this; 0 = no gate."
     )
     gate_attempts: int = Field(2, ge=0, description="Retrains allowed by the gate.")
-    gate_step_factor: float = Field(1.5, ge=1, description="Each retrain multiplies train.max_steps by this...")
+    gate_step_factor: float = Field(1.5, ge=1, description="Each retrain multiplies the step count by this...")
     gate_lr_factor: float = Field(1.2, gt=0, description="...and the learning rates by this.")
 
 

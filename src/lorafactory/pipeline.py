@@ -297,7 +297,12 @@ def retrain_settings(settings: Settings, attempt: int) -> Settings:
     e = settings.evaluate
     adjusted = settings.model_copy(deep=True)
     t = adjusted.train
-    t.max_steps = math.ceil(t.max_steps * e.gate_step_factor**attempt)
+    scale = e.gate_step_factor**attempt
+    if t.max_steps is not None:
+        t.max_steps = math.ceil(t.max_steps * scale)
+    else:  # every term of the size rule scales, so the planned count does too
+        t.epochs, t.cap_epochs = t.epochs * scale, t.cap_epochs * scale
+        t.min_steps, t.cap_steps = math.ceil(t.min_steps * scale), math.ceil(t.cap_steps * scale)
     factor = e.gate_lr_factor**attempt
     t.unet_lr, t.embedding_lr, t.text_encoder_lr = (
         t.unet_lr * factor,

@@ -147,7 +147,7 @@ def release(
         shutil.copyfile(step_dir(eval_dir, best) / name, out_dir / "previews" / name)
     shutil.copyfile(eval_dir / "metrics.csv", out_dir / "metrics.csv")
     shutil.copyfile(eval_dir / "metrics_plot.png", out_dir / "metrics_plot.png")
-    summary = train_summary(settings, family)
+    summary = {**train_summary(settings, family), "steps": max(checkpoints)}
     write_bytes_atomic(out_dir / "train.toml", tomli_w.dumps({"train": summary}).encode())
 
     table = {int(s): row for s, row in evaluation["metrics"].items()}

@@ -45,6 +45,7 @@ from lorafactory.train.data import (
     split_validation,
 )
 from lorafactory.train.events import TrainEvents
+from lorafactory.train.length import with_planned_steps
 from lorafactory.train.model import load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
@@ -436,6 +437,7 @@ def train(
         )
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings = with_planned_steps(settings, len(read_metadata(dataset_dir)))
     run = _Run(settings, trigger, dataset_dir, out_dir, progress)
     run.resume()
     t = run.t
