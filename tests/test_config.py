@@ -11,6 +11,14 @@ def test_defaults_come_from_the_sd15_anime_preset():
     assert settings.evaluate.sampler == "dpmpp_2m_karras"
 
 
+def test_the_sdxl_preset_trains_at_1024_and_samples_at_sdxl_sizes():
+    sdxl = load_settings(preset="sdxl-anime")
+    assert sdxl.preset == "sdxl-anime" and sdxl.train.resolution == 1024 and sdxl.train.gradient_checkpointing
+    assert (sdxl.evaluate.width, sdxl.evaluate.height) == (832, 1216)
+    assert sdxl.train.embedding_vectors == load_settings().train.embedding_vectors  # the rest is the SD1.5 default
+    assert 'preset = "sdxl-anime"' in to_toml(sdxl) and Settings.model_validate(tomllib.loads(to_toml(sdxl))) == sdxl
+
+
 def test_precedence_preset_then_file_then_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('preset = "tiny-demo"\n[train]\nmax_steps = 77\nlora_rank = 3\n')
