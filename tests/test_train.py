@@ -363,3 +363,51 @@ def test_long_captions_are_encoded_in_chunks_of_75_tokens(kit):
         mixed = ours(["1girl, smile", long_red], 3)
         empty = encode_text(enc, torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [tok.pad_token_id] * 75]), 2)
         assert mixed.shape[1] == 154 and torch.equal(mixed[:1, :77], plain) and torch.equal(mixed[:1, 77:], empty)
+
+
+def _logged_losses(out):
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_the_fused_optimizer_trains_what_the_per_tensor_one_does(kit, dataset, tmp_path):
+    """The fused AdamW kernel is the default; over 8 steps its losses and weights match PyTorch's per-tensor
+    AdamW within float32 rounding (1e-5 relative)."""
+    fused = train(_settings(kit), "akane_hoshino", dataset, tmp_path / "fused", SilentProgress())
+    plain = train(
+        _settings(kit, "train.fused_optimizer=false"), "akane_hoshino", dataset, tmp_path / "plain", SilentProgress()
+    )
+    assert fused.counts["steps"] == plain.counts["steps"] == 8
+    assert _logged_losses(tmp_path / "fused") == pytest.approx(_logged_losses(tmp_path / "plain"), rel=1e-5)
+    a, b = _weights(tmp_path / "fused", 8), _weights(tmp_path / "plain", 8)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_losses_are_read_back_in_batches_and_a_diverged_one_stops_before_the_checkpoint(tmp_path):
+    from lorafactory.train.steplog import SETTLE_EVERY, StepLog
+
+    losses: list[float] = []
+    with (tmp_path / "log.jsonl").open("w", encoding="utf-8") as log_file:
+        log = StepLog(losses, log_file, None)
+        for step in range(1, SETTLE_EVERY):
+            log.add(step, torch.tensor(float(step)), {"lora": 1e-4, "embedding": 3e-3}, 1, step / 10)
+        assert losses == [] and (tmp_path / "log.jsonl").read_text() == ""  # nothing read from the device yet
+        log.add(SETTLE_EVERY, torch.tensor(0.5), {"lora": 1e-4, "embedding": 3e-3}, 2, 9.0)
+        assert losses == [*map(float, range(1, SETTLE_EVERY)), 0.5]
+        log.add(SETTLE_EVERY + 1, torch.tensor(float("nan")), {"lora": 1e-4}, 2, 9.5)
+        with pytest.raises(StageError, match=f"loss became nan at step {SETTLE_EVERY + 1}; lower train.unet_lr"):
+            log.settle()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, SETTLE_EVERY + 1)) and records[0]["lr"] == 1e-4
+
+
+def test_cached_latents_move_to_the_device_only_within_the_budget():
+    from lorafactory.train.data import Example, make_resident
+
+    def example():
+        return Example("a.png", "head", "a", [], (64, 64), torch.zeros(4, 8, 8), (64, 64), (0, 0), torch.ones(4, 8, 8))
+
+    examples = [example(), example()]
+    assert not make_resident(examples, torch.device("meta"), budget=4 * 8 * 8 * 4 * 4 - 1)
+    assert all(ex.latent.device.type == "cpu" for ex in examples)
+    assert make_resident(examples, torch.device("meta"), budget=4 * 8 * 8 * 4 * 4)
+    assert all(ex.latent.is_meta and ex.flipped.is_meta for ex in examples)

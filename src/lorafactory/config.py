@@ -246,6 +246,9 @@ class TrainSettings(Section):
         1.0, gt=0, le=1, description="Freeze the embedding after this fraction of the steps."
     )
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    fused_optimizer: bool = Field(
+        True, description="AdamW updates every tensor in one fused kernel (CUDA, CPU); false = one update per tensor."
+    )
     lr_scheduler: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
     gradient_accumulation: int = Field(1, ge=1)
     gradient_checkpointing: bool = False

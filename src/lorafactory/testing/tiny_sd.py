@@ -255,27 +255,35 @@ def build_tiny_sdxl(path: Path, seed: int = 0, full_size: bool = False) -> Path:
     return _cached_build(path, _save_pipeline(make, half=full_size))
 
 
-def build_tiny_clip(path: Path, seed: int = 0) -> Path:
+def build_tiny_clip(path: Path, seed: int = 0, full_size: bool = False) -> Path:
     """A tiny random CLIP (text + vision towers, tokenizer, image processor) at ``path``, built once:
-    the stand-in for evaluate.clip_model."""
+    the stand-in for evaluate.clip_model. ``full_size``: random weights in the shapes of
+    openai/clip-vit-large-patch14 (ViT-L/14 at 224 px), for timing on a GPU."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
 
+    hidden, layers, heads, side, patch, projection = (
+        (1024, 24, 16, 224, 14, 768) if full_size else (32, 2, 4, 32, 8, 32)
+    )
+
     def write(work: Path, out: Path) -> None:
         torch.manual_seed(seed)
-        text = _clip_config(32, 2, 4, 32)
+        text = _clip_config(768, 12, 12, projection) if full_size else _clip_config(32, 2, 4, projection)
         vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=32,
+            hidden_size=hidden,
+            intermediate_size=(4 if full_size else 2) * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            image_size=side,
+            patch_size=patch,
+            projection_dim=projection,
         )
-        model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32))
+        config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection)
+        model = CLIPModel(config)
         processor = CLIPProcessor(
-            image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+            image_processor=CLIPImageProcessor(
+                size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+            ),
             tokenizer=_tokenizer(work / "tok"),
         )
         model.save_pretrained(out, safe_serialization=True)

@@ -34,6 +34,21 @@ class Example:
     regularization: bool = False  # a generic image: no trigger in its caption, its own loss weight
 
 
+RESIDENT_LATENT_BYTES = 4 * 2**30  # cached latents up to this size live on the training device
+
+
+def make_resident(examples: list[Example], device: torch.device, budget: int = RESIDENT_LATENT_BYTES) -> bool:
+    """Move the cached latents (and their flips) onto ``device`` when they fit ``budget`` bytes, so a step
+    copies nothing from the host; True when moved. 512 px latents take 64 KiB an image, 1024 px 256 KiB."""
+    tensors = [t for ex in examples for t in (ex.latent, ex.flipped) if t is not None]
+    if not tensors or sum(t.numel() * t.element_size() for t in tensors) > budget:
+        return False
+    for ex in examples:
+        ex.latent = None if ex.latent is None else ex.latent.to(device)
+        ex.flipped = None if ex.flipped is None else ex.flipped.to(device)
+    return True
+
+
 def build_caption(
     trigger: str | None,
     tags: list[str],

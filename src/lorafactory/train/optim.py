@@ -30,7 +30,8 @@ def build_optimizer(
             {"params": text_lora_params, "lr": t.text_encoder_lr, "weight_decay": t.weight_decay, "name": "text_lora"}
         )
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups)
+        fused = t.fused_optimizer and device.type in ("cuda", "cpu")  # one kernel for every tensor, not one each
+        return torch.optim.AdamW(groups, fused=fused or None)
     if t.optimizer == "adamw8bit":
         return _adamw8bit(groups, device)
     try:

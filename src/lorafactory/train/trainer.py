@@ -41,6 +41,7 @@ from lorafactory.train.data import (
     batch_plan,
     build_caption,
     load_examples,
+    make_resident,
     read_metadata,
     split_validation,
 )
@@ -50,6 +51,7 @@ from lorafactory.train.model import load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
 from lorafactory.train.resume import LoopPosition, Stateful, load_state, save_state, saved_step
+from lorafactory.train.steplog import StepLog
 from lorafactory.train.text import TextEncoders
 from lorafactory.train.validation import ValidationSet
 
@@ -149,6 +151,8 @@ class _Run:
         self.counts["latents_encoded"] = self.cache.encoded
         if t.cache_latents:
             base.vae.to("cpu")
+            if self.device.type != "cpu":
+                self.counts["resident_latents"] = int(make_resident(self.examples, self.device))
         if not self.examples:
             raise StageError(
                 f"no training images fit train.resolution={t.resolution}; lower train.bucket_step or add larger images"
@@ -320,7 +324,8 @@ class _Run:
         weights = weights * torch.tensor(sample_weights, device=self.device)
         return (per_sample_mse(prediction, target) * weights).mean()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """One optimizer step; its loss stays on the device (``StepLog`` reads losses back in batches)."""
         t = self.t
         step = self.position.step + 1
         if step > self.pivot_step:
@@ -334,9 +339,7 @@ class _Run:
             loss = loss / share
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach().float()
-        value = self.collective.sum_gradients(self.trainables.values(), total).item()
-        if not math.isfinite(value):
-            raise StageError(f"training loss became {value} at step {step}; lower train.unet_lr or train.embedding_lr")
+        total = self.collective.sum_gradients(self.trainables.values(), total)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -345,8 +348,7 @@ class _Run:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.position.step = step
-        self.position.losses.append(value)
-        return value
+        return total
 
     # --- checkpoints --------------------------------------------------------------------
 
@@ -454,24 +456,16 @@ def train(
                 events = TrainEvents(out_dir, run.position.step, round(run.steps_per_epoch))
                 files.callback(events.close)
             task.advance(run.position.step)
+            steps = StepLog(run.position.losses, log_file, events)
+            names = [g["name"] for g in run.optimizer.param_groups]
             while run.position.step < t.max_steps:
                 loss = run.step()
                 step = run.position.step
-                if log_file:
-                    record = {
-                        "step": step,
-                        "loss": loss,
-                        "lr": run.lr_scheduler.get_last_lr()[0],
-                        "t": round(time.monotonic() - started, 4),
-                    }
-                    log_file.write(json.dumps(record) + "\n")
-                if events:
-                    lrs = dict(zip((g["name"] for g in run.optimizer.param_groups), run.lr_scheduler.get_last_lr()))
-                    events.step(step, loss, lrs, run.position.epoch)
+                lrs = dict(zip(names, run.lr_scheduler.get_last_lr()))
+                steps.add(step, loss, lrs, run.position.epoch, time.monotonic() - started)
                 task.advance()
                 if step % t.save_every == 0 or step == t.max_steps:
-                    if log_file:
-                        log_file.flush()
+                    steps.settle()  # a diverged loss stops the run before its state is saved
                     run.checkpoint()
                     if events:
                         if step in run.position.validation:

@@ -1,0 +1,236 @@
+"""Models per GPU-day: the real train and evaluate stages of a preset, timed, on random-initialised weights.
+
+For each preset (default ``sd15-anime``; also ``sdxl-anime``) it writes a prepared synthetic dataset
+(``--images``, mixed aspect ratios, three crop groups), trains it with the preset's own settings
+(planned step count, checkpoint interval, batch, precision) on full-size random weights, evaluates
+every checkpoint with the preset's prompt set, sampler, image size and scorers, and prints seconds per
+stage, GPU-seconds per model and models per GPU-day, with process CPU time beside wall time.
+
+A GPU's time budget rarely allows the whole planned run, so ``--steps`` trains fewer steps (on the
+preset's checkpoint grid) and the figures are projected to the planned run: setup once, the training
+loop per step, evaluation per checkpoint. Measured and projected figures are both written.
+
+The vision models are the stand-in hub's (tiny ONNX models with imgutils' I/O) and CLIP is a random
+ViT-L/14, so the scoring share is a lower bound for the ONNX part. ``--tiny`` runs the tiny models on
+CPU with small sizes: a check of the script itself, not a measurement.
+
+    PYTHONPATH=src python benchmarks/factory_throughput.py [--preset sd15-anime] [--preset sdxl-anime]
+        [--images 200] [--steps 200] [--repeats 3] [--out benchmarks/results] [--work DIR] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+ASPECTS = (1.0, 0.75, 0.66, 0.5, 1.33, 1.5)  # width / height, as crawled crops come
+GROUPS = ("person", "halfbody", "head")
+
+
+class TimedProgress:
+    """A Progress that records when each named task begins and ends (the stages' own bars)."""
+
+    def __init__(self, synchronize) -> None:
+        self.synchronize = synchronize
+        self.spans: dict[str, list[float]] = {}
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator:
+        self.synchronize()
+        start = time.perf_counter()
+
+        class _Task:
+            def advance(self, amount: int = 1) -> None:
+                return None
+
+        yield _Task()
+        self.synchronize()
+        self.spans.setdefault(description, []).append(time.perf_counter() - start)
+
+    def note(self, message: str) -> None:
+        return None
+
+
+def write_dataset(folder: Path, count: int, short_side: tuple[int, int], seed: int = 0) -> Path:
+    """A prepared dataset (metadata.jsonl + images/) of one synthetic character in three crop groups."""
+    from lorafactory.testing.synthetic import CHARACTERS
+
+    if (folder / "metadata.jsonl").is_file() and len((folder / "metadata.jsonl").read_text().splitlines()) == count:
+        return folder
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng, character, lines = random.Random(seed), CHARACTERS[0], []
+    for i in range(count):
+        side, aspect = rng.randint(*short_side), rng.choice(ASPECTS)
+        size = (side, round(side / aspect)) if aspect <= 1 else (round(side * aspect), side)
+        outfit = i % len(character.accents)
+        character.draw(*size, outfit=outfit, rng=rng).save(folder / "images" / f"{i:04d}.png")
+        tags = ["1girl", "solo", f"{character.hair}_hair", ("dress", "skirt", "coat")[outfit], "smile"]
+        record = {"file": f"images/{i:04d}.png", "group": GROUPS[i % 3], "source": "bench", "post_id": str(i)}
+        lines.append(json.dumps({**record, "tags": tags}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool) -> dict:
+    """One train + evaluate of ``preset``: measured spans, and the figures projected to the planned run."""
+    import torch
+
+    from lorafactory.config import load_settings
+    from lorafactory.evaluate.evaluator import evaluate
+    from lorafactory.testing.tiny_sd import build_tiny_clip, build_tiny_sd, build_tiny_sdxl
+    from lorafactory.train.length import planned_steps
+    from lorafactory.train.trainer import train
+
+    sdxl = preset.startswith("sdxl")
+    size = "tiny" if tiny else "full"
+    base = (build_tiny_sdxl if sdxl else build_tiny_sd)(
+        work / f"{'sdxl' if sdxl else 'sd15'}-{size}", full_size=not tiny
+    )
+    overrides = [
+        'character.name="Bench"',
+        f'train.base_model="{base}"',
+        f'evaluate.clip_model="{build_tiny_clip(work / f"clip-{size}", full_size=not tiny)}"',
+    ]
+    if tiny:
+        overrides += ["train.resolution=128", "train.device='cpu'", "train.save_every=5", "train.min_steps=10"]
+        overrides += ["evaluate.width=128", "evaluate.height=128", "evaluate.steps=4", "evaluate.bootstrap=50"]
+    settings = load_settings(preset=preset, overrides=overrides)
+    t = settings.train
+    dataset = write_dataset(work / f"dataset-{images}-{size}", images, (96, 200) if tiny else (512, 1100))
+    planned = planned_steps(t, images)
+    measured = min(planned, math.ceil((steps or planned) / t.save_every) * t.save_every)
+    t.max_steps = measured
+    cuda = torch.cuda.is_available() and not tiny
+    timing = TimedProgress(torch.cuda.synchronize if cuda else lambda: None)
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    trained = train(settings, "bench", dataset, run_dir / "train", timing)
+    train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if cuda:
+        torch.cuda.synchronize()
+        train_peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = evaluate(settings, "bench", dataset, run_dir / "train", trained.checkpoints, {}, run_dir / "eval", timing)
+    eval_wall, eval_cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+    loop = sum(timing.spans["training"])
+    checkpoints = len(trained.checkpoints)
+    evaluating = sum(timing.spans["evaluating checkpoints"])
+    planned_checkpoints = math.ceil(planned / t.save_every)
+    train_projected = (train_wall - loop) + loop / measured * planned
+    eval_projected = (eval_wall - evaluating) + evaluating / checkpoints * planned_checkpoints
+    gpu_seconds = train_projected + eval_projected
+    return {
+        "preset": preset,
+        "images": images,
+        "batch": t.batch_size,
+        "resolution": t.resolution,
+        "dtype": trained.details["dtype"],
+        "eval_images_per_checkpoint": result.counts["images_per_checkpoint"],
+        "eval_size": f"{settings.evaluate.width}x{settings.evaluate.height}",
+        "sampler_steps": settings.evaluate.steps,
+        "measured_steps": measured,
+        "measured_checkpoints": checkpoints,
+        "planned_steps": planned,
+        "planned_checkpoints": planned_checkpoints,
+        "train_wall_s": round(train_wall, 2),
+        "train_cpu_s": round(train_cpu, 2),
+        "train_loop_s": round(loop, 2),
+        "samples_per_s": round(measured * t.batch_size / loop, 2),
+        "train_peak_gib": round(train_peak, 2) if cuda else None,
+        "eval_wall_s": round(eval_wall, 2),
+        "eval_cpu_s": round(eval_cpu, 2),
+        "eval_s_per_checkpoint": round(evaluating / checkpoints, 2),
+        "projected_train_s": round(train_projected, 1),
+        "projected_eval_s": round(eval_projected, 1),
+        "projected_gpu_s_per_model": round(gpu_seconds, 1),
+        "eval_share": round(eval_projected / gpu_seconds, 3),
+        "models_per_gpu_day": round(86400 / gpu_seconds, 1),
+    }
+
+
+def environment(tiny: bool) -> dict:
+    import diffusers
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not tiny else platform.processor() or "CPU"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", action="append", help="sd15-anime (default) and/or sdxl-anime; repeatable")
+    parser.add_argument("--images", type=int, default=200, help="dataset images (default 200)")
+    parser.add_argument("--steps", type=int, default=None, help="train this many steps and project (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per preset, alternating presets (default 3)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the results")
+    parser.add_argument("--work", type=Path, default=None, help="folder for models and datasets (kept)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on CPU: checks the script only")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-factory-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    from lorafactory.testing.standin_hub import build_standin_hub
+
+    os.environ["HF_HUB_OFFLINE"], os.environ["HF_HUB_CACHE"] = "1", str(build_standin_hub(work / "hub"))
+    presets = args.preset or ["sd15-anime"]
+    env = environment(args.tiny)
+    rows = []
+    for repeat in range(args.repeats):
+        for preset in presets if repeat % 2 == 0 else reversed(presets):  # alternate the order
+            row = {"repeat": repeat, **measure(preset, work, args.images, args.steps, args.tiny)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+
+    summary = {}
+    keys = ("samples_per_s", "eval_s_per_checkpoint", "projected_gpu_s_per_model", "models_per_gpu_day")
+    for preset in presets:
+        mine = [r for r in rows if r["preset"] == preset]
+        summary[preset] = {
+            key: {
+                "median": statistics.median(r[key] for r in mine),
+                "min": min(r[key] for r in mine),
+                "max": max(r[key] for r in mine),
+            }
+            for key in keys
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "tiny" if args.tiny else env["device"].split()[-1].lower().replace("/", "-")
+    path = args.out / f"factory_throughput_{stem}_{env['date'][:10]}.json"
+    path.write_text(json.dumps({"environment": env, "runs": rows, "summary": summary}, indent=1) + "\n")
+
+    print(f"\n{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}; {args.images} images")
+    for preset, figures in summary.items():
+        last = next(r for r in reversed(rows) if r["preset"] == preset)
+        print(
+            f"{preset}: {last['planned_steps']} planned steps at batch {last['batch']}, "
+            f"{last['planned_checkpoints']} checkpoints x {last['eval_images_per_checkpoint']} images "
+            f"({last['eval_size']}, {last['sampler_steps']} sampler steps); measured {last['measured_steps']} steps"
+        )
+        for key, stats in figures.items():
+            print(f"  {key:<28} median {stats['median']:>9} (min {stats['min']}, max {stats['max']})")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
