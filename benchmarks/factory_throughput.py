@@ -8,7 +8,9 @@ stage, GPU-seconds per model and models per GPU-day, with process CPU time besid
 
 A GPU's time budget rarely allows the whole planned run, so ``--steps`` trains fewer steps (on the
 preset's checkpoint grid) and the figures are projected to the planned run: setup once, the training
-loop per step, evaluation per checkpoint. Measured and projected figures are both written.
+loop per step, evaluation per checkpoint. Measured and projected figures are both written. Sequential
+evaluation needs as many scored checkpoints as are kept before it drops one, so a short measured run
+renders every image and the projected evaluation is an upper bound.
 
 The vision models are the stand-in hub's (tiny ONNX models with imgutils' I/O) and CLIP is a random
 ViT-L/14, so the scoring share is a lower bound for the ONNX part. ``--tiny`` runs the tiny models on
@@ -26,6 +28,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -103,7 +106,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
         f'evaluate.clip_model="{build_tiny_clip(work / f"clip-{size}", full_size=not tiny)}"',
     ]
     if tiny:
-        overrides += ["train.resolution=128", "train.device='cpu'", "train.save_every=5", "train.min_steps=10"]
+        overrides += ["train.resolution=128", "train.device='cpu'", "train.save_every=50", "train.min_steps=10"]
         overrides += ["evaluate.width=128", "evaluate.height=128", "evaluate.steps=4", "evaluate.bootstrap=50"]
     settings = load_settings(preset=preset, overrides=overrides)
     t = settings.train
@@ -140,6 +143,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
         "resolution": t.resolution,
         "dtype": trained.details["dtype"],
         "eval_images_per_checkpoint": result.counts["images_per_checkpoint"],
+        "eval_images_rendered": result.counts["images_rendered"],
         "eval_size": f"{settings.evaluate.width}x{settings.evaluate.height}",
         "sampler_steps": settings.evaluate.steps,
         "measured_steps": measured,
@@ -160,6 +164,23 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
         "eval_share": round(eval_projected / gpu_seconds, 3),
         "models_per_gpu_day": round(86400 / gpu_seconds, 1),
     }
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Median, min and max of the headline figures, per preset."""
+    keys = ("samples_per_s", "eval_s_per_checkpoint", "projected_gpu_s_per_model", "models_per_gpu_day")
+    summary = {}
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        mine = [r for r in rows if r["preset"] == preset]
+        summary[preset] = {
+            key: {
+                "median": statistics.median(r[key] for r in mine),
+                "min": min(r[key] for r in mine),
+                "max": max(r[key] for r in mine),
+            }
+            for key in keys
+        }
+    return summary
 
 
 def environment(tiny: bool) -> dict:
@@ -195,29 +216,17 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"], os.environ["HF_HUB_CACHE"] = "1", str(build_standin_hub(work / "hub"))
     presets = args.preset or ["sd15-anime"]
     env = environment(args.tiny)
-    rows = []
+    stem = "tiny" if args.tiny else re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    path = args.out / f"factory_throughput_{'_'.join(presets)}_{stem}_{env['date'][:10]}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
     for repeat in range(args.repeats):
         for preset in presets if repeat % 2 == 0 else reversed(presets):  # alternate the order
             row = {"repeat": repeat, **measure(preset, work, args.images, args.steps, args.tiny)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-
-    summary = {}
-    keys = ("samples_per_s", "eval_s_per_checkpoint", "projected_gpu_s_per_model", "models_per_gpu_day")
-    for preset in presets:
-        mine = [r for r in rows if r["preset"] == preset]
-        summary[preset] = {
-            key: {
-                "median": statistics.median(r[key] for r in mine),
-                "min": min(r[key] for r in mine),
-                "max": max(r[key] for r in mine),
-            }
-            for key in keys
-        }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "tiny" if args.tiny else env["device"].split()[-1].lower().replace("/", "-")
-    path = args.out / f"factory_throughput_{stem}_{env['date'][:10]}.json"
-    path.write_text(json.dumps({"environment": env, "runs": rows, "summary": summary}, indent=1) + "\n")
+            summary = summarise(rows)  # written after every run: a run cut short keeps what it measured
+            path.write_text(json.dumps({"environment": env, "runs": rows, "summary": summary}, indent=1) + "\n")
 
     print(f"\n{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}; {args.images} images")
     for preset, figures in summary.items():

@@ -337,6 +337,13 @@ class EvaluateSettings(Section):
         "all", description="'coarse_to_fine': every coarse_every-th first, then around the best."
     )
     coarse_every: int = Field(3, ge=2)
+    sequential: bool = Field(
+        True,
+        description=(
+            "Render half of a checkpoint's images first and stop there when, even at the top of their 95% "
+            "intervals, its metrics could not make it a kept step."
+        ),
+    )
     ccip_threshold: float | None = Field(None, description="CCIP difference threshold; the model's own when unset.")
     clip_model: str = Field(
         "openai/clip-vit-large-patch14", description="CLIP for text alignment and diversity; empty = off."

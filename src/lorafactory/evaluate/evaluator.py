@@ -14,6 +14,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -24,7 +25,7 @@ from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
 from lorafactory.evaluate.resident import base_pipeline
 from lorafactory.evaluate.scoring import METRICS, Scorer, StepScores
-from lorafactory.evaluate.select import Selection, select_steps
+from lorafactory.evaluate.select import Selection, ruled_out, select_steps
 from lorafactory.progress import Progress
 from lorafactory.train.data import read_metadata
 from lorafactory.train.model import resolve_device, resolve_dtype
@@ -121,13 +122,16 @@ def evaluate(
         rounds = (
             [steps] if e.checkpoints == "all" else [coarse_steps(steps, e.coarse_every), None]
         )  # None: refine around the best
+        ruled: dict[int, str] = {}  # steps whose first half of images already ruled them out (sequential)
+        images_rendered = 0
         with progress.task("evaluating checkpoints", total=len(steps) * len(work)) as task:
             done: set[int] = set()
             for planned in rounds:
                 if planned is None:
-                    around = select_steps({s: table[s] for s in sorted(done)}, e).kept
+                    around = select_steps({s: table[s] for s in sorted(done)}, e, frozenset(ruled)).kept
                     planned = refine_steps(steps, done, around, e.coarse_every)
-                for step in planned:
+                for step in sorted(planned, reverse=e.sequential):  # sequential: the latest set a high bar first
+                    scored = {s: table[s] for s in sorted(done) if s not in failed}
                     done.add(step)
                     scores = _evaluate_step(
                         generator,
@@ -138,10 +142,23 @@ def evaluate(
                         train_dir / checkpoints[step],
                         step_dir(out_dir, step),
                         task,
+                        (
+                            lambda probe, step=step: ruled_out(
+                                scored, step, probe.values, probe.intervals, e, frozenset(ruled)
+                            )
+                        )
+                        if e.sequential
+                        else None,
                     )
                     if isinstance(scores, str):
                         failed[step] = scores
                         continue
+                    images_rendered += scores.images
+                    if scores.images < len(work):
+                        ruled[step] = (
+                            f"ruled out after {scores.images} of {len(work)} images: even at the top of its "
+                            "95% intervals it would not be kept"
+                        )
                     table[step].update(scores.values)
                     intervals[step] = scores.intervals
                     write_json_atomic(
@@ -150,7 +167,8 @@ def evaluate(
             task.advance((len(steps) - len(done)) * len(work))
     skipped = [s for s in steps if s not in done]
 
-    selection = select_steps(table, e)
+    selection = select_steps(table, e, frozenset(ruled))  # their half-scored rows count in the normalisation
+    selection.excluded.update(ruled)
     for step in skipped:
         selection.excluded[step] = "not evaluated (coarse-to-fine)"
     for step, why in failed.items():
@@ -170,12 +188,14 @@ def evaluate(
         "prompts": [spec.name for spec in specs],
         "failed": {str(k): v for k, v in failed.items()},
         "skipped": skipped,
+        "ruled_out": sorted(ruled),
         "metrics": {str(s): row for s, row in table.items()},
     }
     counts = {
         "checkpoints": len(steps),
         "evaluated": len(done) - len(failed),
         "images_per_checkpoint": len(work),
+        "images_rendered": images_rendered,
         "failed_checkpoints": len(failed),
     }
     return Evaluation(counts, details, table, selection)
@@ -190,8 +210,12 @@ def _evaluate_step(
     folder: Path,
     target: Path,
     task,
+    stops_early: Callable[[StepScores], bool] | None = None,
 ) -> StepScores | str:
-    """Render and score one checkpoint; a checkpoint that fails to load gives the reason instead."""
+    """Render and score one checkpoint; a checkpoint that fails to load gives the reason instead.
+
+    With ``stops_early``, every other image is rendered and scored first, and the rest only when
+    ``stops_early`` says the half does not settle it (the scores then cover fewer images)."""
     e, t = settings.evaluate, settings.train
     target.mkdir(parents=True, exist_ok=True)
     try:
@@ -202,13 +226,28 @@ def _evaluate_step(
         generator.unload(trigger, t.embedding_vectors)
         task.advance(len(work))
         return reason
-    images = []
-    for job, image in generator.render(work, on_image=task.advance):
-        save_png(image, target / job.filename, a1111_parameters(job, e, t.clip_skip, Path(t.base_model).name))
-        images.append(image)
-    generator.unload(trigger, t.embedding_vectors)
-    preview_grid([(job.filename[:-4], image) for job, image in zip(work, images)], target / "grid.png")
-    return scorer.score(work, images)
+    rendered: dict[str, Image.Image] = {}
+
+    def render(chosen: list[Job]) -> list[Job]:
+        """Render ``chosen``; every job rendered so far, in suite order."""
+        for job, image in generator.render(chosen, on_image=task.advance):
+            save_png(image, target / job.filename, a1111_parameters(job, e, t.clip_skip, Path(t.base_model).name))
+            rendered[job.filename] = image
+        return [job for job in work if job.filename in rendered]
+
+    def finish(done: list[Job], scores: StepScores | None = None) -> StepScores:
+        generator.unload(trigger, t.embedding_vectors)
+        preview_grid([(job.filename[:-4], rendered[job.filename]) for job in done], target / "grid.png")
+        return scores or scorer.score(done, [rendered[job.filename] for job in done])
+
+    if stops_early is None or len(work) < 2:
+        return finish(render(work))
+    half = render(work[::2])
+    partial = scorer.score(half, [rendered[job.filename] for job in half])
+    if stops_early(partial):
+        task.advance(len(work) - len(half))
+        return finish(half, partial)
+    return finish(render(work[1::2]))
 
 
 def _step_record(step: int, row: dict[str, float | None], scores: StepScores) -> dict:

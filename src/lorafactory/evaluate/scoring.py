@@ -55,6 +55,7 @@ class StepScores:
     values: dict[str, float | None]
     intervals: dict[str, tuple[float, float] | None]
     per_image: dict[str, dict[str, float]] = field(default_factory=dict)  # file name -> metric -> value
+    images: int = 0  # how many of the checkpoint's images were scored
 
 
 class Scorer:
@@ -137,7 +138,9 @@ class Scorer:
         else:
             self.missing.setdefault("clip_alignment", "evaluate.clip_model is empty")
             self.missing.setdefault("diversity", "evaluate.clip_model is empty")
-        return self._summarise(dict(per_image), matched, diversity)
+        scores = self._summarise(dict(per_image), matched, diversity)
+        scores.images = len(work)
+        return scores
 
     def _tag_scores(self, images: list[Image.Image]) -> list[dict[str, float]]:
         model = self.settings.vision.tagger_model

@@ -71,15 +71,17 @@ def _corruption_ladder(steps: list[int], aic: dict[int, float], wanted: int, flo
     return passing, f"{len(passing)} of {len(steps)} steps pass AI-corruption ≥ {threshold:.2f}"
 
 
-def select_steps(table: Table, e: EvaluateSettings) -> Selection:
+def select_steps(table: Table, e: EvaluateSettings, ineligible: frozenset[int] = frozenset()) -> Selection:
+    """The kept steps, best first. ``ineligible`` steps (scored on part of their images) take part in
+    the normalisation as every step does, but are never kept."""
     if not table:
         raise ValueError("no checkpoints to select from")
     if e.selection == "validation_loss":
-        selection = _by_single(table, "validation_loss", lower_is_better=True, label="validation loss", k=e.keep)
+        selection = _by_single(table, "validation_loss", True, "validation loss", e.keep, ineligible)
     elif e.selection == "recscore":
-        selection = _by_single(table, "ccip_recscore", lower_is_better=False, label="CCIP RecScore", k=e.keep)
+        selection = _by_single(table, "ccip_recscore", False, "CCIP RecScore", e.keep, ineligible)
     else:
-        selection = _by_fbeta(table, e)
+        selection = _by_fbeta(table, e, ineligible)
     _apply_gate(selection, table, e)
     return selection
 
@@ -89,18 +91,21 @@ def _fallback(table: Table, why: str, excluded: dict[int, str]) -> Selection:
     return Selection([last], f"{why}; fell back to the last step {last}", {}, excluded)
 
 
-def _by_single(table: Table, metric: str, lower_is_better: bool, label: str, k: int) -> Selection:
+def _by_single(
+    table: Table, metric: str, lower_is_better: bool, label: str, k: int, ineligible: frozenset[int]
+) -> Selection:
     values = _present(table, metric)
     excluded = {step: f"{metric} missing" for step in table if step not in values}
     if not values:
         return _fallback(table, f"no step has a {label}", excluded)
     ranked = sorted(values, key=lambda s: ((values[s] if lower_is_better else -values[s]), s))
-    kept = ranked[: keep_count(len(ranked), k)]
+    eligible = [s for s in ranked if s not in ineligible] or ranked
+    kept = eligible[: keep_count(len(eligible), k)]
     word = "lowest" if lower_is_better else "highest"
     return Selection(kept, f"{word} {label} {values[kept[0]]:.3f}", values, excluded)
 
 
-def _by_fbeta(table: Table, e: EvaluateSettings) -> Selection:
+def _by_fbeta(table: Table, e: EvaluateSettings, ineligible: frozenset[int]) -> Selection:
     ccip = _present(table, "ccip_recscore")
     bp = _present(table, "bikini_plus")
     aic = _present(table, "ai_corrupt")
@@ -128,7 +133,8 @@ def _by_fbeta(table: Table, e: EvaluateSettings) -> Selection:
     b = normalise({s: bp[s] for s in steps}, e.bikini_plus_std_floor) if bp else None
     scores = {s: fbeta(c[s], b[s], e.fidelity_beta) if b else c[s] for s in steps}
     ranked = sorted(steps, key=lambda s: (-scores[s], -ccip[s], -aic.get(s, 0.0), -bp.get(s, 0.0), s))
-    kept = ranked[: keep_count(len(ranked), e.keep)]
+    eligible = [s for s in ranked if s not in ineligible] or ranked
+    kept = eligible[: keep_count(len(eligible), e.keep)]
     best = kept[0]
     parts = (
         [f"CCIP RecScore {ccip[best]:.3f}"]
@@ -151,3 +157,32 @@ def _apply_gate(selection: Selection, table: Table, e: EvaluateSettings) -> None
     elif best < e.gate_recscore:
         selection.gate_passed = False
         selection.gate_reason = f"best CCIP RecScore {best:.3f} is below evaluate.gate_recscore {e.gate_recscore:.2f}"
+
+
+# metrics the ranking rules prefer higher; a probe's best case takes each at its interval's top
+_HIGHER_IS_BETTER = ("ccip_recscore", "bikini_plus", "ai_corrupt")
+
+
+def ruled_out(
+    table: Table,
+    step: int,
+    probe: dict[str, float | None],
+    intervals: dict[str, tuple[float, float] | None],
+    e: EvaluateSettings,
+    ineligible: frozenset[int] = frozenset(),
+) -> bool:
+    """True when ``step``, scored on part of its images (``probe``, with 95% ``intervals``), would not be
+    kept even at the best its intervals allow, among the steps of ``table`` (``ineligible`` ones, ruled out
+    before, count in the normalisation only): the rest of its images cannot change the selection beyond
+    those intervals, so they need not be rendered.
+
+    Needs as many eligible steps as are kept; the validation-loss rule never samples, so it rules out nothing.
+    """
+    eligible = len(table) - len(ineligible & table.keys())
+    if e.selection == "validation_loss" or eligible < keep_count(eligible + 1, e.keep):
+        return False
+    best_case = dict(probe)
+    for metric in _HIGHER_IS_BETTER:
+        if intervals.get(metric) and best_case.get(metric) is not None:
+            best_case[metric] = max(float(best_case[metric]), intervals[metric][1])
+    return step not in select_steps({**table, step: best_case}, e, ineligible).kept

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One lent-GPU session's measurements for the speed work, as one command that ends within 10 minutes.
+#
+# Here, once (needs PyPI):   bash benchmarks/gpu_session.sh --fetch      # wheels into .whl/ (git-ignored)
+# On the GPU machine:        bash benchmarks/gpu_session.sh              # carry .whl; results in $OUT
+#
+# In order of value, each part under its own time limit so the later ones never starve the files:
+#   1. gpu_train_check.py: CUDA correctness (bf16/fp16, resume, diffusers loading) on tiny models;
+#   2. factory_throughput.py: sd15-anime train + evaluate on random full-size SD1.5, models per GPU-day;
+#   3. train_profile.py: where an SD1.5 batch-8 step's milliseconds go (torch profiler);
+#   4. factory_throughput.py for sdxl-anime, if time is left.
+# Without --fetch run it from the repository root; it writes to $OUT (default benchmarks/results/gpu-session).
+set -uo pipefail
+if [ "${1:-}" = "--fetch" ]; then
+    mkdir -p .whl
+    grep -q '^/.whl/$' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+    exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl -r benchmarks/gpu_wheels.txt
+fi
+OUT=${OUT:-benchmarks/results/gpu-session}
+WORK=${WORK:-/tmp/lorafactory-gpu}
+mkdir -p "$OUT" "$WORK"
+started=$SECONDS
+left() { echo $(( ${BUDGET:-570} - (SECONDS - started) )); }
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+{ nvidia-smi; python3 -c "import torch, diffusers; print(torch.__version__, torch.version.cuda, diffusers.__version__)"; } \
+    > "$OUT/environment.txt" 2>&1
+
+log="$OUT/session.log"  # every part's output, in one file (the machine returns at most 8 files)
+part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (and what the budget has left)
+    local name=$1 limit=$2; shift 2
+    local budget; budget=$(left)
+    (( budget < limit )) && limit=$budget
+    if (( limit < 30 )); then echo "== skipped $name: no time left" | tee -a "$log"; return; fi
+    echo "== $name (limit ${limit}s)" | tee -a "$log"
+    timeout -k 10 "$limit" "$@" > "$OUT/part.log" 2>&1
+    local code=$?
+    grep -v -e 'Warning' -e 'warnings.warn' -e 'it/s]' "$OUT/part.log" >> "$log"
+    rm -f "$OUT/part.log"
+    echo "== $name: exit $code after $((SECONDS - started))s" | tee -a "$log"
+}
+
+part gpu_train_check 90 python3 benchmarks/gpu_train_check.py "$WORK/check"
+tiny=${TINY:+--tiny}  # TINY=1: the same parts on the tiny models on CPU, to check this script here
+few=${TINY:+--images 24}
+part factory_sd15 240 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 --repeats 2 \
+    --out "$OUT" --work "$WORK" $tiny $few
+part profile_sd15 90 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" --work "$WORK" $tiny
+part factory_sdxl 240 python3 benchmarks/factory_throughput.py --preset sdxl-anime --steps 100 --repeats 1 \
+    --out "$OUT" --work "$WORK" $tiny $few
+ls -la "$OUT"

@@ -1,0 +1,120 @@
+"""Where a training step's milliseconds go: the torch profiler over steps of our own trainer.
+
+Builds random full-size SD1.5 (or SDXL with ``--sdxl``), trains ``--warmup`` steps, then profiles
+``--steps`` steps and writes, under ``--out``:
+- ``train_profile_<model>.txt``: the operators by device time and by host time, the host-device
+  synchronisations and copies counted, and the step's wall time against its summed kernel time
+  (a loop that is far from its kernel time is bound by the host, not the GPU);
+- ``train_profile_<model>.json.gz``: the Chrome trace (open in Perfetto).
+
+    PYTHONPATH=src python benchmarks/train_profile.py [--sdxl] [--batch 8] [--resolution 512] [--out DIR] [--tiny]
+
+``--tiny`` runs the tiny model on CPU: a check of the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+SYNC_EVENTS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "aten::item",
+    "aten::_local_scalar_dense",
+)
+COPY_EVENTS = ("cudaMemcpyAsync", "aten::copy_", "aten::to")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sdxl", action="store_true")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--resolution", type=int, default=None, help="default 512 (SD1.5), 1024 (SDXL)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--set", action="append", default=[], help="a train setting, e.g. train.fused_optimizer=false")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-profile-"))
+
+    from gpu_throughput import make_dataset  # noqa: E402 - the benchmarks folder is the script's own
+    from lorafactory.config import load_settings
+    from lorafactory.progress import SilentProgress
+    from lorafactory.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
+    from lorafactory.train.trainer import _Run
+
+    name = "sdxl" if args.sdxl else "sd15"
+    size = "tiny" if args.tiny else "full"
+    model = (build_tiny_sdxl if args.sdxl else build_tiny_sd)(work / f"{name}-{size}", full_size=not args.tiny)
+    side = args.resolution or (128 if args.tiny else 1024 if args.sdxl else 512)
+    settings = load_settings(
+        overrides=[
+            'character.name="Bench"',
+            f'train.base_model="{model}"',
+            f"train.resolution={side}",
+            f"train.batch_size={args.batch}",
+            "train.validation_split=0.0",
+            "train.max_steps=100000",
+            f'train.device="{"cpu" if args.tiny else "cuda"}"',
+            *args.set,
+        ]
+    )
+    run = _Run(
+        settings,
+        "bench",
+        make_dataset(work / f"data-{side}", side, count=4 * args.batch),
+        work / "out",
+        SilentProgress(),
+    )
+    cuda = run.device.type == "cuda"
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(args.warmup):
+        run.step()
+    synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            run.step()
+        synchronize()
+        wall = (time.perf_counter() - start) / args.steps
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if cuda else float("nan")
+    counts = {key: sum(e.count for e in events if e.key == key) / args.steps for key in SYNC_EVENTS + COPY_EVENTS}
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"train_profile_{name}{'_tiny' if args.tiny else ''}_b{args.batch}_{side}"
+    lines = [
+        f"{name} {side}px batch {args.batch}, {run.dtype}, {torch.cuda.get_device_name() if cuda else 'CPU'}",
+        f"step wall time {wall * 1000:.1f} ms; summed device time {kernel_us / 1000 / args.steps:.1f} ms per step",
+        f"samples/s {args.batch / wall:.1f}",
+        "per step: " + ", ".join(f"{key} {value:g}" for key, value in counts.items()),
+        "",
+        "by device time:" if cuda else "by host time:",
+        events.table(sort_by=device_key, row_limit=40),
+        "by host time:",
+        events.table(sort_by="self_cpu_time_total", row_limit=25),
+    ]
+    (args.out / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    trace = work / f"{stem}.json"
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as source, gzip.open(args.out / f"{stem}.json.gz", "wb") as target:
+        shutil.copyfileobj(source, target)
+    print("\n".join(lines[:4]))
+    print(f"written: {args.out / (stem + '.txt')}")
+
+
+if __name__ == "__main__":
+    main()
