@@ -198,32 +198,31 @@ def test_the_base_pipeline_stays_loaded_between_evaluations(kit, trained, datase
 def test_sequential_evaluation_renders_half_of_a_ruled_out_checkpoint_and_never_keeps_it(
     kit, trained, dataset, tmp_path, monkeypatch
 ):
-    """The decision itself is tested on synthetic tables (test_sequential.py); here the evaluator's side:
+    """The decision itself is tested on synthetic runs (test_sequential.py); here the evaluator's side:
     latest checkpoints first, half of the images of a ruled-out one, its reason, and no release of it."""
     from lorafactory.evaluate import evaluator
 
     settings, out, checkpoints = trained
     settings = settings.model_copy(deep=True)
     settings.evaluate.sequential, settings.evaluate.keep = True, 3
+    checkpoints = {step: checkpoints[step] for step in (4, 5, 6, 7, 8)}
     seen = {}
 
     def decide(table, step, probe, intervals, e, ineligible):
         seen[step] = (sorted(table), set(ineligible), probe["ccip_recscore"] is not None and bool(intervals))
-        return step <= 3
+        return step <= 5
 
     monkeypatch.setattr(evaluator, "ruled_out", decide)
     result = evaluate(settings, TRIGGER, dataset, out, checkpoints, {}, tmp_path / "eval", SilentProgress())
-    n = result.counts["images_per_checkpoint"]
-    assert result.details["ruled_out"] == [1, 2, 3]
-    assert seen[8] == ([], set(), True) and seen[3] == ([4, 5, 6, 7, 8], set(), True)
-    assert seen[1] == ([2, 3, 4, 5, 6, 7, 8], {2, 3}, True)  # earlier ruled-out rows count, as ineligible
-    assert result.counts["images_rendered"] == 5 * n + 3 * ((n + 1) // 2)
+    n, half = result.counts["images_per_checkpoint"], (result.counts["images_per_checkpoint"] + 1) // 2
+    assert result.details["ruled_out"] == [4, 5]
+    assert seen[8] == ([], set(), True) and seen[5] == ([6, 7, 8], set(), True)
+    assert seen[4] == ([5, 6, 7, 8], {5}, True)  # an earlier ruled-out row counts, as ineligible
+    assert result.counts["images_rendered"] == 3 * n + 2 * half
     for step in checkpoints:
         folder = step_dir(tmp_path / "eval", step)
         rendered = [p for p in folder.glob("*.png") if p.name != "grid.png"]
         per_image = json.loads((folder / "metrics.json").read_text())["per_image"]
-        assert len(rendered) == len(per_image) == ((n + 1) // 2 if step <= 3 else n)
-    assert not {1, 2, 3} & set(result.selection.kept) and len(result.selection.kept) == 3
-    assert all(
-        result.selection.excluded[s].startswith(f"ruled out after {(n + 1) // 2} of {n} images") for s in (1, 2, 3)
-    )
+        assert len(rendered) == len(per_image) == (half if step <= 5 else n)
+    assert set(result.selection.kept) == {6, 7, 8}
+    assert all(result.selection.excluded[s].startswith(f"ruled out after {half} of {n} images") for s in (4, 5))
