@@ -208,7 +208,8 @@ def test_sequential_evaluation_renders_half_of_a_ruled_out_checkpoint_and_never_
     checkpoints = {step: checkpoints[step] for step in (4, 5, 6, 7, 8)}
     seen = {}
 
-    def decide(table, step, probe, intervals, e, ineligible):
+    def decide(table, step, probe, intervals, e, keep, ineligible):
+        assert keep == 3
         seen[step] = (sorted(table), set(ineligible), probe["ccip_recscore"] is not None and bool(intervals))
         return step <= 5
 

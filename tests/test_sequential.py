@@ -37,10 +37,11 @@ def test_nothing_is_ruled_out_before_there_are_as_many_scored_steps_as_are_kept(
     hopeless = {"ccip_recscore": 0.0, "bikini_plus": 0.0, "ai_corrupt": 0.0}
     tight = {m: (0.0, 0.01) for m in METRICS}
     good = {"ccip_recscore": 0.9, "bikini_plus": 0.4, "ai_corrupt": 0.95}
-    assert not ruled_out({100: good, 200: good}, 300, hopeless, tight, e)  # 3 steps are kept
-    assert ruled_out({100: good, 200: good, 300: good}, 400, hopeless, tight, e)
-    assert not ruled_out({100: good, 200: good, 300: good}, 400, hopeless, tight, e, frozenset({300}))
+    assert not ruled_out({100: good, 200: good}, 300, hopeless, tight, e, keep=3)  # 3 steps are kept
+    assert ruled_out({100: good, 200: good, 300: good}, 400, hopeless, tight, e, keep=3)
+    assert not ruled_out({100: good, 200: good, 300: good}, 400, hopeless, tight, e, keep=4)  # the run keeps 4
+    assert not ruled_out({100: good, 200: good, 300: good}, 400, hopeless, tight, e, 3, frozenset({300}))
     wide = {m: (0.0, 1.0) for m in METRICS}
-    assert not ruled_out({100: good, 200: good, 300: good}, 400, hopeless, wide, e)  # it could still win
+    assert not ruled_out({100: good, 200: good, 300: good}, 400, hopeless, wide, e, keep=3)  # it could still win
     by_loss = load_settings(overrides=['evaluate.selection="validation_loss"']).evaluate
-    assert not ruled_out({100: good, 200: good, 300: good}, 400, hopeless, tight, by_loss)
+    assert not ruled_out({100: good, 200: good, 300: good}, 400, hopeless, tight, by_loss, keep=3)

@@ -25,7 +25,7 @@ from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
 from lorafactory.evaluate.resident import base_pipeline
 from lorafactory.evaluate.scoring import METRICS, Scorer, StepScores
-from lorafactory.evaluate.select import Selection, ruled_out, select_steps
+from lorafactory.evaluate.select import Selection, keep_count, ruled_out, select_steps
 from lorafactory.progress import Progress
 from lorafactory.train.data import read_metadata
 from lorafactory.train.model import resolve_device, resolve_dtype
@@ -123,6 +123,7 @@ def evaluate(
             [steps] if e.checkpoints == "all" else [coarse_steps(steps, e.coarse_every), None]
         )  # None: refine around the best
         ruled: dict[int, str] = {}  # steps whose first half of images already ruled them out (sequential)
+        keep = keep_count(len(steps), e.keep)  # what the whole run keeps: a step outside it is ruled out
         images_rendered = 0
         with progress.task("evaluating checkpoints", total=len(steps) * len(work)) as task:
             done: set[int] = set()
@@ -133,6 +134,10 @@ def evaluate(
                 for step in sorted(planned, reverse=e.sequential):  # sequential: the latest set a high bar first
                     scored = {s: table[s] for s in sorted(done) if s not in failed}
                     done.add(step)
+
+                    def outside_kept(probe: StepScores) -> bool:  # called at once, within this iteration
+                        return ruled_out(scored, step, probe.values, probe.intervals, e, keep, frozenset(ruled))
+
                     scores = _evaluate_step(
                         generator,
                         scorer,
@@ -142,13 +147,7 @@ def evaluate(
                         train_dir / checkpoints[step],
                         step_dir(out_dir, step),
                         task,
-                        (
-                            lambda probe, step=step: ruled_out(
-                                scored, step, probe.values, probe.intervals, e, frozenset(ruled)
-                            )
-                        )
-                        if e.sequential
-                        else None,
+                        outside_kept if e.sequential else None,
                     )
                     if isinstance(scores, str):
                         failed[step] = scores

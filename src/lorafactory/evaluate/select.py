@@ -169,20 +169,22 @@ def ruled_out(
     probe: dict[str, float | None],
     intervals: dict[str, tuple[float, float] | None],
     e: EvaluateSettings,
+    keep: int,
     ineligible: frozenset[int] = frozenset(),
 ) -> bool:
     """True when ``step``, scored on part of its images (``probe``, with 95% ``intervals``), would not be
-    kept even at the best its intervals allow, among the steps of ``table`` (``ineligible`` ones, ruled out
-    before, count in the normalisation only): the rest of its images cannot change the selection beyond
-    those intervals, so they need not be rendered.
+    among the ``keep`` best even at the top of its intervals, among the steps of ``table`` (``ineligible``
+    ones, ruled out before, count in the normalisation only): the rest of its images cannot change the
+    selection beyond those intervals, so they need not be rendered. ``keep`` is what the whole run will
+    keep (``keep_count`` of all its checkpoints), not what the steps scored so far would.
 
-    Needs as many eligible steps as are kept; the validation-loss rule never samples, so it rules out nothing.
+    Needs ``keep`` eligible steps first; the validation-loss rule never samples, so it rules out nothing.
     """
-    eligible = len(table) - len(ineligible & table.keys())
-    if e.selection == "validation_loss" or eligible < keep_count(eligible + 1, e.keep):
+    if e.selection == "validation_loss" or len(table.keys() - ineligible) < keep:
         return False
     best_case = dict(probe)
     for metric in _HIGHER_IS_BETTER:
         if intervals.get(metric) and best_case.get(metric) is not None:
             best_case[metric] = max(float(best_case[metric]), intervals[metric][1])
-    return step not in select_steps({**table, step: best_case}, e, ineligible).kept
+    trial = select_steps({**table, step: best_case}, e.model_copy(update={"keep": keep}), ineligible)
+    return step not in trial.kept

@@ -14,7 +14,7 @@ import numpy as np
 from lorafactory.config import EvaluateSettings
 from lorafactory.evaluate.evaluator import coarse_steps, refine_steps
 from lorafactory.evaluate.metrics import bootstrap_interval
-from lorafactory.evaluate.select import ruled_out, select_steps
+from lorafactory.evaluate.select import keep_count, ruled_out, select_steps
 
 METRICS = ("ccip_recscore", "bikini_plus", "ai_corrupt")
 NOISE = {"ccip_recscore": 0.2, "bikini_plus": 0.08, "ai_corrupt": 0.03}
@@ -58,6 +58,7 @@ class Outcome:
 def replay(run: dict[int, dict[str, np.ndarray]], e: EvaluateSettings, sequential: bool, coarse: bool) -> Outcome:
     """What the evaluator does on ``run``: the same rounds, order and ruling out, with the real rule."""
     steps = sorted(run)
+    keep = keep_count(len(steps), e.keep)
     table: dict[int, Row] = {}
     ruled: set[int] = set()
     done: set[int] = set()
@@ -71,7 +72,7 @@ def replay(run: dict[int, dict[str, np.ndarray]], e: EvaluateSettings, sequentia
             done.add(step)
             if sequential:
                 probe, intervals = scored(run[step], half=True)
-                if ruled_out(before, step, probe, intervals, e, frozenset(ruled)):
+                if ruled_out(before, step, probe, intervals, e, keep, frozenset(ruled)):
                     ruled.add(step)
                     table[step], images = probe, images + (IMAGES + 1) // 2
                     continue
