@@ -7,8 +7,9 @@
 # In order of value, each part under its own time limit so the later ones never starve the files:
 #   1. gpu_train_check.py: CUDA correctness (bf16/fp16, resume, diffusers loading) on tiny models;
 #   2. factory_throughput.py: sd15-anime train + evaluate on random full-size SD1.5, models per GPU-day;
-#   3. train_profile.py: where an SD1.5 batch-8 step's milliseconds go (torch profiler);
-#   4. factory_throughput.py for sdxl-anime, if time is left.
+#   3. train_profile.py: where an SD1.5 batch-8 step's milliseconds go (torch profiler), eager and with
+#      train.compile (regional torch.compile, inductor);
+#   4. factory_throughput.py for sdxl-anime, if time is left (a second session may be needed for it).
 # Without --fetch run it from the repository root; it writes to $OUT (default benchmarks/results/gpu-session).
 set -uo pipefail
 if [ "${1:-}" = "--fetch" ]; then
@@ -46,12 +47,14 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (and w
     echo "== $name: exit $code after $((SECONDS - started))s" | tee -a "$log"
 }
 
-part gpu_train_check 90 python3 benchmarks/gpu_train_check.py "$WORK/check"
+part gpu_train_check 80 python3 benchmarks/gpu_train_check.py "$WORK/check"
 tiny=${TINY:+--tiny}  # TINY=1: the same parts on the tiny models on CPU, to check this script here
 few=${TINY:+--images 24}
-part factory_sd15 240 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 --repeats 2 \
+part factory_sd15 220 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 --repeats 2 \
     --out "$OUT" --work "$WORK" $tiny $few
-part profile_sd15 90 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" --work "$WORK" $tiny
+part profile_sd15 70 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" --work "$WORK" $tiny
+part profile_sd15_compiled 110 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" \
+    --work "$WORK" --set train.compile=true --tag compiled $tiny
 part factory_sdxl 240 python3 benchmarks/factory_throughput.py --preset sdxl-anime --steps 100 --repeats 1 \
     --out "$OUT" --work "$WORK" $tiny $few
 ls -la "$OUT"

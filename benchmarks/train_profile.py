@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--set", action="append", default=[], help="a train setting, e.g. train.fused_optimizer=false")
+    parser.add_argument("--set", action="append", default=[], help="a train setting, e.g. train.compile=true")
+    parser.add_argument("--tag", default="", help="added to the output names, e.g. compiled")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-profile-"))
 
@@ -95,9 +96,12 @@ def main() -> None:
     counts = {key: sum(e.count for e in events if e.key == key) / args.steps for key in SYNC_EVENTS + COPY_EVENTS}
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_profile_{name}{'_tiny' if args.tiny else ''}_b{args.batch}_{side}"
+    stem = (
+        f"train_profile_{name}{'_tiny' if args.tiny else ''}_b{args.batch}_{side}{'_' + args.tag if args.tag else ''}"
+    )
     lines = [
-        f"{name} {side}px batch {args.batch}, {run.dtype}, {torch.cuda.get_device_name() if cuda else 'CPU'}",
+        f"{name} {side}px batch {args.batch}, {run.dtype}, {torch.cuda.get_device_name() if cuda else 'CPU'}"
+        + (f"; {', '.join(args.set)}" if args.set else ""),
         f"step wall time {wall * 1000:.1f} ms; summed device time {kernel_us / 1000 / args.steps:.1f} ms per step",
         f"samples/s {args.batch / wall:.1f}",
         "per step: " + ", ".join(f"{key} {value:g}" for key, value in counts.items()),

@@ -282,6 +282,16 @@ class TrainSettings(Section):
         default_factory=lambda: [200, 400, 600, 800], description="Timesteps (0-999) of the validation loss."
     )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    compile: bool = Field(
+        False,
+        description="torch.compile each UNet transformer block (regional: one compile serves every block).",
+        json_schema_extra={"runtime": True},
+    )
+    compile_backend: str = Field(
+        "inductor",
+        description="torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check).",
+        json_schema_extra={"runtime": True},
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
     )

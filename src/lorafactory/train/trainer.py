@@ -189,6 +189,8 @@ class _Run:
             param.data = param.data.float()
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
+        if t.compile:  # in place, after the LoRA layers are in: parameter names and exports are unchanged
+            base.unet.compile_repeated_blocks(backend=t.compile_backend)
         base.unet.train()
 
         config = dict(base.scheduler_config)
