@@ -49,7 +49,7 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (and w
 
 part gpu_train_check 80 python3 benchmarks/gpu_train_check.py "$WORK/check"
 tiny=${TINY:+--tiny}  # TINY=1: the same parts on the tiny models on CPU, to check this script here
-few=${TINY:+--images 24}
+few=${TINY:+--images 24 --steps 10 --repeats 1}  # later flags win: a quick pass
 part factory_sd15 220 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 --repeats 2 \
     --out "$OUT" --work "$WORK" $tiny $few
 part profile_sd15 70 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" --work "$WORK" $tiny
