@@ -156,7 +156,7 @@ def evaluate(
                     if scores.images < len(work):
                         ruled[step] = (
                             f"ruled out after {scores.images} of {len(work)} images: even at the top of its "
-                            "95% intervals it would not be kept"
+                            f"95% intervals it would not be among the {keep} kept"
                         )
                     table[step].update(scores.values)
                     intervals[step] = scores.intervals
