@@ -382,7 +382,7 @@ def test_the_fused_optimizer_trains_what_the_per_tensor_one_does(kit, dataset, t
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
-def test_losses_are_read_back_in_batches_and_a_diverged_one_stops_before_the_checkpoint(tmp_path):
+def test_losses_are_read_back_in_batches_and_a_diverged_one_stops_the_run_naming_its_step(tmp_path):
     from lorafactory.train.steplog import SETTLE_EVERY, StepLog
 
     losses: list[float] = []
