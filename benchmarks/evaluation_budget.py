@@ -33,7 +33,10 @@ def main() -> None:
                 outcome = replay(run, e, sequential, coarse)
                 same += outcome.best == full.best
                 images += outcome.images
-                low, high = scored(run[outcome.best])[1]["ccip_recscore"], scored(run[full.best])[1]["ccip_recscore"]
+                low, high = (
+                    scored(run[outcome.best]).intervals["ccip_recscore"],
+                    scored(run[full.best]).intervals["ccip_recscore"],
+                )
                 apart += not (low[0] <= high[1] and high[0] <= low[1])  # RecScore intervals do not overlap
             share = images / sum(t.images for t in truth)
             print(f"{checkpoints:>11}  {name:<28}{same / len(runs):>10.1%}{share:>8.1%}{apart:>7}")

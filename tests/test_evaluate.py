@@ -200,7 +200,7 @@ def test_sequential_evaluation_renders_half_of_a_ruled_out_checkpoint_and_never_
 ):
     """The decision itself is tested on synthetic runs (test_sequential.py); here the evaluator's side:
     latest checkpoints first, half of the images of a ruled-out one, its reason, and no release of it."""
-    from lorafactory.evaluate import evaluator
+    from lorafactory.evaluate import schedule
 
     settings, out, checkpoints = trained
     settings = settings.model_copy(deep=True)
@@ -213,7 +213,7 @@ def test_sequential_evaluation_renders_half_of_a_ruled_out_checkpoint_and_never_
         seen[step] = (sorted(table), set(ineligible), probe["ccip_recscore"] is not None and bool(intervals))
         return step <= 5
 
-    monkeypatch.setattr(evaluator, "ruled_out", decide)
+    monkeypatch.setattr(schedule, "ruled_out", decide)
     result = evaluate(settings, TRIGGER, dataset, out, checkpoints, {}, tmp_path / "eval", SilentProgress())
     n, half = result.counts["images_per_checkpoint"], (result.counts["images_per_checkpoint"] + 1) // 2
     assert result.details["ruled_out"] == [4, 5]

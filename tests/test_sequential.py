@@ -17,7 +17,10 @@ def test_sequential_choice_matches_scoring_every_image_within_the_intervals(seed
     assert 2 <= len(sequential.ruled) <= len(run) - 3  # it saves work, and keeps what selection needs
     assert not sequential.ruled & set(sequential.kept) and not everything.ruled
     if sequential.best != everything.best:  # a different pick only among steps the intervals cannot tell apart
-        a, b = scored(run[sequential.best])[1]["ccip_recscore"], scored(run[everything.best])[1]["ccip_recscore"]
+        a, b = (
+            scored(run[sequential.best]).intervals["ccip_recscore"],
+            scored(run[everything.best]).intervals["ccip_recscore"],
+        )
         assert a[0] <= b[1] and b[0] <= a[1]
 
 

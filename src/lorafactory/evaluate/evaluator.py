@@ -24,8 +24,9 @@ from lorafactory.evaluate.generate import Generator, a1111_parameters, save_png
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
 from lorafactory.evaluate.resident import base_pipeline
+from lorafactory.evaluate.schedule import StopsEarly, score_checkpoints
 from lorafactory.evaluate.scoring import METRICS, Scorer, StepScores
-from lorafactory.evaluate.select import Selection, keep_count, ruled_out, select_steps
+from lorafactory.evaluate.select import Selection, select_steps
 from lorafactory.progress import Progress
 from lorafactory.train.data import read_metadata
 from lorafactory.train.model import resolve_device, resolve_dtype
@@ -71,18 +72,6 @@ def dataset_features(
     return features
 
 
-def coarse_steps(steps: list[int], every: int) -> list[int]:
-    """Every ``every``-th checkpoint, and always the last."""
-    return sorted(set(steps[every - 1 :: every]) | {steps[-1]})
-
-
-def refine_steps(steps: list[int], done: set[int], around: list[int], every: int) -> list[int]:
-    """The not yet evaluated checkpoints within ``every - 1`` places of the ``around`` steps."""
-    index = {step: i for i, step in enumerate(steps)}
-    wanted = {steps[j] for s in around for j in range(max(0, index[s] - every + 1), min(len(steps), index[s] + every))}
-    return sorted(wanted - done)
-
-
 def evaluate(
     settings: Settings,
     trigger: str,
@@ -117,53 +106,19 @@ def evaluate(
         table: dict[int, dict[str, float | None]] = {
             s: {m: None for m in METRICS} | {"validation_loss": validation_loss.get(s)} for s in steps
         }
-        intervals: dict[int, dict[str, tuple[float, float] | None]] = {}
-        failed: dict[int, str] = {}
-        rounds = (
-            [steps] if e.checkpoints == "all" else [coarse_steps(steps, e.coarse_every), None]
-        )  # None: refine around the best
-        ruled: dict[int, str] = {}  # steps whose first half of images already ruled them out (sequential)
-        keep = keep_count(len(steps), e.keep)  # what the whole run keeps: a step outside it is ruled out
-        images_rendered = 0
         with progress.task("evaluating checkpoints", total=len(steps) * len(work)) as task:
-            done: set[int] = set()
-            for planned in rounds:
-                if planned is None:
-                    around = select_steps({s: table[s] for s in sorted(done)}, e, frozenset(ruled)).kept
-                    planned = refine_steps(steps, done, around, e.coarse_every)
-                for step in sorted(planned, reverse=e.sequential):  # sequential: the latest set a high bar first
-                    scored = {s: table[s] for s in sorted(done) if s not in failed}
-                    done.add(step)
 
-                    def outside_kept(probe: StepScores) -> bool:  # called at once, within this iteration
-                        return ruled_out(scored, step, probe.values, probe.intervals, e, keep, frozenset(ruled))
+            def score(step: int, stops_early: StopsEarly | None) -> StepScores | str:
+                folder, target = train_dir / checkpoints[step], step_dir(out_dir, step)
+                scores = _evaluate_step(generator, scorer, work, settings, trigger, folder, target, task, stops_early)
+                if not isinstance(scores, str):
+                    record = _step_record(step, {**table[step], **scores.values}, scores)
+                    write_json_atomic(target / "metrics.json", record)
+                return scores
 
-                    scores = _evaluate_step(
-                        generator,
-                        scorer,
-                        work,
-                        settings,
-                        trigger,
-                        train_dir / checkpoints[step],
-                        step_dir(out_dir, step),
-                        task,
-                        outside_kept if e.sequential else None,
-                    )
-                    if isinstance(scores, str):
-                        failed[step] = scores
-                        continue
-                    images_rendered += scores.images
-                    if scores.images < len(work):
-                        ruled[step] = (
-                            f"ruled out after {scores.images} of {len(work)} images: even at the top of its "
-                            f"95% intervals it would not be among the {keep} kept"
-                        )
-                    table[step].update(scores.values)
-                    intervals[step] = scores.intervals
-                    write_json_atomic(
-                        step_dir(out_dir, step) / "metrics.json", _step_record(step, table[step], scores)
-                    )
-            task.advance((len(steps) - len(done)) * len(work))
+            scored = score_checkpoints(table, e, score, len(work))
+            task.advance((len(steps) - len(scored.done)) * len(work))
+    failed, ruled, done = scored.failed, scored.ruled, scored.done
     skipped = [s for s in steps if s not in done]
 
     selection = select_steps(table, e, frozenset(ruled))  # their half-scored rows count in the normalisation
@@ -172,8 +127,8 @@ def evaluate(
         selection.excluded[step] = "not evaluated (coarse-to-fine)"
     for step, why in failed.items():
         selection.excluded[step] = f"failed to load: {why}"
-    _write_tables(out_dir, table, intervals, selection)
-    metrics_plot(table, intervals, METRICS, selection.kept, out_dir / "metrics_plot.png")
+    _write_tables(out_dir, table, scored.intervals, selection)
+    metrics_plot(table, scored.intervals, METRICS, selection.kept, out_dir / "metrics_plot.png")
     details = {
         "device": str(device),
         "selected_step": selection.best,
@@ -194,7 +149,7 @@ def evaluate(
         "checkpoints": len(steps),
         "evaluated": len(done) - len(failed),
         "images_per_checkpoint": len(work),
-        "images_rendered": images_rendered,
+        "images_rendered": scored.images,
         "failed_checkpoints": len(failed),
     }
     return Evaluation(counts, details, table, selection)

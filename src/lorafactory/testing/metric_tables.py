@@ -12,15 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorafactory.config import EvaluateSettings
-from lorafactory.evaluate.evaluator import coarse_steps, refine_steps
 from lorafactory.evaluate.metrics import bootstrap_interval
-from lorafactory.evaluate.select import keep_count, ruled_out, select_steps
+from lorafactory.evaluate.schedule import StopsEarly, score_checkpoints
+from lorafactory.evaluate.scoring import StepScores
+from lorafactory.evaluate.select import select_steps
 
 METRICS = ("ccip_recscore", "bikini_plus", "ai_corrupt")
 NOISE = {"ccip_recscore": 0.2, "bikini_plus": 0.08, "ai_corrupt": 0.03}
 IMAGES = 28  # the default prompt suite's images per checkpoint
-Row = dict[str, float | None]
-Intervals = dict[str, tuple[float, float] | None]
 
 
 def synthetic_run(seed: int, checkpoints: int = 20, every: int = 100) -> dict[int, dict[str, np.ndarray]]:
@@ -40,11 +39,12 @@ def synthetic_run(seed: int, checkpoints: int = 20, every: int = 100) -> dict[in
     }
 
 
-def scored(values: dict[str, np.ndarray], half: bool = False) -> tuple[Row, Intervals]:
-    """A checkpoint's row and 95% intervals, from all its images or every other one (``half``)."""
+def scored(values: dict[str, np.ndarray], half: bool = False) -> StepScores:
+    """A checkpoint's scores and 95% intervals, from all its images or every other one (``half``)."""
     chosen = slice(0, None, 2) if half else slice(None)
-    row: Row = {m: float(values[m][chosen].mean()) for m in METRICS}
-    return row, {m: bootstrap_interval(list(values[m][chosen]), 400, seed=1) for m in METRICS}
+    row: dict[str, float | None] = {m: float(values[m][chosen].mean()) for m in METRICS}
+    intervals = {m: bootstrap_interval(list(values[m][chosen]), 400, seed=1) for m in METRICS}
+    return StepScores(row, intervals, images=len(values[METRICS[0]][chosen]))
 
 
 @dataclass
@@ -56,26 +56,17 @@ class Outcome:
 
 
 def replay(run: dict[int, dict[str, np.ndarray]], e: EvaluateSettings, sequential: bool, coarse: bool) -> Outcome:
-    """What the evaluator does on ``run``: the same rounds, order and ruling out, with the real rule."""
-    steps = sorted(run)
-    keep = keep_count(len(steps), e.keep)
-    table: dict[int, Row] = {}
-    ruled: set[int] = set()
-    done: set[int] = set()
-    images = 0
-    for planned in [coarse_steps(steps, e.coarse_every), None] if coarse else [steps]:
-        if planned is None:
-            around = select_steps({s: table[s] for s in sorted(done)}, e, frozenset(ruled)).kept
-            planned = refine_steps(steps, done, around, e.coarse_every)
-        for step in sorted(planned, reverse=sequential):
-            before = dict(table)
-            done.add(step)
-            if sequential:
-                probe, intervals = scored(run[step], half=True)
-                if ruled_out(before, step, probe, intervals, e, keep, frozenset(ruled)):
-                    ruled.add(step)
-                    table[step], images = probe, images + (IMAGES + 1) // 2
-                    continue
-            table[step], images = scored(run[step])[0], images + IMAGES
-    selection = select_steps(table, e, frozenset(ruled))
-    return Outcome(selection.best, selection.kept, ruled, images)
+    """The evaluate stage's own loop (``score_checkpoints``) and selection on ``run``, with these strategies."""
+    e = e.model_copy(update={"sequential": sequential, "checkpoints": "coarse_to_fine" if coarse else "all"})
+
+    def score(step: int, stops_early: StopsEarly | None) -> StepScores:
+        if stops_early is not None:
+            half = scored(run[step], half=True)
+            if stops_early(half):
+                return half
+        return scored(run[step])
+
+    table: dict[int, dict[str, float | None]] = {step: {m: None for m in METRICS} for step in run}
+    result = score_checkpoints(table, e, score, IMAGES)
+    selection = select_steps(table, e, frozenset(result.ruled))
+    return Outcome(selection.best, selection.kept, set(result.ruled), result.images)
