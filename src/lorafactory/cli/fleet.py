@@ -67,10 +67,12 @@ def queue_add(
             wanted |= {line.strip(): None for line in lines if line.strip() and not line.lstrip().startswith("#")}
         if until not in STEPS:
             raise ConfigError(f"unknown stage {until!r}; stages are: {', '.join(STEPS)}")
+        copyright_tag = None
         if copyright_:
             from lorafactory.sources.catalog import copyright_characters
             from lorafactory.sources.danbooru import character_tag
 
+            copyright_tag = character_tag(copyright_)  # one spelling, as her site tag qualifies it
             listing = load_settings(config, preset, list(set_ or []))
             wanted |= {entry.name: entry for entry in copyright_characters(listing, copyright_, top, site)}
         if not wanted:
@@ -82,7 +84,6 @@ def queue_add(
             layers = tomllib.loads(to_toml(settings))  # the effective settings, without credentials
             slug = slugify(name)
             if entry is not None:  # known to the site: record it, and crawl under exactly its tag
-                copyright_tag = character_tag(copyright_ or "")  # one spelling, as her site tag qualifies it
                 queue.store.ensure_character(slug, name, trigger_for(settings), copyright_tag, entry.post_count)
                 queue.store.remember_site_tag(site, name, entry.tag, entry.post_count)
             added.append((name, entry, queue.add(slug, name, layers, priority, until)))
