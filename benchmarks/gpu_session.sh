@@ -47,7 +47,7 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (and w
     echo "== $name: exit $code after $((SECONDS - started))s" | tee -a "$log"
 }
 
-part gpu_train_check 80 python3 benchmarks/gpu_train_check.py "$WORK/check"
+part gpu_train_check 90 python3 benchmarks/gpu_train_check.py "$WORK/check"
 tiny=${TINY:+--tiny}  # TINY=1: the same parts on the tiny models on CPU, to check this script here
 few=${TINY:+--images 24 --steps 10 --repeats 1}  # later flags win: a quick pass
 part factory_sd15 220 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 --repeats 2 \

@@ -2,8 +2,9 @@
 
 For tiny SD1 and SDXL models, in bf16 and in fp16 (with the grad scaler), with a text-encoder LoRA
 and a validation loss: train 8 steps straight, train 4 + resume 4, compare the weights, then load
-the exported files with diffusers' own loaders on the GPU and render one image. Prints one JSON
-line per case and exits non-zero on any failure.
+the exported files with diffusers' own loaders on the GPU and render one image. Then, in bf16, a
+few steps under CUDA's sync debug mode: a training step must never make the host wait for the GPU.
+Prints one JSON line per case and exits non-zero on any failure.
 
     PYTHONPATH=src python benchmarks/gpu_train_check.py [WORKDIR]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from lorafactory.testing.synthetic import CHARACTERS
 from lorafactory.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
 from lorafactory.train.model import load_pipeline
 from lorafactory.train.text import ENCODER_KEYS
-from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir, train
+from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, _Run, checkpoint_dir, train
 
 
 def make_dataset(folder: Path) -> Path:
@@ -40,20 +42,22 @@ def make_dataset(folder: Path) -> Path:
     return folder
 
 
+def _settings(model: Path, precision: str, *extra: str):
+    overrides = [
+        'character.name="Check"',
+        f'train.base_model="{model}"',
+        'train.device="cuda"',
+        f'train.mixed_precision="{precision}"',
+        "train.max_steps=8",
+        "train.save_every=4",
+        "train.text_encoder_lora_rank=2",
+        "train.validation_split=0.2",
+    ]
+    return load_settings(preset="tiny-demo", overrides=[*overrides, *extra])
+
+
 def check(model: Path, precision: str, data: Path, work: Path) -> dict:
-    settings = load_settings(
-        preset="tiny-demo",
-        overrides=[
-            'character.name="Check"',
-            f'train.base_model="{model}"',
-            'train.device="cuda"',
-            f'train.mixed_precision="{precision}"',
-            "train.max_steps=8",
-            "train.save_every=4",
-            "train.text_encoder_lora_rank=2",
-            "train.validation_split=0.2",
-        ],
-    )
+    settings = _settings(model, precision)
     straight = train(settings, "check", data, work / "straight", SilentProgress())
     train(settings, "check", data, work / "resumed", SilentProgress(), stop_after=4)
     resumed = train(settings, "check", data, work / "resumed", SilentProgress())
@@ -85,6 +89,26 @@ def check(model: Path, precision: str, data: Path, work: Path) -> dict:
     }
 
 
+def check_no_sync(model: Path, data: Path, work: Path) -> dict:
+    """Steps after warm-up under ``torch.cuda.set_sync_debug_mode("error")``: the first operation that
+    would block the host on the GPU (``.item()``, a copy from pageable memory, ...) raises and is reported."""
+    run = _Run(_settings(model, "bf16", "train.max_steps=100"), "check", data, work, SilentProgress())
+    for _ in range(3):  # first calls move scheduler tables and create optimizer state
+        run.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            run.step()
+        sync = None
+    except RuntimeError as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        sync = f"{str(exc).splitlines()[0]} at {frame.filename}:{frame.lineno}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"model": run.base.family, "check": "steps without host sync", "sync": sync}
+
+
 def main(work: Path) -> None:
     data = make_dataset(work / "data")
     models = {"sd1": build_tiny_sd(work / "tiny-sd"), "sdxl": build_tiny_sdxl(work / "tiny-sdxl")}
@@ -95,6 +119,9 @@ def main(work: Path) -> None:
             ok = result["finite"] and result["render_finite"] and result["resume_max_abs_gap"] < 1e-2
             failed |= not ok
             print(json.dumps({**result, "ok": ok}), flush=True)
+        result = check_no_sync(model, data, work / f"{name}-sync")
+        failed |= result["sync"] is not None
+        print(json.dumps({**result, "ok": result["sync"] is None}), flush=True)
     if failed:
         raise SystemExit("a CUDA check failed")
 

@@ -63,6 +63,8 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
         assert char.manifest("crawl") and char.manifest("prepare") and char.manifest("train") is None
         crawl_requests = sum(1 for _, path in replay.requests if path.startswith("/posts.json"))
 
+        if how == "ctrl-c":  # the resume itself is the same; the stages after train are covered once, by "kill"
+            command[3] = "train"
         second = subprocess.run(command, env=offline_env(kit), capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr[-2000:]
         assert "resuming training at step 30" in second.stderr
@@ -70,13 +72,8 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
 
     summary = Store(ws.default_db_url).character_summary("akane_hoshino")
     stages = {s["stage"]: s["status"] for s in summary["latest_run"]["stages"]}
-    assert stages == {
-        "crawl": "skipped",
-        "prepare": "skipped",
-        "train": "succeeded",
-        "evaluate": "succeeded",
-        "release": "succeeded",
-    }
+    after_train = {"evaluate": "succeeded", "release": "succeeded"} if how == "kill" else {}
+    assert stages == {"crawl": "skipped", "prepare": "skipped", "train": "succeeded", **after_train}
     assert summary["runs"] == 2
     with Store(ws.default_db_url).session() as session:
         from lorafactory.state.models import Run
@@ -87,7 +84,7 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
             and killed.stages[-1].stage == "train"
             and killed.stages[-1].status == "interrupted"
         )
-    assert char.manifest("release") is not None
+    assert (char.manifest("release") is not None) == (how == "kill")
     if how == "kill":  # the resumed weights equal an uninterrupted run's (compared once)
         settings = load_settings(base=read_toml(char.config_path))
         train(settings, "akane_hoshino", char.artifact("prepare"), tmp_path / "straight", SilentProgress())

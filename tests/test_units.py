@@ -148,3 +148,18 @@ def test_own_tags_join_the_taggers():
     from lorafactory.dataset.prepare import with_own_tags
 
     assert with_own_tags({"smile": 0.6}, ["sailor_hat", "smile"]) == {"smile": 1.0, "sailor_hat": 1.0}
+
+
+def test_host_tensor_keeps_values_and_dtype_and_passes_device_tensors_through():
+    import torch
+
+    from lorafactory.train.model import host_tensor
+
+    cpu = torch.device("cpu")
+    ids = host_tensor([[49406, 320, 49407]], cpu)
+    assert ids.dtype == torch.int64 and ids.tolist() == [[49406, 320, 49407]]
+    sizes = host_tensor([[1024, 768, 0, 0, 1024, 768]], cpu, torch.bfloat16)
+    assert sizes.dtype == torch.bfloat16 and sizes.tolist() == [[1024.0, 768.0, 0.0, 0.0, 1024.0, 768.0]]
+    latents = torch.randn(2, 4, 8, 8)
+    assert host_tensor(latents, cpu) is latents  # already there: no copy
+    assert host_tensor([0.5, 1.0], torch.device("meta")).is_meta

@@ -31,6 +31,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def host_tensor(data: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (token ids, loss weights, size conditioning, latents) as a tensor on ``device``. On CUDA the
+    copy goes through pinned memory without blocking: a plain copy from pageable memory waits for the GPU to
+    finish all queued work, so a step's inputs would stall the host mid-step."""
+    tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
     """The dtype of the frozen weights; trainable parameters always stay in float32."""
     if mixed_precision == "auto":

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lorafactory.train.embedding import encode_text, expand_trigger, install_trigger
-from lorafactory.train.model import Family
+from lorafactory.train.model import Family, host_tensor
 
 ENCODER_KEYS = ("clip_l", "clip_g")
 
@@ -68,7 +68,7 @@ def token_chunks(
             rows.append([bos, *part, eos] + [pad] * (CHUNK - len(part)))
             multipliers.append([1.0, *part_weights, 1.0] + [1.0] * (CHUNK - len(part)))
         plain = all(weight == 1.0 for row in multipliers for weight in row)
-        chunks.append((torch.tensor(rows, device=device), None if plain else torch.tensor(multipliers, device=device)))
+        chunks.append((host_tensor(rows, device), None if plain else host_tensor(multipliers, device)))
     return chunks
 
 

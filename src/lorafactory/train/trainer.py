@@ -47,7 +47,7 @@ from lorafactory.train.data import (
 )
 from lorafactory.train.events import TrainEvents
 from lorafactory.train.length import with_planned_steps
-from lorafactory.train.model import load_base, resolve_device, resolve_dtype
+from lorafactory.train.model import host_tensor, load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
 from lorafactory.train.resume import LoopPosition, Stateful, load_state, save_state, saved_step
@@ -84,6 +84,19 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
 
 def _dataset_hash(dataset_dir: Path) -> str:
     return hashlib.sha256((dataset_dir / "metadata.jsonl").read_bytes()).hexdigest()[:16]
+
+
+def skip_lora_input_casts(*modules: torch.nn.Module) -> None:
+    """Turn off peft's cast of each LoRA layer's input to its weights' dtype (float32 here). Under autocast the
+    LoRA matmuls run in the half-precision dtype anyway, so that cast and autocast's cast back only added two
+    elementwise kernels per layer each way; the values are the same bit for bit. This is the switch
+    ``peft.helpers.disable_input_dtype_casting`` sets, kept for the whole run."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.cast_input_dtype_enabled = False
 
 
 def _rewind_log(path: Path, step: int) -> None:
@@ -187,6 +200,7 @@ class _Run:
             )
         for param in self.lora.values():
             param.data = param.data.float()
+        skip_lora_input_casts(base.unet, *base.text_encoders)
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         if t.compile:  # in place, after the LoRA layers are in: parameter names and exports are unchanged
@@ -266,7 +280,7 @@ class _Run:
             time_ids = [[*ex.original_size, *ex.crop, ex.bucket[1], ex.bucket[0]] for ex in batch]
             added = {
                 "text_embeds": cond.pooled,
-                "time_ids": torch.tensor(time_ids, device=self.device, dtype=cond.hidden.dtype),
+                "time_ids": host_tensor(time_ids, self.device, cond.hidden.dtype),
             }
         return self.base.unet(noisy.to(self.dtype), timesteps, cond.hidden, added_cond_kwargs=added).sample
 
@@ -288,7 +302,7 @@ class _Run:
         if t.cache_latents:
             chosen = [ex.flipped if ex.flipped is not None and self.rng.random() < 0.5 else ex.latent for ex in batch]
             shape = (len(batch), *chosen[0].shape)
-            latents = torch.stack(chosen).to(self.device) if compute else None
+            latents = host_tensor(torch.stack(chosen), self.device) if compute else None
         else:
             pixels = [ex.pixels.flip(-1) if t.flip and self.rng.random() < 0.5 else ex.pixels for ex in batch]
             shape = (len(batch), self.cache.channels, *(size // self.cache.factor for size in pixels[0].shape[-2:]))
@@ -323,7 +337,7 @@ class _Run:
         sample_weights = [
             t.prior_loss_weight if ex.regularization else t.group_loss_weights.get(ex.group, 1.0) for ex in batch
         ]
-        weights = weights * torch.tensor(sample_weights, device=self.device)
+        weights = weights * host_tensor(sample_weights, self.device)
         return (per_sample_mse(prediction, target) * weights).mean()
 
     def step(self) -> torch.Tensor:
