@@ -97,6 +97,7 @@ def test_missing_metrics_broken_checkpoints_and_coarse_to_fine(kit, trained, dat
     assert all(result.selection.excluded[s] == "not evaluated (coarse-to-fine)" for s in result.details["skipped"])
     assert best_coarse is None or best_coarse in evaluated
 
+    assert result.details["vision_provider"] == "CPUExecutionProvider"  # what imgutils scored with
     missing = result.details["missing_metrics"]
     assert set(missing) == {"clip_alignment", "diversity"} and "no-such-clip" in missing["clip_alignment"]
     for step in evaluated - {6}:

@@ -91,3 +91,18 @@ def test_tag_counts_come_from_the_taggers_own_tag_list():
     counts = tag_counts(VisionSettings().tagger_model)
     assert counts and all(isinstance(n, int) and n > 0 for n in counts.values())
     assert "bikini" in counts and len(set(counts.values())) > 1  # real per-tag counts, not a constant
+
+
+def test_a_gpu_run_with_the_cpu_onnx_runtime_is_told_how_to_score_on_the_gpu(monkeypatch):
+    import torch
+
+    from lorafactory.vision.runtime import onnx_provider, vision_on_cpu_warning
+
+    monkeypatch.delenv("ONNX_MODE", raising=False)
+    assert onnx_provider() == "CPUExecutionProvider"  # this machine's onnxruntime has no CUDA provider
+    warning = vision_on_cpu_warning(torch.device("cuda"))
+    assert warning and "pip uninstall -y onnxruntime && pip install onnxruntime-gpu" in warning
+    assert "\n" not in warning
+    assert vision_on_cpu_warning(torch.device("cpu")) is None  # a CPU run has nothing to move
+    monkeypatch.setenv("ONNX_MODE", "cpu")  # the user's own choice
+    assert vision_on_cpu_warning(torch.device("cuda")) is None

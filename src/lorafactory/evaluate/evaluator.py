@@ -32,6 +32,7 @@ from lorafactory.train.data import read_metadata
 from lorafactory.train.model import resolve_device, resolve_dtype
 from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE
 from lorafactory.vision.ccip import default_threshold, extract_features
+from lorafactory.vision.runtime import onnx_provider, vision_on_cpu_warning
 from lorafactory.vision.tagging import is_character_trait
 from lorafactory.workspace import write_bytes_atomic, write_json_atomic
 
@@ -98,6 +99,8 @@ def evaluate(
         raise ConfigError(str(exc)) from exc
     work = jobs(e, specs, trigger)
     device = resolve_device(t.device)
+    if warning := vision_on_cpu_warning(device):
+        log.warning(warning)
     with base_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device), t.base_config, device) as pipe:
         generator = Generator(pipe, e, t.clip_skip, device)
         scorer = Scorer(settings, trigger, features, threshold, device)
@@ -131,6 +134,7 @@ def evaluate(
     metrics_plot(table, scored.intervals, METRICS, selection.kept, out_dir / "metrics_plot.png")
     details = {
         "device": str(device),
+        "vision_provider": onnx_provider(),
         "selected_step": selection.best,
         "kept_steps": selection.kept,
         "reason": selection.reason,
