@@ -228,3 +228,21 @@ def test_sequential_evaluation_renders_half_of_a_ruled_out_checkpoint_and_never_
         assert len(rendered) == len(per_image) == (half if step <= 5 else n)
     assert set(result.selection.kept) == {6, 7, 8}
     assert all(result.selection.excluded[s].startswith(f"ruled out after {half} of {n} images") for s in (4, 5))
+
+
+def test_pngs_are_written_in_the_background_with_their_parameters_and_a_failure_is_raised(tmp_path):
+    from PIL import Image
+
+    from lorafactory.evaluate.generate import BackgroundPngs
+
+    images = [Image.new("RGB", (64, 48), (i * 40, 10, 0)) for i in range(6)]
+    with BackgroundPngs(workers=2) as pngs:
+        for i, image in enumerate(images):
+            pngs.save(image, tmp_path / f"{i}.png", f"prompt {i}, Steps: 25")
+    for i in range(6):
+        with Image.open(tmp_path / f"{i}.png") as written:
+            assert written.text["parameters"] == f"prompt {i}, Steps: 25"
+            assert written.size == (64, 48) and written.getpixel((5, 5)) == (i * 40, 10, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.png" for i in range(6)]  # no partial files left
+    with pytest.raises(FileNotFoundError), BackgroundPngs() as pngs:
+        pngs.save(images[0], tmp_path / "no-such-folder" / "x.png", "p")

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from lorafactory.config import Settings
-from lorafactory.evaluate.generate import Generator, a1111_parameters, save_png
+from lorafactory.evaluate.generate import BackgroundPngs, Generator, a1111_parameters
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
 from lorafactory.evaluate.resident import base_pipeline
@@ -185,27 +185,28 @@ def _evaluate_step(
         task.advance(len(work))
         return reason
     rendered: dict[str, Image.Image] = {}
+    with BackgroundPngs() as pngs:  # written while the GPU renders on
 
-    def render(chosen: list[Job]) -> list[Job]:
-        """Render ``chosen``; every job rendered so far, in suite order."""
-        for job, image in generator.render(chosen, on_image=task.advance):
-            save_png(image, target / job.filename, a1111_parameters(job, e, t.clip_skip, Path(t.base_model).name))
-            rendered[job.filename] = image
-        return [job for job in work if job.filename in rendered]
+        def render(chosen: list[Job]) -> list[Job]:
+            """Render ``chosen``; every job rendered so far, in suite order."""
+            for job, image in generator.render(chosen, on_image=task.advance):
+                pngs.save(image, target / job.filename, a1111_parameters(job, e, t.clip_skip, Path(t.base_model).name))
+                rendered[job.filename] = image
+            return [job for job in work if job.filename in rendered]
 
-    def finish(done: list[Job], scores: StepScores | None = None) -> StepScores:
-        generator.unload(trigger, t.embedding_vectors)
-        preview_grid([(job.filename[:-4], rendered[job.filename]) for job in done], target / "grid.png")
-        return scores or scorer.score(done, [rendered[job.filename] for job in done])
+        def finish(done: list[Job], scores: StepScores | None = None) -> StepScores:
+            generator.unload(trigger, t.embedding_vectors)
+            preview_grid([(job.filename[:-4], rendered[job.filename]) for job in done], target / "grid.png")
+            return scores or scorer.score(done, [rendered[job.filename] for job in done])
 
-    if stops_early is None or len(work) < 2:
-        return finish(render(work))
-    half = render(work[::2])
-    partial = scorer.score(half, [rendered[job.filename] for job in half])
-    if stops_early(partial):
-        task.advance(len(work) - len(half))
-        return finish(half, partial)
-    return finish(render(work[1::2]))
+        if stops_early is None or len(work) < 2:
+            return finish(render(work))
+        half = render(work[::2])
+        partial = scorer.score(half, [rendered[job.filename] for job in half])
+        if stops_early(partial):
+            task.advance(len(work) - len(half))
+            return finish(half, partial)
+        return finish(render(work[1::2]))
 
 
 def _step_record(step: int, row: dict[str, float | None], scores: StepScores) -> dict:
