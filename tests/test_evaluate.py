@@ -246,3 +246,47 @@ def test_pngs_are_written_in_the_background_with_their_parameters_and_a_failure_
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.png" for i in range(6)]  # no partial files left
     with pytest.raises(FileNotFoundError), BackgroundPngs() as pngs:
         pngs.save(images[0], tmp_path / "no-such-folder" / "x.png", "p")
+
+
+def test_scores_measured_batch_by_batch_equal_the_scores_measured_at_once(kit, monkeypatch):
+    """The evaluator measures each rendered batch on a worker thread and summarises at the end: the same
+    values and intervals as measuring every image in one go; a model that fails on any batch leaves its
+    metric missing for the whole checkpoint."""
+    import random
+
+    from lorafactory.evaluate import scoring
+    from lorafactory.testing.synthetic import CHARACTERS
+    from lorafactory.vision.ccip import default_threshold, extract_features
+
+    settings = demo_settings(kit, "http://127.0.0.1:1")
+    e, model = settings.evaluate, settings.vision.ccip_model
+    work = jobs(e, prompt_specs(e, [["1girl", "red_hair"]]), "akane_hoshino")
+    rng = random.Random(0)
+    images = [CHARACTERS[i % 2].draw(128, 128, outfit=i % 3, rng=rng) for i in range(len(work))]
+    dataset = extract_features(images[:3], model)
+
+    def scorer():
+        return scoring.Scorer(settings, "akane_hoshino", dataset, default_threshold(model), torch.device("cpu"))
+
+    whole = scorer().score(work, images)
+    batched = scorer()
+    parts = [batched.measure(work[i : i + 2], images[i : i + 2]) for i in range(0, len(work), 2)]
+    split = batched.summarise(work, parts[::-1])  # parts may come in any order
+    assert len(work) == 5 and split.images == whole.images == 5 and not batched.missing
+    assert whole.values["diversity"] is not None and whole.values["ccip_recscore"] is not None
+    for metric, value in whole.values.items():
+        assert split.values[metric] == pytest.approx(value, rel=1e-5, abs=1e-6), metric
+        assert split.intervals[metric] == pytest.approx(whole.intervals[metric], rel=1e-5, abs=1e-6), metric
+    assert list(split.per_image) == [job.filename for job in work]
+
+    failing = scorer()
+    first = failing.measure(work[:2], images[:2])
+
+    def broken(image, model):
+        raise RuntimeError("the model file is damaged")
+
+    monkeypatch.setattr(scoring, "ai_corrupt_score", broken)
+    result = failing.summarise(work, [first, failing.measure(work[2:], images[2:])])
+    assert result.values["ai_corrupt"] is None and "damaged" in failing.missing["ai_corrupt"]
+    assert all("ai_corrupt" not in values for values in result.per_image.values())  # not half a metric
+    assert result.values["ccip_recscore"] == pytest.approx(whole.values["ccip_recscore"], rel=1e-5)

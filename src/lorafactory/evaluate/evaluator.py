@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
 from lorafactory.evaluate.resident import base_pipeline
 from lorafactory.evaluate.schedule import StopsEarly, score_checkpoints
-from lorafactory.evaluate.scoring import METRICS, Scorer, StepScores
+from lorafactory.evaluate.scoring import METRICS, Measured, Scorer, StepScores
 from lorafactory.evaluate.select import Selection, select_steps
 from lorafactory.progress import Progress
 from lorafactory.train.data import read_metadata
@@ -185,28 +186,56 @@ def _evaluate_step(
         task.advance(len(work))
         return reason
     rendered: dict[str, Image.Image] = {}
-    with BackgroundPngs() as pngs:  # written while the GPU renders on
+    # files are written and images measured on worker threads while the GPU renders the next batch
+    with BackgroundPngs() as pngs, BackgroundMeasurements(scorer) as measuring:
 
         def render(chosen: list[Job]) -> list[Job]:
             """Render ``chosen``; every job rendered so far, in suite order."""
+            batch: list[Job] = []
             for job, image in generator.render(chosen, on_image=task.advance):
                 pngs.save(image, target / job.filename, a1111_parameters(job, e, t.clip_skip, Path(t.base_model).name))
                 rendered[job.filename] = image
+                batch.append(job)
+                if len(batch) == e.batch_size or job is chosen[-1]:  # the generator's batch is complete
+                    measuring.submit(batch, [rendered[j.filename] for j in batch])
+                    batch = []
             return [job for job in work if job.filename in rendered]
 
         def finish(done: list[Job], scores: StepScores | None = None) -> StepScores:
             generator.unload(trigger, t.embedding_vectors)
             preview_grid([(job.filename[:-4], rendered[job.filename]) for job in done], target / "grid.png")
-            return scores or scorer.score(done, [rendered[job.filename] for job in done])
+            return scores or measuring.scores(done)
 
         if stops_early is None or len(work) < 2:
             return finish(render(work))
         half = render(work[::2])
-        partial = scorer.score(half, [rendered[job.filename] for job in half])
+        partial = measuring.scores(half)
         if stops_early(partial):
             task.advance(len(work) - len(half))
             return finish(half, partial)
         return finish(render(work[1::2]))
+
+
+class BackgroundMeasurements:
+    """Runs ``scorer.measure`` on one worker thread, batch by batch as images are rendered; ``scores(work)``
+    waits for what was submitted and summarises ``work``'s images."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self._parts: list[Future[Measured]] = []
+
+    def submit(self, work: list[Job], images: list[Image.Image]) -> None:
+        self._parts.append(self._pool.submit(self.scorer.measure, work, images))
+
+    def scores(self, work: list[Job]) -> StepScores:
+        return self.scorer.summarise(work, [part.result() for part in self._parts])
+
+    def __enter__(self) -> BackgroundMeasurements:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=exc_info[0] is not None)
 
 
 def _step_record(step: int, row: dict[str, float | None], scores: StepScores) -> dict:

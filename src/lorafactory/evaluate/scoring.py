@@ -50,6 +50,18 @@ METRICS: dict[str, str] = {
 MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, ImportError)
 
 
+# metric -> its key in the per-image records, where the two differ
+PER_IMAGE_KEYS = {"ccip_recscore": "ccip", "ccip_image_share": "ccip"}
+
+
+@dataclass
+class Measured:
+    """Per-image model outputs for some of a checkpoint's images."""
+
+    per_image: dict[str, dict[str, float]]  # file name -> metric -> value, in the order measured
+    clip_features: np.ndarray | None  # [images, dim] CLIP image embeddings, rows in per_image's order
+
+
 @dataclass
 class StepScores:
     values: dict[str, float | None]
@@ -89,6 +101,11 @@ class Scorer:
         return self._clip
 
     def score(self, work: list[Job], images: list[Image.Image]) -> StepScores:
+        """Every metric of these images, with means and intervals."""
+        return self.summarise(work, [self.measure(work, images)])
+
+    def measure(self, work: list[Job], images: list[Image.Image]) -> Measured:
+        """The per-image model outputs: the slow part, run batch by batch while later images render."""
         e, v = self.settings.evaluate, self.settings.vision
         per_image: dict[str, dict[str, float]] = defaultdict(dict)
         names = [job.filename for job in work]
@@ -129,16 +146,35 @@ class Scorer:
                     ("aesthetic",), lambda: [aesthetic_percentile(image, v.aesthetic_model) for image in images]
                 ),
             )
-        diversity = None
+        features = None
         if e.clip_model:
             embedded = self._attempt(("clip_alignment", "diversity"), lambda: self._clip_scores(work, images))
             if embedded is not None:
                 put("clip_alignment", embedded[0])
-                diversity = embedded[1]
+                features = embedded[1]
         else:
             self.missing.setdefault("clip_alignment", "evaluate.clip_model is empty")
             self.missing.setdefault("diversity", "evaluate.clip_model is empty")
-        scores = self._summarise(dict(per_image), matched, diversity)
+        return Measured({name: per_image.get(name, {}) for name in names}, features)
+
+    def summarise(self, work: list[Job], parts: list[Measured]) -> StepScores:
+        """Means and intervals over ``work``'s images, from the parts measured for them (any order). A metric
+        whose model failed on any part is missing for the whole checkpoint, as if scored in one go."""
+        per_image = {name: values for part in parts for name, values in part.per_image.items()}
+        per_image = {job.filename: dict(per_image[job.filename]) for job in work}  # suite order: same intervals
+        for metric in self.missing:
+            for values in per_image.values():
+                values.pop(PER_IMAGE_KEYS.get(metric, metric), None)
+        diversity = None
+        if "diversity" not in self.missing and all(part.clip_features is not None for part in parts):
+            features = {name: row for part in parts for name, row in zip(part.per_image, part.clip_features)}
+            groups: dict[str, list[np.ndarray]] = defaultdict(list)
+            for job in work:
+                groups[job.prompt_name].append(features[job.filename])
+            vendi = [vendi_score(np.stack(rows)) for rows in groups.values() if len(rows) > 1]
+            diversity = float(np.mean(vendi)) if vendi else None
+        matched = None if "ccip_recscore" in self.missing else [values.get("ccip") for values in per_image.values()]
+        scores = self._summarise(per_image, matched, diversity)
         scores.images = len(work)
         return scores
 
@@ -159,9 +195,8 @@ class Scorer:
             self._weights or {},
         )
 
-    def _clip_scores(self, work: list[Job], images: list[Image.Image]) -> tuple[list[float], float | None]:
-        """Each image's cosine with its own prompt (trigger removed), and the mean Vendi score over
-        the prompts that have several images."""
+    def _clip_scores(self, work: list[Job], images: list[Image.Image]) -> tuple[list[float], np.ndarray]:
+        """Each image's cosine with its own prompt (trigger removed), and the image embeddings."""
         clip = self._clip_model()
         features = clip.images(images)
         texts = [
@@ -173,11 +208,7 @@ class Scorer:
             for job in work
         ]
         alignment = [float(x) for x in np.sum(features * clip.texts(texts), axis=1)]
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, job in enumerate(work):
-            groups[job.prompt_name].append(i)
-        vendi = [vendi_score(features[idx]) for idx in groups.values() if len(idx) > 1]
-        return alignment, float(np.mean(vendi)) if vendi else None
+        return alignment, features
 
     def _summarise(
         self, per_image: dict[str, dict[str, float]], matched: list[float] | None, diversity: float | None
