@@ -407,6 +407,28 @@ def test_lora_layers_under_autocast_skip_the_input_casts_and_train_the_same_bits
     assert lean[2] < casting[2]
 
 
+def test_validation_runs_batched_and_gives_the_per_pair_losses(kit, dataset, tmp_path):
+    """A checkpoint's validation loss goes through the UNet in batches of train.batch_size (one latent shape
+    per batch) and equals the loss computed one (image, timestep) pair at a time."""
+    from lorafactory.train.trainer import _Run
+
+    run = _Run(_settings(kit, "train.validation_split=0.3"), "akane_hoshino", dataset, tmp_path, SilentProgress())
+    run.step()
+    calls: list[int] = []
+    run.base.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    run.t.batch_size = 1
+    one_by_one = run.validate()
+    pairs = len(run.validation.examples) * len(run.t.validation_timesteps)
+    assert calls == [1] * pairs and pairs >= 8
+    calls.clear()
+    run.t.batch_size = 4
+    batched = run.validate()
+    shapes = {tuple(ex.latent.shape) for ex in run.validation.examples}
+    assert sum(calls) == pairs and len(calls) < pairs and max(calls) == 4 and len(calls) <= pairs // 4 + len(shapes)
+    assert batched.keys() == one_by_one.keys() == {"t200", "t400", "t600", "t800", "mean"}
+    assert batched == pytest.approx(one_by_one, rel=1e-5)
+
+
 def test_losses_are_read_back_in_batches_and_a_diverged_one_stops_the_run_naming_its_step(tmp_path):
     from lorafactory.train.steplog import SETTLE_EVERY, StepLog
 

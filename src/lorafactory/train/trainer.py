@@ -376,8 +376,11 @@ class _Run:
             result = self.validation.loss(
                 self.noise_scheduler,
                 self.prediction_type,
-                lambda noisy, timestep, ex: self.predict(noisy, timestep, [", ".join([self.trigger, *ex.tags])], [ex]),
+                lambda noisy, timesteps, batch: self.predict(
+                    noisy, timesteps, [", ".join([self.trigger, *ex.tags]) for ex in batch], batch
+                ),
                 self.device,
+                self.t.batch_size,
             )
         self.base.unet.train()
         return result

@@ -28,20 +28,32 @@ class ValidationSet:
         self,
         scheduler,
         prediction_type: str,
-        predict: Callable[[torch.Tensor, torch.Tensor, Example], torch.Tensor],
+        predict: Callable[[torch.Tensor, torch.Tensor, list[Example]], torch.Tensor],
         device: torch.device,
+        batch_size: int,
     ) -> dict[str, float]:
-        """Mean loss per timestep (``t200``…) and over all (``mean``); ``predict(noisy, timestep, example)``."""
-        totals = {t: 0.0 for t in self.timesteps}
-        for example, noises in zip(self.examples, self.noise):
-            latents = example.latent.unsqueeze(0).to(device)
-            for t, noise in zip(self.timesteps, noises):
-                noise = noise.unsqueeze(0).to(device)
-                timestep = torch.tensor([t], device=device)
-                prediction = predict(scheduler.add_noise(latents, noise, timestep), timestep, example)
-                totals[t] += per_sample_mse(
-                    prediction, target_for(scheduler, latents, noise, timestep, prediction_type)
-                ).item()
+        """Mean loss per timestep (``t200``…) and over all (``mean``); ``predict(noisy, timesteps, examples)``.
+
+        Every (image, timestep) pair of one latent shape goes through the UNet in batches of ``batch_size``,
+        and the losses are read back once: a checkpoint's validation costs a few batched passes, not one
+        pass (and one wait for the GPU) per pair."""
+        pairs = [(i, j) for i in range(len(self.examples)) for j in range(len(self.timesteps))]
+        by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for i, j in pairs:
+            by_shape.setdefault(tuple(self.examples[i].latent.shape), []).append((i, j))
+        losses: dict[tuple[int, int], torch.Tensor] = {}
+        for members in by_shape.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                latents = torch.stack([self.examples[i].latent for i, _ in chunk]).to(device)
+                noise = torch.stack([self.noise[i][j] for i, j in chunk]).to(device)
+                timesteps = torch.tensor([self.timesteps[j] for _, j in chunk], device=device)
+                noisy = scheduler.add_noise(latents, noise, timesteps)
+                prediction = predict(noisy, timesteps, [self.examples[i] for i, _ in chunk])
+                target = target_for(scheduler, latents, noise, timesteps, prediction_type)
+                losses.update(zip(chunk, per_sample_mse(prediction, target)))
+        values = dict(zip(pairs, torch.stack([losses[pair] for pair in pairs]).tolist()))
+        totals = {t: sum(values[(i, j)] for i in range(len(self.examples))) for j, t in enumerate(self.timesteps)}
         result = {f"t{t}": total / len(self.examples) for t, total in totals.items()}
         result["mean"] = sum(totals.values()) / (len(self.examples) * len(self.timesteps))
         return result
