@@ -38,12 +38,12 @@ def trained(kit, dataset, tmp_path_factory):
     return settings, out, result.checkpoints
 
 
-def _render(generator, work, step_folder=None):
+def _render(generator, work, step_folder=None, keep_adapter=False):
     if step_folder is not None:
         generator.load(step_folder / LORA_FILE, step_folder / EMBEDDING_FILE, TRIGGER)
     images = [np.asarray(image) for _, image in generator.render(work)]
     if step_folder is not None:
-        generator.unload(TRIGGER, 2)
+        generator.unload(TRIGGER, 2, keep_adapter=keep_adapter)
     return images
 
 
@@ -54,8 +54,14 @@ def test_adapter_swapping_renders_what_a_fresh_pipeline_renders(kit, trained):
     cpu = torch.device("cpu")
     swapping = Generator(load_pipeline(t.base_model), e, t.clip_skip, cpu)
     base_before = _render(swapping, work)
-    _render(swapping, work, checkpoint_dir(out, 2))
-    swapped = _render(swapping, work, checkpoint_dir(out, 8))
+    _render(swapping, work, checkpoint_dir(out, 2), keep_adapter=True)
+    hotswaps = []
+    real_load = swapping.pipe.load_lora_weights
+    swapping.pipe.load_lora_weights = lambda *args, **kwargs: (
+        hotswaps.append(kwargs.get("hotswap", False)) or real_load(*args, **kwargs)
+    )
+    swapped = _render(swapping, work, checkpoint_dir(out, 8))  # hotswapped into step 2's LoRA layers
+    assert hotswaps == [True] and not swapping.adapter_in
     base_after = _render(swapping, work)
     reloaded = _render(Generator(load_pipeline(t.base_model), e, t.clip_skip, cpu), work, checkpoint_dir(out, 8))
     for a, b in zip(swapped, reloaded):
@@ -189,6 +195,8 @@ def test_the_base_pipeline_stays_loaded_between_evaluations(kit, trained, datase
         for name in ("first", "second")
     ]
     assert loads == [settings.train.base_model] and tables[0] == tables[1]
+    (kept,) = resident._kept.values()  # kept clean: no LoRA layers left from the last checkpoint
+    assert not any("lora" in name for name, _ in kept.unet.named_modules())
     other = settings.model_copy(deep=True)
     other.train.mixed_precision = "bf16"  # another dtype is another pipeline
     with resident.base_pipeline(other.train.base_model, torch.bfloat16, "", torch.device("cpu")):

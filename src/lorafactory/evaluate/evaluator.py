@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from lorafactory.config import Settings
-from lorafactory.evaluate.generate import BackgroundPngs, Generator, a1111_parameters
+from lorafactory.evaluate.generate import LOAD_ERRORS, BackgroundPngs, Generator, a1111_parameters
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
 from lorafactory.evaluate.resident import base_pipeline
@@ -38,7 +38,6 @@ from lorafactory.vision.tagging import is_character_trait
 from lorafactory.workspace import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
-CHECKPOINT_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
 
 
 def step_dir(out_dir: Path, step: int) -> Path:
@@ -121,6 +120,7 @@ def evaluate(
                 return scores
 
             scored = score_checkpoints(table, e, score, len(work))
+            generator.unload(trigger, t.embedding_vectors)  # the kept base pipeline goes back clean
             task.advance((len(steps) - len(scored.done)) * len(work))
     failed, ruled, done = scored.failed, scored.ruled, scored.done
     skipped = [s for s in steps if s not in done]
@@ -179,7 +179,7 @@ def _evaluate_step(
     target.mkdir(parents=True, exist_ok=True)
     try:
         generator.load(folder / LORA_FILE, folder / EMBEDDING_FILE, trigger)
-    except CHECKPOINT_ERRORS as exc:
+    except LOAD_ERRORS as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.warning("checkpoint %s failed to load and is skipped: %s", folder.name, reason)
         generator.unload(trigger, t.embedding_vectors)
@@ -202,7 +202,7 @@ def _evaluate_step(
             return [job for job in work if job.filename in rendered]
 
         def finish(done: list[Job], scores: StepScores | None = None) -> StepScores:
-            generator.unload(trigger, t.embedding_vectors)
+            generator.unload(trigger, t.embedding_vectors, keep_adapter=True)  # the next one is hotswapped in
             preview_grid([(job.filename[:-4], rendered[job.filename]) for job in done], target / "grid.png")
             return scores or measuring.scores(done)
 
