@@ -62,7 +62,7 @@ class Generator:
 
     Between checkpoints of one run the LoRA layers stay in place (``unload(..., keep_adapter=True)``) and the
     next checkpoint's weights are hotswapped into them: diffusers copies the tensors instead of building the
-    layers again, the same weights for a third of the host time (checked against a fresh load in the tests)."""
+    layers again: the same weights (tested) for about a fifth of the host time (benchmarks/adapter_swap.py)."""
 
     def __init__(self, pipe, settings: EvaluateSettings, clip_skip: int, device: torch.device) -> None:
         self.pipe = pipe.to(device)
