@@ -144,6 +144,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
         "dtype": trained.details["dtype"],
         "eval_images_per_checkpoint": result.counts["images_per_checkpoint"],
         "eval_images_rendered": result.counts["images_rendered"],
+        "eval_seconds": result.details["seconds"],  # rendering, loading, waiting for scores and files
         "eval_size": f"{settings.evaluate.width}x{settings.evaluate.height}",
         "sampler_steps": settings.evaluate.steps,
         "measured_steps": measured,

@@ -104,6 +104,9 @@ def test_missing_metrics_broken_checkpoints_and_coarse_to_fine(kit, trained, dat
     assert best_coarse is None or best_coarse in evaluated
 
     assert result.details["vision_provider"] == "CPUExecutionProvider"  # what imgutils scored with
+    seconds = result.details["seconds"]  # where the wall time went: rendering, and waiting for the worker threads
+    assert set(seconds) == {"loading", "rendering", "waiting for scores", "waiting for files"}
+    assert seconds["rendering"] > 0 and all(value >= 0 for value in seconds.values())
     missing = result.details["missing_metrics"]
     assert set(missing) == {"clip_alignment", "diversity"} and "no-such-clip" in missing["clip_alignment"]
     for step in evaluated - {6}:

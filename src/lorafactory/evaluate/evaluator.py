@@ -12,6 +12,8 @@ import csv
 import hashlib
 import io
 import logging
+import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,11 +111,14 @@ def evaluate(
         table: dict[int, dict[str, float | None]] = {
             s: {m: None for m in METRICS} | {"validation_loss": validation_loss.get(s)} for s in steps
         }
+        times: Counter[str] = Counter()  # where the evaluation's wall time went, in seconds
         with progress.task("evaluating checkpoints", total=len(steps) * len(work)) as task:
 
             def score(step: int, stops_early: StopsEarly | None) -> StepScores | str:
                 folder, target = train_dir / checkpoints[step], step_dir(out_dir, step)
-                scores = _evaluate_step(generator, scorer, work, settings, trigger, folder, target, task, stops_early)
+                scores = _evaluate_step(
+                    generator, scorer, work, settings, trigger, folder, target, task, times, stops_early
+                )
                 if not isinstance(scores, str):
                     record = _step_record(step, {**table[step], **scores.values}, scores)
                     write_json_atomic(target / "metrics.json", record)
@@ -136,6 +141,7 @@ def evaluate(
     details = {
         "device": str(device),
         "vision_provider": onnx_provider(),
+        "seconds": {key: round(value, 2) for key, value in times.items()},
         "selected_step": selection.best,
         "kept_steps": selection.kept,
         "reason": selection.reason,
@@ -169,14 +175,17 @@ def _evaluate_step(
     folder: Path,
     target: Path,
     task,
+    times: Counter[str],
     stops_early: Callable[[StepScores], bool] | None = None,
 ) -> StepScores | str:
     """Render and score one checkpoint; a checkpoint that fails to load gives the reason instead.
 
     With ``stops_early``, every other image is rendered and scored first, and the rest only when
-    ``stops_early`` says the half does not settle it (the scores then cover fewer images)."""
+    ``stops_early`` says the half does not settle it (the scores then cover fewer images). ``times``
+    gathers the seconds spent loading, rendering, and waiting for the worker threads' scores and files."""
     e, t = settings.evaluate, settings.train
     target.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     try:
         generator.load(folder / LORA_FILE, folder / EMBEDDING_FILE, trigger)
     except LOAD_ERRORS as exc:
@@ -185,13 +194,16 @@ def _evaluate_step(
         generator.unload(trigger, t.embedding_vectors)
         task.advance(len(work))
         return reason
+    finally:
+        times["loading"] += time.perf_counter() - started
     rendered: dict[str, Image.Image] = {}
     # files are written and images measured on worker threads while the GPU renders the next batch
-    with BackgroundPngs() as pngs, BackgroundMeasurements(scorer) as measuring:
+    with BackgroundPngs(times) as pngs, BackgroundMeasurements(scorer, times) as measuring:
 
         def render(chosen: list[Job]) -> list[Job]:
             """Render ``chosen``; every job rendered so far, in suite order."""
             batch: list[Job] = []
+            started = time.perf_counter()
             for job, image in generator.render(chosen, on_image=task.advance):
                 pngs.save(image, target / job.filename, a1111_parameters(job, e, t.clip_skip, Path(t.base_model).name))
                 rendered[job.filename] = image
@@ -199,6 +211,7 @@ def _evaluate_step(
                 if len(batch) == e.batch_size or job is chosen[-1]:  # the generator's batch is complete
                     measuring.submit(batch, [rendered[j.filename] for j in batch])
                     batch = []
+            times["rendering"] += time.perf_counter() - started
             return [job for job in work if job.filename in rendered]
 
         def finish(done: list[Job], scores: StepScores | None = None) -> StepScores:
@@ -220,8 +233,8 @@ class BackgroundMeasurements:
     """Runs ``scorer.measure`` on one worker thread, batch by batch as images are rendered; ``scores(work)``
     waits for what was submitted and summarises ``work``'s images."""
 
-    def __init__(self, scorer: Scorer) -> None:
-        self.scorer = scorer
+    def __init__(self, scorer: Scorer, times: Counter[str]) -> None:
+        self.scorer, self.times = scorer, times
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self._parts: list[Future[Measured]] = []
 
@@ -229,7 +242,10 @@ class BackgroundMeasurements:
         self._parts.append(self._pool.submit(self.scorer.measure, work, images))
 
     def scores(self, work: list[Job]) -> StepScores:
-        return self.scorer.summarise(work, [part.result() for part in self._parts])
+        started = time.perf_counter()
+        parts = [part.result() for part in self._parts]
+        self.times["waiting for scores"] += time.perf_counter() - started
+        return self.scorer.summarise(work, parts)
 
     def __enter__(self) -> BackgroundMeasurements:
         return self

@@ -7,6 +7,8 @@ Each checkpoint's released files (kohya LoRA, embedding) go through ``load_lora_
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
@@ -170,9 +172,10 @@ class BackgroundPngs:
     batch meanwhile instead of waiting for each file; leaving the block waits for every file and raises the
     first failure."""
 
-    def __init__(self, workers: int = PNG_WRITERS) -> None:
+    def __init__(self, times: Counter[str] | None = None, workers: int = PNG_WRITERS) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png")
         self._pending: list[Future] = []
+        self.times = times if times is not None else Counter()  # "waiting for files": seconds left at the end
 
     def save(self, image: Image.Image, path: Path, parameters: str) -> None:
         self._pending.append(self._pool.submit(save_png, image, path, parameters))
@@ -181,7 +184,9 @@ class BackgroundPngs:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        started = time.perf_counter()
         self._pool.shutdown(wait=True)
+        self.times["waiting for files"] += time.perf_counter() - started
         if exc_info[0] is None:
             for future in self._pending:
                 future.result()
