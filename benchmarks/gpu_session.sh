@@ -5,7 +5,7 @@
 # On the GPU machine:        bash benchmarks/gpu_session.sh              # carry .whl; results in $OUT
 #
 # In order of value, each part under its own time limit so the later ones never starve the files:
-#   1. gpu_train_check.py: CUDA correctness (bf16/fp16, resume, diffusers loading) on tiny models;
+#   1. gpu_train_check.py: CUDA correctness (bf16/fp16, resume, diffusers loading, no host sync in a step);
 #   2. factory_throughput.py: sd15-anime train + evaluate on random full-size SD1.5, models per GPU-day;
 #   3. train_profile.py: where an SD1.5 batch-8 step's milliseconds go (torch profiler), eager and with
 #      train.compile (regional torch.compile, inductor);
