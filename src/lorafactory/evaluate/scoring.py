@@ -50,8 +50,15 @@ METRICS: dict[str, str] = {
 MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, ImportError)
 
 
-# metric -> its key in the per-image records, where the two differ
-PER_IMAGE_KEYS = {"ccip_recscore": "ccip", "ccip_image_share": "ccip"}
+# metric averaged over the images -> the key of its per-image values (ccip_image_share comes from "ccip" too)
+PER_IMAGE_KEYS = {
+    "ccip_recscore": "ccip",
+    "bikini": "bikini",
+    "bikini_plus": "bikini_plus",
+    "ai_corrupt": "ai_corrupt",
+    "clip_alignment": "clip_alignment",
+    "aesthetic": "aesthetic",
+}
 
 
 @dataclass
@@ -162,9 +169,9 @@ class Scorer:
         whose model failed on any part is missing for the whole checkpoint, as if scored in one go."""
         per_image = {name: values for part in parts for name, values in part.per_image.items()}
         per_image = {job.filename: dict(per_image[job.filename]) for job in work}  # suite order: same intervals
-        for metric in self.missing:
+        for metric in self.missing.keys() & PER_IMAGE_KEYS.keys():  # ccip_image_share goes with ccip_recscore
             for values in per_image.values():
-                values.pop(PER_IMAGE_KEYS.get(metric, metric), None)
+                values.pop(PER_IMAGE_KEYS[metric], None)
         diversity = None
         if "diversity" not in self.missing and all(part.clip_features is not None for part in parts):
             features = {name: row for part in parts for name, row in zip(part.per_image, part.clip_features)}
@@ -214,17 +221,9 @@ class Scorer:
         self, per_image: dict[str, dict[str, float]], matched: list[float] | None, diversity: float | None
     ) -> StepScores:
         resamples = self.settings.evaluate.bootstrap
-        columns = {
-            "ccip_recscore": "ccip",
-            "bikini": "bikini",
-            "bikini_plus": "bikini_plus",
-            "ai_corrupt": "ai_corrupt",
-            "clip_alignment": "clip_alignment",
-            "aesthetic": "aesthetic",
-        }
         values: dict[str, float | None] = {}
         intervals: dict[str, tuple[float, float] | None] = {}
-        for column, key in columns.items():
+        for column, key in PER_IMAGE_KEYS.items():
             found = [scores[key] for scores in per_image.values() if key in scores]
             values[column] = float(np.mean(found)) if found else None
             intervals[column] = bootstrap_interval(found, resamples)
