@@ -42,6 +42,23 @@ def make_dataset(folder: Path, side: int, count: int = 16) -> Path:
     return folder
 
 
+def bench_run(model: Path, data: Path, work: Path, resolution: int, device: str, *overrides: str) -> _Run:
+    """Our trainer's run on ``model`` for timing its steps: no validation hold-out, a step count never reached;
+    later ``overrides`` win."""
+    settings = load_settings(
+        overrides=[
+            'character.name="Bench"',
+            f'train.base_model="{model}"',
+            f"train.resolution={resolution}",
+            "train.validation_split=0.0",
+            "train.max_steps=100000",
+            f'train.device="{device}"',
+            *overrides,
+        ]
+    )
+    return _Run(settings, "bench", data, work, SilentProgress())
+
+
 def measure(run: _Run, batch: int, checkpointing: bool) -> dict:
     run.t.batch_size = batch
     run.position.plan = []
@@ -87,17 +104,8 @@ def main(work: Path, tiny: bool) -> None:
     for name, model in models.items():
         for side in sides:
             dataset = make_dataset(work / f"data-{side}", side)
-            settings = load_settings(
-                overrides=[
-                    'character.name="Bench"',
-                    f'train.base_model="{model}"',
-                    f"train.resolution={side}",
-                    "train.validation_split=0.0",
-                    f'train.device="{"cpu" if tiny else "cuda"}"',
-                    "train.max_steps=1000",
-                ]
-            )
-            run = _Run(settings, "bench", dataset, work / "out", SilentProgress())
+            device = "cpu" if tiny else "cuda"
+            run = bench_run(model, dataset, work / "out", side, device, "train.max_steps=1000")
             for checkpointing in (False, True):
                 for batch in (4, 8):
                     row = {

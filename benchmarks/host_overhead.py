@@ -39,24 +39,11 @@ VARIANTS = {
 
 
 def build_run(model: Path, data: Path, work: Path, precision: str, overrides: list[str]):
-    from lorafactory.config import load_settings
-    from lorafactory.progress import SilentProgress
-    from lorafactory.train.trainer import _Run
+    from gpu_throughput import bench_run
 
-    settings = load_settings(
-        overrides=[
-            'character.name="Bench"',
-            f'train.base_model="{model}"',
-            "train.resolution=64",
-            "train.batch_size=1",
-            "train.validation_split=0.0",
-            "train.max_steps=100000",
-            'train.device="cpu"',
-            f'train.mixed_precision="{precision}"',
-            *overrides,
-        ]
+    return bench_run(
+        model, data, work, 64, "cpu", "train.batch_size=1", f'train.mixed_precision="{precision}"', *overrides
     )
-    return _Run(settings, "bench", data, work, SilentProgress())
 
 
 def timed(run, steps: int) -> tuple[float, float]:

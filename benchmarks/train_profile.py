@@ -49,34 +49,21 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-profile-"))
 
-    from gpu_throughput import make_dataset  # noqa: E402 - the benchmarks folder is the script's own
-    from lorafactory.config import load_settings
-    from lorafactory.progress import SilentProgress
+    from gpu_throughput import bench_run, make_dataset  # noqa: E402 - the benchmarks folder is the script's own
     from lorafactory.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
-    from lorafactory.train.trainer import _Run
 
     name = "sdxl" if args.sdxl else "sd15"
     size = "tiny" if args.tiny else "full"
     model = (build_tiny_sdxl if args.sdxl else build_tiny_sd)(work / f"{name}-{size}", full_size=not args.tiny)
     side = args.resolution or (128 if args.tiny else 1024 if args.sdxl else 512)
-    settings = load_settings(
-        overrides=[
-            'character.name="Bench"',
-            f'train.base_model="{model}"',
-            f"train.resolution={side}",
-            f"train.batch_size={args.batch}",
-            "train.validation_split=0.0",
-            "train.max_steps=100000",
-            f'train.device="{"cpu" if args.tiny else "cuda"}"',
-            *args.set,
-        ]
-    )
-    run = _Run(
-        settings,
-        "bench",
+    run = bench_run(
+        model,
         make_dataset(work / f"data-{side}", side, count=4 * args.batch),
         work / "out",
-        SilentProgress(),
+        side,
+        "cpu" if args.tiny else "cuda",
+        f"train.batch_size={args.batch}",
+        *args.set,
     )
     cuda = run.device.type == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
