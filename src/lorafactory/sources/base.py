@@ -60,6 +60,32 @@ class Site(Protocol):
     def candidate(self, raw: dict[str, Any], min_size: int) -> Candidate | None: ...
 
 
+def booru_candidate(
+    site: str,
+    raw: dict[str, Any],
+    variant: tuple[str, int, int],
+    tags: dict[str, list[str]],
+    rating: str | None = None,
+    score_key: str = "score",
+) -> Candidate:
+    """A booru post (``id``, ``md5``, ``rating`` and score fields) at its chosen (url, width, height)
+    ``variant``; ``rating`` replaces the post's own when the site spells ratings differently."""
+    url, width, height = variant
+    post = Post(
+        site=site,
+        post_id=str(raw["id"]),
+        md5=raw.get("md5") or "",
+        filename="",
+        url=url,
+        width=width,
+        height=height,
+        rating=(raw.get("rating") or "") if rating is None else rating,
+        score=int(raw.get(score_key) or 0),
+        tags=tags,
+    )
+    return Candidate(post, url, original_md5(raw, url))
+
+
 def smallest_fit(variants: list[tuple[str, int, int]], min_size: int) -> tuple[str, int, int] | None:
     """The smallest (url, width, height) whose sides are both at least ``min_size``, else the largest."""
     variants = [v for v in variants if v[0]]

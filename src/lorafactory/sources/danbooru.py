@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, AsyncIterator
 
-from lorafactory.sources.base import Candidate, Post, original_md5, smallest_fit
+from lorafactory.sources.base import Candidate, booru_candidate, smallest_fit
 from lorafactory.sources.http import SiteClient, keyset
 
 _CATEGORIES = ("general", "character", "copyright", "artist", "meta")
@@ -107,17 +107,6 @@ class Danbooru:
         variant = choose_variant(raw, min_size)
         if variant is None:
             return None
-        url, width, height = variant
-        post = Post(
-            site=self.name,
-            post_id=str(raw["id"]),
-            md5=raw.get("md5") or "",
-            filename="",
-            url=url,
-            width=width,
-            height=height,
-            rating=raw.get("rating") or "",
-            score=int(raw.get("score") or 0),
-            tags={c: (raw.get(f"tag_string_{c}") or "").split() for c in _CATEGORIES},
+        return booru_candidate(
+            self.name, raw, variant, {c: (raw.get(f"tag_string_{c}") or "").split() for c in _CATEGORIES}
         )
-        return Candidate(post, url, original_md5(raw, url))

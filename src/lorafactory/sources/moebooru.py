@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from lorafactory.sources.base import Candidate, Post, original_md5, smallest_fit
+from lorafactory.sources.base import Candidate, booru_candidate, smallest_fit
 from lorafactory.sources.danbooru import character_tag
 from lorafactory.sources.http import SiteClient, keyset
 
@@ -55,17 +55,4 @@ class Moebooru:
         chosen = smallest_fit(variants, min_size)
         if chosen is None:
             return None
-        url, width, height = chosen
-        post = Post(
-            site=self.name,
-            post_id=str(raw["id"]),
-            md5=raw.get("md5") or "",
-            filename="",
-            url=url,
-            width=width,
-            height=height,
-            rating=raw.get("rating") or "",
-            score=int(raw.get("score") or 0),
-            tags={"general": (raw.get("tags") or "").split()},
-        )
-        return Candidate(post, url, original_md5(raw, url))
+        return booru_candidate(self.name, raw, chosen, {"general": (raw.get("tags") or "").split()})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from lorafactory.sources.base import Candidate, Post, original_md5, smallest_fit
+from lorafactory.sources.base import Candidate, booru_candidate, smallest_fit
 from lorafactory.sources.danbooru import character_tag
 from lorafactory.sources.http import SiteClient
 
@@ -76,20 +76,7 @@ class Sankaku:
         chosen = smallest_fit(variants, min_size)
         if chosen is None:
             return None
-        url, width, height = chosen
         by_type: dict[str, list[str]] = {"general": [], "character": []}
         for tag in raw.get("tags") or []:
             by_type["character" if int(tag.get("type", 0)) == 4 else "general"].append(tag["name"])
-        post = Post(
-            site=self.name,
-            post_id=str(raw["id"]),
-            md5=raw.get("md5") or "",
-            filename="",
-            url=url,
-            width=width,
-            height=height,
-            rating=raw.get("rating") or "",
-            score=int(raw.get("total_score") or 0),
-            tags=by_type,
-        )
-        return Candidate(post, url, original_md5(raw, url))
+        return booru_candidate(self.name, raw, chosen, by_type, score_key="total_score")
