@@ -158,9 +158,10 @@ def _cached_build(path: Path, write, stamp_name: str = ".lorafactory-tiny-sd") -
 def _save_pipeline(make, half: bool):
     """A ``write`` for _cached_build: ``make(work_folder) -> pipeline``, saved (in fp16 when ``half``).
     Full-size models are initialised on the GPU when there is one (minutes faster)."""
-    import torch
 
     def write(work: Path, out: Path) -> None:
+        import torch
+
         with torch.device("cuda" if half and torch.cuda.is_available() else "cpu"):
             pipe = make(work)
         (pipe.to(torch.float16) if half else pipe).save_pretrained(out, safe_serialization=True)
@@ -174,11 +175,12 @@ def build_tiny_sd(path: Path, seed: int = 0, full_size: bool = False) -> Path:
     ``full_size`` builds SD1.5's real shapes instead (860M-parameter UNet), random, saved in fp16,
     with the local tokenizer: for GPU throughput checks, not for tests.
     """
-    import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     def make(work: Path):
+        import torch
+        from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
         torch.manual_seed(seed)
         if full_size:  # diffusers' defaults are SD1.5's UNet, apart from the text width
             text_encoder = CLIPTextModel(_clip_config(768, 12, 12, 768))
@@ -216,11 +218,12 @@ def build_tiny_sdxl(path: Path, seed: int = 0, full_size: bool = False) -> Path:
     ``full_size`` builds SDXL's real shapes (2.6B-parameter UNet, CLIP-L + CLIP-G), random, saved
     in fp16, for GPU throughput checks.
     """
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     def make(work: Path):
+        import torch
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
         torch.manual_seed(seed)
         if full_size:
             encoders = (
@@ -259,14 +262,14 @@ def build_tiny_clip(path: Path, seed: int = 0, full_size: bool = False) -> Path:
     """A tiny random CLIP (text + vision towers, tokenizer, image processor) at ``path``, built once:
     the stand-in for evaluate.clip_model. ``full_size``: random weights in the shapes of
     openai/clip-vit-large-patch14 (ViT-L/14 at 224 px), for timing on a GPU."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
-
     hidden, layers, heads, side, patch, projection = (
         (1024, 24, 16, 224, 14, 768) if full_size else (32, 2, 4, 32, 8, 32)
     )
 
     def write(work: Path, out: Path) -> None:
+        import torch
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
         torch.manual_seed(seed)
         text = _clip_config(768, 12, 12, projection) if full_size else _clip_config(32, 2, 4, projection)
         vision = CLIPVisionConfig(
