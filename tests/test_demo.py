@@ -1,5 +1,6 @@
 """`lorafactory demo` as a newcomer runs it: a subprocess, the kit cached, everything offline."""
 
+import json
 import os
 import subprocess
 import sys
@@ -42,10 +43,13 @@ def test_demo_command_produces_a_loadable_release(kit, tmp_path):
 
 @pytest.mark.slow
 def test_fleet_demo_runs_three_characters_through_a_local_ray_fleet(tmp_path):
+    """With shorter training (``--set``, which every character's job takes): the fleet is the subject here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB")}
     env["COLUMNS"] = "200"
+    shorter = ["--set", "train.max_steps=10", "--set", "train.save_every=5"]
     result = subprocess.run(
-        [sys.executable, "-m", "lorafactory", "demo", "--fleet", "-w", str(tmp_path / "ws"), "--cache", str(KIT_ROOT)],
+        [sys.executable, "-m", "lorafactory", "demo", "--fleet", "-w", str(tmp_path / "ws"), "--cache", str(KIT_ROOT)]
+        + shorter,
         env=env,
         capture_output=True,
         text=True,
@@ -55,6 +59,8 @@ def test_fleet_demo_runs_three_characters_through_a_local_ray_fleet(tmp_path):
     for slug, name in (("akane_hoshino", "Akane Hoshino"), ("midori_kaze", "Midori Kaze"), ("sora_aoi", "Sora Aoi")):
         assert f"{name} model → queued for release" in result.stdout
         assert (tmp_path / "ws" / slug / "release" / "manifest.json").is_file()
+        train = json.loads((tmp_path / "ws" / slug / "train" / "manifest.json").read_text())
+        assert sorted(train["details"]["checkpoints"], key=int) == ["5", "10"]
     assert "jobs done" in result.stdout and "│ 3" in result.stdout  # the fleet status table closes the demo
     report = (tmp_path / "ws" / "report" / "report.html").read_text(encoding="utf-8")
     assert "3 characters (everything in the store); 3 whose latest run succeeded" in report

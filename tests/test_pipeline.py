@@ -331,6 +331,10 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
         app, ["config", "show", "--preset", "tiny-demo", "--set", "train.max_steps=12", "--workspace", str(tmp_path)]
     )
     assert result.exit_code == 0 and "max_steps = 12" in result.output and 'preset = "tiny-demo"' in result.output
+    cache = tmp_path / "kit"
+    result = runner.invoke(app, ["demo", "--set", "train.rnak=1", "-w", str(tmp_path / "demo"), "--cache", str(cache)])
+    assert result.exit_code == 2 and "unknown key 'train.rnak'" in result.output
+    assert not cache.exists()  # refused before the test kit is built
 
 
 def test_unknown_stage_names_are_config_errors(demo_run):

@@ -76,8 +76,9 @@ def offline_env(kit: Kit) -> dict[str, str]:
     return env
 
 
-def _demo_settings(kit: Kit, url: str) -> list[str]:
-    """The command-line settings that point a run at the kit's stand-in models and the replay."""
+def _demo_settings(kit: Kit, url: str, overrides: list[str]) -> list[str]:
+    """The command-line settings that point a run at the kit's stand-in models and the replay, then
+    the user's ``--set`` overrides."""
     return [
         "--preset",
         "tiny-demo",
@@ -87,6 +88,7 @@ def _demo_settings(kit: Kit, url: str) -> list[str]:
         f'train.base_model="{kit.tiny_sd}"',
         "--set",
         f'evaluate.clip_model="{kit.tiny_clip}"',
+        *(arg for override in overrides for arg in ("--set", override)),
     ]
 
 
@@ -97,11 +99,13 @@ def _lorafactory(kit: Kit, *args: str, what: str) -> None:
         raise StageError(f"the demo's {what} failed (exit {result.returncode}); see the messages above")
 
 
-def run_demo(workspace: Path, cache: Path, extra_args: list[str] | None = None) -> None:
+def run_demo(workspace: Path, cache: Path, overrides: list[str], force: str | None = None) -> None:
+    """The demo character through the whole pipeline; ``overrides`` are ``--set`` settings."""
     kit = build_kit(cache)
     with replay_for(kit) as replay:
         command = ["run", DEMO_CHARACTER, "--site", "danbooru", "--workspace", str(workspace)]
-        _lorafactory(kit, *command, *_demo_settings(kit, replay.url), *(extra_args or []), what="pipeline")
+        command += _demo_settings(kit, replay.url, overrides) + (["--force", force] if force else [])
+        _lorafactory(kit, *command, what="pipeline")
 
 
 def fleet_images(cache: Path) -> dict[str, Path]:
@@ -138,10 +142,12 @@ def fleet_replay(cache: Path):
     return DanbooruReplay(items)
 
 
-def run_fleet_demo(workspace: Path, cache: Path) -> None:
-    """Queue the three fleet demo characters and run them through a local Ray fleet."""
+def run_fleet_demo(workspace: Path, cache: Path, overrides: list[str]) -> None:
+    """Queue the three fleet demo characters (with the ``--set`` ``overrides``) and run them on a local Ray fleet."""
     kit = build_kit(cache)
     with fleet_replay(cache) as replay:
         ws = ["--workspace", str(workspace)]
-        _lorafactory(kit, "queue", "add", *FLEET_CHARACTERS, *_demo_settings(kit, replay.url), *ws, what="queue")
+        _lorafactory(
+            kit, "queue", "add", *FLEET_CHARACTERS, *_demo_settings(kit, replay.url, overrides), *ws, what="queue"
+        )
         _lorafactory(kit, "fleet", "run", *ws, what="fleet")

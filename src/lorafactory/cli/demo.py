@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.markup import escape
 
-from lorafactory.cli.base import USER_ERRORS, ForceOpt, app, err, fail, job_queue, out, setup_logging
+from lorafactory.cli.base import USER_ERRORS, ForceOpt, SetOpt, app, err, fail, job_queue, out, setup_logging
 from lorafactory.cli.fleet import fleet_table
 from lorafactory.cli.status import print_metrics
 from lorafactory.workspace import Workspace, slugify
@@ -26,8 +26,10 @@ def demo(
     fleet: bool = typer.Option(
         False, "--fleet", help="Three synthetic characters through a local Ray fleet, then `fleet status`."
     ),
+    set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Run the whole pipeline offline on tiny stand-in models and a synthetic character."""
+    from lorafactory.config import load_settings
     from lorafactory.demo import DEMO_CHARACTER, default_cache, run_demo, run_fleet_demo
     from lorafactory.state import Store
 
@@ -37,12 +39,13 @@ def demo(
         "It exercises every real code path, but [bold]neither the images nor the metrics mean anything[/bold]."
     )
     try:
+        load_settings(preset="tiny-demo", overrides=set_ or [])  # a bad --set is refused before any work
         with err.status("building the test kit (tiny SD pipeline, stand-in model hub, synthetic images)…"):
             from lorafactory.demo import build_kit
 
             build_kit(cache or default_cache())
         if fleet:
-            run_fleet_demo(workspace, cache or default_cache())
+            run_fleet_demo(workspace, cache or default_cache(), set_ or [])
             queue = job_queue(workspace, None)
             for job in queue.jobs():
                 release = Workspace(workspace).character(job.slug).artifact("release")
@@ -50,7 +53,7 @@ def demo(
             out.print(fleet_table(queue.summary()))
             out.print(f"Report: [bold]{_demo_report(workspace)}[/bold]")
             return
-        run_demo(workspace, cache or default_cache(), ["--force", force] if force else [])
+        run_demo(workspace, cache or default_cache(), set_ or [], force)
         ws = Workspace(workspace)
         summary = Store(ws.default_db_url).character_summary(slugify(DEMO_CHARACTER))
     except USER_ERRORS as exc:
