@@ -35,11 +35,11 @@ def _layers(settings):
 
 
 def _killable_settings(kit, url):
-    """Training long enough to be killed between its two saved states (at step 30 of 60)."""
-    return demo_settings(kit, url, "train.max_steps=60", "train.save_every=30")
+    """Training long enough to be killed between its two saved states (at step 12 of 24)."""
+    return demo_settings(kit, url, "train.max_steps=24", "train.save_every=12")
 
 
-def _wait_for_saved_state(ws, job_id, queue, alive, step=30, timeout=240):
+def _wait_for_saved_state(ws, job_id, queue, alive, step=12, timeout=240):
     """Wait until the job's training saved its state at ``step``; returns the job row."""
     state = ws / "akane_hoshino" / "train.partial" / "state" / "state.json"
     deadline = time.monotonic() + timeout
@@ -52,7 +52,7 @@ def _wait_for_saved_state(ws, job_id, queue, alive, step=30, timeout=240):
 
 
 def _trained_once_and_resumed(ws):
-    """The train artifact is whole, and its log shows one run that resumed at step 30 (its clock
+    """The train artifact is whole, and its log shows one run that resumed at step 12 (its clock
     restarts there) with every step logged once."""
     from lorafactory.workspace import Workspace, damage
 
@@ -60,8 +60,8 @@ def _trained_once_and_resumed(ws):
     manifest = char.manifest("train")
     assert manifest is not None and damage(char.artifact("train"), manifest) is None
     log = [json.loads(line) for line in (char.artifact("train") / "train_log.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in log] == list(range(1, 61))
-    assert log[30]["t"] < log[29]["t"]  # step 31 came from a new process that resumed the saved state
+    assert [record["step"] for record in log] == list(range(1, 25))
+    assert log[12]["t"] < log[11]["t"]  # step 13 came from a new process that resumed the saved state
 
 
 def test_the_fleet_runs_the_queue_and_bad_input_fails_only_its_job(kit, tmp_path, local_ray):

@@ -1,6 +1,7 @@
 """A run stopped during training resumes there: crawl and prepare are not redone, and training
 continues from its last saved state to the same weights as an uninterrupted run."""
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -17,6 +18,21 @@ from lorafactory.progress import SilentProgress
 from lorafactory.state import Store
 from lorafactory.train.trainer import train
 from lorafactory.workspace import Workspace
+
+
+@contextlib.contextmanager
+def _ctrl_c_reaches_children():
+    """Children started inside inherit SIGINT's default action even when this process ignores it (as a
+    test run started in the background by a non-interactive shell does), so that Python in the child
+    turns ctrl-c into KeyboardInterrupt as it does in a terminal."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.mark.slow
@@ -41,15 +57,18 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
             "--set",
             f'train.base_model="{kit.tiny_sd}"',
             "--set",
-            "train.max_steps=60",
+            "train.max_steps=24",
             "--set",
-            "train.save_every=30",
+            "train.save_every=12",
         ]
         state = ws.character("akane_hoshino").partial("train") / "state" / "state.json"
-        first = subprocess.Popen(command, env=offline_env(kit), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with _ctrl_c_reaches_children():
+            first = subprocess.Popen(
+                command, env=offline_env(kit), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and first.poll() is None:
-            if state.is_file() and json.loads(state.read_text())["step"] == 30:
+            if state.is_file() and json.loads(state.read_text())["step"] == 12:
                 break
             time.sleep(0.05)
         assert first.poll() is None, "the run ended before it could be killed during training"
@@ -67,7 +86,7 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
             command[3] = "train"
         second = subprocess.run(command, env=offline_env(kit), capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr[-2000:]
-        assert "resuming training at step 30" in second.stderr
+        assert "resuming training at step 12" in second.stderr
         assert sum(1 for _, path in replay.requests if path.startswith("/posts.json")) == crawl_requests  # no re-crawl
 
     summary = Store(ws.default_db_url).character_summary("akane_hoshino")
@@ -88,8 +107,8 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
     if how == "kill":  # the resumed weights equal an uninterrupted run's (compared once)
         settings = load_settings(base=read_toml(char.config_path))
         train(settings, "akane_hoshino", char.artifact("prepare"), tmp_path / "straight", SilentProgress())
-        resumed = load_file(char.artifact("train") / "checkpoints" / "step-000060" / "lora.safetensors")
-        straight = load_file(tmp_path / "straight" / "checkpoints" / "step-000060" / "lora.safetensors")
+        resumed = load_file(char.artifact("train") / "checkpoints" / "step-000024" / "lora.safetensors")
+        straight = load_file(tmp_path / "straight" / "checkpoints" / "step-000024" / "lora.safetensors")
         for key in straight:
             torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
 
