@@ -491,7 +491,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "device": "cpu",
         },
         "evaluate": {
-            "steps": 6,
+            "steps": 4,
             "width": 128,
             "height": 128,
             "batch_size": 4,
