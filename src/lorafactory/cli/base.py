@@ -70,6 +70,9 @@ def setup_logging() -> None:
     handler.addFilter(RedactingFilter())
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
     logging.getLogger("lorafactory").setLevel(logging.INFO)
+    # bitsandbytes (diffusers imports it when installed) warns on AVX512-BF16 CPUs that an optional 4-bit
+    # CPU kernel is missing, at every start; nothing here runs 4-bit on the CPU.
+    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
 
 
 def settings_for(
