@@ -39,6 +39,10 @@ from typing import Iterator
 
 ASPECTS = (1.0, 0.75, 0.66, 0.5, 1.33, 1.5)  # width / height, as crawled crops come
 GROUPS = ("person", "halfbody", "head")
+# Short sides (px) per crop group: crops of crawled images; head crops are mostly below 512 px, so at
+# 512 px without upscaling they fall into many small buckets.
+FULL_SIZE_SIDES = {"person": (512, 1100), "halfbody": (384, 900), "head": (160, 512)}
+TINY_SIDES = dict.fromkeys(GROUPS, (96, 200))
 
 
 class TimedProgress:
@@ -65,8 +69,9 @@ class TimedProgress:
         return None
 
 
-def write_dataset(folder: Path, count: int, short_side: tuple[int, int], seed: int = 0) -> Path:
-    """A prepared dataset (metadata.jsonl + images/) of one synthetic character in three crop groups."""
+def write_dataset(folder: Path, count: int, sides: dict[str, tuple[int, int]], seed: int = 0) -> Path:
+    """A prepared dataset (metadata.jsonl + images/) of one synthetic character in three crop groups,
+    with short sides drawn from ``sides[group]``."""
     from lorafactory.testing.synthetic import CHARACTERS
 
     if (folder / "metadata.jsonl").is_file() and len((folder / "metadata.jsonl").read_text().splitlines()) == count:
@@ -74,12 +79,13 @@ def write_dataset(folder: Path, count: int, short_side: tuple[int, int], seed: i
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng, character, lines = random.Random(seed), CHARACTERS[0], []
     for i in range(count):
-        side, aspect = rng.randint(*short_side), rng.choice(ASPECTS)
+        group = GROUPS[i % 3]
+        side, aspect = rng.randint(*sides[group]), rng.choice(ASPECTS)
         size = (side, round(side / aspect)) if aspect <= 1 else (round(side * aspect), side)
         outfit = i % len(character.accents)
         character.draw(*size, outfit=outfit, rng=rng).save(folder / "images" / f"{i:04d}.png")
         tags = ["1girl", "solo", f"{character.hair}_hair", ("dress", "skirt", "coat")[outfit], "smile"]
-        record = {"file": f"images/{i:04d}.png", "group": GROUPS[i % 3], "source": "bench", "post_id": str(i)}
+        record = {"file": f"images/{i:04d}.png", "group": group, "source": "bench", "post_id": str(i)}
         lines.append(json.dumps({**record, "tags": tags}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
@@ -92,7 +98,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
     from lorafactory.config import load_settings
     from lorafactory.evaluate.evaluator import evaluate
     from lorafactory.testing.tiny_sd import build_tiny_clip, build_tiny_sd, build_tiny_sdxl
-    from lorafactory.train.length import planned_steps
+    from lorafactory.train.length import planned_steps, samples_per_step
     from lorafactory.train.trainer import train
 
     sdxl = preset.startswith("sdxl")
@@ -110,7 +116,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
         overrides += ["evaluate.width=128", "evaluate.height=128", "evaluate.steps=4", "evaluate.bootstrap=50"]
     settings = load_settings(preset=preset, overrides=overrides)
     t = settings.train
-    dataset = write_dataset(work / f"dataset-{images}-{size}", images, (96, 200) if tiny else (512, 1100))
+    dataset = write_dataset(work / f"dataset-{images}-{size}-v2", images, TINY_SIDES if tiny else FULL_SIZE_SIDES)
     planned = planned_steps(t, images)
     measured = min(planned, math.ceil((steps or planned) / t.save_every) * t.save_every)
     t.max_steps = measured
@@ -140,6 +146,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
         "preset": preset,
         "images": images,
         "batch": t.batch_size,
+        "full_batches": t.full_batches,
         "resolution": t.resolution,
         "dtype": trained.details["dtype"],
         "eval_images_per_checkpoint": result.counts["images_per_checkpoint"],
@@ -154,7 +161,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
         "train_wall_s": round(train_wall, 2),
         "train_cpu_s": round(train_cpu, 2),
         "train_loop_s": round(loop, 2),
-        "samples_per_s": round(measured * t.batch_size / loop, 2),
+        "samples_per_s": round(measured * samples_per_step(t) / loop, 2),  # exact: every batch is full
         "train_peak_gib": round(train_peak, 2) if cuda else None,
         "eval_wall_s": round(eval_wall, 2),
         "eval_cpu_s": round(eval_cpu, 2),

@@ -31,11 +31,18 @@ def _weights(out, step):
 
 def test_stopped_and_resumed_equals_straight_through(kit, dataset, tmp_path):
     settings = _settings(
-        kit, "train.noise_offset=0.05", "train.tag_dropout=0.2", "train.flip=true", "train.text_encoder_lora_rank=2"
+        kit,
+        "train.noise_offset=0.05",
+        "train.tag_dropout=0.2",
+        "train.flip=true",
+        "train.text_encoder_lora_rank=2",
+        "train.batch_size=12",  # epochs of 2-4 steps: the resumed half starts an epoch from saved leftovers
     )
     straight = train(settings, "akane_hoshino", dataset, tmp_path / "straight", SilentProgress())
     first = train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress(), stop_after=4)
     assert not first.finished and list(first.checkpoints) == [4]
+    saved = torch.load(tmp_path / "resumed" / "state" / "state.pt", weights_only=False)["position"]
+    assert saved.waiting, "the stop should leave bucket leftovers waiting for the next epoch"
     second = train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress())
     assert second.finished and list(second.checkpoints) == [4, 8]
     a, b = _weights(tmp_path / "straight", 8), _weights(tmp_path / "resumed", 8)

@@ -82,6 +82,38 @@ def test_regularization_is_balanced_against_training_samples():
     assert sum(1 for i in drawn if i >= 6) == 6  # a larger set is subsampled
 
 
+def test_full_batches_carry_bucket_leftovers_and_draw_each_sample_once_per_epoch():
+    import torch
+
+    from lorafactory.train.data import Example, batch_plan
+
+    sizes = {(64, 64): 7, (64, 128): 3, (128, 64): 1, (128, 128): 4}  # images per bucket, batch of 4
+    examples = [
+        Example(f"{bucket}-{i}.png", "person", "", [], bucket, torch.zeros(1), bucket, (0, 0))
+        for bucket, count in sizes.items()
+        for i in range(count)
+    ]
+    partial = batch_plan(examples, 4, random.Random(0), {})
+    assert sorted(map(len, partial)) == [1, 3, 3, 4, 4]  # kohya: the last batch of each bucket is partial
+
+    rng, waiting, drawn, empty_epochs = random.Random(0), {}, [], 0
+    epochs = 12
+    for _ in range(epochs):
+        plan = batch_plan(examples, 4, rng, {}, waiting)
+        empty_epochs += not plan
+        assert all(len(batch) == 4 for batch in plan)
+        assert all(len({examples[i].bucket for i in batch}) == 1 for batch in plan)
+        drawn += [i for batch in plan for i in batch]
+        assert all(0 < len(left) < 4 for left in waiting.values())
+    left = [i for leftovers in waiting.values() for i in leftovers]
+    assert sorted(drawn + left) == sorted(list(range(len(examples))) * epochs)  # each image once per epoch
+    assert empty_epochs == 0
+    lonely = [Example("a.png", "head", "", [], (64, 64), torch.zeros(1), (64, 64), (0, 0))]
+    waiting = {}
+    plans = [batch_plan(lonely, 4, random.Random(0), {}, waiting) for _ in range(4)]
+    assert plans == [[], [], [], [[0, 0, 0, 0]]] and waiting == {}  # waits until a batch is full
+
+
 def test_regularization_captions_have_no_trigger():
     assert build_caption(None, ["1girl", "smile"], random.Random(0), False, 0, 0) == "1girl, smile"
 

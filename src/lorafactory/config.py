@@ -212,6 +212,11 @@ class TrainSettings(Section):
     save_every: int = Field(100, ge=1)
     tensorboard: bool = Field(True, description="Write TensorBoard event files (kohya's scalar names) in train/.")
     batch_size: int = Field(4, ge=1)
+    full_batches: bool = Field(
+        True,
+        description="Every batch holds batch_size images: a bucket's leftovers wait for the next epoch "
+        "(false = a partial batch ends each bucket, as kohya does).",
+    )
     seed: int = 42
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(4.0, gt=0)

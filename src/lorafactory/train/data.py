@@ -191,7 +191,11 @@ def split_validation(examples: list[Example], share: float, seed: int) -> tuple[
 
 
 def batch_plan(
-    examples: list[Example], batch_size: int, rng: random.Random, repeats: dict[str, int]
+    examples: list[Example],
+    batch_size: int,
+    rng: random.Random,
+    repeats: dict[str, int],
+    waiting: dict[tuple[int, int], list[int]] | None = None,
 ) -> list[list[int]]:
     """One epoch of batches: each training example ``repeats[group]`` times, shuffled within its
     bucket, batch order shuffled.
@@ -199,6 +203,11 @@ def batch_plan(
     Regularization examples are balanced as kohya does: exactly as many regularization samples as
     training samples per epoch (repeating the set round-robin, or drawing a different subset each
     epoch when it is larger), sharing buckets and batches with the training samples.
+
+    Without ``waiting``, a bucket's last batch is partial (kohya). With it, every batch is full: a
+    bucket's leftovers are put in ``waiting`` (updated in place) and lead its batches next epoch, so
+    each sample is still drawn once per epoch on average. The plan is empty when no bucket has a
+    full batch yet; the next epoch adds to ``waiting``.
     """
     chosen: list[int] = []
     for index, example in enumerate(examples):
@@ -216,6 +225,12 @@ def batch_plan(
     for bucket in sorted(by_bucket):
         indices = by_bucket[bucket][:]
         rng.shuffle(indices)
+        if waiting is not None:
+            indices = waiting.pop(bucket, []) + indices
+            full = len(indices) - len(indices) % batch_size
+            if full < len(indices):
+                waiting[bucket] = indices[full:]
+            indices = indices[:full]
         plan += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     rng.shuffle(plan)
     return plan

@@ -2,8 +2,9 @@
 
 The state holds the trainable weights, optimizer, scheduler and grad scaler, every RNG (Python's
 caption/data RNG, NumPy, torch CPU and CUDA, the noise generator), the rest of the epoch's batch
-plan, the losses so far and the checkpoints already written. It is tied to a fingerprint of the
-settings and the dataset: resuming with anything else is refused with a clear error.
+plan and the bucket leftovers waiting for the next one, the losses so far and the checkpoints already
+written. It is tied to a fingerprint of the settings and the dataset: resuming with anything else is
+refused with a clear error.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class LoopPosition:
     step: int = 0
     epoch: int = 0  # batch plans started (with repeats, one plan is one epoch)
     plan: list[list[int]] = field(default_factory=list)
+    waiting: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # leftovers for full batches
     losses: list[float] = field(default_factory=list)
     checkpoints: dict[int, str] = field(default_factory=dict)
     validation: dict[int, dict[str, float]] = field(default_factory=dict)

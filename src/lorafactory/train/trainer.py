@@ -288,15 +288,17 @@ class _Run:
     def steps_per_epoch(self) -> float:
         """Optimizer steps in one epoch (one pass over the repeated dataset, over all processes)."""
         t = self.t
-        batches = len(batch_plan(self.examples, t.batch_size, random.Random(0), t.group_repeats))
+        plan = batch_plan(self.examples, t.batch_size, random.Random(0), t.group_repeats)
+        batches = sum(map(len, plan)) / t.batch_size if t.full_batches else len(plan)
         return round(batches / (t.gradient_accumulation * self.collective.size), 3)
 
     def _micro_batch(self, compute: bool) -> torch.Tensor | None:
         """The next micro-batch's loss; with ``compute`` false only its random draws are made
         (another process computes it), so every process's RNGs stay in step."""
         t = self.t
-        if not self.position.plan:
-            self.position.plan = batch_plan(self.examples, t.batch_size, self.rng, t.group_repeats)
+        waiting = self.position.waiting if t.full_batches else None
+        while not self.position.plan:  # with full batches, an epoch may leave everything waiting
+            self.position.plan = batch_plan(self.examples, t.batch_size, self.rng, t.group_repeats, waiting)
             self.position.epoch += 1
         batch: list[Example] = [self.examples[i] for i in self.position.plan.pop()]
         if t.cache_latents:
