@@ -764,3 +764,20 @@ def test_files_that_landed_before_a_kill_are_not_fetched_again(tmp_path, kit):
         posts, counts = crawl(_settings(replay), tmp_path, SilentProgress(), MemoryArchive())  # no records
     assert fetched == 4 and len(_downloads(replay)) == 4  # nothing fetched twice
     assert len(posts) == 4 and counts["from_archive"] == 4 and counts.get("downloaded", 0) == 0
+
+
+def test_site_adapters_cap_their_page_size_and_send_their_own_headers():
+    from lorafactory.sources.crawl import SITES
+
+    expected = {"gelbooru": 100, "rule34": 100, "yandere": 100, "sankaku": 100, "zerochan": 250, "danbooru": 500}
+    for site, page_size in expected.items():
+        client = SiteClient(site, httpx.AsyncClient(), RateLimit(1, 1), 0, headers={"User-Agent": "ua"})
+        adapter = SITES[site][0](client, "https://example.org/", 500, site, ("user", "key"))
+        assert (adapter.page_size, adapter.base_url, adapter.name) == (page_size, "https://example.org", site)
+        assert adapter.auth == ("user", "key") and client.headers["User-Agent"] == "ua"
+    client = SiteClient("sankaku", httpx.AsyncClient(), RateLimit(1, 1), 0)
+    SITES["sankaku"][0](client, "https://example.org", 40, "sankaku")
+    assert client.headers == {"Accept": "application/vnd.sankaku.api+json;v=2"}  # its v2 API's responses
+    client = SiteClient("pixiv", httpx.AsyncClient(), RateLimit(1, 1), 0)
+    SITES["pixiv"][0](client, "https://example.org", 40, "pixiv")
+    assert client.headers == {"Referer": "https://app-api.pixiv.net/"}  # as the pixiv app sends

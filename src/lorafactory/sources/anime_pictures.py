@@ -8,23 +8,12 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 from urllib.parse import quote
 
-from lorafactory.sources.base import Candidate, Post
-from lorafactory.sources.http import SiteClient
+from lorafactory.sources.base import Candidate, Post, SiteAdapter
 
 RATINGS = {0: "g", 1: "s", 2: "q", 3: "e"}
 
 
-class AnimePictures:
-    def __init__(
-        self,
-        client: SiteClient,
-        base_url: str,
-        page_size: int,
-        name: str = "anime_pictures",
-        auth: tuple[str, str] | None = None,
-    ) -> None:
-        self.client, self.base_url, self.name = client, base_url.rstrip("/"), name
-
+class AnimePictures(SiteAdapter):
     @staticmethod
     def tag_for(name: str) -> str:
         return " ".join(name.strip().lower().split())

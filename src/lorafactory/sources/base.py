@@ -1,13 +1,15 @@
-"""The normalised record of one fetched image."""
+"""The normalised record of one fetched image, and what every site adapter is made from."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, ClassVar, Protocol
 
 from pydantic import BaseModel, Field
+
+from lorafactory.sources.http import SiteClient
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -48,6 +50,22 @@ class Candidate:
 def original_md5(raw: dict[str, Any], url: str) -> str:
     """The site's md5 when ``url`` is the original file (``file_url``), whose md5 it is; else empty."""
     return str(raw.get("md5") or "") if url and url == raw.get("file_url") else ""
+
+
+class SiteAdapter:
+    """An image site's API, as built for one crawl: the HTTP client, the API's root URL, the page size
+    (at most the site's ``max_page_size``), the site's name in the settings, and the credentials
+    (or None)."""
+
+    max_page_size: ClassVar[int | None] = None  # None: the size is passed on as it is, or the site ignores it
+    headers: ClassVar[dict[str, str]] = {}  # sent with every request to the site
+
+    def __init__(
+        self, client: SiteClient, base_url: str, page_size: int, name: str, auth: tuple[str, str] | None = None
+    ) -> None:
+        self.client, self.base_url, self.name, self.auth = client, base_url.rstrip("/"), name, auth
+        self.page_size = page_size if self.max_page_size is None else min(page_size, self.max_page_size)
+        client.headers.update(self.headers)
 
 
 class Site(Protocol):

@@ -25,7 +25,7 @@ from lorafactory.config import FOLDER_SOURCES, Settings
 from lorafactory.errors import InputError, StageError
 from lorafactory.progress import Progress
 from lorafactory.sources.anime_pictures import AnimePictures
-from lorafactory.sources.base import Candidate, Post, Site, file_md5
+from lorafactory.sources.base import Candidate, Post, Site, SiteAdapter, file_md5
 from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
 from lorafactory.sources.http import RateLimit, SharedBudget, SiteClient, StorageFull
@@ -93,7 +93,7 @@ class MemoryArchive:
 
 
 # site -> (API class, the two credential variables after LORAFACTORY_<SITE>_)
-SITES: dict[str, tuple[type, tuple[str, str]]] = {
+SITES: dict[str, tuple[type[SiteAdapter], tuple[str, str]]] = {
     "danbooru": (Danbooru, ("LOGIN", "API_KEY")),
     "safebooru": (Danbooru, ("LOGIN", "API_KEY")),
     "gelbooru": (Gelbooru, ("USER_ID", "API_KEY")),

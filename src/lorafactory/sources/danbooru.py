@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any, AsyncIterator
 
-from lorafactory.sources.base import Candidate, booru_candidate, smallest_fit
-from lorafactory.sources.http import SiteClient, keyset
+from lorafactory.sources.base import Candidate, SiteAdapter, booru_candidate, smallest_fit
+from lorafactory.sources.http import keyset
 
 _CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 
@@ -36,18 +36,7 @@ def choose_variant(raw: dict[str, Any], min_size: int) -> tuple[str, int, int] |
     return smallest_fit(variants, min_size)
 
 
-class Danbooru:
-    def __init__(
-        self,
-        client: SiteClient,
-        base_url: str,
-        page_size: int,
-        name: str = "danbooru",
-        auth: tuple[str, str] | None = None,
-    ) -> None:
-        self.client, self.base_url, self.page_size, self.name = client, base_url.rstrip("/"), page_size, name
-        self.auth = auth
-
+class Danbooru(SiteAdapter):
     def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         """Raw posts, newest first; keyset paging (``page=b<id>``) goes past the 1000-page cap."""
 

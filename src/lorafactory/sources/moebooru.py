@@ -7,22 +7,13 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from lorafactory.sources.base import Candidate, booru_candidate, smallest_fit
+from lorafactory.sources.base import Candidate, SiteAdapter, booru_candidate, smallest_fit
 from lorafactory.sources.danbooru import character_tag
-from lorafactory.sources.http import SiteClient, keyset
+from lorafactory.sources.http import keyset
 
 
-class Moebooru:
-    def __init__(
-        self, client: SiteClient, base_url: str, page_size: int, name: str, auth: tuple[str, str] | None = None
-    ) -> None:
-        self.client, self.base_url, self.page_size, self.name, self.auth = (
-            client,
-            base_url.rstrip("/"),
-            min(page_size, 100),
-            name,
-            auth,
-        )
+class Moebooru(SiteAdapter):
+    max_page_size = 100
 
     def posts(self, tags: list[str]) -> AsyncIterator[dict[str, Any]]:
         async def page(below: int | None) -> list[dict]:

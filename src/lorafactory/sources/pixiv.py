@@ -12,8 +12,7 @@ import os
 from typing import Any, AsyncIterator
 
 from lorafactory.errors import InputError, StageError
-from lorafactory.sources.base import Candidate, Post
-from lorafactory.sources.http import SiteClient
+from lorafactory.sources.base import Candidate, Post, SiteAdapter
 
 MAX_OFFSET = 5000
 
@@ -30,18 +29,12 @@ def _env(name: str) -> str:
     return value
 
 
-class Pixiv:
-    def __init__(
-        self,
-        client: SiteClient,
-        base_url: str,
-        page_size: int,
-        name: str = "pixiv",
-        auth: tuple[str, str] | None = None,
-    ) -> None:
-        self.client, self.base_url, self.name = client, base_url.rstrip("/"), name
-        self.oauth_url = os.environ.get("LORAFACTORY_PIXIV_OAUTH_URL", "https://oauth.secure.pixiv.net")
-        client.headers["Referer"] = "https://app-api.pixiv.net/"
+class Pixiv(SiteAdapter):
+    headers = {"Referer": "https://app-api.pixiv.net/"}
+
+    @property
+    def oauth_url(self) -> str:
+        return os.environ.get("LORAFACTORY_PIXIV_OAUTH_URL", "https://oauth.secure.pixiv.net")
 
     @staticmethod
     def tag_for(name: str) -> str:

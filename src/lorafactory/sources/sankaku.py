@@ -10,30 +10,13 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from lorafactory.sources.base import Candidate, booru_candidate, smallest_fit
+from lorafactory.sources.base import Candidate, SiteAdapter, booru_candidate, smallest_fit
 from lorafactory.sources.danbooru import character_tag
-from lorafactory.sources.http import SiteClient
-
-HEADERS = {"Accept": "application/vnd.sankaku.api+json;v=2"}
 
 
-class Sankaku:
-    def __init__(
-        self,
-        client: SiteClient,
-        base_url: str,
-        page_size: int,
-        name: str = "sankaku",
-        auth: tuple[str, str] | None = None,
-    ) -> None:
-        self.client, self.base_url, self.page_size, self.name, self.auth = (
-            client,
-            base_url.rstrip("/"),
-            min(page_size, 100),
-            name,
-            auth,
-        )
-        client.headers.update(HEADERS)
+class Sankaku(SiteAdapter):
+    max_page_size = 100
+    headers = {"Accept": "application/vnd.sankaku.api+json;v=2"}
 
     async def character_tags(self, name: str) -> list[tuple[str, int]]:
         """Character tags (type 4) starting with the name, from ``/tags``."""

@@ -14,8 +14,7 @@ from typing import Any, AsyncIterator
 from urllib.parse import quote
 
 from lorafactory.errors import StageError
-from lorafactory.sources.base import Candidate, Post, smallest_fit
-from lorafactory.sources.http import SiteClient
+from lorafactory.sources.base import Candidate, Post, SiteAdapter, smallest_fit
 
 _CONTROL = re.compile(rb"[\x00-\x1f]")
 
@@ -25,16 +24,8 @@ def tag_path(tag: str) -> str:
     return quote(tag.strip(), safe="").replace("%20", "+")
 
 
-class Zerochan:
-    def __init__(
-        self,
-        client: SiteClient,
-        base_url: str,
-        page_size: int,
-        name: str = "zerochan",
-        auth: tuple[str, str] | None = None,
-    ) -> None:
-        self.client, self.base_url, self.page_size, self.name = client, base_url.rstrip("/"), min(page_size, 250), name
+class Zerochan(SiteAdapter):
+    max_page_size = 250
 
     @staticmethod
     def tag_for(name: str) -> str:
