@@ -197,6 +197,11 @@ def test_list_shows_the_clusters_and_queue_adds_the_named(show, tmp_path, monkey
     status = runner.invoke(app, ["status", "--workspace", str(workspace)], env={"COLUMNS": "250"})
     assert status.exit_code == 0, status.output
     assert f"{SHOW} (anime): 3 episodes" in status.output and NAMES["1"] in status.output
+    listed = json.loads(runner.invoke(app, ["status", "--workspace", str(workspace), "--json"]).output)
+    (show,) = listed["shows"]
+    assert show["show"] == SHOW and len(show["episodes"]) == 3 and show["counts"]["clusters"] >= 3
+    assert {c["name"] for c in show["characters"] if c["dataset"]} >= set(NAMES.values())
+    assert {c["slug"] for c in listed["characters"]} >= {c["slug"] for c in show["characters"] if c["dataset"]}
     empty = tmp_path / "empty"
     empty.mkdir()
     nothing = runner.invoke(app, ["anime", "Another Show", "--episodes", str(empty), "--workspace", str(workspace)])

@@ -259,7 +259,9 @@ def test_status_json_reports_the_run(demo_run):
         app, ["status", "Akane Hoshino", "--workspace", str(demo_run["workspace"].root), "--json"]
     )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)[0]
+    listed = json.loads(result.output)
+    assert listed["shows"] == []  # shows are listed only without a NAME
+    report = listed["characters"][0]
     assert report["slug"] == "akane_hoshino" and report["artifacts"]["prepare"]["dataset"] > 0
     assert [step["step"] for step in report["dataset"]["filters"]][:3] == ["decode", "size", "monochrome"]
     human = CliRunner().invoke(app, ["status", "--workspace", str(demo_run["workspace"].root)], env={"COLUMNS": "200"})

@@ -20,9 +20,13 @@ def status(
     name: Optional[str] = typer.Argument(None, help="Character name or slug; all characters when omitted."),
     workspace: Path = WorkspaceOpt,
     db: Optional[str] = DbOpt,
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    as_json: bool = typer.Option(
+        False, "--json", help='Machine-readable: {"characters": [...], "shows": [...]} (shows only without NAME).'
+    ),
 ) -> None:
-    """Show characters, their latest run, stages, dataset counts and checkpoint metrics."""
+    """Show characters, their latest run, stages, dataset counts and checkpoint metrics; and, without
+    NAME, the anime shows extracted into the workspace."""
+    from lorafactory.show.layout import shows
     from lorafactory.state import Store
 
     try:
@@ -46,25 +50,34 @@ def status(
                     k: dataset.details.get(k) for k in ("filters", "ratios", "core_tags", "per_site")
                 }
             report.append(summary)
+        show_report = [] if name else [_show_summary(show.manifest()) for show in shows(ws)]
     except USER_ERRORS as exc:
         fail(exc)
     if as_json:
-        out.print_json(json.dumps(report))
+        out.print_json(json.dumps({"characters": report, "shows": show_report}))
         return
     for summary in report:
         _print_summary(summary)
-    if not name:
-        from lorafactory.show.layout import shows
-
-        for show in shows(ws):
-            _print_show_status(show.manifest())
+    for show in show_report:
+        _print_show_status(show)
 
 
-def _print_show_status(manifest: dict) -> None:
-    counts, characters = manifest["counts"], manifest["characters"]
-    named = ", ".join(escape(c["name"]) for c in characters if c["dataset"]) or "none yet"
+def _show_summary(manifest: dict) -> dict:
+    """A show's line in ``status``: its episodes, crop and cluster counts, and its named characters."""
+    keys = ("name", "slug", "crops", "dataset", "images", "reason")
+    return {
+        "show": manifest["show"],
+        "episodes": manifest["episodes"],
+        "counts": manifest["counts"],
+        "characters": [{k: c[k] for k in keys if k in c} for c in manifest["characters"]],
+    }
+
+
+def _print_show_status(show: dict) -> None:
+    counts = show["counts"]
+    named = ", ".join(escape(c["name"]) for c in show["characters"] if c["dataset"]) or "none yet"
     out.print(
-        f"[bold]{escape(manifest['show'])}[/bold] (anime): {len(manifest['episodes'])} episodes, "
+        f"[bold]{escape(show['show'])}[/bold] (anime): {len(show['episodes'])} episodes, "
         f"{counts.get('usable', 0)} crops in {counts.get('clusters', 0)} clusters; datasets: {named}"
     )
 
