@@ -99,7 +99,7 @@ def test_publish_command(demo_run, fake_hub):
     assert done.exit_code == 0, done.output
     assert "published" in done.output and not fake_hub.repos["team/akane"].private
     status = CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"])
-    latest = json.loads(status.output)[0]["publications"][0]  # recorded in the state store, newest first
+    latest = json.loads(status.output)["characters"][0]["publications"][0]  # recorded in the state store, newest first
     assert latest["target"] == "huggingface" and latest["url"].endswith("/team/akane") and latest["uploaded"] > 0
     missing = CliRunner().invoke(app, ["publish", "Nobody", "-w", root, "--endpoint", fake_hub.url])
     assert missing.exit_code == 3 and "no finished release" in missing.output
@@ -264,7 +264,9 @@ def test_civitai_bad_key_and_the_command(civitai_char, demo_run, fake_civitai, m
     )
     assert done.exit_code == 0, done.output
     [model] = fake_civitai.models.values()
-    status = json.loads(CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"]).output)[0]
+    status = json.loads(CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"]).output)[
+        "characters"
+    ][0]
     assert (
         status["publications"][0]["url"].endswith(f"/models/{model['id']}")
         and status["publications"][0]["target"] == "civitai"
