@@ -483,6 +483,8 @@ def test_a_compiled_unet_trains_what_the_eager_one_does(kit, dataset, tmp_path):
         SilentProgress(),
     )
     assert counters["stats"]["unique_graphs"] > 0  # the blocks did go through torch.compile
+    # every shape the run met (3 buckets, training and validation) was compiled: none fell back to eager
+    assert counters["frames"]["ok"] == counters["frames"]["total"] > 8, dict(counters["frames"])
     assert compiled.counts["steps"] == eager.counts["steps"]
     assert _logged_losses(tmp_path / "compiled") == pytest.approx(_logged_losses(tmp_path / "eager"), rel=1e-5)
     a, b = _weights(tmp_path / "eager", 4), _weights(tmp_path / "compiled", 4)

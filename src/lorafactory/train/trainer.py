@@ -62,6 +62,10 @@ BUNDLED_FILE = "bundled.safetensors"
 EMBEDDING_FILE = "embedding.safetensors"
 EMBEDDING_PT_FILE = "embedding.pt"
 LOG_FILE = "train_log.jsonl"
+# Graphs one compiled transformer block may have: a run's block widths, bucket shapes (strides, sides of 1)
+# and training and validation modes. torch's default, 8, is met within a few steps on three buckets; past
+# it dynamo gives up on the new shapes and they run eager, with no error.
+COMPILED_GRAPHS_PER_BLOCK = 64
 
 
 @dataclass
@@ -204,6 +208,9 @@ class _Run:
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         if t.compile:  # in place, after the LoRA layers are in: parameter names and exports are unchanged
+            from torch._dynamo import config as dynamo
+
+            dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
             base.unet.compile_repeated_blocks(backend=t.compile_backend)
         base.unet.train()
 
