@@ -7,10 +7,12 @@ every checkpoint with the preset's prompt set, sampler, image size and scorers, 
 stage, GPU-seconds per model and models per GPU-day, with process CPU time beside wall time.
 
 A GPU's time budget rarely allows the whole planned run, so ``--steps`` trains fewer steps (on the
-preset's checkpoint grid) and the figures are projected to the planned run: setup once, the training
-loop per step, evaluation per checkpoint. Measured and projected figures are both written. Sequential
-evaluation needs as many scored checkpoints as are kept before it drops one, so a short measured run
-renders every image and the projected evaluation is an upper bound.
+preset's checkpoint grid) and the figures are projected to the planned run: everything up to the step
+after the first checkpoint once (set-up, compiling, the first validation), later steps at their mean
+and checkpoints at the last one's time (``project_training``), evaluation per checkpoint. Measured and
+projected figures are both written. Sequential evaluation needs as many scored checkpoints as are kept
+before it drops one, so a short measured run renders every image and the projected evaluation is an
+upper bound.
 
 The vision models are the stand-in hub's (tiny ONNX models with imgutils' I/O) and CLIP is a random
 ViT-L/14, so the scoring share is a lower bound for the ONNX part. ``--tiny`` runs the tiny models on
@@ -18,6 +20,7 @@ CPU with small sizes: a check of the script itself, not a measurement.
 
     PYTHONPATH=src python benchmarks/factory_throughput.py [--preset sd15-anime] [--preset sdxl-anime]
         [--images 200] [--steps 200] [--repeats 3] [--out benchmarks/results] [--work DIR] [--tiny]
+        [--set train.compile=true --tag compiled]
 """
 
 from __future__ import annotations
@@ -91,7 +94,28 @@ def write_dataset(folder: Path, count: int, sides: dict[str, tuple[int, int]], s
     return folder
 
 
-def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool) -> dict:
+def project_training(step_times: list[float], train_wall: float, save_every: int, planned: int) -> dict | None:
+    """The planned run's training seconds from a shorter run's step log (``t`` of each step, from the start).
+
+    Up to the step after the first checkpoint, everything counts once: set-up, compiling each new shape,
+    the first validation. Later steps count at their mean (checkpoint steps left out), and each later
+    checkpoint at what the last one took (the time after the last step). None when the run was too short
+    to have steps after its first checkpoint."""
+    warm = save_every + 1
+    steady = [
+        later - earlier
+        for step, (earlier, later) in enumerate(zip(step_times, step_times[1:]), start=2)
+        if step > warm and (step - 1) % save_every
+    ]
+    if not steady:
+        return None
+    step_s = statistics.fmean(steady)
+    checkpoint_s = train_wall - step_times[-1]
+    projected = step_times[warm - 1] + step_s * (planned - warm) + checkpoint_s * (planned // save_every - 1)
+    return {"warm_up_s": round(step_times[warm - 1], 2), "steady_step_s": step_s, "projected_s": projected}
+
+
+def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool, extra: list[str]) -> dict:
     """One train + evaluate of ``preset``: measured spans, and the figures projected to the planned run."""
     import torch
 
@@ -114,7 +138,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
     if tiny:
         overrides += ["train.resolution=128", "train.device='cpu'", "train.save_every=50", "train.min_steps=10"]
         overrides += ["evaluate.width=128", "evaluate.height=128", "evaluate.steps=4", "evaluate.bootstrap=50"]
-    settings = load_settings(preset=preset, overrides=overrides)
+    settings = load_settings(preset=preset, overrides=overrides + extra)
     t = settings.train
     dataset = write_dataset(work / f"dataset-{images}-{size}-v2", images, TINY_SIDES if tiny else FULL_SIZE_SIDES)
     planned = planned_steps(t, images)
@@ -139,11 +163,15 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
     checkpoints = len(trained.checkpoints)
     evaluating = sum(timing.spans["evaluating checkpoints"])
     planned_checkpoints = math.ceil(planned / t.save_every)
-    train_projected = (train_wall - loop) + loop / measured * planned
+    step_times = [json.loads(line)["t"] for line in (run_dir / "train" / "train_log.jsonl").read_text().splitlines()]
+    steady = project_training(step_times, train_wall, t.save_every, planned)
+    # without steps after the first checkpoint: every step at the loop's mean (warm-up and compiling included)
+    train_projected = steady["projected_s"] if steady else (train_wall - loop) + loop / measured * planned
     eval_projected = (eval_wall - evaluating) + evaluating / checkpoints * planned_checkpoints
     gpu_seconds = train_projected + eval_projected
     return {
         "preset": preset,
+        "settings": extra,
         "images": images,
         "batch": t.batch_size,
         "full_batches": t.full_batches,
@@ -162,6 +190,8 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
         "train_cpu_s": round(train_cpu, 2),
         "train_loop_s": round(loop, 2),
         "samples_per_s": round(measured * samples_per_step(t) / loop, 2),  # exact: every batch is full
+        "steady_samples_per_s": round(samples_per_step(t) / steady["steady_step_s"], 2) if steady else None,
+        "warm_up_s": steady["warm_up_s"] if steady else None,  # to the step after the first checkpoint
         "train_peak_gib": round(train_peak, 2) if cuda else None,
         "eval_wall_s": round(eval_wall, 2),
         "eval_cpu_s": round(eval_cpu, 2),
@@ -176,17 +206,21 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool)
 
 def summarise(rows: list[dict]) -> dict:
     """Median, min and max of the headline figures, per preset."""
-    keys = ("samples_per_s", "eval_s_per_checkpoint", "projected_gpu_s_per_model", "models_per_gpu_day")
+    keys = (
+        "samples_per_s",
+        "steady_samples_per_s",
+        "warm_up_s",
+        "eval_s_per_checkpoint",
+        "projected_gpu_s_per_model",
+        "models_per_gpu_day",
+    )
     summary = {}
     for preset in dict.fromkeys(r["preset"] for r in rows):
         mine = [r for r in rows if r["preset"] == preset]
         summary[preset] = {
-            key: {
-                "median": statistics.median(r[key] for r in mine),
-                "min": min(r[key] for r in mine),
-                "max": max(r[key] for r in mine),
-            }
+            key: {"median": statistics.median(values), "min": min(values), "max": max(values)}
             for key in keys
+            if (values := [r[key] for r in mine if r[key] is not None])
         }
     return summary
 
@@ -215,6 +249,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the results")
     parser.add_argument("--work", type=Path, default=None, help="folder for models and datasets (kept)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU: checks the script only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every run")
+    parser.add_argument("--tag", default="", help="added to the result file's name (e.g. 'compiled')")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-factory-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -225,12 +261,13 @@ def main() -> None:
     presets = args.preset or ["sd15-anime"]
     env = environment(args.tiny)
     stem = "tiny" if args.tiny else re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    path = args.out / f"factory_throughput_{'_'.join(presets)}_{stem}_{env['date'][:10]}.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    path = args.out / f"factory_throughput_{'_'.join(presets)}{tag}_{stem}_{env['date'][:10]}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for repeat in range(args.repeats):
         for preset in presets if repeat % 2 == 0 else reversed(presets):  # alternate the order
-            row = {"repeat": repeat, **measure(preset, work, args.images, args.steps, args.tiny)}
+            row = {"repeat": repeat, **measure(preset, work, args.images, args.steps, args.tiny, args.set)}
             print(json.dumps(row), flush=True)
             rows.append(row)
             summary = summarise(rows)  # written after every run: a run cut short keeps what it measured

@@ -9,8 +9,11 @@
 #   2. factory_throughput.py: sd15-anime train + evaluate on random full-size SD1.5, models per GPU-day;
 #   3. train_profile.py: where an SD1.5 batch-8 step's milliseconds go (torch profiler), eager and with
 #      train.compile (regional torch.compile, inductor);
-#   4. factory_throughput.py for sdxl-anime, if time is left (a second session may be needed for it).
+#   4. factory_throughput.py for sd15-anime with train.compile: the compile's warm-up over the dataset's
+#      30 buckets and validation, against its faster steps, end to end (decides train.compile's default);
+#   5. factory_throughput.py for sdxl-anime, if time is left (a second session may be needed for it).
 # Without --fetch run it from the repository root; it writes to $OUT (default benchmarks/results/gpu-session).
+# PARTS="factory_sdxl gpu_train_check" runs only the parts named (e.g. what a first session had no time for).
 set -uo pipefail
 if [ "${1:-}" = "--fetch" ]; then
     mkdir -p .whl
@@ -24,7 +27,7 @@ WORK=${WORK:-/tmp/lorafactory-gpu}
 mkdir -p "$OUT" "$WORK"
 started=$SECONDS
 left() { echo $(( ${BUDGET:-570} - (SECONDS - started) )); }
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "${TINY:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then  # the GPU image's wheels, not this machine's
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
     export PYTHONPATH=/tmp/site
@@ -36,6 +39,7 @@ export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUN
 log="$OUT/session.log"  # every part's output, in one file (the machine returns at most 8 files)
 part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (and what the budget has left)
     local name=$1 limit=$2; shift 2
+    if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then return; fi
     local budget; budget=$(left)
     (( budget < limit )) && limit=$budget
     if (( limit < 30 )); then echo "== skipped $name: no time left" | tee -a "$log"; return; fi
@@ -55,6 +59,8 @@ part factory_sd15 220 python3 benchmarks/factory_throughput.py --preset sd15-ani
 part profile_sd15 70 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" --work "$WORK" $tiny
 part profile_sd15_compiled 110 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" \
     --work "$WORK" --set train.compile=true --tag compiled $tiny
+part factory_sd15_compiled 200 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
+    --repeats 1 --set train.compile=true --tag compiled --out "$OUT" --work "$WORK" $tiny $few
 part factory_sdxl 240 python3 benchmarks/factory_throughput.py --preset sdxl-anime --steps 100 --repeats 1 \
     --out "$OUT" --work "$WORK" $tiny $few
 ls -la "$OUT"
