@@ -41,6 +41,20 @@ def kit() -> Kit:
     return build_kit(KIT_ROOT)
 
 
+def check_tensorboard(folder, steps: int, checkpoints: list[int]) -> None:
+    """The event files, read with TensorBoard's own reader: kohya's scalar names, every step once and
+    each checkpoint's validation loss, across the sessions of a resumed run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "lr/embedding"} <= tags
+    for tag in ("loss/current", "loss/average", "lr/unet", "lr/textencoder"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, steps + 1)), tag
+    assert [e.step for e in events.Scalars("loss/validation/step_average")] == checkpoints
+
+
 def demo_settings(kit: Kit, url: str, *extra: str):
     return load_settings(
         preset="tiny-demo",

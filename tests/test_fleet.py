@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import demo_settings
+from conftest import check_tensorboard, demo_settings
 from lorafactory.config import to_toml, tomllib
 from lorafactory.demo import replay_for
 from lorafactory.fleet.queue import JobQueue
@@ -51,9 +51,20 @@ def _wait_for_saved_state(ws, job_id, queue, alive, step=12, timeout=240):
     raise AssertionError(f"the job ended before it could be killed during training: {row.status} {row.last_error}")
 
 
+def _kill_session(leader: int) -> None:
+    """SIGKILL every process of the session ``leader`` started: a driver and its local Ray. Ray's workers
+    have process groups of their own, and one left to notice its raylet's death on its own may well
+    finish a tiny training first, so nothing would be resumed."""
+    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    for pid, sid in (line.split() for line in listing.splitlines()):
+        if int(sid) == leader:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
 def _trained_once_and_resumed(ws):
-    """The train artifact is whole: every step logged once, by two training sessions (one TensorBoard
-    event file each), so the second resumed the first's saved state."""
+    """The train artifact is whole: every step logged once (and in TensorBoard, with both validations), by
+    a second training session that resumed the first's state at step 12."""
     from lorafactory.workspace import Workspace, damage
 
     char = Workspace(ws).character("akane_hoshino")
@@ -61,7 +72,8 @@ def _trained_once_and_resumed(ws):
     assert manifest is not None and damage(char.artifact("train"), manifest) is None
     log = [json.loads(line) for line in (char.artifact("train") / "train_log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log] == list(range(1, 25))
-    assert len(list((char.artifact("train") / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert manifest.details["resumed_at"] == [12]
+    check_tensorboard(char.artifact("train") / "tensorboard", steps=24, checkpoints=[12, 24])
 
 
 def test_the_fleet_runs_the_queue_and_bad_input_fails_only_its_job(kit, tmp_path, local_ray):
@@ -211,12 +223,11 @@ def test_a_killed_driver_is_replaced_without_losing_or_repeating_work(kit, tmp_p
         )
         try:
             _wait_for_saved_state(ws, job, queue, lambda: first.poll() is None)
-            first.kill()  # the driver alone; its local Ray goes with it
+            _kill_session(first.pid)  # the driver and its local Ray, at once
             first.wait()
             second = subprocess.run(command, env=offline_env(kit), capture_output=True, text=True, timeout=400)
         finally:
-            with contextlib.suppress(ProcessLookupError):  # whatever of the first driver's Ray is still there
-                os.killpg(first.pid, signal.SIGKILL)
+            _kill_session(first.pid)  # whatever of the first driver's Ray is still there
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     jobs = {job.slug: job for job in queue.jobs()}
     assert jobs["akane_hoshino"].status == "done" and jobs["akane_hoshino"].attempts == 2

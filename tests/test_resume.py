@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import check_tensorboard
 from lorafactory.config import load_settings, read_toml
 from lorafactory.demo import DEMO_CHARACTER, offline_env, replay_for
 from lorafactory.progress import SilentProgress
@@ -104,6 +105,8 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
             and killed.stages[-1].status == "interrupted"
         )
     assert (char.manifest("release") is not None) == (how == "kill")
+    assert char.manifest("train").details["resumed_at"] == [12]
+    check_tensorboard(char.artifact("train") / "tensorboard", steps=24, checkpoints=[12, 24])  # nothing lost
     if how == "kill":  # the resumed weights equal an uninterrupted run's (compared once)
         settings = load_settings(base=read_toml(char.config_path))
         train(settings, "akane_hoshino", char.artifact("prepare"), tmp_path / "straight", SilentProgress())

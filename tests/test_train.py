@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import demo_settings
+from conftest import check_tensorboard, demo_settings
 from lorafactory.errors import ConfigError, StageError
 from lorafactory.progress import SilentProgress
 from lorafactory.train.model import load_pipeline
@@ -45,6 +45,7 @@ def test_stopped_and_resumed_equals_straight_through(kit, dataset, tmp_path):
     assert saved.waiting, "the stop should leave bucket leftovers waiting for the next epoch"
     second = train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress())
     assert second.finished and list(second.checkpoints) == [4, 8]
+    assert second.details["resumed_at"] == [4] and straight.details["resumed_at"] == []
     a, b = _weights(tmp_path / "straight", 8), _weights(tmp_path / "resumed", 8)
     assert a.keys() == b.keys() and any(k.startswith("lora_te_") for k in a)
     for key in a:
@@ -52,22 +53,7 @@ def test_stopped_and_resumed_equals_straight_through(kit, dataset, tmp_path):
     assert straight.details["validation_loss"] == second.details["validation_loss"]
     log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
     assert log == list(range(1, 9))
-    _check_tensorboard(tmp_path / "resumed" / "tensorboard", steps=8, checkpoints=[4, 8])
-
-
-def _check_tensorboard(folder, steps: int, checkpoints: list[int]) -> None:
-    """The event files, read with TensorBoard's own reader: kohya's scalar names, every step once,
-    across the two sessions of a resumed run."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "lr/embedding"} <= tags
-    for tag in ("loss/current", "loss/average", "lr/unet", "lr/textencoder"):
-        assert [e.step for e in events.Scalars(tag)] == list(range(1, steps + 1)), tag
-    assert [e.step for e in events.Scalars("loss/validation/step_average")] == checkpoints
-    assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # one per session
+    check_tensorboard(tmp_path / "resumed" / "tensorboard", steps=8, checkpoints=[4, 8])
 
 
 def test_resuming_with_other_settings_is_refused(kit, dataset, tmp_path):

@@ -36,6 +36,7 @@ class LoopPosition:
     losses: list[float] = field(default_factory=list)
     checkpoints: dict[int, str] = field(default_factory=dict)
     validation: dict[int, dict[str, float]] = field(default_factory=dict)
+    resumed_at: list[int] = field(default_factory=list)  # the steps later sessions started from
 
 
 def _rng_states(rng: random.Random, generator: torch.Generator) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ LOG_FILE = "train_log.jsonl"
 # and training and validation modes. torch's default, 8, is met within a few steps on three buckets; past
 # it dynamo gives up on the new shapes and they run eager, with no error.
 COMPILED_GRAPHS_PER_BLOCK = 64
+BeforeState = Callable[[dict[str, float] | None], None]  # gets a checkpoint's validation loss
 
 
 @dataclass
@@ -394,16 +396,18 @@ class _Run:
         self.base.unet.train()
         return result
 
-    def checkpoint(self) -> None:
-        """Write the step's files and the training state (the main process only; the others wait)."""
+    def checkpoint(self, before_state: BeforeState | None = None) -> None:
+        """Write the step's files and the training state (the main process only; the others wait).
+        ``before_state`` gets the validation loss just before the state is saved: what it writes then
+        covers the steps a resumed run will not repeat."""
         step = self.position.step
         folder = checkpoint_dir(self.out_dir, step)
         self.position.checkpoints[step] = str(folder.relative_to(self.out_dir))
         if self.collective.is_main:
-            self._write_checkpoint(folder)
+            self._write_checkpoint(folder, before_state)
         self.collective.barrier()
 
-    def _write_checkpoint(self, folder: Path) -> None:
+    def _write_checkpoint(self, folder: Path, before_state: BeforeState | None) -> None:
         t, step = self.t, self.position.step
         folder.mkdir(parents=True, exist_ok=True)
         tensors = unet_lora_tensors(self.base.unet, t.lora_alpha, self.base.family)
@@ -434,6 +438,8 @@ class _Run:
         validation = self.validate()
         if validation is not None:
             self.position.validation[step] = validation
+        if before_state is not None:
+            before_state(validation)
         save_state(self.out_dir, self.fingerprint, self.live(), self.position)
 
     def live(self) -> Stateful:
@@ -443,6 +449,7 @@ class _Run:
         if saved_step(self.out_dir) is None:
             return
         self.position = load_state(self.out_dir, self.fingerprint, self.live())
+        self.position.resumed_at.append(self.position.step)
         if self.position.step >= self.pivot_step:
             self.text.freeze_vectors()
         log.info("resuming training at step %d", self.position.step)
@@ -494,11 +501,7 @@ def train(
                 task.advance()
                 if step % t.save_every == 0 or step == t.max_steps:
                     steps.settle()  # a diverged loss stops the run before its state is saved
-                    run.checkpoint()
-                    if events:
-                        if step in run.position.validation:
-                            events.validation(step, run.position.validation[step]["mean"])
-                        events.flush()
+                    run.checkpoint(events.up_to if events else None)  # events on disk before the state
                     if stop_after is not None and step >= stop_after and step < t.max_steps:
                         finished = False
                         break
@@ -529,5 +532,6 @@ def train(
         "family": run.base.family,
         "seconds": round(time.monotonic() - started, 2),
         "checkpoints": {str(step): path for step, path in position.checkpoints.items()},
+        "resumed_at": position.resumed_at,  # empty for a run trained in one go
     }
     return TrainResult(dict(position.checkpoints), counts, details, finished)
