@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tensorboardX import SummaryWriter
 
 FOLDER = "tensorboard"
 LR_TAGS = {"lora": "lr/unet", "text_lora": "lr/textencoder", "embedding": "lr/embedding"}
@@ -20,7 +24,7 @@ class TrainEvents:
     def __init__(self, out_dir: Path, start_step: int, window: int) -> None:
         self.folder = out_dir / FOLDER
         self.purge_step = start_step + 1 if start_step else None  # events past the saved step are dropped
-        self.open_writer = None
+        self.open_writer: SummaryWriter | None = None
         self.recent: deque[float] = deque(maxlen=max(window, 1))  # about one epoch, as kohya averages
         self.epoch_losses: list[float] = []
         self.epoch: int | None = None
@@ -48,7 +52,7 @@ class TrainEvents:
         self.close()
 
     @property
-    def writer(self):
+    def writer(self) -> SummaryWriter:
         """The open event file, started at the first event after a checkpoint."""
         if self.open_writer is None:
             from tensorboardX import SummaryWriter
