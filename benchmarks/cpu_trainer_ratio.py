@@ -32,23 +32,6 @@ STEPS, WARMUP, BATCH, RESOLUTION, RANK, VECTORS, REPEATS = 40, 5, 4, 128, 4, 2, 
 KINDS = ("baseline", "ours-uncached", "ours-cached")
 
 
-def _dataset(root: Path) -> Path:
-    import random
-
-    from lorafactory.testing.synthetic import CHARACTERS
-
-    folder = root / "data"
-    if not (folder / "metadata.jsonl").is_file():
-        (folder / "images").mkdir(parents=True)
-        rng = random.Random(0)
-        lines = []
-        for i in range(16):
-            CHARACTERS[0].draw(RESOLUTION, RESOLUTION, outfit=i % 3, rng=rng).save(folder / "images" / f"{i}.png")
-            lines.append(json.dumps({"file": f"images/{i}.png", "tags": ["1girl", "smile"], "post_id": str(i)}))
-        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
-
-
 def _clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
@@ -154,10 +137,11 @@ def run_baseline(model: Path, data: Path, steps: int) -> list[tuple[float, float
 
 def child(kind: str, steps: int) -> None:
     root = Path(os.environ["BENCH_ROOT"])
+    from gpu_throughput import make_dataset  # the benchmarks folder is the script's own
     from lorafactory.testing.tiny_sd import build_tiny_sd
 
     model = build_tiny_sd(root / "tiny-sd")
-    data = _dataset(root)
+    data = make_dataset(root / "data", RESOLUTION)
     times = (
         run_baseline(model, data, steps) if kind == "baseline" else run_ours(model, data, kind == "ours-cached", steps)
     )
