@@ -36,32 +36,21 @@ def _ctrl_c_reaches_children():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _command(stage: str, ws: Workspace, replay_url: str, *settings: str) -> list[str]:
+    """``lorafactory STAGE`` for the demo character on the tiny-demo preset, crawling the replay."""
+    sets = [f'crawl.danbooru.base_url="{replay_url}"', *settings]
+    head = [sys.executable, "-m", "lorafactory", stage, DEMO_CHARACTER, "--site", "danbooru"]
+    return head + ["--workspace", str(ws.root), "--preset", "tiny-demo"] + [a for s in sets for a in ("--set", s)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["kill", "ctrl-c"])
 def test_stop_during_train_then_resume(kit, tmp_path, how):
     ws = Workspace(tmp_path / "ws")
     with replay_for(kit) as replay:
-        command = [
-            sys.executable,
-            "-m",
-            "lorafactory",
-            "run",
-            DEMO_CHARACTER,
-            "--site",
-            "danbooru",
-            "--workspace",
-            str(ws.root),
-            "--preset",
-            "tiny-demo",
-            "--set",
-            f'crawl.danbooru.base_url="{replay.url}"',
-            "--set",
-            f'train.base_model="{kit.tiny_sd}"',
-            "--set",
-            "train.max_steps=24",
-            "--set",
-            "train.save_every=12",
-        ]
+        command = _command(
+            "run", ws, replay.url, f'train.base_model="{kit.tiny_sd}"', "train.max_steps=24", "train.save_every=12"
+        )
         state = ws.character("akane_hoshino").partial("train") / "state" / "state.json"
         with _ctrl_c_reaches_children():
             first = subprocess.Popen(
@@ -121,23 +110,7 @@ def test_crawl_killed_midway_resumes_without_refetching(kit, tmp_path):
     ws = Workspace(tmp_path / "ws")
     with replay_for(kit) as replay:
         replay.latency_s = 0.05
-        command = [
-            sys.executable,
-            "-m",
-            "lorafactory",
-            "crawl",
-            DEMO_CHARACTER,
-            "--site",
-            "danbooru",
-            "--workspace",
-            str(ws.root),
-            "--preset",
-            "tiny-demo",
-            "--set",
-            f'crawl.danbooru.base_url="{replay.url}"',
-            "--set",
-            "crawl.danbooru.concurrency=1",
-        ]
+        command = _command("crawl", ws, replay.url, "crawl.danbooru.concurrency=1")
         images = ws.character("akane_hoshino").partial("crawl") / "images"
         first = subprocess.Popen(command, env=offline_env(kit), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
