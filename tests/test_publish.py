@@ -232,36 +232,13 @@ def test_civitai_bad_key_and_the_command(civitai_char, demo_run, fake_civitai, m
         _to_civitai(civitai_char, demo_run["settings"], fake_civitai)
     assert fake_civitai.models == {}
     root = str(civitai_char.path.parent)
-    result = CliRunner().invoke(
-        app,
-        [
-            "publish",
-            "Akane Hoshino",
-            "-w",
-            root,
-            "--to",
-            "civitai",
-            "--dry-run",
-            "--set",
-            f'release.civitai_url="{fake_civitai.url}"',
-        ],
-    )
+    command = ["publish", "Akane Hoshino", "-w", root, "--to", "civitai"]
+    command += ["--set", f'release.civitai_url="{fake_civitai.url}"']
+    result = CliRunner().invoke(app, [*command, "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "Civitai steps" in result.output and "upload akane_hoshino.safetensors" in result.output
     monkeypatch.setenv("CIVITAI_API_KEY", CIVITAI_KEY)
-    done = CliRunner().invoke(
-        app,
-        [
-            "publish",
-            "Akane Hoshino",
-            "-w",
-            root,
-            "--to",
-            "civitai",
-            "--set",
-            f'release.civitai_url="{fake_civitai.url}"',
-        ],
-    )
+    done = CliRunner().invoke(app, command)
     assert done.exit_code == 0, done.output
     [model] = fake_civitai.models.values()
     status = json.loads(CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"]).output)[
