@@ -111,7 +111,8 @@ def project_training(step_times: list[float], train_wall: float, save_every: int
         return None
     step_s = statistics.fmean(steady)
     checkpoint_s = train_wall - step_times[-1]
-    projected = step_times[warm - 1] + step_s * (planned - warm) + checkpoint_s * (planned // save_every - 1)
+    later_checkpoints = math.ceil(planned / save_every) - 1  # the last one ends an off-grid run too
+    projected = step_times[warm - 1] + step_s * (planned - warm) + checkpoint_s * later_checkpoints
     return {"warm_up_s": round(step_times[warm - 1], 2), "steady_step_s": step_s, "projected_s": projected}
 
 
@@ -189,8 +190,11 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
         "train_wall_s": round(train_wall, 2),
         "train_cpu_s": round(train_cpu, 2),
         "train_loop_s": round(loop, 2),
-        "samples_per_s": round(measured * samples_per_step(t) / loop, 2),  # exact: every batch is full
-        "steady_samples_per_s": round(samples_per_step(t) / steady["steady_step_s"], 2) if steady else None,
+        # samples per step are known only when every batch is full (train.full_batches, the default)
+        "samples_per_s": round(measured * samples_per_step(t) / loop, 2) if t.full_batches else None,
+        "steady_samples_per_s": (
+            round(samples_per_step(t) / steady["steady_step_s"], 2) if steady and t.full_batches else None
+        ),
         "warm_up_s": steady["warm_up_s"] if steady else None,  # to the step after the first checkpoint
         "train_peak_gib": round(train_peak, 2) if cuda else None,
         "eval_wall_s": round(eval_wall, 2),

@@ -241,9 +241,8 @@ def test_civitai_bad_key_and_the_command(civitai_char, demo_run, fake_civitai, m
     done = CliRunner().invoke(app, command)
     assert done.exit_code == 0, done.output
     [model] = fake_civitai.models.values()
-    status = json.loads(CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"]).output)[
-        "characters"
-    ][0]
+    listed = json.loads(CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"]).output)
+    status = listed["characters"][0]
     assert (
         status["publications"][0]["url"].endswith(f"/models/{model['id']}")
         and status["publications"][0]["target"] == "civitai"
