@@ -7,11 +7,13 @@
 # In order of value, each part under its own time limit so the later ones never starve the files:
 #   1. gpu_train_check.py: CUDA correctness (bf16/fp16, resume, diffusers loading, no host sync in a step);
 #   2. factory_throughput.py: sd15-anime train + evaluate on random full-size SD1.5, models per GPU-day;
-#   3. train_profile.py: where an SD1.5 batch-8 step's milliseconds go (torch profiler), eager and with
-#      train.compile (regional torch.compile, inductor);
+#   3. train_profile.py: where an SD1.5 batch-8 step's milliseconds go (torch profiler, with its trace);
 #   4. factory_throughput.py for sd15-anime with train.compile: the compile's warm-up over the dataset's
 #      30 buckets and validation, against its faster steps, end to end (decides train.compile's default);
-#   5. factory_throughput.py for sdxl-anime, if time is left (a second session may be needed for it).
+#   5. train_profile.py with train.compile (regional torch.compile, inductor), and
+#   6. factory_throughput.py for sdxl-anime, if time is left (a second session may be needed for them).
+# GPU load and memory are sampled every second into environment.txt, beside each part's start and end times.
+# The session stops early when the first parts fail fast (a broken environment), so that it can be rerun.
 # Without --fetch run it from the repository root; it writes to $OUT (default benchmarks/results/gpu-session).
 # PARTS="factory_sdxl gpu_train_check" runs only the parts named (e.g. what a first session had no time for).
 set -uo pipefail
@@ -33,8 +35,19 @@ if [ -z "${TINY:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then  # the GPU image's 
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-{ nvidia-smi; python3 -c "import torch, diffusers; print(torch.__version__, torch.version.cuda, diffusers.__version__)"; } \
-    > "$OUT/environment.txt" 2>&1
+{
+    nvidia-smi
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    python3 -c "from importlib.metadata import version as v
+for name in 'diffusers transformers peft accelerate huggingface_hub safetensors onnxruntime numpy dghs-imgutils'.split():
+    print(name, v(name))"
+} > "$OUT/environment.txt" 2>&1
+if [ -z "${TINY:-}" ] && command -v nvidia-smi >/dev/null; then
+    echo "gpu load, every second: time, utilisation %, memory used" >> "$OUT/environment.txt"
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 \
+        >> "$OUT/environment.txt" 2>&1 &
+    sampler=$!
+fi
 
 log="$OUT/session.log"  # every part's output, in one file (the machine returns at most 8 files)
 part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (and what the budget has left)
@@ -43,24 +56,40 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (and w
     local budget; budget=$(left)
     (( budget < limit )) && limit=$budget
     if (( limit < 30 )); then echo "== skipped $name: no time left" | tee -a "$log"; return; fi
-    echo "== $name (limit ${limit}s)" | tee -a "$log"
+    echo "== $name (limit ${limit}s) at $(date +%T)" | tee -a "$log"
+    local begun=$SECONDS
     timeout -k 10 "$limit" "$@" > "$OUT/part.log" 2>&1
     local code=$?
     grep -v -e 'Warning' -e 'warnings.warn' -e 'it/s]' "$OUT/part.log" >> "$log"
     rm -f "$OUT/part.log"
-    echo "== $name: exit $code after $((SECONDS - started))s" | tee -a "$log"
+    echo "== $name: exit $code after $((SECONDS - started))s, at $(date +%T)" | tee -a "$log"
+    if failed_fast "$name" "$code" $((SECONDS - begun)); then
+        echo "== stopping: $name failed fast, which means a broken environment; fix it and rerun" | tee -a "$log"
+        finish 3
+    fi
+}
+failed_fast() {  # failed_fast NAME CODE SECONDS: the CUDA check passed no case, or a part crashed within a minute
+    [ -n "${TINY:-}" ] && return 1
+    if [ "$1" = gpu_train_check ]; then (( $2 != 0 )) && ! grep -q '"ok": true' "$log"; return; fi
+    (( $2 != 0 && $2 != 124 && $2 != 137 && $3 < 60 ))
+}
+finish() {
+    [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
+    ls -la "$OUT"
+    exit "$1"
 }
 
 part gpu_train_check 90 python3 benchmarks/gpu_train_check.py "$WORK/check"
 tiny=${TINY:+--tiny}  # TINY=1: the same parts on the tiny models on CPU, to check this script here
 few=${TINY:+--images 24 --steps 10 --repeats 1}  # later flags win: a quick pass
-part factory_sd15 220 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 --repeats 2 \
+part factory_sd15 200 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 --repeats 1 \
     --out "$OUT" --work "$WORK" $tiny $few
-part profile_sd15 70 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" --work "$WORK" $tiny
-part profile_sd15_compiled 110 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" \
-    --work "$WORK" --set train.compile=true --tag compiled $tiny
+part profile_sd15 70 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 3 --trace --out "$OUT" \
+    --work "$WORK" $tiny
 part factory_sd15_compiled 200 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
     --repeats 1 --set train.compile=true --tag compiled --out "$OUT" --work "$WORK" $tiny $few
+part profile_sd15_compiled 110 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" \
+    --work "$WORK" --set train.compile=true --tag compiled $tiny
 part factory_sdxl 240 python3 benchmarks/factory_throughput.py --preset sdxl-anime --steps 100 --repeats 1 \
     --out "$OUT" --work "$WORK" $tiny $few
-ls -la "$OUT"
+finish 0

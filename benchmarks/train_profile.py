@@ -1,13 +1,15 @@
 """Where a training step's milliseconds go: the torch profiler over steps of our own trainer.
 
-Builds random full-size SD1.5 (or SDXL with ``--sdxl``), trains ``--warmup`` steps, then profiles
+Builds random full-size SD1.5 (or SDXL with ``--sdxl``), trains ``--warmup`` steps (timed: with
+``train.compile`` this is the compile), times ``--timed`` steps without the profiler, then profiles
 ``--steps`` steps and writes, under ``--out``:
 - ``train_profile_<model>.txt``: the operators by device time and by host time, the host-device
   synchronisations and copies counted, and the step's wall time against its summed kernel time
   (a loop that is far from its kernel time is bound by the host, not the GPU);
-- ``train_profile_<model>.json.gz``: the Chrome trace (open in Perfetto).
+- with ``--trace``, ``train_profile_<model>.json.gz``: the Chrome trace (open in Perfetto).
 
     PYTHONPATH=src python benchmarks/train_profile.py [--sdxl] [--batch 8] [--resolution 512] [--out DIR] [--tiny]
+        [--warmup 5] [--timed 10] [--steps 10] [--trace] [--set train.compile=true --tag compiled]
 
 ``--tiny`` runs the tiny model on CPU: a check of the script itself.
 """
@@ -40,7 +42,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=None, help="default 512 (SD1.5), 1024 (SDXL)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--timed", type=int, default=10, help="steps timed without the profiler")
+    parser.add_argument("--steps", type=int, default=10, help="steps profiled")
+    parser.add_argument("--trace", action="store_true", help="also write the Chrome trace")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true")
@@ -67,9 +71,16 @@ def main() -> None:
     )
     cuda = run.device.type == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    started = time.perf_counter()
     for _ in range(args.warmup):
         run.step()
     synchronize()
+    warmup = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(args.timed):
+        run.step()
+    synchronize()
+    timed = (time.perf_counter() - started) / max(args.timed, 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=False) as prof:
         start = time.perf_counter()
@@ -89,8 +100,10 @@ def main() -> None:
     lines = [
         f"{name} {side}px batch {args.batch}, {run.dtype}, {torch.cuda.get_device_name() if cuda else 'CPU'}"
         + (f"; {', '.join(args.set)}" if args.set else ""),
-        f"step wall time {wall * 1000:.1f} ms; summed device time {kernel_us / 1000 / args.steps:.1f} ms per step",
-        f"samples/s {args.batch / wall:.1f}",
+        f"warm-up: {args.warmup} steps in {warmup:.1f} s",
+        f"without the profiler: step wall time {timed * 1000:.1f} ms, samples/s {args.batch / timed:.1f}",
+        f"profiled: step wall time {wall * 1000:.1f} ms; summed device time {kernel_us / 1000 / args.steps:.1f} ms"
+        " per step",
         "per step: " + ", ".join(f"{key} {value:g}" for key, value in counts.items()),
         "",
         "by device time:" if cuda else "by host time:",
@@ -99,11 +112,12 @@ def main() -> None:
         events.table(sort_by="self_cpu_time_total", row_limit=25),
     ]
     (args.out / f"{stem}.txt").write_text("\n".join(lines) + "\n")
-    trace = work / f"{stem}.json"
-    prof.export_chrome_trace(str(trace))
-    with trace.open("rb") as source, gzip.open(args.out / f"{stem}.json.gz", "wb") as target:
-        shutil.copyfileobj(source, target)
-    print("\n".join(lines[:4]))
+    if args.trace:
+        trace = work / f"{stem}.json"
+        prof.export_chrome_trace(str(trace))
+        with trace.open("rb") as source, gzip.open(args.out / f"{stem}.json.gz", "wb") as target:
+            shutil.copyfileobj(source, target)
+    print("\n".join(lines[:5]))
     print(f"written: {args.out / (stem + '.txt')}")
 
 
