@@ -14,13 +14,20 @@ projected figures are both written. Sequential evaluation needs as many scored c
 before it drops one, so a short measured run renders every image and the projected evaluation is an
 upper bound.
 
+``--concurrent 1,3`` runs each measurement as that many models at once, in as many processes on the
+one GPU (alternating the counts between repeats): a trainer bound by its host leaves the GPU idle
+between kernels, and a fleet can run several GPU jobs on one GPU (``fleet run --jobs-per-gpu``). The
+aggregate models per GPU-day of a concurrent run is the sum over its models; each model's figures are
+projected from what it measured while sharing the GPU (all of them training, then all evaluating).
+The GPU's mean utilisation (NVML, whole device) is recorded during training and during evaluation.
+
 The vision models are the stand-in hub's (tiny ONNX models with imgutils' I/O) and CLIP is a random
 ViT-L/14, so the scoring share is a lower bound for the ONNX part. ``--tiny`` runs the tiny models on
 CPU with small sizes: a check of the script itself, not a measurement.
 
     PYTHONPATH=src python benchmarks/factory_throughput.py [--preset sd15-anime] [--preset sdxl-anime]
         [--images 200] [--steps 200] [--repeats 3] [--out benchmarks/results] [--work DIR] [--tiny]
-        [--set train.compile=true --tag compiled]
+        [--set train.compile=true --tag compiled] [--concurrent 1,3]
 """
 
 from __future__ import annotations
@@ -34,9 +41,12 @@ import random
 import re
 import statistics
 import tempfile
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator
 
@@ -70,6 +80,37 @@ class TimedProgress:
 
     def note(self, message: str) -> None:
         return None
+
+
+class GpuLoad:
+    """The GPU's mean utilisation (percent of time a kernel ran, NVML) while the block runs; ``mean`` stays
+    None without NVML or a GPU."""
+
+    def __init__(self, active: bool, every_s: float = 0.5) -> None:
+        self.active, self.every_s, self.samples = active, every_s, []
+        self.mean: float | None = None
+
+    def __enter__(self) -> GpuLoad:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        if self.active:
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import torch
+
+        try:
+            while not self.stop.wait(self.every_s):
+                self.samples.append(torch.cuda.utilization())
+        except Exception:  # noqa: BLE001 - no NVML (pynvml) here: no figure, the benchmark goes on
+            self.samples = []
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.active:
+            self.thread.join()
+        self.mean = round(statistics.fmean(self.samples), 1) if self.samples else None
 
 
 def write_dataset(folder: Path, count: int, sides: dict[str, tuple[int, int]], seed: int = 0) -> Path:
@@ -110,21 +151,23 @@ def project_training(step_times: list[float], train_wall: float, save_every: int
     if not steady:
         return None
     step_s = statistics.fmean(steady)
+    deciles = statistics.quantiles(steady, n=10) if len(steady) > 1 else steady * 9
+    spread = {"median": statistics.median(steady), "p10": deciles[0], "p90": deciles[-1]}
     checkpoint_s = train_wall - step_times[-1]
     later_checkpoints = math.ceil(planned / save_every) - 1  # the last one ends an off-grid run too
     projected = step_times[warm - 1] + step_s * (planned - warm) + checkpoint_s * later_checkpoints
-    return {"warm_up_s": round(step_times[warm - 1], 2), "steady_step_s": step_s, "projected_s": projected}
+    return {
+        "warm_up_s": round(step_times[warm - 1], 2),
+        "steady_step_s": step_s,
+        "step_ms": {key: round(value * 1000, 1) for key, value in spread.items()},
+        "projected_s": projected,
+    }
 
 
-def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool, extra: list[str]) -> dict:
-    """One train + evaluate of ``preset``: measured spans, and the figures projected to the planned run."""
-    import torch
-
-    from lorafactory.config import load_settings
-    from lorafactory.evaluate.evaluator import evaluate
+def inputs(preset: str, work: Path, images: int, tiny: bool) -> tuple[list[str], Path]:
+    """The random base model, CLIP and dataset a measurement uses (built once, then found in ``work``): the
+    settings that point at them, and the dataset folder."""
     from lorafactory.testing.tiny_sd import build_tiny_clip, build_tiny_sd, build_tiny_sdxl
-    from lorafactory.train.length import planned_steps, samples_per_step
-    from lorafactory.train.trainer import train
 
     sdxl = preset.startswith("sdxl")
     size = "tiny" if tiny else "full"
@@ -139,9 +182,22 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
     if tiny:
         overrides += ["train.resolution=128", "train.device='cpu'", "train.save_every=50", "train.min_steps=10"]
         overrides += ["evaluate.width=128", "evaluate.height=128", "evaluate.steps=4", "evaluate.bootstrap=50"]
+    dataset = write_dataset(work / f"dataset-{images}-{size}-v2", images, TINY_SIDES if tiny else FULL_SIZE_SIDES)
+    return overrides, dataset
+
+
+def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool, extra: list[str]) -> dict:
+    """One train + evaluate of ``preset``: measured spans, and the figures projected to the planned run."""
+    import torch
+
+    from lorafactory.config import load_settings
+    from lorafactory.evaluate.evaluator import evaluate
+    from lorafactory.train.length import planned_steps, samples_per_step
+    from lorafactory.train.trainer import train
+
+    overrides, dataset = inputs(preset, work, images, tiny)
     settings = load_settings(preset=preset, overrides=overrides + extra)
     t = settings.train
-    dataset = write_dataset(work / f"dataset-{images}-{size}-v2", images, TINY_SIDES if tiny else FULL_SIZE_SIDES)
     planned = planned_steps(t, images)
     measured = min(planned, math.ceil((steps or planned) / t.save_every) * t.save_every)
     t.max_steps = measured
@@ -150,14 +206,18 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
 
     wall, cpu = time.perf_counter(), time.process_time()
-    trained = train(settings, "bench", dataset, run_dir / "train", timing)
+    with GpuLoad(cuda) as train_load:
+        trained = train(settings, "bench", dataset, run_dir / "train", timing)
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
     if cuda:
         torch.cuda.synchronize()
         train_peak = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     wall, cpu = time.perf_counter(), time.process_time()
-    result = evaluate(settings, "bench", dataset, run_dir / "train", trained.checkpoints, {}, run_dir / "eval", timing)
+    with GpuLoad(cuda) as eval_load:
+        result = evaluate(
+            settings, "bench", dataset, run_dir / "train", trained.checkpoints, {}, run_dir / "eval", timing
+        )
     eval_wall, eval_cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     loop = sum(timing.spans["training"])
@@ -196,7 +256,10 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
             round(samples_per_step(t) / steady["steady_step_s"], 2) if steady and t.full_batches else None
         ),
         "warm_up_s": steady["warm_up_s"] if steady else None,  # to the step after the first checkpoint
+        "steady_step_ms": steady["step_ms"] if steady else None,  # median, 10th and 90th percentile
         "train_peak_gib": round(train_peak, 2) if cuda else None,
+        "train_gpu_util": train_load.mean,  # percent, whole device (every concurrent model counts)
+        "eval_gpu_util": eval_load.mean,
         "eval_wall_s": round(eval_wall, 2),
         "eval_cpu_s": round(eval_cpu, 2),
         "eval_s_per_checkpoint": round(evaluating / checkpoints, 2),
@@ -208,25 +271,53 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
     }
 
 
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Median, min and max of the headline figures, per preset."""
+    """Median, min and max of the headline figures per preset and number of concurrent models; for a
+    concurrent run also its models per GPU-day summed over the models that shared the GPU."""
     keys = (
         "samples_per_s",
         "steady_samples_per_s",
         "warm_up_s",
         "eval_s_per_checkpoint",
+        "train_gpu_util",
+        "eval_gpu_util",
         "projected_gpu_s_per_model",
         "models_per_gpu_day",
     )
     summary = {}
-    for preset in dict.fromkeys(r["preset"] for r in rows):
-        mine = [r for r in rows if r["preset"] == preset]
-        summary[preset] = {
-            key: {"median": statistics.median(values), "min": min(values), "max": max(values)}
-            for key in keys
-            if (values := [r[key] for r in mine if r[key] is not None])
-        }
+    for preset, concurrent in dict.fromkeys((r["preset"], r["concurrent"]) for r in rows):
+        mine = [r for r in rows if r["preset"] == preset and r["concurrent"] == concurrent]
+        figures = {key: _spread(values) for key in keys if (values := [r[key] for r in mine if r[key] is not None])}
+        runs: dict[int, list[float]] = {}
+        for row in mine:
+            runs.setdefault(row["repeat"], []).append(row["models_per_gpu_day"])
+        whole = [round(sum(day), 1) for day in runs.values() if len(day) == concurrent]
+        if concurrent > 1 and whole:
+            figures["models_per_gpu_day_all_together"] = _spread(whole)
+        summary[f"{preset} x{concurrent}"] = figures
     return summary
+
+
+def _use_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
+def run_together(preset: str, concurrent: int, work: Path, args: argparse.Namespace) -> list[dict]:
+    """``concurrent`` measurements of ``preset`` at once, each in a fresh process (also a single one, so
+    that every count starts alike); the shared inputs are built first, here."""
+    inputs(preset, work, args.images, args.tiny)
+    threads = max(1, (os.cpu_count() or 1) // concurrent)  # the CPUs shared out, as a fleet's GPU jobs get them
+    with ProcessPoolExecutor(concurrent, get_context("spawn"), _use_threads, (threads,)) as pool:
+        runs = [
+            pool.submit(measure, preset, work, args.images, args.steps, args.tiny, args.set) for _ in range(concurrent)
+        ]
+        return [run.result() for run in runs]
 
 
 def environment(tiny: bool) -> dict:
@@ -255,7 +346,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU: checks the script only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every run")
     parser.add_argument("--tag", default="", help="added to the result file's name (e.g. 'compiled')")
+    parser.add_argument(
+        "--concurrent", default="1", help="models at once on the GPU, comma-separated counts to compare (default 1)"
+    )
     args = parser.parse_args()
+    counts = [int(count) for count in args.concurrent.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-factory-bench-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -270,23 +365,26 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for repeat in range(args.repeats):
-        for preset in presets if repeat % 2 == 0 else reversed(presets):  # alternate the order
-            row = {"repeat": repeat, **measure(preset, work, args.images, args.steps, args.tiny, args.set)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        order = [(preset, count) for preset in presets for count in counts]
+        for preset, count in order if repeat % 2 == 0 else reversed(order):  # alternate the order
+            for lane, measured in enumerate(run_together(preset, count, work, args)):
+                row = {"repeat": repeat, "concurrent": count, "lane": lane, **measured}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
             summary = summarise(rows)  # written after every run: a run cut short keeps what it measured
             path.write_text(json.dumps({"environment": env, "runs": rows, "summary": summary}, indent=1) + "\n")
 
     print(f"\n{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}; {args.images} images")
-    for preset, figures in summary.items():
+    for name, figures in summary.items():
+        preset, concurrent = name.rsplit(" x", 1)
         last = next(r for r in reversed(rows) if r["preset"] == preset)
         print(
-            f"{preset}: {last['planned_steps']} planned steps at batch {last['batch']}, "
+            f"{preset}, {concurrent} at once: {last['planned_steps']} planned steps at batch {last['batch']}, "
             f"{last['planned_checkpoints']} checkpoints x {last['eval_images_per_checkpoint']} images "
             f"({last['eval_size']}, {last['sampler_steps']} sampler steps); measured {last['measured_steps']} steps"
         )
         for key, stats in figures.items():
-            print(f"  {key:<28} median {stats['median']:>9} (min {stats['min']}, max {stats['max']})")
+            print(f"  {key:<32} median {stats['median']:>9} (min {stats['min']}, max {stats['max']})")
     print(f"results: {path}")
 
 

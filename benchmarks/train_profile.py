@@ -4,8 +4,8 @@ Builds random full-size SD1.5 (or SDXL with ``--sdxl``), trains ``--warmup`` ste
 ``train.compile`` this is the compile), times ``--timed`` steps without the profiler, then profiles
 ``--steps`` steps and writes, under ``--out``:
 - ``train_profile_<model>.txt``: the operators by device time and by host time, the host-device
-  synchronisations and copies counted, and the step's wall time against its summed kernel time
-  (a loop that is far from its kernel time is bound by the host, not the GPU);
+  synchronisations and copies counted, and the step's wall time against its GPU work (kernel and
+  copy time, and their number): a loop that is far from its GPU time is bound by the host;
 - with ``--trace``, ``train_profile_<model>.json.gz``: the Chrome trace (open in Perfetto).
 
     PYTHONPATH=src python benchmarks/train_profile.py [--sdxl] [--batch 8] [--resolution 512] [--out DIR] [--tiny]
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 SYNC_EVENTS = (
@@ -90,7 +91,10 @@ def main() -> None:
         wall = (time.perf_counter() - start) / args.steps
     events = prof.key_averages()
     device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if cuda else float("nan")
+    # the GPU's own rows (kernels, copies): an operator's row repeats the time of the kernels it launched
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / 1000 / args.steps if cuda else float("nan")
+    launches = sum(e.count for e in kernels) / args.steps
     counts = {key: sum(e.count for e in events if e.key == key) / args.steps for key in SYNC_EVENTS + COPY_EVENTS}
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -102,8 +106,8 @@ def main() -> None:
         + (f"; {', '.join(args.set)}" if args.set else ""),
         f"warm-up: {args.warmup} steps in {warmup:.1f} s",
         f"without the profiler: step wall time {timed * 1000:.1f} ms, samples/s {args.batch / timed:.1f}",
-        f"profiled: step wall time {wall * 1000:.1f} ms; summed device time {kernel_us / 1000 / args.steps:.1f} ms"
-        " per step",
+        f"profiled: step wall time {wall * 1000:.1f} ms; per step {kernel_ms:.1f} ms of GPU work in {launches:g} "
+        f"kernels and copies, so the GPU is busy {kernel_ms / (timed * 1000):.0%} of an unprofiled step",
         "per step: " + ", ".join(f"{key} {value:g}" for key, value in counts.items()),
         "",
         "by device time:" if cuda else "by host time:",

@@ -138,6 +138,42 @@ def test_phases_are_routed_by_resources(local_ray):
         local_ray.kill(actor)
 
 
+def test_gpu_jobs_share_a_gpu_when_asked(tmp_path, local_ray):
+    """With two jobs per GPU, two characters' GPU phases run at once on the one (declared) GPU: each
+    waits until the other has started too (one GPU job at a time would time that out)."""
+    from lorafactory.errors import ConfigError
+    from lorafactory.fleet.scheduler import _lanes
+
+    with pytest.raises(ConfigError, match="jobs per GPU is 0"):
+        _lanes(local_ray, gpus=1, cpus=2, jobs_per_gpu=0)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    db = f"sqlite:///{ws / 'lorafactory.db'}"
+    queue = JobQueue(Store(db))
+    for slug in ("ai", "ruby"):
+        queue.add(slug, slug.title(), {"character": {"name": slug.title()}}, until="evaluate")
+
+    def side_by_side(workspace_root, db_url, claim, owner, lease_s, budget=None):
+        from lorafactory.fleet.phases import BY_NAME
+        from lorafactory.fleet.worker import run_job
+
+        def phase(workspace, store, settings, claim, budget):
+            if not BY_NAME[claim.phase].gpu:
+                return
+            (workspace.root / f"{claim.slug}.on-gpu").touch()
+            deadline = time.monotonic() + 60
+            while len(list(workspace.root.glob("*.on-gpu"))) < 2:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the other character's GPU phase never ran alongside")
+                time.sleep(0.05)
+
+        return run_job(workspace_root, db_url, claim, owner, lease_s, budget, run_phase=phase)
+
+    report = run_fleet(ws, db, poll_s=0.2, job=side_by_side, jobs_per_gpu=2)
+    assert report.counts["done"] == 2, report.outcomes
+    assert [(o.phase, o.error) for o in report.outcomes if o.phase == "model"] == [("model", None)] * 2
+
+
 def test_crawls_share_each_sites_rate_across_the_fleet(kit, tmp_path, local_ray):
     """Two crawls in two Ray worker processes at once, one site budget: together they start at most
     8 requests a second, the rate each was given."""

@@ -171,7 +171,17 @@ def fleet_run(
         help="Seconds a job stays claimed without a heartbeat (a dead driver's return then).",
     ),
     crawl_ahead: Optional[int] = typer.Option(
-        None, "--crawl-ahead", min=1, help="Datasets built ahead of the GPUs at most (default: 2 per GPU, at least 4)."
+        None,
+        "--crawl-ahead",
+        min=1,
+        help="Datasets built ahead of the GPUs at most (default: 2 per GPU job, at least 4).",
+    ),
+    jobs_per_gpu: int = typer.Option(
+        1,
+        "--jobs-per-gpu",
+        min=1,
+        help="Characters trained or evaluated at once on each GPU; more keep a GPU busy while each trainer's "
+        "CPU side prepares its next step (each needs its own GPU memory).",
     ),
     workspace: Path = WorkspaceOpt,
     db: Optional[str] = DbOpt,
@@ -199,6 +209,7 @@ def fleet_run(
             lease_s=lease,
             crawl_ahead=crawl_ahead,
             on_outcome=report,
+            jobs_per_gpu=jobs_per_gpu,
         )
     except USER_ERRORS as exc:
         fail(exc)

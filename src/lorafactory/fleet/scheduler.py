@@ -94,8 +94,8 @@ def _connect(address: str | None, num_cpus: int | None, num_gpus: int | None):
 
 
 class PhaseRunner:
-    """A resident worker for the GPU phase (one per GPU): its process, with the libraries it has
-    imported and the evaluation pipeline it keeps (``evaluate.resident``), serves job after job."""
+    """A resident worker for the GPU phase (``jobs_per_gpu`` per GPU): its process, with the libraries it
+    has imported and the evaluation pipeline it keeps (``evaluate.resident``), serves job after job."""
 
     def __init__(self, job: Callable[..., Outcome]) -> None:
         self.job = job
@@ -132,12 +132,15 @@ def _recover(ray, recovering: dict, idle: list) -> None:
             recovering[actor.ready.remote()] = actor
 
 
-def _lanes(ray, gpus: int, cpus: int, job: Callable[..., Outcome] = run_job) -> Lanes:
-    actor_cpus = 1 if cpus > 1 else 0  # a one-CPU machine keeps its CPU for the CPU phases
+def _lanes(ray, gpus: int, cpus: int, job: Callable[..., Outcome] = run_job, jobs_per_gpu: int = 1) -> Lanes:
+    if jobs_per_gpu < 1:
+        raise ConfigError(f"jobs per GPU is {jobs_per_gpu}; give 1 or more")
+    runners = gpus * jobs_per_gpu if gpus else 1  # without GPUs, one runner trains on the CPU
+    actor_cpus = 1 if cpus > runners else 0  # a machine short of CPUs keeps them for the CPU phases
     runner = ray.remote(PhaseRunner).options(
-        num_gpus=1 if gpus else 0, num_cpus=actor_cpus, max_restarts=-1, max_task_retries=0
+        num_gpus=1 / jobs_per_gpu if gpus else 0, num_cpus=actor_cpus, max_restarts=-1, max_task_retries=0
     )
-    actors = [runner.remote(job) for _ in range(max(gpus, 1))]  # without GPUs, one runner trains on the CPU
+    actors = [runner.remote(job) for _ in range(runners)]
     cpu_slots = max(1, cpus - actor_cpus * len(actors))
     task = ray.remote(job).options(num_cpus=1, num_gpus=0, max_retries=0)
     return Lanes(actors, cpu_slots, task, fleet_budget(ray))
@@ -155,20 +158,22 @@ def run_fleet(
     crawl_ahead: int | None = None,
     on_outcome: Callable[[Claim, Outcome], None] | None = None,
     job: Callable[..., Outcome] = run_job,
+    jobs_per_gpu: int = 1,
 ) -> FleetReport:
     """Run queued jobs on Ray until the queue is empty (``until_empty``) or for ever.
 
-    GPU phases (train, evaluate) run on one resident actor per GPU; CPU phases (crawl, prepare,
+    GPU phases (train, evaluate) run on resident actors, ``jobs_per_gpu`` sharing each GPU (more than one
+    keeps a GPU busy while each trainer's host prepares its next step); CPU phases (crawl, prepare,
     release, publish) run as tasks on the CPUs left, at most ``crawl_ahead`` datasets (default: two
-    per GPU, at least 4) waiting for a GPU at a time, so crawls stay just ahead of training.
+    per GPU job, at least 4) waiting for a GPU at a time, so crawls stay just ahead of training.
     ``job`` runs one claimed phase in a worker (``fleet.worker.run_job``; a benchmark passes its own).
     """
     ray = _connect(address, num_cpus, num_gpus)
     check_shared_workspace(ray, Path(workspace))
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    lanes = _lanes(ray, gpus, cpus, job)
-    ahead = crawl_ahead if crawl_ahead is not None else max(4, 2 * gpus)
+    lanes = _lanes(ray, gpus, cpus, job, jobs_per_gpu)
+    ahead = crawl_ahead if crawl_ahead is not None else max(4, 2 * gpus * jobs_per_gpu)
     queue = JobQueue(Store(db_url))
     me = f"{socket.gethostname()}:{os.getpid()}"
     idle = list(lanes.actors)
