@@ -51,9 +51,12 @@ def set_memory_format(pipe, memory_format: torch.memory_format) -> None:
 def variant(pipe, name: str) -> Iterator[None]:
     """The pipeline as ``name`` renders, restored afterwards."""
     merged, channels_last = "merged" in name, "channels_last" in name
-    if merged:
-        for layer in lora_layers(pipe.unet):
-            layer.merge()
+    # the base weights as they were: unmerging subtracts in the weights' dtype, which drifts in bf16
+    saved = (
+        [(layer, layer.get_base_layer().weight.detach().clone()) for layer in lora_layers(pipe.unet)] if merged else []
+    )
+    for layer, _ in saved:
+        layer.merge()
     if channels_last:
         set_memory_format(pipe, torch.channels_last)
     try:
@@ -61,9 +64,9 @@ def variant(pipe, name: str) -> Iterator[None]:
     finally:
         if channels_last:
             set_memory_format(pipe, torch.contiguous_format)
-        if merged:
-            for layer in lora_layers(pipe.unet):
-                layer.unmerge()
+        for layer, weight in saved:
+            layer.unmerge()  # peft's own bookkeeping; then the exact weights back
+            layer.get_base_layer().weight.data.copy_(weight)
 
 
 def timed(render: Callable[[], list], cuda: bool) -> tuple[float, float, list]:
