@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -63,9 +63,9 @@ BUNDLED_FILE = "bundled.safetensors"
 EMBEDDING_FILE = "embedding.safetensors"
 EMBEDDING_PT_FILE = "embedding.pt"
 LOG_FILE = "train_log.jsonl"
-# Graphs one compiled transformer block may have: a run's block widths, bucket shapes (strides, sides of 1)
-# and training and validation modes. torch's default, 8, is met within a few steps on three buckets; past
-# it dynamo gives up on the new shapes and they run eager, with no error.
+# Graphs one compiled transformer block may have: a run's block widths and bucket shapes (strides, sides of 1).
+# torch's default, 8, is met within a few steps on a few buckets; past it dynamo gives up on the new shapes
+# and they run eager, with no error.
 COMPILED_GRAPHS_PER_BLOCK = 64
 BeforeState = Callable[[dict[str, float] | None], None]  # gets a checkpoint's validation loss
 
@@ -380,10 +380,13 @@ class _Run:
     # --- checkpoints --------------------------------------------------------------------
 
     def validate(self) -> dict[str, float] | None:
+        """The held-out loss. With ``train.compile`` it runs eager: its no-grad passes over the held-out
+        images' shapes and its last, smaller batches would each be compiled for a few passes a checkpoint."""
         if not self.validation:
             return None
         self.base.unet.eval()
-        with self.autocast():
+        stance = torch.compiler.set_stance("force_eager") if self.t.compile else nullcontext()
+        with self.autocast(), stance:
             result = self.validation.loss(
                 self.noise_scheduler,
                 self.prediction_type,
