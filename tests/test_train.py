@@ -453,24 +453,27 @@ def test_cached_latents_move_to_the_device_only_within_the_budget():
     assert all(ex.latent.is_meta and ex.flipped.is_meta for ex in examples)
 
 
+COMPILED = ("train.compile=true", 'train.compile_backend="aot_eager"')  # graph capture, no code generation
+
+
+def _fresh_compile_counters():
+    """Dynamo's counters, after it forgets what this process compiled before (nothing is reused)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    return counters
+
+
 def test_a_compiled_run_validates_eagerly(kit, dataset, tmp_path):
     """With train.compile the held-out loss runs eager: a checkpoint's validation compiles nothing (its
     no-grad passes over the held-out shapes and smaller last batches would each be compiled for a few
     passes), and it measures what an eager run's validation measures."""
-    from torch._dynamo.utils import counters
-
     from lorafactory.train.trainer import _Run
 
     held_out = "train.validation_split=0.3"
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = _Run(
-        _settings(kit, held_out, "train.compile=true", 'train.compile_backend="aot_eager"'),
-        "akane_hoshino",
-        dataset,
-        tmp_path / "compiled",
-        SilentProgress(),
-    )
+    counters = _fresh_compile_counters()
+    compiled = _Run(_settings(kit, held_out, *COMPILED), "akane_hoshino", dataset, tmp_path / "c", SilentProgress())
     compiled.step()
     frames = counters["frames"]["total"]
     assert frames > 0  # the step went through the compiled blocks
@@ -484,18 +487,11 @@ def test_a_compiled_run_validates_eagerly(kit, dataset, tmp_path):
 def test_a_compiled_unet_trains_what_the_eager_one_does(kit, dataset, tmp_path):
     """train.compile compiles each transformer block in place, LoRA layers inside; the quick aot_eager backend
     checks the graph capture here (the GPU session times inductor). Losses agree to 1e-5, exports are alike."""
-    from torch._dynamo.utils import counters
-
     short = "train.max_steps=4"  # the graphs are captured in the first step; the compile is the test's cost
     eager = train(_settings(kit, short), "akane_hoshino", dataset, tmp_path / "eager", SilentProgress())
-    torch._dynamo.reset()  # nothing compiled earlier in this process is reused
-    counters.clear()
+    counters = _fresh_compile_counters()
     compiled = train(
-        _settings(kit, short, "train.compile=true", 'train.compile_backend="aot_eager"'),
-        "akane_hoshino",
-        dataset,
-        tmp_path / "compiled",
-        SilentProgress(),
+        _settings(kit, short, *COMPILED), "akane_hoshino", dataset, tmp_path / "compiled", SilentProgress()
     )
     assert counters["stats"]["unique_graphs"] > 0  # the blocks did go through torch.compile
     # every shape the run met (3 buckets) was compiled: none fell back to eager
