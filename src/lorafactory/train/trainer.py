@@ -385,7 +385,8 @@ class _Run:
         if not self.validation:
             return None
         self.base.unet.eval()
-        stance = torch.compiler.set_stance("force_eager") if self.t.compile else nullcontext()
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; before, validation compiles too
+        stance = set_stance("force_eager") if self.t.compile and set_stance else nullcontext()
         with self.autocast(), stance:
             result = self.validation.loss(
                 self.noise_scheduler,
