@@ -72,23 +72,20 @@ def main() -> None:
     )
     cuda = run.device.type == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
-    started = time.perf_counter()
-    for _ in range(args.warmup):
-        run.step()
-    synchronize()
-    warmup = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(args.timed):
-        run.step()
-    synchronize()
-    timed = (time.perf_counter() - started) / max(args.timed, 1)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, record_shapes=False) as prof:
-        start = time.perf_counter()
-        for _ in range(args.steps):
+
+    def seconds(steps: int) -> float:
+        """Wall seconds of ``steps`` training steps, the GPU's queued work included."""
+        started = time.perf_counter()
+        for _ in range(steps):
             run.step()
         synchronize()
-        wall = (time.perf_counter() - start) / args.steps
+        return time.perf_counter() - started
+
+    warmup = seconds(args.warmup)
+    timed = seconds(args.timed) / max(args.timed, 1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        wall = seconds(args.steps) / args.steps
     events = prof.key_averages()
     device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
     # the GPU's own rows (kernels, copies): an operator's row repeats the time of the kernels it launched
