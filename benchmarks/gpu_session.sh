@@ -68,14 +68,14 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (and w
     grep -v -e 'Warning' -e 'warnings.warn' -e 'it/s]' "$OUT/part.log" >> "$log"
     rm -f "$OUT/part.log"
     echo "== $name: exit $code after $((SECONDS - started))s, at $(date +%T)" | tee -a "$log"
-    if failed_fast "$name" "$code" $((SECONDS - begun)); then
+    if failed_fast "$code" $((SECONDS - begun)); then
         echo "== stopping: $name failed fast, which means a broken environment; fix it and rerun" | tee -a "$log"
         finish 3
     fi
 }
-failed_fast() {  # failed_fast NAME CODE SECONDS: a part crashed within a minute
+failed_fast() {  # failed_fast CODE SECONDS: a part crashed within a minute
     [ -n "${TINY:-}" ] && return 1
-    (( $2 != 0 && $2 != 124 && $2 != 137 && $3 < 60 ))
+    (( $1 != 0 && $1 != 124 && $1 != 137 && $2 < 60 ))
 }
 finish() {
     [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
