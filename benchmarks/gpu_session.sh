@@ -6,16 +6,19 @@
 #
 # In order of what is still unmeasured (the first H200 session, 2026-11-30, measured sd15-anime once, the
 # eager profile and the CUDA checks), each part under its own time limit so the later ones never starve:
-#   1. factory_throughput.py for sd15-anime, one model against three at once on the GPU (the trainer left
+#   1. attention_shapes.py: what cuDNN's attention costs on each new shape (it plans every shape anew) against
+#      flash and memory-efficient attention, over SD1.5's attention calls in the classic buckets. Training
+#      now keeps cuDNN's attention out by default (train.cudnn_attention); this says whether it should;
+#   2. factory_throughput.py for sd15-anime, one model against three at once on the GPU (the trainer left
 #      the GPU mostly idle; decides what `fleet run --jobs-per-gpu` should say), models per GPU-day;
-#   2. render_variants.py: evaluation rendering with the LoRA computed beside the base layers (as today),
+#   3. render_variants.py: evaluation rendering with the LoRA computed beside the base layers (as today),
 #      merged into them, and in channels-last layout (rendering ran at full load, far below the matrix rate);
-#   3. factory_throughput.py for sdxl-anime;
-#   4. factory_throughput.py for sd15-anime with train.compile: the compile's warm-up over the dataset's
+#   4. factory_throughput.py for sdxl-anime;
+#   5. factory_throughput.py for sd15-anime with train.compile: the compile's warm-up over the dataset's
 #      30 buckets and validation, against its faster steps, end to end (it did not finish in 200 s);
-#   5. train_profile.py with train.compile (regional torch.compile, inductor);
-#   6. train_profile.py eager (where an SD1.5 batch-8 step's milliseconds go), and
-#   7. gpu_train_check.py: CUDA correctness (bf16/fp16, resume, diffusers loading, no host sync in a step).
+#   6. train_profile.py with train.compile (regional torch.compile, inductor);
+#   7. train_profile.py eager (where an SD1.5 batch-8 step's milliseconds go), and
+#   8. gpu_train_check.py: CUDA correctness (bf16/fp16, resume, diffusers loading, no host sync in a step).
 # GPU load and memory are sampled every second into environment.txt, beside each part's start and end times.
 # The session stops when a part crashes within a minute (a broken environment), so that it can be rerun.
 # Without --fetch run it from the repository root; it writes to $OUT (default benchmarks/results/gpu-session).
@@ -85,6 +88,8 @@ finish() {
 
 tiny=${TINY:+--tiny}  # TINY=1: the same parts on the tiny models on CPU, to check this script here
 few=${TINY:+--images 24 --steps 10 --repeats 1}  # later flags win: a quick pass
+part attention_shapes 90 python3 benchmarks/attention_shapes.py --buckets 3 --repeats 2 --out "$OUT" \
+    ${TINY:+--cpu --repeats 1}
 part factory_sd15_concurrent 420 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
     --repeats 1 --concurrent 1,3 --out "$OUT" --work "$WORK" $tiny $few ${TINY:+--concurrent 1,2}
 part render_variants 150 python3 benchmarks/render_variants.py --repeats 3 --out "$OUT" --work "$WORK" $tiny \

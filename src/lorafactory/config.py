@@ -287,6 +287,12 @@ class TrainSettings(Section):
         default_factory=lambda: [200, 400, 600, 800], description="Timesteps (0-999) of the validation loss."
     )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    cudnn_attention: bool = Field(
+        False,
+        description="Allow cuDNN's attention kernels on CUDA. cuDNN builds an execution plan for every new tensor "
+        "shape, and bucketed training meets dozens of shapes; false = flash or memory-efficient attention.",
+        json_schema_extra={"runtime": True},
+    )
     compile: bool = Field(
         False,
         description="torch.compile each UNet transformer block (regional: one compile serves every block).",

@@ -276,8 +276,17 @@ class _Run:
 
     # --- pieces of a step -------------------------------------------------------------
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+    def compute(self) -> ExitStack:
+        """Autocast to the run's dtype, with the attention kernels ``train.cudnn_attention`` allows."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack = ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32))
+        if not self.t.cudnn_attention:
+            stack.enter_context(
+                sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+            )
+        return stack
 
     def predict(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], batch: list[Example]
@@ -342,7 +351,7 @@ class _Run:
             return None
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = target_for(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
-        with self.autocast():
+        with self.compute():
             prediction = self.predict(noisy, timesteps, captions, batch)
         weights = snr_weights(self.noise_scheduler, timesteps, t.min_snr_gamma, self.prediction_type)
         sample_weights = [
@@ -387,7 +396,7 @@ class _Run:
         self.base.unet.eval()
         set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; before, validation compiles too
         stance = set_stance("force_eager") if self.t.compile and set_stance else nullcontext()
-        with self.autocast(), stance:
+        with self.compute(), stance:
             result = self.validation.loss(
                 self.noise_scheduler,
                 self.prediction_type,
