@@ -21,13 +21,19 @@ aggregate models per GPU-day of a concurrent run is the sum over its models; eac
 projected from what it measured while sharing the GPU (all of them training, then all evaluating).
 The GPU's mean utilisation (NVML, whole device) is recorded during training and during evaluation.
 
+``--models-per-process 2`` trains and evaluates models one after another in each process, as a fleet's
+resident GPU worker serves job after job: the first pays what a process pays once (CUDA and library
+set-up, compiled graphs, kernel plans, loading the evaluation pipeline), the later ones show the
+worker's steady state. Rows carry ``model_in_process``; the summary gives the first and the later
+models apart.
+
 The vision models are the stand-in hub's (tiny ONNX models with imgutils' I/O) and CLIP is a random
 ViT-L/14, so the scoring share is a lower bound for the ONNX part. ``--tiny`` runs the tiny models on
 CPU with small sizes: a check of the script itself, not a measurement.
 
     PYTHONPATH=src python benchmarks/factory_throughput.py [--preset sd15-anime] [--preset sdxl-anime]
         [--images 200] [--steps 200] [--repeats 3] [--out benchmarks/results] [--work DIR] [--tiny]
-        [--set train.compile=true --tag compiled] [--concurrent 1,3]
+        [--set train.compile=true --tag compiled] [--concurrent 1,3] [--models-per-process 2]
 """
 
 from __future__ import annotations
@@ -202,6 +208,8 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
     measured = min(planned, math.ceil((steps or planned) / t.save_every) * t.save_every)
     t.max_steps = measured
     cuda = torch.cuda.is_available() and not tiny
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # an earlier model in this process evaluated last
     timing = TimedProgress(torch.cuda.synchronize if cuda else lambda: None)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
 
@@ -272,7 +280,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
 
 
 def _spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values)}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -289,16 +297,23 @@ def summarise(rows: list[dict]) -> dict:
         "models_per_gpu_day",
     )
     summary = {}
-    for preset, concurrent in dict.fromkeys((r["preset"], r["concurrent"]) for r in rows):
-        mine = [r for r in rows if r["preset"] == preset and r["concurrent"] == concurrent]
+    groups = dict.fromkeys((r["preset"], r["concurrent"], r["model_in_process"] > 0) for r in rows)
+    several = any(r["model_in_process"] > 0 for r in rows)
+    for preset, concurrent, later in groups:
+        mine = [
+            r
+            for r in rows
+            if r["preset"] == preset and r["concurrent"] == concurrent and (r["model_in_process"] > 0) == later
+        ]
         figures = {key: _spread(values) for key in keys if (values := [r[key] for r in mine if r[key] is not None])}
-        runs: dict[int, list[float]] = {}
+        runs: dict[tuple[int, int], list[float]] = {}
         for row in mine:
-            runs.setdefault(row["repeat"], []).append(row["models_per_gpu_day"])
+            runs.setdefault((row["repeat"], row["model_in_process"]), []).append(row["models_per_gpu_day"])
         whole = [round(sum(day), 1) for day in runs.values() if len(day) == concurrent]
         if concurrent > 1 and whole:
             figures["models_per_gpu_day_all_together"] = _spread(whole)
-        summary[f"{preset} x{concurrent}"] = figures
+        name = f"{preset} x{concurrent}" + ((" later models" if later else " first model") if several else "")
+        summary[name] = figures  # "x3": three models at once on the GPU
     return summary
 
 
@@ -308,15 +323,25 @@ def _use_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def run_together(preset: str, concurrent: int, work: Path, args: argparse.Namespace) -> list[dict]:
-    """``concurrent`` measurements of ``preset`` at once, each in a fresh process (also a single one, so
-    that every count starts alike); the shared inputs are built first, here."""
+def measure_in_turn(models: int, *args) -> list[dict]:
+    """``models`` measurements one after another in this process, as a resident fleet worker runs its jobs;
+    each is printed as it ends, so that a run cut short by a time limit still shows what it measured."""
+    rows = []
+    for index in range(models):
+        rows.append({"model_in_process": index, **measure(*args)})
+        print("measured:", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_together(preset: str, concurrent: int, work: Path, args: argparse.Namespace) -> list[list[dict]]:
+    """``concurrent`` processes at once, each measuring ``args.models_per_process`` models of ``preset`` in
+    turn; every process is fresh (also a single one, so that every count starts alike). The shared inputs
+    are built first, here. One list of measurements per process."""
     inputs(preset, work, args.images, args.tiny)
     threads = max(1, (os.cpu_count() or 1) // concurrent)  # the CPUs shared out, as a fleet's GPU jobs get them
     with ProcessPoolExecutor(concurrent, get_context("spawn"), _use_threads, (threads,)) as pool:
-        runs = [
-            pool.submit(measure, preset, work, args.images, args.steps, args.tiny, args.set) for _ in range(concurrent)
-        ]
+        measured = (preset, work, args.images, args.steps, args.tiny, args.set)
+        runs = [pool.submit(measure_in_turn, args.models_per_process, *measured) for _ in range(concurrent)]
         return [run.result() for run in runs]
 
 
@@ -349,6 +374,9 @@ def main() -> None:
     parser.add_argument(
         "--concurrent", default="1", help="models at once on the GPU, comma-separated counts to compare (default 1)"
     )
+    parser.add_argument(
+        "--models-per-process", type=int, default=1, help="models one after another in each process (default 1)"
+    )
     args = parser.parse_args()
     counts = [int(count) for count in args.concurrent.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-factory-bench-"))
@@ -367,19 +395,16 @@ def main() -> None:
     for repeat in range(args.repeats):
         order = [(preset, count) for preset in presets for count in counts]
         for preset, count in order if repeat % 2 == 0 else reversed(order):  # alternate the order
-            for lane, measured in enumerate(run_together(preset, count, work, args)):
-                row = {"repeat": repeat, "concurrent": count, "lane": lane, **measured}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+            for lane, in_turn in enumerate(run_together(preset, count, work, args)):
+                rows += [{"repeat": repeat, "concurrent": count, "lane": lane, **measured} for measured in in_turn]
             summary = summarise(rows)  # written after every run: a run cut short keeps what it measured
             path.write_text(json.dumps({"environment": env, "runs": rows, "summary": summary}, indent=1) + "\n")
 
     print(f"\n{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}; {args.images} images")
     for name, figures in summary.items():
-        preset, concurrent = name.rsplit(" x", 1)
-        last = next(r for r in reversed(rows) if r["preset"] == preset)
+        last = next(r for r in reversed(rows) if r["preset"] == name.split(" x", 1)[0])
         print(
-            f"{preset}, {concurrent} at once: {last['planned_steps']} planned steps at batch {last['batch']}, "
+            f"{name}: {last['planned_steps']} planned steps at batch {last['batch']}, "
             f"{last['planned_checkpoints']} checkpoints x {last['eval_images_per_checkpoint']} images "
             f"({last['eval_size']}, {last['sampler_steps']} sampler steps); measured {last['measured_steps']} steps"
         )

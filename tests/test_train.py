@@ -501,6 +501,24 @@ def test_a_compiled_run_validates_eagerly(kit, dataset, tmp_path):
     assert loss == pytest.approx(eager.validate(), rel=1e-4)
 
 
+def test_a_later_compiled_run_in_the_process_compiles_nothing(kit, dataset, tmp_path):
+    """A fleet's GPU worker trains model after model in one process: the next run's UNet (new weights, new
+    LoRA) goes through the graphs the first run compiled, so the compile is paid once per worker."""
+    from lorafactory.train.trainer import _Run
+
+    counters = _fresh_compile_counters()
+    first = _Run(_settings(kit, *COMPILED), "akane_hoshino", dataset, tmp_path / "first", SilentProgress())
+    for _ in range(4):
+        first.step()
+    frames = counters["frames"]["total"]
+    assert frames > 0
+    later = _Run(_settings(kit, *COMPILED), "akane_hoshino", dataset, tmp_path / "later", SilentProgress())
+    assert later.base.unet is not first.base.unet
+    for _ in range(4):
+        later.step()
+    assert counters["frames"]["total"] == frames
+
+
 def test_a_compiled_unet_trains_what_the_eager_one_does(kit, dataset, tmp_path):
     """train.compile compiles each transformer block in place, LoRA layers inside; the quick aot_eager backend
     checks the graph capture here (the GPU session times inductor). Losses agree to 1e-5, exports are alike."""
