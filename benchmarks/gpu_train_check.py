@@ -1,9 +1,11 @@
 """CUDA correctness check of the trainer (the CPU test suite cannot reach these paths).
 
-For tiny SD1 and SDXL models, in bf16 and in fp16 (with the grad scaler), with a text-encoder LoRA
-and a validation loss: train 8 steps straight, train 4 + resume 4, compare the weights, then load
-the exported files with diffusers' own loaders on the GPU and render one image. Then, in bf16, a
-few steps under CUDA's sync debug mode: a training step must never make the host wait for the GPU.
+For tiny SD1 and SDXL models, in bf16 and in fp16 (with the grad scaler), each under autocast and
+without it (``train.autocast=false``: half-precision working copies of float32 masters), with a
+text-encoder LoRA and a validation loss: train 8 steps straight, train 4 + resume 4, compare the
+weights, then load the exported files with diffusers' own loaders on the GPU and render one image.
+Then, in bf16 with and without autocast, a few steps under CUDA's sync debug mode: a training step
+must never make the host wait for the GPU.
 Prints one JSON line per case and exits non-zero on any failure.
 
     PYTHONPATH=src python benchmarks/gpu_train_check.py [WORKDIR]
@@ -56,8 +58,8 @@ def _settings(model: Path, precision: str, *extra: str):
     return load_settings(preset="tiny-demo", overrides=[*overrides, *extra])
 
 
-def check(model: Path, precision: str, data: Path, work: Path) -> dict:
-    settings = _settings(model, precision)
+def check(model: Path, precision: str, autocast: bool, data: Path, work: Path) -> dict:
+    settings = _settings(model, precision, f"train.autocast={str(autocast).lower()}")
     straight = train(settings, "check", data, work / "straight", SilentProgress())
     train(settings, "check", data, work / "resumed", SilentProgress(), stop_after=4)
     resumed = train(settings, "check", data, work / "resumed", SilentProgress())
@@ -81,6 +83,7 @@ def check(model: Path, precision: str, data: Path, work: Path) -> dict:
     return {
         "model": straight.details["family"],
         "precision": straight.details["dtype"],
+        "autocast": autocast,
         "resume_max_abs_gap": gap,
         "finite": bool(finite),
         "validation_mean": straight.details["validation_loss"]["8"]["mean"],
@@ -89,10 +92,11 @@ def check(model: Path, precision: str, data: Path, work: Path) -> dict:
     }
 
 
-def check_no_sync(model: Path, data: Path, work: Path) -> dict:
+def check_no_sync(model: Path, autocast: bool, data: Path, work: Path) -> dict:
     """Steps after warm-up under ``torch.cuda.set_sync_debug_mode("error")``: the first operation that
     would block the host on the GPU (``.item()``, a copy from pageable memory, ...) raises and is reported."""
-    run = _Run(_settings(model, "bf16", "train.max_steps=100"), "check", data, work, SilentProgress())
+    settings = _settings(model, "bf16", "train.max_steps=100", f"train.autocast={str(autocast).lower()}")
+    run = _Run(settings, "check", data, work, SilentProgress())
     for _ in range(3):  # first calls move scheduler tables and create optimizer state
         run.step()
     torch.cuda.synchronize()
@@ -106,7 +110,7 @@ def check_no_sync(model: Path, data: Path, work: Path) -> dict:
         sync = f"{str(exc).splitlines()[0]} at {frame.filename}:{frame.lineno}"
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return {"model": run.base.family, "check": "steps without host sync", "sync": sync}
+    return {"model": run.base.family, "check": "steps without host sync", "autocast": autocast, "sync": sync}
 
 
 def main(work: Path) -> None:
@@ -114,14 +118,15 @@ def main(work: Path) -> None:
     models = {"sd1": build_tiny_sd(work / "tiny-sd"), "sdxl": build_tiny_sdxl(work / "tiny-sdxl")}
     failed = False
     for name, model in models.items():
-        for precision in ("bf16", "fp16"):
-            result = check(model, precision, data, work / f"{name}-{precision}")
-            ok = result["finite"] and result["render_finite"] and result["resume_max_abs_gap"] < 1e-2
-            failed |= not ok
-            print(json.dumps({**result, "ok": ok}), flush=True)
-        result = check_no_sync(model, data, work / f"{name}-sync")
-        failed |= result["sync"] is not None
-        print(json.dumps({**result, "ok": result["sync"] is None}), flush=True)
+        for autocast in (True, False):
+            for precision in ("bf16", "fp16"):
+                result = check(model, precision, autocast, data, work / f"{name}-{precision}-{autocast}")
+                ok = result["finite"] and result["render_finite"] and result["resume_max_abs_gap"] < 1e-2
+                failed |= not ok
+                print(json.dumps({**result, "ok": ok}), flush=True)
+            result = check_no_sync(model, autocast, data, work / f"{name}-sync-{autocast}")
+            failed |= result["sync"] is not None
+            print(json.dumps({**result, "ok": result["sync"] is None}), flush=True)
     if failed:
         raise SystemExit("a CUDA check failed")
 

@@ -417,6 +417,63 @@ def test_cudnn_attention_is_kept_out_of_training_unless_allowed(kit, dataset, tm
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
+def test_without_autocast_half_precision_copies_of_float32_masters_train_what_autocast_does(kit, dataset, tmp_path):
+    """train.autocast=false: the modules hold bf16 working copies, the optimizer steps float32 masters, nothing
+    runs under autocast and the casts are gone. CPU autocast keeps norms in bf16 too, so here the two runs
+    must agree bit for bit (on CUDA autocast's float32 norms differ slightly), and so must the exports, which
+    come from the float32 masters, not the bf16 copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lorafactory.train.trainer import _Run
+
+    def run(folder, autocast):
+        settings = _settings(
+            kit,
+            'train.mixed_precision="bf16"',
+            "train.text_encoder_lora_rank=4",
+            "train.gradient_accumulation=2",
+            f"train.autocast={str(autocast).lower()}",
+        )
+        live = _Run(settings, "akane_hoshino", dataset, folder, SilentProgress())
+        seen: list[bool] = []
+        live.base.unet.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        losses = [float(live.step()) for _ in range(3)]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            losses.append(float(live.step()))
+        live.checkpoint()
+        casts = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+        return live, losses, set(seen), casts, load_file(checkpoint_dir(folder, 4) / LORA_FILE)
+
+    mixed = run(tmp_path / "autocast", True)
+    half = run(tmp_path / "half", False)
+    assert mixed[2] == {True} and half[2] == {False}
+    assert half[1] == mixed[1]
+    masters, params = half[0].trainables, mixed[0].trainables
+    assert masters.keys() == params.keys() and all(torch.equal(masters[k], params[k]) for k in masters)
+    assert all(m.dtype == torch.float32 for m in masters.values())
+    working = [p for p in half[0].base.unet.parameters() if p.requires_grad]
+    assert working and all(p.dtype == torch.bfloat16 for p in working)
+    assert half[3] < mixed[3] - 300  # a cast per LoRA weight and per gradient, each micro-batch
+    exported = half[4]
+    assert exported.keys() == mixed[4].keys() and all(torch.equal(exported[k], mixed[4][k]) for k in exported)
+    up = next(t for k, t in exported.items() if k.endswith("lora_up.weight"))
+    assert up.dtype == torch.float32 and not torch.equal(up.to(torch.bfloat16).float(), up)  # not the bf16 copy
+
+
+def test_without_autocast_a_stopped_run_resumes_exactly(kit, dataset, tmp_path):
+    """The saved state holds the float32 masters; a resumed run copies them into its bf16 working copies."""
+    settings = _settings(kit, 'train.mixed_precision="bf16"', "train.autocast=false", "train.text_encoder_lora_rank=2")
+    straight = train(settings, "akane_hoshino", dataset, tmp_path / "straight", SilentProgress())
+    first = train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress(), stop_after=4)
+    assert not first.finished
+    train(settings, "akane_hoshino", dataset, tmp_path / "resumed", SilentProgress())
+    assert _logged_losses(tmp_path / "resumed") == _logged_losses(tmp_path / "straight")
+    a, b = _weights(tmp_path / "straight", 8), _weights(tmp_path / "resumed", 8)
+    assert a.keys() == b.keys() and any(k.startswith("lora_te_") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.details["dtype"] == "bfloat16"
+
+
 def test_validation_runs_batched_and_gives_the_per_pair_losses(kit, dataset, tmp_path):
     """A checkpoint's validation loss goes through the UNet in batches of train.batch_size (one latent shape
     per batch) and equals the loss computed one (image, timestep) pair at a time."""

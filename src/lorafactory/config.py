@@ -287,6 +287,12 @@ class TrainSettings(Section):
         default_factory=lambda: [200, 400, 600, 800], description="Timesteps (0-999) of the validation loss."
     )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    autocast: bool = Field(
+        True,
+        description="Half precision through autocast (norms in float32, every weight cast at each use); false = "
+        "everything computes in the half-precision dtype, the trainable weights as working copies of float32 "
+        "masters: far fewer casts, the norms in half precision.",
+    )
     cudnn_attention: bool = Field(
         False,
         description="Allow cuDNN's attention kernels on CUDA. cuDNN builds an execution plan for every new tensor "

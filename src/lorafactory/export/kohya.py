@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save
@@ -35,10 +35,20 @@ def sgm_module_name(name: str, layers_per_block: int) -> str:
     raise ValueError(f"no SDXL original name for UNet module {name!r}; only attention blocks are mapped")
 
 
+def _same(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
 def lora_tensors(
-    module: torch.nn.Module, prefix: str, alpha: float, rename=lambda name: name, adapter: str = "default"
+    module: torch.nn.Module,
+    prefix: str,
+    alpha: float,
+    rename=lambda name: name,
+    adapter: str = "default",
+    source: Callable[[torch.Tensor], torch.Tensor] = _same,
 ) -> dict[str, torch.Tensor]:
-    """A module's peft LoRA layers as kohya tensors (float32, contiguous, on CPU)."""
+    """A module's peft LoRA layers as kohya tensors (float32, contiguous, on CPU); ``source`` gives what to
+    export for a layer's weight (a trainer's float32 master of a half-precision working copy)."""
     from peft.tuners.lora import LoraLayer
 
     tensors: dict[str, torch.Tensor] = {}
@@ -46,29 +56,37 @@ def lora_tensors(
         if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
             continue
         key = prefix + rename(name).replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = _plain(layer.lora_A[adapter].weight)
-        tensors[f"{key}.lora_up.weight"] = _plain(layer.lora_B[adapter].weight)
+        tensors[f"{key}.lora_down.weight"] = _plain(source(layer.lora_A[adapter].weight))
+        tensors[f"{key}.lora_up.weight"] = _plain(source(layer.lora_B[adapter].weight))
         tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
     return tensors
 
 
-def unet_lora_tensors(unet: torch.nn.Module, alpha: float, family: str = "sd1") -> dict[str, torch.Tensor]:
+def unet_lora_tensors(
+    unet: torch.nn.Module, alpha: float, family: str = "sd1", source: Callable[[torch.Tensor], torch.Tensor] = _same
+) -> dict[str, torch.Tensor]:
     """SD1 keys use diffusers module names (what kohya's SD1 UNet copies); SDXL keys use the original
     model's names, which A1111 requires for SDXL and every other loader accepts."""
     if family == "sdxl":
         layers = int(getattr(unet.config, "layers_per_block", 2))
-        return lora_tensors(unet, "lora_unet_", alpha, lambda name: sgm_module_name(name, layers))
-    return lora_tensors(unet, "lora_unet_", alpha)
+        return lora_tensors(unet, "lora_unet_", alpha, lambda name: sgm_module_name(name, layers), source=source)
+    return lora_tensors(unet, "lora_unet_", alpha, source=source)
 
 
-def text_encoder_lora_tensors(encoders: list[torch.nn.Module], alpha: float) -> dict[str, torch.Tensor]:
+def text_encoder_lora_tensors(
+    encoders: list[torch.nn.Module], alpha: float, source: Callable[[torch.Tensor], torch.Tensor] = _same
+) -> dict[str, torch.Tensor]:
     """``lora_te_`` (SD1) or ``lora_te1_`` / ``lora_te2_`` (SDXL) + the CLIP path under ``text_model``."""
     prefixes = ["lora_te_"] if len(encoders) == 1 else ["lora_te1_", "lora_te2_"]
     tensors: dict[str, torch.Tensor] = {}
     for prefix, encoder in zip(prefixes, encoders):
         tensors.update(
             lora_tensors(
-                encoder, prefix, alpha, lambda name: name if name.startswith("text_model.") else "text_model." + name
+                encoder,
+                prefix,
+                alpha,
+                lambda name: name if name.startswith("text_model.") else "text_model." + name,
+                source=source,
             )
         )
     return tensors

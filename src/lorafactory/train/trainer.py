@@ -48,6 +48,7 @@ from lorafactory.train.data import (
 )
 from lorafactory.train.events import TrainEvents
 from lorafactory.train.length import with_planned_steps
+from lorafactory.train.master import MasterWeights
 from lorafactory.train.model import host_tensor, load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
@@ -207,6 +208,11 @@ class _Run:
         for param in self.lora.values():
             param.data = param.data.float()
         skip_lora_input_casts(base.unet, *base.text_encoders)
+        self.masters = None
+        if not t.autocast and self.dtype != torch.float32:  # half-precision working copies, float32 masters
+            self.masters = MasterWeights({**self.lora, **self.text_lora}, self.dtype)
+            self.lora = {name: self.masters.masters[name] for name in self.lora}
+            self.text_lora = {name: self.masters.masters[name] for name in self.text_lora}
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         if t.compile:  # in place, after the LoRA layers are in: parameter names and exports are unchanged
@@ -277,11 +283,13 @@ class _Run:
     # --- pieces of a step -------------------------------------------------------------
 
     def compute(self) -> ExitStack:
-        """Autocast to the run's dtype, with the attention kernels ``train.cudnn_attention`` allows."""
+        """Autocast to the run's dtype (unless ``train.autocast`` is off), with the attention kernels
+        ``train.cudnn_attention`` allows."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         stack = ExitStack()
-        stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32))
+        autocast = self.t.autocast and self.dtype != torch.float32
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast))
         if not self.t.cudnn_attention:
             stack.enter_context(
                 sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
@@ -374,6 +382,8 @@ class _Run:
                 continue
             loss = loss / share
             (self.scaler.scale(loss) if self.scaler else loss).backward()
+            if self.masters:
+                self.masters.gather_gradients()
             total += loss.detach().float()
         total = self.collective.sum_gradients(self.trainables.values(), total)
         if self.scaler:
@@ -383,6 +393,8 @@ class _Run:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters:
+            self.masters.publish()
         self.position.step = step
         return total
 
@@ -423,9 +435,10 @@ class _Run:
     def _write_checkpoint(self, folder: Path, before_state: BeforeState | None) -> None:
         t, step = self.t, self.position.step
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = unet_lora_tensors(self.base.unet, t.lora_alpha, self.base.family)
+        source = self.masters.master_of if self.masters else (lambda weight: weight)
+        tensors = unet_lora_tensors(self.base.unet, t.lora_alpha, self.base.family, source)
         if self.text_lora:
-            tensors.update(text_encoder_lora_tensors(self.base.text_encoders, t.text_encoder_lora_alpha))
+            tensors.update(text_encoder_lora_tensors(self.base.text_encoders, t.text_encoder_lora_alpha, source))
         common = dict(
             output_name=self.trigger,
             trigger=self.trigger,
@@ -462,6 +475,8 @@ class _Run:
         if saved_step(self.out_dir) is None:
             return
         self.position = load_state(self.out_dir, self.fingerprint, self.live())
+        if self.masters:
+            self.masters.publish()
         self.position.resumed_at.append(self.position.step)
         if self.position.step >= self.pivot_step:
             self.text.freeze_vectors()
