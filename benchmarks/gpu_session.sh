@@ -9,20 +9,21 @@
 #   1. attention_shapes.py: what cuDNN's attention costs on each new shape (it plans every shape anew) against
 #      flash and memory-efficient attention, over SD1.5's attention calls in the classic buckets. Training
 #      now keeps cuDNN's attention out by default (train.cudnn_attention); this says whether it should;
-#   2-3. train_profile.py without autocast (train.autocast=false: half-precision working copies of float32
-#      masters, no casts) and with it, side by side: the casts were the profile's most frequent operators
-#      and its largest copy time;
-#   4. factory_throughput.py for sd15-anime, two models in turn in one process, as a fleet's resident GPU
+#   2. train_profile.py, four variants side by side (alternated, repeated): as today; without autocast
+#      (train.autocast=false: half-precision working copies of float32 masters, no casts: the casts were the
+#      profile's most frequent operators and its largest copy time); channels-last convolutions
+#      (train.channels_last: no layout conversions); both;
+#   3. factory_throughput.py for sd15-anime, two models in turn in one process, as a fleet's resident GPU
 #      worker runs them: the first model pays the process's one-time costs, the second shows the steady state;
-#   5. factory_throughput.py for sd15-anime, three models at once on the GPU (the trainer left the GPU mostly
-#      idle; against part 4's first model, decides what `fleet run --jobs-per-gpu` should say);
-#   6. render_variants.py: evaluation rendering with the LoRA computed beside the base layers (as today),
+#   4. factory_throughput.py for sd15-anime, three models at once on the GPU (the trainer left the GPU mostly
+#      idle; against part 3's first model, decides what `fleet run --jobs-per-gpu` should say);
+#   5. render_variants.py: evaluation rendering with the LoRA computed beside the base layers (as today),
 #      merged into them, and in channels-last layout (rendering ran at full load, far below the matrix rate);
-#   7. factory_throughput.py for sdxl-anime;
-#   8. factory_throughput.py for sd15-anime with train.compile, two models in turn in one process: the
+#   6. factory_throughput.py for sdxl-anime;
+#   7. factory_throughput.py for sd15-anime with train.compile, two models in turn in one process: the
 #      compile's warm-up (a later model in the process reuses the compiled graphs) against its faster steps;
-#   9. train_profile.py with train.compile (regional torch.compile, inductor), and
-#   10. gpu_train_check.py: CUDA correctness (bf16/fp16 with and without autocast, resume, diffusers loading,
+#   8. train_profile.py with train.compile (regional torch.compile, inductor), and
+#   9. gpu_train_check.py: CUDA correctness (bf16/fp16 with and without autocast, resume, diffusers loading,
 #      no host sync in a step).
 # One session does not reach them all: PARTS="..." picks what an earlier session left.
 # GPU load and memory are sampled every second into environment.txt, beside each part's start and end times.
@@ -96,10 +97,10 @@ tiny=${TINY:+--tiny}  # TINY=1: the same parts on the tiny models on CPU, to che
 few=${TINY:+--images 24 --steps 10 --repeats 1}  # later flags win: a quick pass
 part attention_shapes 80 python3 benchmarks/attention_shapes.py --buckets 3 --repeats 2 --out "$OUT" \
     ${TINY:+--cpu --repeats 1}
-part profile_sd15_half 70 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 3 --out "$OUT" \
-    --work "$WORK" --set train.autocast=false --tag half $tiny
-part profile_sd15 70 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 3 --out "$OUT" --work "$WORK" \
-    $tiny
+part profile_sd15 180 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --timed 10 --repeats 3 --steps 3 \
+    --variant autocast= --variant half=train.autocast=false --variant nhwc=train.channels_last=true \
+    --variant half-nhwc=train.autocast=false,train.channels_last=true --out "$OUT" --work "$WORK" $tiny \
+    ${TINY:+--timed 2 --repeats 1 --steps 1 --batch 2}
 part factory_sd15_in_turn 220 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
     --repeats 1 --models-per-process 2 --tag in-turn --out "$OUT" --work "$WORK" $tiny $few
 part factory_sd15_concurrent 250 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \

@@ -474,6 +474,31 @@ def test_without_autocast_a_stopped_run_resumes_exactly(kit, dataset, tmp_path):
     assert straight.details["dtype"] == "bfloat16"
 
 
+def test_a_channels_last_unet_trains_what_the_default_layout_does(kit, dataset, tmp_path):
+    """train.channels_last keeps every UNet convolution (the LoRA's too) in NHWC through training; the losses
+    match the default layout's and the exported weights come out in the ordinary layout."""
+    from lorafactory.train.trainer import _Run
+
+    def run(folder, channels_last):
+        targets = "train.lora_targets=['to_q', 'to_v', 'proj_in', 'conv1']"
+        settings = _settings(kit, targets, f"train.channels_last={str(channels_last).lower()}")
+        live = _Run(settings, "akane_hoshino", dataset, folder, SilentProgress())
+        losses = [float(live.step()) for _ in range(4)]
+        live.checkpoint()
+        convs = [p for p in live.base.unet.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+        layout = {p.is_contiguous(memory_format=torch.channels_last) for p in convs}
+        lora = [p for n, p in live.base.unet.named_parameters() if "lora_" in n and p.ndim == 4]
+        return losses, layout, lora, load_file(checkpoint_dir(folder, 4) / LORA_FILE)
+
+    plain, nhwc = run(tmp_path / "plain", False), run(tmp_path / "nhwc", True)
+    assert nhwc[1] == {True} and plain[1] == {False}
+    assert nhwc[2] and all(p.is_contiguous(memory_format=torch.channels_last) for p in nhwc[2])
+    assert nhwc[0] == pytest.approx(plain[0], rel=1e-4)
+    a, b = plain[3], nhwc[3]
+    assert a.keys() == b.keys() and all(b[k].is_contiguous() for k in b)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-6) for k in a)
+
+
 def test_validation_runs_batched_and_gives_the_per_pair_losses(kit, dataset, tmp_path):
     """A checkpoint's validation loss goes through the UNet in batches of train.batch_size (one latent shape
     per batch) and equals the loss computed one (image, timestep) pair at a time."""

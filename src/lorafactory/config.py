@@ -293,6 +293,12 @@ class TrainSettings(Section):
         "everything computes in the half-precision dtype, the trainable weights as working copies of float32 "
         "masters: far fewer casts, the norms in half precision.",
     )
+    channels_last: bool = Field(
+        False,
+        description="The UNet's convolutions in channels-last layout (NHWC), which GPU convolution kernels "
+        "prefer: no layout conversions around each convolution.",
+        json_schema_extra={"runtime": True},
+    )
     cudnn_attention: bool = Field(
         False,
         description="Allow cuDNN's attention kernels on CUDA. cuDNN builds an execution plan for every new tensor "

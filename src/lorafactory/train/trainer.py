@@ -200,6 +200,8 @@ class _Run:
         except ValueError:  # peft: no module matches
             self.lora = {}
         else:
+            if t.channels_last:  # every 4-D weight, the LoRA's convolutions included; later casts keep the layout
+                base.unet.to(memory_format=torch.channels_last)
             self.lora = {name: p for name, p in base.unet.named_parameters() if p.requires_grad}
         if not self.lora:
             raise ConfigError(
@@ -308,7 +310,9 @@ class _Run:
                 "text_embeds": cond.pooled,
                 "time_ids": host_tensor(time_ids, self.device, cond.hidden.dtype),
             }
-        return self.base.unet(noisy.to(self.dtype), timesteps, cond.hidden, added_cond_kwargs=added).sample
+        layout = torch.channels_last if self.t.channels_last else torch.preserve_format
+        noisy = noisy.to(self.dtype, memory_format=layout)
+        return self.base.unet(noisy, timesteps, cond.hidden, added_cond_kwargs=added).sample
 
     @cached_property
     def steps_per_epoch(self) -> float:
