@@ -460,6 +460,35 @@ def test_without_autocast_half_precision_copies_of_float32_masters_train_what_au
     assert up.dtype == torch.float32 and not torch.equal(up.to(torch.bfloat16).float(), up)  # not the bf16 copy
 
 
+def test_master_weights_sum_each_micro_batch_in_float32_and_copy_back():
+    """A master's gradient is the float32 sum of its working copy's gradients over the step's micro-batches,
+    also for a weight that got none in the first; after the step the working copies follow the masters, and
+    the next step starts its sums afresh."""
+    from lorafactory.train.master import MasterWeights
+
+    a = torch.nn.Parameter(torch.tensor([0.1, 0.2, 0.3]))
+    b = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    masters = MasterWeights({"a": a, "b": b}, torch.bfloat16)
+    ma, mb = masters.masters["a"], masters.masters["b"]
+    assert a.dtype == b.dtype == torch.bfloat16 and ma.dtype == mb.dtype == torch.float32
+    assert torch.equal(ma, torch.tensor([0.1, 0.2, 0.3]))  # the float32 values, not the bf16-rounded copy's
+    (a * 2).sum().backward()  # micro-batch 1: only a
+    masters.gather_gradients()
+    assert a.grad is None and mb.grad is None and torch.equal(ma.grad, torch.full((3,), 2.0))
+    ((a + b.sum()) * 3).sum().backward()  # micro-batch 2: a and b
+    masters.gather_gradients()
+    assert torch.equal(ma.grad, torch.full((3,), 5.0)) and torch.equal(mb.grad, torch.full((2,), 9.0))
+    optimizer = torch.optim.SGD([ma, mb], lr=0.01)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    masters.publish()
+    assert torch.equal(a, ma.to(torch.bfloat16)) and torch.equal(b, mb.to(torch.bfloat16))
+    assert masters.master_of(a) is ma and masters.master_of(ma) is ma
+    b.sum().backward()  # the next step's first micro-batch: a copy, not added to the last step's sums
+    masters.gather_gradients()
+    assert ma.grad is None and torch.equal(mb.grad, torch.ones(2))
+
+
 def test_without_autocast_a_stopped_run_resumes_exactly(kit, dataset, tmp_path):
     """The saved state holds the float32 masters; a resumed run copies them into its bf16 working copies."""
     settings = _settings(kit, 'train.mixed_precision="bf16"', "train.autocast=false", "train.text_encoder_lora_rank=2")
