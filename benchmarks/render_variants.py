@@ -4,9 +4,10 @@ On a GPU the evaluation renders at full load yet far below the card's matrix rat
 what makes its kernels cheaper. Each variant renders the same batch (a preset's first prompts, its
 size, sampler steps and batch) with a random LoRA on the preset's target layers, as evaluation does:
 - ``lora``: the LoRA layers computed beside the base layers, as evaluation renders today;
-- ``merged``: the LoRA merged into the base weights (peft's merge; as AUTOMATIC1111 and ComfyUI apply
-  a LoRA), then unmerged;
-- ``channels_last``: the UNet and VAE in channels-last memory format (cuDNN's own layout for convolutions);
+- ``merged``: the LoRA merged into the base weights (``evaluate.merge_lora``; as AUTOMATIC1111 and
+  ComfyUI apply a LoRA), then the exact base weights put back;
+- ``channels_last``: the UNet and VAE in channels-last memory format (``evaluate.channels_last``; cuDNN's
+  own layout for convolutions);
 - ``merged+channels_last``.
 Variants alternate (the order reversed every other round), each repeated; per variant it prints the
 median and spread of seconds per image, process CPU seconds, and the mean absolute pixel difference
@@ -36,12 +37,6 @@ import torch
 VARIANTS = ("lora", "merged", "channels_last", "merged+channels_last")
 
 
-def lora_layers(unet: torch.nn.Module) -> list:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
-
-
 def set_memory_format(pipe, memory_format: torch.memory_format) -> None:
     pipe.unet.to(memory_format=memory_format)
     pipe.vae.to(memory_format=memory_format)
@@ -49,24 +44,21 @@ def set_memory_format(pipe, memory_format: torch.memory_format) -> None:
 
 @contextmanager
 def variant(pipe, name: str) -> Iterator[None]:
-    """The pipeline as ``name`` renders, restored afterwards."""
-    merged, channels_last = "merged" in name, "channels_last" in name
-    # the base weights as they were: unmerging subtracts in the weights' dtype, which drifts in bf16
-    saved = (
-        [(layer, layer.get_base_layer().weight.detach().clone()) for layer in lora_layers(pipe.unet)] if merged else []
-    )
-    for layer, _ in saved:
-        layer.merge()
-    if channels_last:
+    """The pipeline as ``name`` renders, restored afterwards; merging is the evaluator's own
+    (``evaluate.merge_lora``: the exact base weights are put back, not subtracted)."""
+    from lorafactory.evaluate.merge import MergedLora
+
+    merged = MergedLora("default") if "merged" in name else None
+    if merged is not None:
+        merged.merge(pipe.unet)
+    if "channels_last" in name:
         set_memory_format(pipe, torch.channels_last)
     try:
         yield
     finally:
-        if channels_last:
-            set_memory_format(pipe, torch.contiguous_format)
-        for layer, weight in saved:
-            layer.unmerge()  # peft's own bookkeeping; then the exact weights back
-            layer.get_base_layer().weight.data.copy_(weight)
+        set_memory_format(pipe, torch.contiguous_format)
+        if merged is not None:
+            merged.restore()
 
 
 def timed(render: Callable[[], list], cuda: bool) -> tuple[float, float, list]:

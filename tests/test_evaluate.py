@@ -73,6 +73,37 @@ def test_adapter_swapping_renders_what_a_fresh_pipeline_renders(kit, trained):
     )  # the LoRA does change them
 
 
+def test_merged_lora_renders_what_the_adapter_renders_and_puts_the_base_back_exactly(kit, trained):
+    """evaluate.merge_lora (with evaluate.channels_last): each checkpoint is merged into the UNet's weights,
+    renders the images the adapter renders beside the base layers, the next one is hotswapped in after an
+    exact restore, and unloading leaves every base weight as it was, bit for bit."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    settings, out, _ = trained
+    e, t = settings.evaluate, settings.train
+    work = jobs(e, prompt_specs(e, []), TRIGGER)[:3]
+    cpu = torch.device("cpu")
+    plain = Generator(load_pipeline(t.base_model), e, t.clip_skip, cpu)
+    merging = Generator(
+        load_pipeline(t.base_model), e.model_copy(update={"merge_lora": True, "channels_last": True}), t.clip_skip, cpu
+    )
+    before = {key: value.clone() for key, value in merging.pipe.unet.state_dict().items()}
+    folder = checkpoint_dir(out, 2)
+    merging.load(folder / LORA_FILE, folder / EMBEDDING_FILE, TRIGGER)
+    layers = [m for m in merging.pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(layer.merged for layer in layers)
+    merging.unload(TRIGGER, 2, keep_adapter=True)
+    assert not any(layer.merged for layer in layers)
+    for step, keep in ((2, True), (8, False)):  # step 8 is hotswapped into step 2's layers
+        for a, b in zip(
+            _render(plain, work, checkpoint_dir(out, step), keep),
+            _render(merging, work, checkpoint_dir(out, step), keep),
+        ):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    after = merging.pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[key], after[key]) for key in before)
+
+
 def test_missing_metrics_broken_checkpoints_and_coarse_to_fine(kit, trained, dataset, tmp_path):
     settings, out, checkpoints = trained
     broken = tmp_path / "train"

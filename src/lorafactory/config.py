@@ -366,6 +366,17 @@ class EvaluateSettings(Section):
     height: int = Field(768, ge=64, le=4096, multiple_of=8, description="Image height: a multiple of 8.")
     lora_scale: float = Field(0.8, ge=0)
     batch_size: int = Field(8, ge=1)
+    merge_lora: bool = Field(
+        False,
+        description="Render with each checkpoint's LoRA merged into the UNet's weights (as AUTOMATIC1111 and "
+        "ComfyUI apply one): no extra work per sampler step; the base weights are put back exactly.",
+        json_schema_extra={"runtime": True},
+    )
+    channels_last: bool = Field(
+        False,
+        description="Render with the UNet and VAE in channels-last layout (NHWC), which GPU convolutions prefer.",
+        json_schema_extra={"runtime": True},
+    )
     checkpoints: Literal["all", "coarse_to_fine"] = Field(
         "all", description="'coarse_to_fine': every coarse_every-th first, then around the best."
     )

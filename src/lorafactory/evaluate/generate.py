@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from lorafactory.config import EvaluateSettings
 from lorafactory.evaluate.attention import parse_attention
+from lorafactory.evaluate.merge import MergedLora
 from lorafactory.evaluate.prompts import Job
 from lorafactory.train.embedding import token_names
 from lorafactory.train.model import family_of
@@ -78,6 +79,10 @@ class Generator:
         self.clip_skip = clip_skip
         self.device = device
         self.adapter_in = False  # LoRA layers of an earlier checkpoint are in place, ready for a hotswap
+        self.merged = MergedLora(ADAPTER) if settings.merge_lora else None
+        layout = torch.channels_last if settings.channels_last else torch.contiguous_format
+        for model in (self.pipe.unet, self.pipe.vae):  # a kept pipeline may come in either layout
+            model.to(memory_format=layout)
 
     def load(self, lora_file: Path, embedding_file: Path, trigger: str) -> None:
         if self.adapter_in:
@@ -90,6 +95,8 @@ class Generator:
             self.pipe.load_lora_weights(str(lora_file), adapter_name=ADAPTER)
             self.adapter_in = True
         self.pipe.set_adapters([ADAPTER], adapter_weights=[self.settings.lora_scale])
+        if self.merged is not None:
+            self.merged.merge(self.pipe.unet)
         if self.family == "sd1":
             self.pipe.load_textual_inversion(str(embedding_file), token=trigger)
             return
@@ -100,6 +107,8 @@ class Generator:
     def unload(self, trigger: str, vectors: int, keep_adapter: bool = False) -> None:
         """Back to the base model; also after a load that failed halfway. ``keep_adapter`` leaves the LoRA
         layers in for the next checkpoint's hotswap (the trigger's embedding always goes)."""
+        if self.merged is not None:
+            self.merged.restore()
         if not keep_adapter:
             self.pipe.unload_lora_weights()
             self.adapter_in = False
