@@ -15,17 +15,23 @@
 #      (train.channels_last: no layout conversions); both;
 #   3. factory_throughput.py for sd15-anime, two models in turn in one process, as a fleet's resident GPU
 #      worker runs them: the first model pays the process's one-time costs, the second shows the steady state;
-#   4. factory_throughput.py for sd15-anime, three models at once on the GPU (the trainer left the GPU mostly
+#   4. factory_throughput.py for sd15-anime with every candidate not yet a default on (no autocast,
+#      channels-last training, merged-LoRA and channels-last rendering): against part 3's first model, what
+#      they give end to end;
+#   5. factory_throughput.py for sd15-anime, three models at once on the GPU (the trainer left the GPU mostly
 #      idle; against part 3's first model, decides what `fleet run --jobs-per-gpu` should say);
-#   5. render_variants.py: evaluation rendering with the LoRA computed beside the base layers (as today),
+#   6. render_variants.py: evaluation rendering with the LoRA computed beside the base layers (as today),
 #      merged into them, and in channels-last layout (rendering ran at full load, far below the matrix rate);
-#   6. factory_throughput.py for sdxl-anime;
-#   7. factory_throughput.py for sd15-anime with train.compile, two models in turn in one process: the
+#   7. attention_shapes.py for SDXL's attention calls;
+#   8. factory_throughput.py for sdxl-anime;
+#   9. factory_throughput.py for sd15-anime with train.compile, two models in turn in one process: the
 #      compile's warm-up (a later model in the process reuses the compiled graphs) against its faster steps;
-#   8. train_profile.py with train.compile (regional torch.compile, inductor), and
-#   9. gpu_train_check.py: CUDA correctness (bf16/fp16 with and without autocast, resume, diffusers loading,
+#   10. train_profile.py with train.compile (regional torch.compile, inductor), and
+#   11. gpu_train_check.py: CUDA correctness (bf16/fp16 with and without autocast, resume, diffusers loading,
 #      no host sync in a step).
-# One session does not reach them all: PARTS="..." picks what an earlier session left.
+# One session does not reach them all: PARTS="..." picks what an earlier session left. About 570 s a session:
+# first PARTS="attention_shapes profile_sd15 factory_sd15_in_turn", then
+# PARTS="factory_sd15_candidates factory_sd15_concurrent render_variants", then the rest.
 # GPU load and memory are sampled every second into environment.txt, beside each part's start and end times.
 # The session stops when a part crashes within a minute (a broken environment), so that it can be rerun.
 # Without --fetch run it from the repository root; it writes to $OUT (default benchmarks/results/gpu-session).
@@ -103,10 +109,15 @@ part profile_sd15 180 python3 benchmarks/train_profile.py --batch 8 --warmup 5 -
     ${TINY:+--timed 2 --repeats 1 --steps 1 --batch 2}
 part factory_sd15_in_turn 220 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
     --repeats 1 --models-per-process 2 --tag in-turn --out "$OUT" --work "$WORK" $tiny $few
+part factory_sd15_candidates 200 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
+    --repeats 1 --set train.autocast=false --set train.channels_last=true --set evaluate.merge_lora=true \
+    --set evaluate.channels_last=true --tag candidates --out "$OUT" --work "$WORK" $tiny $few
 part factory_sd15_concurrent 250 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
     --repeats 1 --concurrent 3 --tag concurrent --out "$OUT" --work "$WORK" $tiny $few ${TINY:+--concurrent 2}
 part render_variants 150 python3 benchmarks/render_variants.py --repeats 3 --out "$OUT" --work "$WORK" $tiny \
     ${TINY:+--repeats 1}
+part attention_shapes_sdxl 60 python3 benchmarks/attention_shapes.py --sdxl --buckets 2 --repeats 2 --out "$OUT" \
+    ${TINY:+--cpu --repeats 1}
 part factory_sdxl 240 python3 benchmarks/factory_throughput.py --preset sdxl-anime --steps 100 --repeats 1 \
     --out "$OUT" --work "$WORK" $tiny $few
 part factory_sd15_compiled 400 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
