@@ -25,6 +25,12 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 DEFAULT_PRESET = "sd15-anime"
 
 
+def runtime_field(default: Any, description: str) -> Any:
+    """A setting of how a stage runs, not of what it computes: kept out of the settings fingerprint, so that
+    changing it neither makes a stage's artifact stale nor refuses a resume."""
+    return Field(default, description=description, json_schema_extra={"runtime": True})
+
+
 class Section(BaseModel):
     """Base for every settings section: unknown keys are errors, assignments are validated."""
 
@@ -277,11 +283,7 @@ class TrainSettings(Section):
         default_factory=dict, description="Loss weight per crop group."
     )
     cache_latents: bool = Field(True, description="Encode each image once; off re-encodes every batch.")
-    latent_cache_dir: str = Field(
-        "",
-        description="Also keep cached latents on disk here, shared across runs.",
-        json_schema_extra={"runtime": True},
-    )
+    latent_cache_dir: str = runtime_field("", "Also keep cached latents on disk here, shared across runs.")
     validation_split: float = Field(0.05, ge=0, lt=1, description="Share of images held out for the validation loss.")
     validation_timesteps: list[Annotated[int, Field(ge=0, le=999)]] = Field(
         default_factory=lambda: [200, 400, 600, 800], description="Timesteps (0-999) of the validation loss."
@@ -293,27 +295,21 @@ class TrainSettings(Section):
         "everything computes in the half-precision dtype, the trainable weights as working copies of float32 "
         "masters: far fewer casts, the norms in half precision.",
     )
-    channels_last: bool = Field(
+    channels_last: bool = runtime_field(
         False,
-        description="The UNet's convolutions in channels-last layout (NHWC), which GPU convolution kernels "
+        "The UNet's convolutions in channels-last layout (NHWC), which GPU convolution kernels "
         "prefer: no layout conversions around each convolution.",
-        json_schema_extra={"runtime": True},
     )
-    cudnn_attention: bool = Field(
+    cudnn_attention: bool = runtime_field(
         False,
-        description="Allow cuDNN's attention kernels on CUDA. cuDNN builds an execution plan for every new tensor "
+        "Allow cuDNN's attention kernels on CUDA. cuDNN builds an execution plan for every new tensor "
         "shape, and bucketed training meets dozens of shapes; false = flash or memory-efficient attention.",
-        json_schema_extra={"runtime": True},
     )
-    compile: bool = Field(
-        False,
-        description="torch.compile each UNet transformer block (regional: one compile serves every block).",
-        json_schema_extra={"runtime": True},
+    compile: bool = runtime_field(
+        False, "torch.compile each UNet transformer block (regional: one compile serves every block)."
     )
-    compile_backend: str = Field(
-        "inductor",
-        description="torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check).",
-        json_schema_extra={"runtime": True},
+    compile_backend: str = runtime_field(
+        "inductor", "torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check)."
     )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
@@ -366,16 +362,14 @@ class EvaluateSettings(Section):
     height: int = Field(768, ge=64, le=4096, multiple_of=8, description="Image height: a multiple of 8.")
     lora_scale: float = Field(0.8, ge=0)
     batch_size: int = Field(8, ge=1)
-    merge_lora: bool = Field(
+    merge_lora: bool = runtime_field(
         False,
-        description="Render with each checkpoint's LoRA merged into the UNet's weights (as AUTOMATIC1111 and "
+        "Render with each checkpoint's LoRA merged into the UNet's weights (as AUTOMATIC1111 and "
         "ComfyUI apply one): no extra work per sampler step; the base weights are put back exactly.",
-        json_schema_extra={"runtime": True},
     )
-    channels_last: bool = Field(
+    channels_last: bool = runtime_field(
         False,
-        description="Render with the UNet and VAE in channels-last layout (NHWC), which GPU convolutions prefer.",
-        json_schema_extra={"runtime": True},
+        "Render with the UNet and VAE in channels-last layout (NHWC), which GPU convolutions prefer.",
     )
     checkpoints: Literal["all", "coarse_to_fine"] = Field(
         "all", description="'coarse_to_fine': every coarse_every-th first, then around the best."
