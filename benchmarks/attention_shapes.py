@@ -8,10 +8,12 @@ are views of [batch, tokens, heads * dim] projections, cross-attention keys are 
 reports what the first call on a shape costs beyond a later one (plan building), per shape, and the
 attention time of one training step (later calls, every block). Repeats use another batch size each,
 so every shape is new to every backend every time; the backends alternate in order between repeats.
-Each row is written as it is measured. On a GPU, by hand:
+Each row is written as it is measured. ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`` in the environment (torch's
+opt-in for cuDNN to reuse a plan across sequence lengths) is recorded with the results, so a run with
+``--backends cudnn`` under it shows whether that removes the per-shape cost. On a GPU, by hand:
 
     PYTHONPATH=src python benchmarks/attention_shapes.py [--sdxl] [--buckets 4] [--batch 4] [--repeats 3]
-        [--out DIR] [--cpu]
+        [--backends cudnn,flash,efficient] [--out DIR] [--cpu]
 
 ``--cpu`` runs it on this CPU's kernels at 128 px (cuDNN is then reported as unsupported): a check of the script.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -96,7 +99,11 @@ def main() -> None:
     parser.add_argument("--later", type=int, default=5, help="calls timed after the first, per shape")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--cpu", action="store_true", help="a check of the script: CPU kernels, 128 px")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, of " + ", ".join(BACKENDS))
     args = parser.parse_args()
+    backends = [name for name in args.backends.split(",") if name]
+    if unknown := set(backends) - set(BACKENDS):
+        parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
     device = "cpu" if args.cpu else "cuda"
     resolution = args.resolution or (128 if args.cpu else 1024 if args.sdxl else 512)
     every = fixed_buckets(resolution, 64, resolution // 2, resolution * 2)
@@ -107,6 +114,8 @@ def main() -> None:
         "buckets": buckets,
         "shapes_per_bucket": 2 * len(SDXL_LEVELS if args.sdxl else SD15_LEVELS),
         "device": "CPU" if args.cpu else torch.cuda.get_device_name(),
+        # torch's opt-in for cuDNN to reuse one plan across sequence lengths, read from the environment
+        "TORCH_CUDNN_SDPA_AVOID_RECOMPILE": os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", ""),
         "torch": torch.__version__,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +124,7 @@ def main() -> None:
     with (args.out / f"{stem}.log").open("a", encoding="utf-8") as log:  # a row as each is measured
         log.write(json.dumps(setup) + "\n")
         for repeat in range(args.repeats):
-            order = list(BACKENDS)[repeat % len(BACKENDS) :] + list(BACKENDS)[: repeat % len(BACKENDS)]
+            order = backends[repeat % len(backends) :] + backends[: repeat % len(backends)]
             for backend in order:  # another batch size each repeat: every shape is new to every backend
                 wall, cpu = time.perf_counter(), time.process_time()
                 row = {"backend": backend, "batch": args.batch + repeat}
@@ -130,7 +139,7 @@ def main() -> None:
                 log.flush()
                 print(json.dumps(rows[-1]))
     print("medians over the repeats (first-call cost beyond an ordinary call, per shape; attention per step):")
-    for backend in BACKENDS:
+    for backend in backends:
         good = [r for r in rows if r["backend"] == backend and "error" not in r]
         if good:
             first = [r["first_call_extra_ms_per_shape"] for r in good]

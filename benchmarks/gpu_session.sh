@@ -9,6 +9,8 @@
 #   1. attention_shapes.py: what cuDNN's attention costs on each new shape (it plans every shape anew) against
 #      flash and memory-efficient attention, over SD1.5's attention calls in the classic buckets. Training
 #      now keeps cuDNN's attention out by default (train.cudnn_attention); this says whether it should;
+#      then cuDNN alone under TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's opt-in to reuse a plan across
+#      sequence lengths): whether that keeps cuDNN's kernels without the per-shape cost;
 #   2. train_profile.py, four variants side by side (alternated, repeated): as today; without autocast
 #      (train.autocast=false: half-precision working copies of float32 masters, no casts: the casts were the
 #      profile's most frequent operators and its largest copy time); channels-last convolutions
@@ -30,7 +32,7 @@
 #   11. gpu_train_check.py: CUDA correctness (bf16/fp16 with and without autocast, resume, diffusers loading,
 #      no host sync in a step).
 # One session does not reach them all: PARTS="..." picks what an earlier session left. About 570 s a session:
-# first PARTS="attention_shapes profile_sd15 factory_sd15_in_turn", then
+# first PARTS="attention_shapes attention_shapes_cudnn_reuse profile_sd15 factory_sd15_in_turn", then
 # PARTS="factory_sd15_candidates factory_sd15_concurrent render_variants", then the rest.
 # GPU load and memory are sampled every second into environment.txt, beside each part's start and end times.
 # The session stops when a part crashes within a minute (a broken environment), so that it can be rerun.
@@ -103,6 +105,8 @@ tiny=${TINY:+--tiny}  # TINY=1: the same parts on the tiny models on CPU, to che
 few=${TINY:+--images 24 --steps 10 --repeats 1}  # later flags win: a quick pass
 part attention_shapes 80 python3 benchmarks/attention_shapes.py --buckets 3 --repeats 2 --out "$OUT" \
     ${TINY:+--cpu --repeats 1}
+part attention_shapes_cudnn_reuse 50 env TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 benchmarks/attention_shapes.py \
+    --buckets 3 --repeats 2 --backends cudnn --out "$OUT" ${TINY:+--cpu --repeats 1 --backends flash}
 part profile_sd15 180 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --timed 10 --repeats 3 --steps 3 \
     --variant autocast= --variant half=train.autocast=false --variant nhwc=train.channels_last=true \
     --variant half-nhwc=train.autocast=false,train.channels_last=true --out "$OUT" --work "$WORK" $tiny \
