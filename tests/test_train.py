@@ -400,21 +400,22 @@ def test_lora_layers_under_autocast_skip_the_input_casts_and_train_the_same_bits
     assert lean[2] < casting[2]
 
 
-@pytest.mark.parametrize("allowed", [False, True])
-def test_cudnn_attention_is_kept_out_of_training_unless_allowed(kit, dataset, tmp_path, allowed):
+def test_cudnn_attention_is_kept_out_of_training_unless_allowed(kit, dataset, tmp_path):
     """Every UNet pass of a step and of the validation runs with cuDNN's attention as train.cudnn_attention
     says (cuDNN plans each new shape anew: costly over many buckets); the process's own choice is restored."""
     from lorafactory.train.trainer import _Run
 
-    settings = _settings(kit, "train.validation_split=0.3", f"train.cudnn_attention={str(allowed).lower()}")
-    run = _Run(settings, "akane_hoshino", dataset, tmp_path, SilentProgress())
+    run = _Run(_settings(kit, "train.validation_split=0.3"), "akane_hoshino", dataset, tmp_path, SilentProgress())
     seen: list[bool] = []
     run.base.unet.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    run.step()
-    run.validate()
-    assert len(seen) >= 2 and set(seen) == {allowed}
-    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    for allowed in (False, True):  # a runtime setting: read at every pass
+        run.t.cudnn_attention = allowed
+        seen.clear()
+        run.step()
+        run.validate()
+        assert len(seen) >= 2 and set(seen) == {allowed}
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
 def test_without_autocast_half_precision_copies_of_float32_masters_train_what_autocast_does(kit, dataset, tmp_path):
