@@ -37,26 +37,22 @@ import torch
 VARIANTS = ("lora", "merged", "channels_last", "merged+channels_last")
 
 
-def set_memory_format(pipe, memory_format: torch.memory_format) -> None:
-    pipe.unet.to(memory_format=memory_format)
-    pipe.vae.to(memory_format=memory_format)
-
-
 @contextmanager
 def variant(pipe, name: str) -> Iterator[None]:
     """The pipeline as ``name`` renders, restored afterwards; merging is the evaluator's own
     (``evaluate.merge_lora``: the exact base weights are put back, not subtracted)."""
+    from lorafactory.evaluate.generate import set_layout
     from lorafactory.evaluate.merge import MergedLora
 
     merged = MergedLora("default") if "merged" in name else None
     if merged is not None:
         merged.merge(pipe.unet)
     if "channels_last" in name:
-        set_memory_format(pipe, torch.channels_last)
+        set_layout(pipe, channels_last=True)
     try:
         yield
     finally:
-        set_memory_format(pipe, torch.contiguous_format)
+        set_layout(pipe, channels_last=False)
         if merged is not None:
             merged.restore()
 

@@ -60,6 +60,13 @@ def a1111_parameters(job: Job, settings: EvaluateSettings, clip_skip: int, model
     )
 
 
+def set_layout(pipe, channels_last: bool) -> None:
+    """The pipeline's UNet and VAE in channels-last (NHWC) layout, or back in the ordinary one."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for model in (pipe.unet, pipe.vae):
+        model.to(memory_format=layout)
+
+
 class Generator:
     """Holds the base pipeline; ``load()``/``unload()`` swap a checkpoint's adapter weights in and out.
 
@@ -80,9 +87,7 @@ class Generator:
         self.device = device
         self.adapter_in = False  # LoRA layers of an earlier checkpoint are in place, ready for a hotswap
         self.merged = MergedLora(ADAPTER) if settings.merge_lora else None
-        layout = torch.channels_last if settings.channels_last else torch.contiguous_format
-        for model in (self.pipe.unet, self.pipe.vae):  # a kept pipeline may come in either layout
-            model.to(memory_format=layout)
+        set_layout(self.pipe, settings.channels_last)  # a kept pipeline may come in either layout
 
     def load(self, lora_file: Path, embedding_file: Path, trigger: str) -> None:
         if self.adapter_in:

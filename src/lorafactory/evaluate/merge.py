@@ -21,8 +21,8 @@ class MergedLora:
         self._pristine: dict[torch.nn.Module, torch.Tensor] = {}  # base layer -> its weight, on the host
         self._merged: list = []
 
-    def merge(self, module: torch.nn.Module) -> int:
-        """Merge the adapter into every LoRA layer of ``module`` that has it; returns how many were merged."""
+    def merge(self, module: torch.nn.Module) -> None:
+        """Merge the adapter into every LoRA layer of ``module`` that has it."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         for layer in module.modules():
@@ -33,12 +33,12 @@ class MergedLora:
                 self._pristine[base] = base.weight.detach().to("cpu", copy=True)
             layer.merge(adapter_names=[self.adapter])
             self._merged.append(layer)
-        return len(self._merged)
 
     @torch.no_grad()
     def restore(self) -> None:
         """The base weights as they were before any merge; the layers compute the adapter beside them again."""
         for layer in self._merged:
-            layer.get_base_layer().weight.copy_(self._pristine[layer.get_base_layer()])
+            base = layer.get_base_layer()
+            base.weight.copy_(self._pristine[base])
             layer.merged_adapters.clear()
         self._merged = []

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lorafactory.config import Settings, settings_hash
 from lorafactory.errors import ConfigError, StageError
@@ -68,6 +69,7 @@ LOG_FILE = "train_log.jsonl"
 # torch's default, 8, is met within a few steps on a few buckets; past it dynamo gives up on the new shapes
 # and they run eager, with no error.
 COMPILED_GRAPHS_PER_BLOCK = 64
+NO_CUDNN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 BeforeState = Callable[[dict[str, float] | None], None]  # gets a checkpoint's validation loss
 
 
@@ -287,15 +289,11 @@ class _Run:
     def compute(self) -> ExitStack:
         """Autocast to the run's dtype (unless ``train.autocast`` is off), with the attention kernels
         ``train.cudnn_attention`` allows."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         stack = ExitStack()
         autocast = self.t.autocast and self.dtype != torch.float32
         stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast))
         if not self.t.cudnn_attention:
-            stack.enter_context(
-                sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-            )
+            stack.enter_context(sdpa_kernel(NO_CUDNN_ATTENTION))
         return stack
 
     def predict(
@@ -439,10 +437,10 @@ class _Run:
     def _write_checkpoint(self, folder: Path, before_state: BeforeState | None) -> None:
         t, step = self.t, self.position.step
         folder.mkdir(parents=True, exist_ok=True)
-        source = self.masters.master_of if self.masters else (lambda weight: weight)
-        tensors = unet_lora_tensors(self.base.unet, t.lora_alpha, self.base.family, source)
+        masters = {"source": self.masters.master_of} if self.masters else {}  # else the modules' own weights
+        tensors = unet_lora_tensors(self.base.unet, t.lora_alpha, self.base.family, **masters)
         if self.text_lora:
-            tensors.update(text_encoder_lora_tensors(self.base.text_encoders, t.text_encoder_lora_alpha, source))
+            tensors.update(text_encoder_lora_tensors(self.base.text_encoders, t.text_encoder_lora_alpha, **masters))
         common = dict(
             output_name=self.trigger,
             trigger=self.trigger,
