@@ -62,6 +62,17 @@ GROUPS = ("person", "halfbody", "head")
 # 512 px without upscaling they fall into many small buckets.
 FULL_SIZE_SIDES = {"person": (512, 1100), "halfbody": (384, 900), "head": (160, 512)}
 TINY_SIDES = dict.fromkeys(GROUPS, (96, 200))
+# General tags per caption, per crop group, as WD14 at threshold 0.35 tags crawled crops once the core tags
+# are pruned (an estimate: a head crop shows less). At CLIP's 2 tokens and a comma per tag, full-body
+# captions pass 75 tokens, so many batches need a second chunk, as real runs do.
+TAG_COUNTS = {"person": (18, 32), "halfbody": (14, 24), "head": (8, 16)}
+# Danbooru-style tags made of the local tokenizer's whole words (one token each, as in CLIP's vocabulary).
+TAG_POOL = (
+    [f"{colour} {item}" for colour in ("red", "blue", "green", "light") for item in ("dress", "skirt", "coat")]
+    + [f"{colour} {item}" for colour in ("red", "blue", "green", "light") for item in ("shirt", "bikini", "apron")]
+    + "solo smile standing portrait yukata festival night beach 1girl".split()
+    + ["looking at viewer", "full body", "upper body", "maid headdress", "starry sky", "long skirt", "blue sky"]
+)
 
 
 class TimedProgress:
@@ -121,20 +132,20 @@ class GpuLoad:
 
 def write_dataset(folder: Path, count: int, sides: dict[str, tuple[int, int]], seed: int = 0) -> Path:
     """A prepared dataset (metadata.jsonl + images/) of one synthetic character in three crop groups,
-    with short sides drawn from ``sides[group]``."""
+    with short sides drawn from ``sides[group]`` and as many tags as ``TAG_COUNTS[group]`` allows."""
     from lorafactory.testing.synthetic import CHARACTERS
 
     if (folder / "metadata.jsonl").is_file() and len((folder / "metadata.jsonl").read_text().splitlines()) == count:
         return folder
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    rng, character, lines = random.Random(seed), CHARACTERS[0], []
+    rng, tag_rng, character, lines = random.Random(seed), random.Random(seed + 1), CHARACTERS[0], []
     for i in range(count):
         group = GROUPS[i % 3]
         side, aspect = rng.randint(*sides[group]), rng.choice(ASPECTS)
         size = (side, round(side / aspect)) if aspect <= 1 else (round(side * aspect), side)
         outfit = i % len(character.accents)
         character.draw(*size, outfit=outfit, rng=rng).save(folder / "images" / f"{i:04d}.png")
-        tags = ["1girl", "solo", f"{character.hair}_hair", ("dress", "skirt", "coat")[outfit], "smile"]
+        tags = tag_rng.sample(TAG_POOL, tag_rng.randint(*TAG_COUNTS[group]))
         record = {"file": f"images/{i:04d}.png", "group": group, "source": "bench", "post_id": str(i)}
         lines.append(json.dumps({**record, "tags": tags}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
@@ -188,7 +199,7 @@ def inputs(preset: str, work: Path, images: int, tiny: bool) -> tuple[list[str],
     if tiny:
         overrides += ["train.resolution=128", "train.device='cpu'", "train.save_every=50", "train.min_steps=10"]
         overrides += ["evaluate.width=128", "evaluate.height=128", "evaluate.steps=4", "evaluate.bootstrap=50"]
-    dataset = write_dataset(work / f"dataset-{images}-{size}-v2", images, TINY_SIDES if tiny else FULL_SIZE_SIDES)
+    dataset = write_dataset(work / f"dataset-{images}-{size}-v3", images, TINY_SIDES if tiny else FULL_SIZE_SIDES)
     return overrides, dataset
 
 

@@ -28,8 +28,9 @@ from lorafactory.train.trainer import _Run
 WARMUP, TIMED = 2, 6
 
 
-def make_dataset(folder: Path, side: int, count: int = 16) -> Path:
-    """Square images exactly ``side`` pixels wide, so every batch fills one bucket."""
+def make_dataset(folder: Path, side: int, count: int = 16, tags: list[str] | None = None) -> Path:
+    """Square images exactly ``side`` pixels wide, so every batch fills one bucket; each captioned with
+    ``tags`` (default three)."""
     if (folder / "metadata.jsonl").is_file():
         return folder
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,9 @@ def make_dataset(folder: Path, side: int, count: int = 16) -> Path:
     lines = []
     for i in range(count):
         CHARACTERS[i % 2].draw(side, side, outfit=i % 3, rng=rng).save(folder / "images" / f"{i}.png")
-        lines.append(json.dumps({"file": f"images/{i}.png", "tags": ["1girl", "solo", "smile"], "post_id": str(i)}))
+        lines.append(
+            json.dumps({"file": f"images/{i}.png", "tags": tags or ["1girl", "solo", "smile"], "post_id": str(i)})
+        )
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 

@@ -13,7 +13,10 @@ compiled region's fused kernels are not aten operators), host wall ms (median an
 CPU ms. By hand, never as a test:
 
     PYTHONPATH=src:benchmarks python benchmarks/host_overhead.py [--sdxl] [--bf16] [--repeats 3] [--steps 10]
-        [--variant NAME=SETTING[,SETTING...]] [--out benchmarks/results]
+        [--tags 3] [--variant NAME=SETTING[,SETTING...]] [--out benchmarks/results]
+
+``--tags N`` captions every image with N two-word tags (three by default): past about 17 a caption takes
+a second chunk of 75 tokens, as crawled full-body images' WD14 captions often do, past about 35 a third.
 
 Default variants: ``eager``; ``frozen-text`` (past the pivot, the text encoder runs without autograd);
 ``compiled`` (``train.compile``: each transformer block through inductor).
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tags", type=int, default=3, help="tags per caption (about 17 fill a 75-token chunk)")
     parser.add_argument("--variant", action="append", default=[], help="NAME=SETTING[,SETTING...]; replaces defaults")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=None)
@@ -85,7 +89,8 @@ def main() -> None:
     name = "sdxl" if args.sdxl else "sd15"
     precision = "bf16" if args.bf16 else "no"
     model = (build_tiny_sdxl if args.sdxl else build_tiny_sd)(work / f"{name}-tiny")
-    data = make_dataset(work / "data-64", 64, count=8)
+    tags = [f"{colour} {item}" for item in ("dress", "skirt", "coat", "shirt") for colour in ("red", "blue", "green")]
+    data = make_dataset(work / f"data-64-{args.tags}-tags", 64, count=8, tags=(tags * 10)[: args.tags])
     runs, built = {}, {}
     for variant, overrides in variants.items():
         started = time.perf_counter()
@@ -107,6 +112,7 @@ def main() -> None:
                 "variant": variant,
                 "precision": "bf16" if args.bf16 else "fp32",  # under autocast unless the variant turns it off
                 "settings": variants[variant],
+                "tags_per_caption": args.tags,
                 "aten_ops_per_step": operators_per_step(run),
                 "wall_ms_median": round(statistics.median(walls[variant]), 1),
                 "wall_ms_min": round(min(walls[variant]), 1),
@@ -123,7 +129,7 @@ def main() -> None:
     with (args.out / f"host_overhead_{name}_cpu_{stamp}.log").open("a", encoding="utf-8") as log:
         for row in rows:
             log.write(json.dumps(row) + "\n")
-    print(f"{name}, batch 1, 64 px, {rows[0]['precision']}, 1 CPU thread: per step")
+    print(f"{name}, batch 1, 64 px, {rows[0]['precision']}, {args.tags} tags a caption, 1 CPU thread: per step")
     for row in rows:
         print(
             f"{row['variant']:>12}: {row['aten_ops_per_step']:6d} aten ops, wall {row['wall_ms_median']:6.1f} ms "

@@ -353,9 +353,14 @@ def test_long_captions_are_encoded_in_chunks_of_75_tokens(kit):
             red[:, 77:], blue[:, 77:]
         )  # the tail is seen
         assert torch.equal(ours([long_red], 1), ours([long_blue], 1))  # one chunk: the tail is cut
+        passes = []
+        hook = enc.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
         mixed = ours(["1girl, smile", long_red], 3)
+        hook.remove()
+        assert passes == [4]  # both chunks of both texts in one pass of the encoder
         empty = encode_text(enc, torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [tok.pad_token_id] * 75]), 2)
         assert mixed.shape[1] == 154 and torch.equal(mixed[:1, :77], plain) and torch.equal(mixed[:1, 77:], empty)
+        assert torch.equal(mixed[1:], red)  # each text's chunks, in order, as when encoded alone
 
 
 def _logged_losses(out):

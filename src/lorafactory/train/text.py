@@ -50,32 +50,27 @@ def weighted_tokens(tokenizer, fragments: Fragments) -> tuple[list[int], list[fl
 
 def token_chunks(
     tokenizer, tokens: list[tuple[list[int], list[float]]], max_chunks: int | None, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids and weights in chunks of 75, as AUTOMATIC1111 and kohya handle long prompts: each
     chunk is ``BOS + 75 tokens + EOS`` (padded; BOS, EOS and padding weigh 1), every text gets as
     many chunks as the longest one needs (at most ``max_chunks``; what lies beyond is cut), and a
-    prompt that fits in 75 tokens gives exactly the usual single 77-token sequence. The weights are
-    None for a chunk where every token weighs 1 (decided here, so the GPU is never asked)."""
+    prompt that fits in 75 tokens gives exactly the usual single 77-token sequence.
+
+    The chunks come stacked along the batch, chunk by chunk: ids [chunks * B, 77], row ``c * B + b``
+    the chunk c of text b, so one encoder pass reads them all. The weights are None when every token
+    weighs 1 (decided here, so the GPU is never asked)."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     count = max(1, *(-(-len(ids) // CHUNK) for ids, _ in tokens))
     count = min(count, max_chunks) if max_chunks else count
-    chunks = []
+    rows, multipliers = [], []
     for index in range(count):
-        rows, multipliers = [], []
+        window = slice(index * CHUNK, (index + 1) * CHUNK)
         for ids, weights in tokens:
-            window = slice(index * CHUNK, (index + 1) * CHUNK)
             part, part_weights = ids[window], weights[window]
             rows.append([bos, *part, eos] + [pad] * (CHUNK - len(part)))
             multipliers.append([1.0, *part_weights, 1.0] + [1.0] * (CHUNK - len(part)))
-        plain = all(weight == 1.0 for row in multipliers for weight in row)
-        chunks.append((host_tensor(rows, device), None if plain else host_tensor(multipliers, device)))
-    return chunks
-
-
-def chunk_ids(tokenizer, texts: list[str], max_chunks: int | None, device: torch.device) -> list[torch.Tensor]:
-    """Token ids of plain texts in chunks of 75 (see ``token_chunks``)."""
-    tokens = [(ids, [1.0] * len(ids)) for ids in (_tokens(tokenizer, text) for text in texts)]
-    return [ids for ids, _ in token_chunks(tokenizer, tokens, max_chunks, device)]
+    plain = all(weight == 1.0 for row in multipliers for weight in row)
+    return host_tensor(rows, device), None if plain else host_tensor(multipliers, device)
 
 
 def emphasise(hidden: torch.Tensor, multipliers: torch.Tensor | None) -> torch.Tensor:
@@ -118,22 +113,25 @@ def encode_weighted(
     max_chunks: int | None = None,
 ) -> Conditioning:
     """Conditioning for prompts given as weighted fragments (A1111 emphasis), chunked past 75 tokens.
-    SDXL's pooled embedding comes from the first chunk, unweighted, as in A1111."""
+    SDXL's pooled embedding comes from the first chunk, unweighted, as in A1111.
+
+    All chunks go through each encoder in one pass, stacked along the batch (CLIP attends within a
+    sequence only): a second chunk costs no second pass of host work, forward or backward."""
     per_encoder, pooled = [], None
     layer = -max(clip_skip, 2)  # SDXL is conditioned on the penultimate layer, without the final norm
+    count = len(prompts)
     for tokenizer, encoder in zip(tokenizers, encoders):
         tokens = [weighted_tokens(tokenizer, fragments) for fragments in prompts]
-        states = []
-        for index, (ids, multipliers) in enumerate(token_chunks(tokenizer, tokens, max_chunks, device)):
-            if family == "sd1":
-                hidden = encode_text(encoder, ids, clip_skip)
-            else:
-                out = encoder(ids, output_hidden_states=True)
-                hidden = out.hidden_states[layer]
-                if index == 0 and hasattr(out, "text_embeds"):
-                    pooled = out.text_embeds
-            states.append(emphasise(hidden, multipliers))
-        per_encoder.append(torch.cat(states, dim=1))
+        ids, multipliers = token_chunks(tokenizer, tokens, max_chunks, device)
+        if family == "sd1":
+            hidden = encode_text(encoder, ids, clip_skip)
+        else:
+            out = encoder(ids, output_hidden_states=True)
+            hidden = out.hidden_states[layer]
+            if hasattr(out, "text_embeds"):
+                pooled = out.text_embeds[:count]
+        hidden = emphasise(hidden, multipliers)  # per row: per text and chunk
+        per_encoder.append(torch.cat(hidden.split(count), dim=1))  # [B, 77 * chunks, D]
     return Conditioning(torch.cat(per_encoder, dim=-1), pooled)
 
 
