@@ -209,13 +209,13 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
 
     from lorafactory.config import load_settings
     from lorafactory.evaluate.evaluator import evaluate
-    from lorafactory.train.length import planned_steps, samples_per_step
+    from lorafactory.train.length import planned_schedule, samples_per_step
     from lorafactory.train.trainer import train
 
     overrides, dataset = inputs(preset, work, images, tiny)
     settings = load_settings(preset=preset, overrides=overrides + extra)
     t = settings.train
-    planned = planned_steps(t, images)
+    planned, t.save_every = planned_schedule(t, images)  # a long run's checkpoint interval widens
     measured = min(planned, math.ceil((steps or planned) / t.save_every) * t.save_every)
     t.max_steps = measured
     cuda = torch.cuda.is_available() and not tiny

@@ -1,12 +1,14 @@
 """How long a run trains: the reference's v1.5 size rule, a fixed count, and the quality gate's retrains."""
 
+import math
+
 import pytest
 
 from conftest import demo_settings
 from lorafactory.config import load_settings
 from lorafactory.pipeline import retrain_settings
 from lorafactory.progress import SilentProgress
-from lorafactory.train.length import planned_steps, samples_per_step
+from lorafactory.train.length import planned_schedule, planned_steps, samples_per_step
 from lorafactory.train.trainer import train
 
 
@@ -42,11 +44,35 @@ def test_a_retrain_scales_the_planned_steps_as_it_scales_a_fixed_count():
     assert retrain_settings(fixed, 1).train.max_steps == 150
 
 
-def test_a_run_without_max_steps_trains_the_planned_count(kit, demo_run, tmp_path):
+@pytest.mark.parametrize(
+    "images, steps, interval",
+    # at batch 4 the default 100-step interval gives at most 40 checkpoints up to 4,000 steps; beyond, it widens
+    [(50, 800, 100), (200, 2000, 100), (400, 4000, 100), (410, 4100, 200), (1000, 10000, 300), (8000, 20000, 500)],
+)
+def test_a_long_run_keeps_within_max_checkpoints_on_a_wider_grid(images, steps, interval):
+    t = load_settings(overrides=["train.batch_size=4"]).train
+    assert planned_schedule(t, images) == (steps, interval)  # the step count stays the size rule's
+    assert math.ceil(steps / interval) <= t.max_checkpoints < math.ceil(steps / (interval - t.save_every or 1))
+
+
+def test_max_checkpoints_0_or_a_fixed_step_count_keeps_save_every():
+    assert planned_schedule(_train("train.batch_size=4", "train.max_checkpoints=5"), 1000) == (10000, 2000)
+    assert planned_schedule(_train("train.batch_size=4", "train.max_checkpoints=0"), 1000) == (10000, 40)
+    assert planned_schedule(_train("train.max_steps=8000", "train.max_checkpoints=5"), 1000) == (8000, 40)
+
+
+def test_a_run_without_max_steps_trains_the_planned_count_on_the_planned_grid(kit, demo_run, tmp_path):
     dataset = demo_run["workspace"].character("akane_hoshino").artifact("prepare")
-    settings = demo_settings(kit, "http://127.0.0.1:1", "train.epochs=0.25", "train.min_steps=3", "train.save_every=3")
+    settings = demo_settings(
+        kit,
+        "http://127.0.0.1:1",
+        "train.epochs=0.25",
+        "train.min_steps=10",
+        "train.save_every=2",
+        "train.max_checkpoints=3",
+    )
     settings.train.max_steps = None  # the preset fixes it; a user's settings leave it unset
     images = demo_run["workspace"].character("akane_hoshino").manifest("prepare").counts["dataset"]
-    expected = planned_steps(settings.train, images)
+    assert planned_schedule(settings.train, images) == (10, 4)  # 5 checkpoints at every 2 steps: too many
     result = train(settings, "akane_hoshino", dataset, tmp_path, SilentProgress())
-    assert result.counts["steps"] == expected == max(result.checkpoints) and expected % 3 == 0
+    assert result.counts["steps"] == 10 and sorted(result.checkpoints) == [4, 8, 10]  # and the last step

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import demo_settings
 from lorafactory.cli import app
+from lorafactory.config import tomllib
 from lorafactory.errors import ConfigError, InputError, StageError
 from lorafactory.pipeline import run_pipeline
 from lorafactory.progress import SilentProgress
@@ -143,7 +144,10 @@ def test_model_card_and_metrics(demo_run):
     assert (
         "![metrics against step](metrics_plot.png)" in card and (release / "metrics_plot.png").stat().st_size > 10_000
     )
-    assert (release / "train.toml").is_file() and "| CCIP RecScore (fidelity) |" in card
+    assert "| CCIP RecScore (fidelity) |" in card
+    trained = tomllib.loads((release / "train.toml").read_text())["train"]
+    steps = sorted(map(int, checkpoints))
+    assert trained["steps"] == steps[-1] and trained["save_every"] == steps[0]  # the grid the run saved on
     for step in kept:  # every kept step: the three file variants, previews, per-image metrics
         folder = release / "steps" / str(step)
         assert {p.name for p in folder.rglob("*") if p.is_file()} >= {

@@ -216,6 +216,13 @@ class TrainSettings(Section):
     cap_epochs: float = Field(10, gt=0, description="...and at most the larger of this many passes...")
     cap_steps: int = Field(10_000, ge=1, description="...and this many steps (the reference's v1.5 rule).")
     save_every: int = Field(100, ge=1)
+    max_checkpoints: int = Field(
+        40,
+        ge=0,
+        description="With max_steps unset: at most this many checkpoints, each exported and evaluated; a longer "
+        "run saves every whole multiple of save_every that keeps within it (the reference's v1.5 saved 40). "
+        "0 = every save_every steps, however many.",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard event files (kohya's scalar names) in train/.")
     batch_size: int = Field(4, ge=1)
     full_batches: bool = Field(

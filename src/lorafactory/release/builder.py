@@ -147,7 +147,8 @@ def release(
         shutil.copyfile(step_dir(eval_dir, best) / name, out_dir / "previews" / name)
     shutil.copyfile(eval_dir / "metrics.csv", out_dir / "metrics.csv")
     shutil.copyfile(eval_dir / "metrics_plot.png", out_dir / "metrics_plot.png")
-    summary = {**train_summary(settings, family), "steps": max(checkpoints)}
+    # the grid the run saved on: train.max_checkpoints may have widened train.save_every
+    summary = {**train_summary(settings, family), "steps": max(checkpoints), "save_every": min(checkpoints)}
     write_bytes_atomic(out_dir / "train.toml", tomli_w.dumps({"train": summary}).encode())
 
     table = {int(s): row for s, row in evaluation["metrics"].items()}
