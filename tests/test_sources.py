@@ -111,12 +111,20 @@ def test_limit_archive_and_cross_site_dedupe(tmp_path, kit):
         assert [p.post_id for p in again] == [p.post_id for p in posts]
 
 
+def _paced(starts: list[float], per_second: float) -> bool:
+    """Request arrivals ``per_second`` at most: on average over the run, and no two closer than half the interval.
+    The server sees each request a little after the limiter let it go, later when the test machine is busy,
+    so one gap may look shorter by that delay; an unpaced crawl's requests arrive milliseconds apart."""
+    interval = 1 / per_second
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    return min(gaps) >= interval / 2 and starts[-1] - starts[0] >= len(gaps) * interval - interval / 2
+
+
 def test_rate_limit_holds_per_site(tmp_path, kit):
     with _replay(kit, count=6) as replay:
         crawl(_settings(replay, rps=8, more=["crawl.danbooru.concurrency=4"]), tmp_path, SilentProgress())
     starts = sorted(t for t, _ in replay.requests)
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    assert len(starts) >= 8 and min(gaps) >= 1 / 8 - 0.02  # request starts at most 8 per second
+    assert len(starts) >= 8 and _paced(starts, 8)
 
 
 def test_a_failing_site_does_not_stop_the_others(tmp_path, kit):
@@ -751,8 +759,7 @@ def test_an_unreachable_shared_budget_leaves_the_crawl_its_own_pace(tmp_path, ki
 
     with _replay(kit, count=4) as replay:
         posts, _ = crawl(_settings(replay, rps=8), tmp_path, SilentProgress(), budget=Gone())
-    starts = sorted(t for t, _ in replay.requests)
-    assert len(posts) == 4 and min(b - a for a, b in zip(starts, starts[1:])) >= 1 / 8 - 0.02
+    assert len(posts) == 4 and _paced(sorted(t for t, _ in replay.requests), 8)
 
 
 def test_files_that_landed_before_a_kill_are_not_fetched_again(tmp_path, kit):
