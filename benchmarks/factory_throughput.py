@@ -63,10 +63,10 @@ GROUPS = ("person", "halfbody", "head")
 FULL_SIZE_SIDES = {"person": (512, 1100), "halfbody": (384, 900), "head": (160, 512)}
 TINY_SIDES = dict.fromkeys(GROUPS, (96, 200))
 # General tags per caption, per crop group, as WD14 at threshold 0.35 tags crawled crops once the core tags
-# are pruned (an estimate: a head crop shows less). At CLIP's 2 tokens and a comma per tag, full-body
+# are pruned (an estimate: a head crop shows less). At about 2 tokens and a comma per tag, full-body
 # captions pass 75 tokens, so many batches need a second chunk, as real runs do.
 TAG_COUNTS = {"person": (18, 32), "halfbody": (14, 24), "head": (8, 16)}
-# Danbooru-style tags made of the local tokenizer's whole words (one token each, as in CLIP's vocabulary).
+# Danbooru-style tags made of words the local tokenizer knows (a token or two each, about as many as CLIP's).
 TAG_POOL = (
     [f"{colour} {item}" for colour in ("red", "blue", "green", "light") for item in ("dress", "skirt", "coat")]
     + [f"{colour} {item}" for colour in ("red", "blue", "green", "light") for item in ("shirt", "bikini", "apron")]
