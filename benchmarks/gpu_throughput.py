@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -26,6 +27,27 @@ from lorafactory.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
 from lorafactory.train.trainer import _Run
 
 WARMUP, TIMED = 2, 6
+Run = TypeVar("Run")
+
+
+def variant_settings(specs: list[str]) -> dict[str, list[str]]:
+    """``--variant NAME=SETTING[,SETTING...]`` arguments as name -> settings (``NAME=`` has none)."""
+    return {name: [s for s in spec.split(",") if s] for name, _, spec in (v.partition("=") for v in specs)}
+
+
+def alternated(
+    runs: dict[str, Run], repeats: int, measure: Callable[[Run], tuple[float, float]]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``measure(run)`` (wall, CPU) of every run ``repeats`` times, the runs taking turns, so that drift on a
+    shared machine hits every variant alike: each variant's walls and CPU times."""
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            wall, cpu = measure(run)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    return walls, cpus
 
 
 def make_dataset(folder: Path, side: int, count: int = 16, tags: list[str] | None = None) -> Path:

@@ -77,14 +77,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the host's work, not the arithmetic spread over cores
 
-    from gpu_throughput import make_dataset
+    from gpu_throughput import alternated, make_dataset, variant_settings
     from lorafactory.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
 
-    variants = (
-        {name: [s for s in spec.split(",") if s] for name, _, spec in (v.partition("=") for v in args.variant)}
-        if args.variant
-        else VARIANTS
-    )
+    variants = variant_settings(args.variant) if args.variant else VARIANTS
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-host-"))
     name = "sdxl" if args.sdxl else "sd15"
     precision = "bf16" if args.bf16 else "no"
@@ -97,13 +93,7 @@ def main() -> None:
         runs[variant] = build_run(model, data, work / f"out-{variant}", precision, overrides)
         timed(runs[variant], args.warmup)  # a compiled variant compiles here
         built[variant] = round(time.perf_counter() - started, 1)
-    walls: dict[str, list[float]] = {v: [] for v in runs}
-    cpus: dict[str, list[float]] = {v: [] for v in runs}
-    for _ in range(args.repeats):  # alternated, so drift on a shared machine hits every variant alike
-        for variant, run in runs.items():
-            wall, cpu = timed(run, args.steps)
-            walls[variant].append(wall)
-            cpus[variant].append(cpu)
+    walls, cpus = alternated(runs, args.repeats, lambda run: timed(run, args.steps))
     rows = []
     for variant, run in runs.items():
         rows.append(

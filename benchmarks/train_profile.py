@@ -59,9 +59,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="added to the output names, e.g. compiled")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-profile-"))
-    variants = {name: [s for s in spec.split(",") if s] for name, _, spec in (v.partition("=") for v in args.variant)}
 
-    from gpu_throughput import bench_run, make_dataset  # noqa: E402 - the benchmarks folder is the script's own
+    # the benchmarks folder is the script's own
+    from gpu_throughput import alternated, bench_run, make_dataset, variant_settings  # noqa: E402
     from lorafactory.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
 
     name = "sdxl" if args.sdxl else "sd15"
@@ -69,6 +69,7 @@ def main() -> None:
     model = (build_tiny_sdxl if args.sdxl else build_tiny_sd)(work / f"{name}-{size}", full_size=not args.tiny)
     side = args.resolution or (128 if args.tiny else 1024 if args.sdxl else 512)
     data = make_dataset(work / f"data-{side}", side, count=4 * args.batch)
+    variants = variant_settings(args.variant)
     device = "cpu" if args.tiny else "cuda"
     runs = {
         variant: bench_run(
@@ -88,13 +89,14 @@ def main() -> None:
         return time.perf_counter() - wall, time.process_time() - cpu
 
     warmup = {variant: seconds(run, args.warmup)[0] for variant, run in runs.items()}
-    walls: dict[str, list[float]] = {variant: [] for variant in runs}
-    cpus: dict[str, list[float]] = {variant: [] for variant in runs}
-    for _ in range(args.repeats):  # alternated, so drift hits every variant alike
-        for variant, run in runs.items():
-            wall, cpu = seconds(run, args.timed)
-            walls[variant].append(wall * 1000 / max(args.timed, 1))
-            cpus[variant].append(cpu * 1000 / max(args.timed, 1))
+
+    def per_step_ms(run) -> tuple[float, float]:
+        """Wall and process CPU milliseconds per step, over a block of ``args.timed`` steps."""
+        wall, cpu = seconds(run, args.timed)
+        steps = max(args.timed, 1)
+        return wall * 1000 / steps, cpu * 1000 / steps
+
+    walls, cpus = alternated(runs, args.repeats, per_step_ms)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = (
