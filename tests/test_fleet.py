@@ -204,12 +204,13 @@ def test_crawls_share_each_sites_rate_across_the_fleet(kit, tmp_path, local_ray)
     }
     assert min(listings[2]) < max(listings[3]) and min(listings[3]) < max(listings[2])  # the crawls overlapped
     starts = sorted(t for t, _ in replay.requests)
-    busiest = max(sum(1 for t in starts if first <= t < first + 1.0) for first in starts)
+    busiest = max(sum(1 for t in starts if first <= t < first + 2.0) for first in starts)
     assert len(starts) >= 24
     assert (len(starts) - 1) / (starts[-1] - starts[0]) <= 8 * 1.05  # the fleet's rate: 8 a second, not 16
-    # and no burst: at most 8 in any second, plus a few arrivals a loaded 2-core machine (the replay
-    # stamps them in a thread of this process) may delay into the next second; 16 if unshared
-    assert busiest <= 11
+    # and no burst: at most 16 in any two seconds (32 if unshared), plus the few arrivals a loaded 2-core
+    # machine delays into the window from the one before it (the replay stamps them in a thread of this
+    # process, after Ray's round trips); a one-second window once counted 12 for 8 that way
+    assert busiest <= 19
 
 
 def test_a_worker_killed_mid_training_loses_nothing(kit, tmp_path, local_ray):
