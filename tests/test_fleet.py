@@ -138,6 +138,32 @@ def test_phases_are_routed_by_resources(local_ray):
         local_ray.kill(actor)
 
 
+def test_a_resident_gpu_runner_imports_the_model_libraries_as_it_starts(local_ray):
+    """The fleet's GPU runner imports what a model phase runs on before its first job, not in it (the demo's
+    first model waited 12 s for them, after its dataset was ready). A job here reports what its process
+    has imported; each runner gets a process of its own (its own runtime environment)."""
+    from lorafactory.fleet.scheduler import PhaseRunner
+
+    libraries = ("diffusers.pipelines.stable_diffusion", "peft", "imgutils.metrics.ccip", "tensorboardX")
+
+    def imported(*_):
+        import sys
+
+        return [name for name in libraries if name in sys.modules]
+
+    runner = local_ray.remote(PhaseRunner)
+    cold, warm = (
+        runner.options(num_cpus=0, runtime_env={"env_vars": {"LORAFACTORY_TEST_RUNNER": name}}).remote(
+            imported, warm=name == "warm"
+        )
+        for name in ("cold", "warm")
+    )
+    assert local_ray.get(cold.run.remote("", "", None, "", 0.0)) == []  # nothing of it comes with the job itself
+    assert local_ray.get(warm.run.remote("", "", None, "", 0.0)) == list(libraries)
+    for actor in (cold, warm):
+        local_ray.kill(actor)
+
+
 def test_gpu_jobs_share_a_gpu_when_asked(tmp_path, local_ray):
     """With two jobs per GPU, two characters' GPU phases run at once on the one (declared) GPU: each
     waits until the other has started too (one GPU job at a time would time that out)."""

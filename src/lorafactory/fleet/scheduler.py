@@ -22,7 +22,7 @@ from lorafactory.errors import ConfigError
 from lorafactory.fleet.budget import fleet_budget
 from lorafactory.fleet.phases import CPU_PHASES, GPU_PHASES
 from lorafactory.fleet.queue import LEASE_S, Claim, JobQueue
-from lorafactory.fleet.worker import Outcome, run_job
+from lorafactory.fleet.worker import Outcome, import_model_libraries, run_job
 from lorafactory.state import Store
 
 PROBE = ".fleet-probe"
@@ -95,10 +95,13 @@ def _connect(address: str | None, num_cpus: int | None, num_gpus: int | None):
 
 class PhaseRunner:
     """A resident worker for the GPU phase (``jobs_per_gpu`` per GPU): its process, with the libraries it
-    has imported and the evaluation pipeline it keeps (``evaluate.resident``), serves job after job."""
+    has imported and the evaluation pipeline it keeps (``evaluate.resident``), serves job after job. With
+    ``warm``, it imports the model phase's libraries as it starts (and restarts), before its first job."""
 
-    def __init__(self, job: Callable[..., Outcome]) -> None:
+    def __init__(self, job: Callable[..., Outcome], warm: bool = False) -> None:
         self.job = job
+        if warm:
+            import_model_libraries()
 
     def run(self, workspace_root: str, db_url: str, claim: Claim, owner: str, lease_s: float) -> Outcome:
         return self.job(workspace_root, db_url, claim, owner, lease_s)
@@ -140,7 +143,7 @@ def _lanes(ray, gpus: int, cpus: int, job: Callable[..., Outcome] = run_job, job
     runner = ray.remote(PhaseRunner).options(
         num_gpus=1 / jobs_per_gpu if gpus else 0, num_cpus=actor_cpus, max_restarts=-1, max_task_retries=0
     )
-    actors = [runner.remote(job) for _ in range(runners)]
+    actors = [runner.remote(job, warm=job is run_job) for _ in range(runners)]  # a benchmark's job: no warm-up
     cpu_slots = max(1, cpus - actor_cpus * len(actors))
     task = ray.remote(job).options(num_cpus=1, num_gpus=0, max_retries=0)
     return Lanes(actors, cpu_slots, task, fleet_budget(ray))

@@ -98,6 +98,24 @@ def run_job(
     return Outcome(claim.id, "done" if queue.finish(claim.id, owner) else "lost", phase=claim.phase)
 
 
+def import_model_libraries() -> None:
+    """Import what the model phase runs on (diffusers' pipelines and models, peft, the trainer, the evaluator
+    and its scorers), so that a resident GPU worker pays for it as it starts, while the first datasets are
+    still being made, not with the GPU waiting on its first job and again after every restart."""
+    import imgutils.metrics  # noqa: F401 - CCIP and the other scorers, onnxruntime
+    import imgutils.tagging  # noqa: F401
+    import matplotlib
+    import tensorboardX  # noqa: F401 - the training's event files
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401 - their models too
+    from peft import LoraConfig  # noqa: F401
+
+    import lorafactory.evaluate.evaluator  # noqa: F401 - the trainer with it
+    import lorafactory.pipeline  # noqa: F401
+
+    matplotlib.use("Agg")  # as the evaluation's plots have it
+    import matplotlib.pyplot  # noqa: F401
+
+
 def _run_phase(ws: Workspace, store: Store, settings: Settings, claim: Claim, budget: SharedBudget | None) -> None:
     from lorafactory.pipeline import run_pipeline, trigger_for
 
