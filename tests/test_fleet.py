@@ -164,6 +164,20 @@ def test_a_resident_gpu_runner_imports_the_model_libraries_as_it_starts(local_ra
         local_ray.kill(actor)
 
 
+def test_a_runner_whose_libraries_fail_to_import_ahead_still_takes_jobs(monkeypatch, caplog):
+    """A broken install must not kill the runner at every start (jobs would only see it die): it says so once,
+    and its job meets the same error and reports it."""
+    from lorafactory.fleet import scheduler
+
+    def broken():
+        raise ImportError("libcudart.so.12: cannot open shared object file")
+
+    monkeypatch.setattr(scheduler, "import_model_libraries", broken)
+    runner = scheduler.PhaseRunner(lambda *args: args, warm=True)
+    assert "did not import ahead of its jobs: libcudart.so.12" in caplog.text
+    assert runner.run("ws", "db", None, "me", 1.0) == ("ws", "db", None, "me", 1.0)
+
+
 def test_gpu_jobs_share_a_gpu_when_asked(tmp_path, local_ray):
     """With two jobs per GPU, two characters' GPU phases run at once on the one (declared) GPU: each
     waits until the other has started too (one GPU job at a time would time that out)."""

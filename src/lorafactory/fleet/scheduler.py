@@ -9,6 +9,7 @@ and if the driver dies the leases run out and the phases are claimed again, so n
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ from lorafactory.fleet.worker import Outcome, import_model_libraries, run_job
 from lorafactory.state import Store
 
 PROBE = ".fleet-probe"
+log = logging.getLogger(__name__)
 
 
 def _read_probe(path: str) -> str | None:
@@ -101,7 +103,10 @@ class PhaseRunner:
     def __init__(self, job: Callable[..., Outcome], warm: bool = False) -> None:
         self.job = job
         if warm:
-            import_model_libraries()
+            try:
+                import_model_libraries()
+            except Exception as exc:  # noqa: BLE001 - never kill the runner: its first job meets it and says why
+                log.warning("the model phase's libraries did not import ahead of its jobs: %s", exc)
 
     def run(self, workspace_root: str, db_url: str, claim: Claim, owner: str, lease_s: float) -> Outcome:
         return self.job(workspace_root, db_url, claim, owner, lease_s)
