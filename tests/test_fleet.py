@@ -128,7 +128,7 @@ def test_phases_are_routed_by_resources(local_ray):
     """The GPU phase's resident runner holds the (declared) GPU and one CPU; CPU phases get the rest."""
     from lorafactory.fleet.scheduler import _lanes
 
-    lanes = _lanes(local_ray, gpus=1, cpus=2)
+    lanes = _lanes(local_ray, gpus=1, cpus=2, job=lambda *_: None)  # no job runs: nothing to import ahead
     assert len(lanes.actors) == 1 and lanes.cpu_slots == 1
     deadline = time.monotonic() + 60
     while local_ray.available_resources().get("GPU", 0) > 0 and time.monotonic() < deadline:
