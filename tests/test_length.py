@@ -8,12 +8,16 @@ from conftest import demo_settings
 from lorafactory.config import load_settings
 from lorafactory.pipeline import retrain_settings
 from lorafactory.progress import SilentProgress
-from lorafactory.train.length import planned_schedule, planned_steps, samples_per_step
+from lorafactory.train.length import planned_schedule, samples_per_step
 from lorafactory.train.trainer import train
 
 
 def _train(*overrides):
     return load_settings(overrides=["train.save_every=40", *overrides]).train
+
+
+def planned_steps(t, images: int) -> int:
+    return planned_schedule(t, images)[0]
 
 
 @pytest.mark.parametrize(

@@ -205,18 +205,19 @@ def test_lighter_settings_train_about_as_many_samples_as_the_planned_run():
     accumulation) plans a run over as many images, give or take one checkpoint interval's worth."""
     from lorafactory.config import deep_merge, load_settings
     from lorafactory.fleet.memory import lighter
-    from lorafactory.train.length import planned_steps, samples_per_step
+    from lorafactory.train.length import planned_schedule, samples_per_step
 
     for start in ({"batch_size": 4}, {"batch_size": 5}, {"batch_size": 3, "gradient_accumulation": 2}):
         layers: dict = {"train": {**start, "gradient_checkpointing": True}}
         first = load_settings(base=layers).train
         assert first.max_steps is None  # the preset's default: planned from the dataset's size
-        planned = planned_steps(first, 200) * samples_per_step(first)
+        planned = planned_schedule(first, 200)[0] * samples_per_step(first)
         while (layer := lighter(load_settings(base=layers), "train")) is not None:
             layers = deep_merge(layers, layer)
             t = load_settings(base=layers).train
             assert samples_per_step(t) >= samples_per_step(first)
-            assert abs(planned_steps(t, 200) * samples_per_step(t) - planned) <= t.save_every * samples_per_step(t)
+            steps, _ = planned_schedule(t, 200)
+            assert abs(steps * samples_per_step(t) - planned) <= t.save_every * samples_per_step(t)
         assert load_settings(base=layers).train.batch_size == 1
 
 

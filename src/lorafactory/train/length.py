@@ -29,11 +29,6 @@ def planned_schedule(t: TrainSettings, images: int) -> tuple[int, int]:
     return steps, t.save_every * widen
 
 
-def planned_steps(t: TrainSettings, images: int) -> int:
-    """The run's step count for a dataset of ``images`` training images."""
-    return planned_schedule(t, images)[0]
-
-
 def with_planned_steps(settings: Settings, images: int) -> Settings:
     """The settings with ``train.max_steps`` and ``train.save_every`` fixed to the planned schedule (the same
     object when the step count is already fixed)."""
