@@ -192,21 +192,35 @@ def test_no_loadable_checkpoint_gives_no_release(kit, trained, dataset, tmp_path
     assert result.counts["failed_checkpoints"] == len(checkpoints) and result.selection.kept == [max(checkpoints)]
     assert "fell back to the last step" in result.selection.reason
     (tmp_path / "release").mkdir()
+    trained = {"checkpoints": {str(step): path for step, path in checkpoints.items()}}
     with pytest.raises(StageError, match="no checkpoint loaded during evaluation.*nothing to release"):
         release(
-            settings,
-            TRIGGER,
-            broken,
-            checkpoints,
-            tmp_path / "eval",
-            result.details,
-            {},
-            [],
-            tmp_path / "release",
-            True,
-            "sd1",
+            settings, TRIGGER, broken, trained, tmp_path / "eval", result.details, {}, [], tmp_path / "release", True
         )
     assert not (tmp_path / "release" / f"{TRIGGER}.safetensors").exists()  # a broken file is never released
+
+
+def test_a_run_shorter_than_its_save_every_is_released_with_the_schedule_it_was_set(kit, dataset, tmp_path):
+    """Such a run saves one checkpoint, at its last step; its release's train.toml still gives the
+    train.save_every it ran with (the trainer records the schedule), not that step."""
+    from lorafactory.config import tomllib
+    from lorafactory.release.builder import release
+
+    settings = demo_settings(
+        kit, "http://127.0.0.1:1", "train.max_steps=3", "train.save_every=10", "evaluate.cluster_prompts=false"
+    )
+    trained = train(settings, TRIGGER, dataset, tmp_path / "train", SilentProgress())
+    assert list(trained.checkpoints) == [3] and trained.details["schedule"] == {"steps": 3, "save_every": 10}
+    result = evaluate(
+        settings, TRIGGER, dataset, tmp_path / "train", trained.checkpoints, {}, tmp_path / "eval", SilentProgress()
+    )
+    out = tmp_path / "release"
+    out.mkdir()
+    release(
+        settings, TRIGGER, tmp_path / "train", trained.details, tmp_path / "eval", result.details, {}, [], out, True
+    )
+    summary = tomllib.loads((out / "train.toml").read_text())["train"]
+    assert (summary["steps"], summary["save_every"]) == (3, 10)
 
 
 def test_the_base_pipeline_stays_loaded_between_evaluations(kit, trained, dataset, tmp_path, monkeypatch):

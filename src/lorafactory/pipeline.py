@@ -165,14 +165,13 @@ def _release(ctx: Context, out: Path) -> StageOutput:
         ctx.settings,
         ctx.trigger,
         ctx.char.artifact("train"),
-        _checkpoints(ctx),
+        ctx.manifest("train").details,
         ctx.char.artifact("evaluate"),
         evaluation.details,
         dataset.counts,
         dataset.details.get("pruned_core_tags", []),
         out,
         stand_in,
-        ctx.manifest("train").details.get("family", "sd1"),
     )
     return StageOutput({"files": len(details["files"])}, details)
 

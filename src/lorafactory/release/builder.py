@@ -110,15 +110,17 @@ def release(
     settings: Settings,
     trigger: str,
     train_dir: Path,
-    checkpoints: dict[int, str],
+    trained: dict,
     eval_dir: Path,
     evaluation: dict,
     dataset_counts: dict,
     core_tags: list[str],
     out_dir: Path,
     stand_in: bool,
-    family: str,
 ) -> dict:
+    """Release the kept steps of the run whose train manifest details are ``trained``."""
+    checkpoints = {int(step): path for step, path in trained["checkpoints"].items()}
+    family = trained.get("family", "sd1")
     failed = {int(step): why for step, why in evaluation.get("failed", {}).items()}
     kept = [int(step) for step in evaluation["kept_steps"] if int(step) not in failed]
     if not kept:
@@ -147,8 +149,10 @@ def release(
         shutil.copyfile(step_dir(eval_dir, best) / name, out_dir / "previews" / name)
     shutil.copyfile(eval_dir / "metrics.csv", out_dir / "metrics.csv")
     shutil.copyfile(eval_dir / "metrics_plot.png", out_dir / "metrics_plot.png")
-    # the grid the run saved on: train.max_checkpoints may have widened train.save_every
-    summary = {**train_summary(settings, family), "steps": max(checkpoints), "save_every": min(checkpoints)}
+    # the run's planned length and grid (a dataset-sized run widens train.save_every to keep within
+    # train.max_checkpoints); train manifests written before the trainer recorded them give their checkpoints'
+    schedule = trained.get("schedule") or {"steps": max(checkpoints), "save_every": min(checkpoints)}
+    summary = {**train_summary(settings, family), **schedule}
     write_bytes_atomic(out_dir / "train.toml", tomli_w.dumps({"train": summary}).encode())
 
     table = {int(s): row for s, row in evaluation["metrics"].items()}

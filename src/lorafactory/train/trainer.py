@@ -562,6 +562,7 @@ def train(
         "family": run.base.family,
         "seconds": round(time.monotonic() - started, 2),
         "checkpoints": {str(step): path for step, path in position.checkpoints.items()},
+        "schedule": {"steps": t.max_steps, "save_every": t.save_every},  # as planned for this dataset
         "resumed_at": position.resumed_at,  # empty for a run trained in one go
     }
     return TrainResult(dict(position.checkpoints), counts, details, finished)
