@@ -97,7 +97,7 @@ def test_publish_command(demo_run, fake_hub):
         app, ["publish", "Akane Hoshino", "-w", root, "--public", "--repo", "team/akane", "--endpoint", fake_hub.url]
     )
     assert done.exit_code == 0, done.output
-    assert "published" in done.output and not fake_hub.repos["team/akane"].private
+    assert "published" in done.output and "files uploaded" in done.output and not fake_hub.repos["team/akane"].private
     status = CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"])
     latest = json.loads(status.output)["characters"][0]["publications"][0]  # recorded in the state store, newest first
     assert latest["target"] == "huggingface" and latest["url"].endswith("/team/akane") and latest["uploaded"] > 0
@@ -241,6 +241,7 @@ def test_civitai_bad_key_and_the_command(civitai_char, demo_run, fake_civitai, m
     done = CliRunner().invoke(app, command)
     assert done.exit_code == 0, done.output
     [model] = fake_civitai.models.values()
+    assert f"published {fake_civitai.url}/models/{model['id']}: " in done.output and "steps done" in done.output
     listed = json.loads(CliRunner().invoke(app, ["status", "Akane Hoshino", "-w", root, "--json"]).output)
     status = listed["characters"][0]
     assert (

@@ -158,29 +158,12 @@ def publish(
     except USER_ERRORS as exc:
         fail(exc)
     for report in reports:
-        if hasattr(report, "unchanged"):
-            if report.dry_run:
-                err.print(f"[bold]dry run[/bold]: would upload {len(report.uploaded)} files to {report.target}")
-                for path in report.uploaded:
-                    out.print(f"  {path}", highlight=False)
-            else:
-                err.print(
-                    (
-                        f"[green]published[/green] {report.target}: {len(report.uploaded)} "
-                        f"files uploaded, {len(report.unchanged)} already there"
-                    )
-                )
-        elif report.dry_run:
-            err.print("[bold]dry run[/bold]: Civitai steps:")
-            for step in report.done:
-                out.print(f"  {step}", highlight=False)
+        if report.dry_run:
+            err.print(f"[bold]dry run[/bold]: {report.outcome}")
+            for line in report.listing:
+                out.print(f"  {line}", highlight=False)
         else:
-            err.print(
-                (
-                    f"[green]published[/green] {report.model_url}: {len(report.done)} "
-                    f"steps done, {len(report.skipped)} already done"
-                )
-            )
+            err.print(f"[green]published[/green] {report.outcome}")
 
 
 app.command(name="run")(_stage_command("release", "Run the whole pipeline: crawl, prepare, train, evaluate, release."))

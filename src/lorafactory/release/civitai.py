@@ -53,6 +53,18 @@ class CivitaiReport:
     skipped: list[str] = field(default_factory=list)  # operations a previous call had already done
     dry_run: bool = False
 
+    @property
+    def outcome(self) -> str:
+        """One line: what was done, or the heading of a dry run's steps."""
+        if self.dry_run:
+            return "Civitai steps:"
+        return f"{self.model_url}: {len(self.done)} steps done, {len(self.skipped)} already done"
+
+    @property
+    def listing(self) -> list[str]:
+        """A dry run's steps, one per line."""
+        return self.done
+
 
 class CivitaiClient:
     """Thin httpx client for the few calls the upload needs; retries transient failures."""

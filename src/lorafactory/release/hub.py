@@ -29,6 +29,18 @@ class PublishReport:
     unchanged: list[str] = field(default_factory=list)
     dry_run: bool = False
 
+    @property
+    def outcome(self) -> str:
+        """One line: what was uploaded, or what a dry run would upload."""
+        if self.dry_run:
+            return f"would upload {len(self.uploaded)} files to {self.target}"
+        return f"{self.target}: {len(self.uploaded)} files uploaded, {len(self.unchanged)} already there"
+
+    @property
+    def listing(self) -> list[str]:
+        """A dry run's files, one per line."""
+        return self.uploaded
+
 
 def release_files(release_dir: Path) -> list[str]:
     """The files of a release folder to publish, as POSIX paths relative to it."""
