@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import demo_settings
-from lorafactory.errors import QualityGateFailed
+from lorafactory.errors import QualityGateFailed, StaleStage
 from lorafactory.evaluate.evaluator import evaluate, step_dir
 from lorafactory.evaluate.generate import Generator
 from lorafactory.evaluate.prompts import jobs, prompt_specs
@@ -177,6 +177,8 @@ def test_quality_gate_retrains_then_fails_for_good(demo_run, tmp_path):
         char.manifest("release").fingerprint
         == demo_run["workspace"].character("akane_hoshino").manifest("release").fingerprint
     )
+    with pytest.raises(StaleStage, match="evaluate is out of date .its best checkpoint failed the quality gate"):
+        run_pipeline(workspace, store, settings, SilentProgress(), start="release")  # a fleet's release phase
 
 
 def test_no_loadable_checkpoint_gives_no_release(kit, trained, dataset, tmp_path):

@@ -322,6 +322,27 @@ def test_a_killed_driver_is_replaced_without_losing_or_repeating_work(kit, tmp_p
     ]
 
 
+def test_a_model_phase_without_its_dataset_sends_the_job_back_to_the_dataset_phase(kit, tmp_path):
+    """A GPU worker never crawls: a model phase whose dataset is missing (or out of date) hands the job
+    back to the dataset phase, for a CPU worker, having run and recorded nothing."""
+    from lorafactory.fleet.worker import run_job
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    db = f"sqlite:///{ws / 'lorafactory.db'}"
+    queue = JobQueue(Store(db))
+    settings = _layers(demo_settings(kit, "http://127.0.0.1:1"))
+    job = queue.add("akane_hoshino", "Akane Hoshino", settings, until="train")
+    queue.claim("cpu", 60)
+    queue.advance(job, "cpu", "model")  # its dataset phase went on, and the dataset is not there
+    outcome = run_job(str(ws), db, queue.claim("gpu", 60), "gpu", 60)
+    assert (outcome.status, outcome.phase, outcome.next_phase) == ("queued", "model", "dataset")
+    assert outcome.error == "crawl is out of date (it was never finished); it must run again first"
+    (row,) = queue.jobs()
+    assert (row.phase, row.returns) == ("dataset", 1) and row.last_error == outcome.error
+    assert not (ws / "akane_hoshino").exists() and Store(db).character_summary("akane_hoshino") is None
+
+
 def test_out_of_gpu_memory_retries_the_job_with_lighter_settings(kit, tmp_path, monkeypatch):
     """The trainer runs out of GPU memory at step 12 (raised as CUDA raises it; there is no GPU here):
     the job is requeued at once with gradient checkpointing on, without using up an attempt, the

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import demo_settings
 from lorafactory.cli import app
 from lorafactory.config import tomllib
-from lorafactory.errors import ConfigError, InputError, StageError
+from lorafactory.errors import ConfigError, InputError, StageError, StaleStage
 from lorafactory.pipeline import run_pipeline
 from lorafactory.progress import SilentProgress
 from lorafactory.state import Store
@@ -197,6 +197,27 @@ def test_a_damaged_artifact_is_rebuilt_with_everything_made_from_it(demo_run, tm
     assert char.manifest("release").files[f"{TRIGGER}.safetensors"] == release.stat().st_size
 
 
+def test_a_run_from_a_later_stage_runs_no_earlier_one(demo_run, tmp_path):
+    """``start``, as a fleet phase runs the pipeline: an earlier stage that is out of date stops the run
+    before it does anything, naming that stage and why."""
+    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    settings = demo_run["settings"]
+    assert run_pipeline(workspace, store, settings, SilentProgress(), start="release").executed == []
+    latest, config = store.character_summary(char.slug)["latest_run"], char.config_path.read_bytes()
+    changed = settings.model_copy(deep=True)
+    changed.prepare.min_images += 1
+    with pytest.raises(StaleStage, match="prepare is out of date .the settings or lorafactory's version changed"):
+        run_pipeline(workspace, store, changed, SilentProgress(), start="train")
+    crawled = next(iter(char.manifest("crawl").files))
+    (char.artifact("crawl") / crawled).unlink()
+    with pytest.raises(StaleStage, match=f"crawl is out of date .{crawled} is missing since it was made"):
+        run_pipeline(workspace, store, settings, SilentProgress(), start="evaluate")
+    assert store.character_summary(char.slug)["latest_run"] == latest and char.config_path.read_bytes() == config
+    assert all(char.manifest(stage) is not None for stage in STAGES)  # nothing was invalidated
+    with pytest.raises(ConfigError, match="force='crawl' would rerun stages before start='train'"):
+        run_pipeline(workspace, store, settings, SilentProgress(), force="crawl", start="train")
+
+
 @pytest.mark.parametrize("name", ["bundled.safetensors", "embedding.pt"])
 def test_a_damaged_checkpoint_file_is_never_released(demo_run, tmp_path, name):
     from lorafactory.release.builder import _copy_step_files
@@ -346,7 +367,7 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
 def test_unknown_stage_names_are_config_errors(demo_run):
     from lorafactory.errors import ConfigError
 
-    for kwargs in ({"until": "bake"}, {"force": "bake"}):
+    for kwargs in ({"until": "bake"}, {"force": "bake"}, {"start": "bake"}):
         with pytest.raises(ConfigError, match="unknown stage 'bake'"):
             run_pipeline(demo_run["workspace"], demo_run["store"], demo_run["settings"], SilentProgress(), **kwargs)
 

@@ -163,6 +163,35 @@ def test_jobs_go_phase_by_phase_each_claimed_by_its_kind_of_worker(state_url):
     assert not queue.pending()
 
 
+def test_a_job_goes_back_to_an_earlier_phase_a_bounded_number_of_times(state_url):
+    """Workers that keep disagreeing on what is up to date (different lorafactory versions) would pass a
+    job back and forth for ever: after MAX_RETURNS it fails, saying so; a retry starts the count again."""
+    from lorafactory.fleet.phases import CPU_PHASES, GPU_PHASES
+    from lorafactory.fleet.queue import MAX_RETURNS
+
+    queue = JobQueue(Store(state_url))
+    job = queue.add("a", "A", {"x": 1})
+
+    def to_the_gpu():
+        queue.claim("cpu", 60, CPU_PHASES)
+        assert queue.advance(job, "cpu", "model") and queue.claim("gpu", 60, GPU_PHASES).phase == "model"
+
+    for returns in range(1, MAX_RETURNS + 1):
+        to_the_gpu()
+        assert queue.send_back(job, "someone else", "dataset", "crawl is out of date") == "lost"
+        assert queue.send_back(job, "gpu", "dataset", "crawl is out of date") == "queued"
+        (row,) = queue.jobs()
+        assert (row.status, row.phase, row.attempts, row.returns) == ("queued", "dataset", 0, returns)
+        assert row.last_error == "crawl is out of date" and queue.claim("gpu", 60, GPU_PHASES) is None
+    to_the_gpu()
+    assert queue.send_back(job, "gpu", "dataset", "crawl is out of date") == "failed"
+    (row,) = queue.jobs()
+    assert row.last_error == (
+        f"crawl is out of date; sent back {MAX_RETURNS} times already: run one lorafactory version on every worker"
+    )
+    assert queue.retry(["a"]) == 1 and queue.jobs()[0].returns == 0
+
+
 def test_the_phases_a_job_goes_through():
     from lorafactory.fleet.phases import BY_NAME, last_stage, next_phase
 

@@ -131,8 +131,8 @@ def test_the_cli_refuses_a_run_while_another_holds_the_character(tmp_path):
 
 
 def test_an_older_database_gains_the_new_columns(state_url):
-    """A v6 store (no job phase or worker, no character copyright or popularity) is upgraded in place,
-    its rows kept; an existing job starts at the first phase."""
+    """A v6 store (no job phase, worker or returns, no character copyright or popularity) is upgraded in
+    place, its rows kept; an existing job starts at the first phase, never sent back."""
     from sqlalchemy import text
 
     from lorafactory.fleet.queue import JobQueue
@@ -140,14 +140,19 @@ def test_an_older_database_gains_the_new_columns(state_url):
     store = Store(state_url)
     job = JobQueue(store).add("old", "Old", {})
     with store.engine.begin() as connection:
-        for table, column in (("jobs", "phase"), ("jobs", "worker"), ("characters", "popularity")):
+        for table, column in (
+            ("jobs", "phase"),
+            ("jobs", "worker"),
+            ("jobs", "returns"),
+            ("characters", "popularity"),
+        ):
             connection.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
         connection.execute(text("UPDATE schema_info SET version = 6"))
     store.engine.dispose()
     upgraded = Store(state_url)
     assert upgraded.schema_version == SCHEMA_VERSION
     columns = {c["name"] for c in inspect(upgraded.engine).get_columns("jobs")}
-    assert {"phase", "worker"} <= columns
+    assert {"phase", "worker", "returns"} <= columns
     assert {"popularity", "copyright"} <= {c["name"] for c in inspect(upgraded.engine).get_columns("characters")}
     claim = JobQueue(upgraded).claim("w", 60)
-    assert claim.id == job and claim.phase == "dataset"
+    assert claim.id == job and claim.phase == "dataset" and JobQueue(upgraded).jobs()[0].returns == 0

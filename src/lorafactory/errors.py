@@ -33,6 +33,14 @@ class QualityGateFailed(StageError):
     exit_code = 5
 
 
+class StaleStage(LorafactoryError):
+    """A stage before the first one a run may execute is out of date, so that run cannot go on."""
+
+    def __init__(self, stage: str, why: str) -> None:
+        super().__init__(f"{stage} is out of date ({why}); it must run again first")
+        self.stage = stage
+
+
 class CharacterBusy(LorafactoryError):
     """Another live run holds the character."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lorafactory.config import Settings, settings_hash, to_toml
-from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, from_os_error
+from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, StaleStage, from_os_error
 from lorafactory.progress import Progress
 from lorafactory.state import Store
 from lorafactory.state.lock import acquire
@@ -213,13 +213,18 @@ def run_pipeline(
     force: str | None = None,
     wait: bool = False,
     site_budget: SharedBudget | None = None,
+    start: str | None = None,
 ) -> RunOutcome:
     """Run every stage up to ``until``; ``force`` reruns from that stage onward. The character is
     locked for the run: a second run refuses at once (or, with ``wait``, waits for the first).
-    ``site_budget`` shares each image site's request rate with other processes (a fleet's crawls)."""
-    for stage in (until, force):
+    ``site_budget`` shares each image site's request rate with other processes (a fleet's crawls).
+    ``start`` runs no stage before it: when one of those is out of date, StaleStage names it and
+    nothing is run or recorded (a fleet phase, which hands the job back to the phase that makes it)."""
+    for stage in (until, force, start):
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
+    if start is not None and force is not None and STAGES.index(force) < STAGES.index(start):
+        raise ConfigError(f"force={force!r} would rerun stages before start={start!r}; force a later stage")
     if not settings.character.name:
         raise ConfigError("the character has no name; pass NAME to the command")
     trigger = trigger_for(settings)
@@ -230,11 +235,15 @@ def run_pipeline(
         check_targets(settings.train)  # against the base model's architecture, before any work
     with acquire(store, slug, wait=wait) as lock:
         char = workspace.character(slug)
+        original = settings_hash(settings)
+        if start is not None:
+            stale = _stale_before(char, retrain_settings(settings, _gate_attempt(char, original)), start)
+            if stale is not None:
+                raise stale
         char.path.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(char.config_path, to_toml(settings).encode("utf-8"))
 
         character_id = store.ensure_character(slug, settings.character.name, trigger)
-        original = settings_hash(settings)
         run_id = store.start_run(character_id, original, SOURCE_KINDS[settings.crawl.source])
         executed: list[str] = []
         skipped: list[str] = []
@@ -309,6 +318,26 @@ def retrain_settings(settings: Settings, attempt: int) -> Settings:
         t.text_encoder_lr * factor,
     )
     return adjusted
+
+
+def _stale_before(char: CharacterDir, settings: Settings, start: str) -> StaleStage | None:
+    """The first stage before ``start`` that a run with ``settings`` would execute, as the error that says
+    why (None when they are all up to date)."""
+    prints = fingerprints(settings)
+    for stage in STAGES[: STAGES.index(start)]:
+        existing = char.manifest(stage)
+        if existing is None:
+            why = "it was never finished"
+        elif damaged := damage(char.artifact(stage), existing):
+            why = f"{damaged} since it was made"
+        elif existing.fingerprint != prints[stage]:
+            why = "the settings or lorafactory's version changed since it was made"
+        elif stage == "evaluate" and not existing.details["gate"]["passed"]:
+            why = "its best checkpoint failed the quality gate"
+        else:
+            continue
+        return StaleStage(stage, why)
+    return None
 
 
 def _gate_attempt(char: CharacterDir, settings_key: str) -> int:

@@ -32,6 +32,11 @@ CPU_PHASES = tuple(phase.name for phase in PHASES if not phase.gpu)
 GPU_PHASES = tuple(phase.name for phase in PHASES if phase.gpu)
 
 
+def phase_of(stage: str) -> str:
+    """The phase that runs pipeline ``stage``."""
+    return next(phase.name for phase in PHASES if stage in phase.stages)
+
+
 def last_stage(phase: Phase, until: str) -> str | None:
     """The stage the phase's pipeline run stops at, for a job that stops at ``until``."""
     if not phase.stages:

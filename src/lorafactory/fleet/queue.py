@@ -27,6 +27,7 @@ from lorafactory.state.models import Job, as_utc, utcnow
 ACTIVE = ("queued", "running")
 BACKOFF_S, BACKOFF_CAP_S = 30.0, 3600.0
 LEASE_S = 120.0  # a claim's lease; its worker renews it every third of that
+MAX_RETURNS = 2  # times a job may go back to an earlier phase whose output is out of date
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,30 @@ class JobQueue:
             last_error=None,
         )
 
+    def send_back(self, job_id: int, owner: str, phase: str, reason: str) -> str:
+        """An earlier ``phase``'s output is out of date (``reason``): queue the job for it again at once, with
+        fresh attempts. A job already sent back ``MAX_RETURNS`` times fails instead: its workers keep
+        disagreeing on what is up to date, as workers of different lorafactory versions do. Returns the
+        job's new status."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            returns = job.returns if job is not None else 0
+        if returns >= MAX_RETURNS:
+            reason = f"{reason}; sent back {returns} times already: run one lorafactory version on every worker"
+            return self.fail(job_id, owner, reason, transient=False)
+        closed = self._update_owned(
+            job_id,
+            owner,
+            status="queued",
+            phase=phase,
+            attempts=0,
+            returns=Job.returns + 1,
+            lease_owner=None,
+            lease_until=None,
+            last_error=reason,
+        )
+        return "queued" if closed else "lost"
+
     def fail(
         self,
         job_id: int,
@@ -216,7 +241,9 @@ class JobQueue:
                 session.execute(
                     update(Job)
                     .where(Job.id.in_(chosen))
-                    .values(status="queued", attempts=0, not_before=None, lease_owner=None, finished_at=None)
+                    .values(
+                        status="queued", attempts=0, returns=0, not_before=None, lease_owner=None, finished_at=None
+                    )
                     .execution_options(synchronize_session=False)
                 )
             return len(chosen)

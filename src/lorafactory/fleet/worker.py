@@ -3,7 +3,10 @@
 Bad settings or input (and a quality gate that failed every retrain) fail the job for good; an
 out-of-memory on the GPU retries it at once with lighter settings; anything else (a crash, a site
 down, a busy character) is transient and the queue retries it. A finished phase hands the job on
-to the next one. Runs in a Ray worker process or in-process alike.
+to the next one. A phase runs none of an earlier phase's stages: when one of those is out of date
+(lorafactory was upgraded, or its files were damaged), the job goes back to that phase, on its kind
+of worker, instead of crawling on a GPU worker or training on a CPU one. Runs in a Ray worker process
+or in-process alike.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lorafactory.config import Settings, deep_merge, load_settings
-from lorafactory.errors import ConfigError, InputError, QualityGateFailed
+from lorafactory.errors import ConfigError, InputError, QualityGateFailed, StaleStage
 from lorafactory.fleet.memory import lighter, out_of_memory
-from lorafactory.fleet.phases import BY_NAME, last_stage, next_phase
+from lorafactory.fleet.phases import BY_NAME, last_stage, next_phase, phase_of
 from lorafactory.fleet.queue import Claim, JobQueue
 from lorafactory.progress import SilentProgress
 from lorafactory.redact import redact
@@ -43,7 +46,7 @@ class Outcome:
     status: str  # done, queued (next phase or a retry), failed, lost (the lease went to another worker)
     error: str | None = None
     phase: str = ""  # the phase that ran
-    next_phase: str | None = None  # where the job went next, when it went on
+    next_phase: str | None = None  # where the job went next: the phase after, or an earlier one to redo
 
 
 def worker_id() -> str:
@@ -86,6 +89,11 @@ def run_job(
     try:
         settings = load_settings(base=claim.settings)
         (run_phase or _run_phase)(workspace, store, settings, claim, budget)
+    except StaleStage as exc:  # made by an earlier phase: that phase's kind of worker makes it again
+        earlier = phase_of(exc.stage)
+        log.warning("job %d (%s): %s; back to the %s phase", claim.id, claim.slug, exc, earlier)
+        status = queue.send_back(claim.id, owner, earlier, str(exc))
+        return Outcome(claim.id, status, str(exc), claim.phase, earlier if status == "queued" else None)
     except Exception as exc:  # noqa: BLE001 - a worker survives any job; the queue decides on a retry
         return _record_failure(queue, store, workspace, settings, claim, owner, exc)
     finally:
@@ -122,7 +130,7 @@ def _run_phase(ws: Workspace, store: Store, settings: Settings, claim: Claim, bu
     phase = BY_NAME[claim.phase]
     if phase.stages:
         until = last_stage(phase, claim.until)
-        run_pipeline(ws, store, settings, SilentProgress(), until=until, site_budget=budget)
+        run_pipeline(ws, store, settings, SilentProgress(), until=until, site_budget=budget, start=phase.stages[0])
         return
     from lorafactory.release.publish import publish
 

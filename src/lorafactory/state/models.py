@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 8  # v5: character_locks; v6: jobs; v7: jobs.phase/worker, characters.copyright/popularity;
-# v8: runs.source, stage_executions.gpu_seconds
+SCHEMA_VERSION = 9  # v5: character_locks; v6: jobs; v7: jobs.phase/worker, characters.copyright/popularity;
+# v8: runs.source, stage_executions.gpu_seconds; v9: jobs.returns
 
 
 class Base(DeclarativeBase):
@@ -186,6 +186,7 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(20))  # queued, running, done, failed, quarantined, cancelled
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    returns: Mapped[int] = mapped_column(Integer, server_default="0")  # times sent back to an earlier phase
     max_attempts: Mapped[int] = mapped_column(Integer)
     lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
