@@ -149,8 +149,8 @@ def release(
         shutil.copyfile(step_dir(eval_dir, best) / name, out_dir / "previews" / name)
     shutil.copyfile(eval_dir / "metrics.csv", out_dir / "metrics.csv")
     shutil.copyfile(eval_dir / "metrics_plot.png", out_dir / "metrics_plot.png")
-    # the run's planned length and grid (a dataset-sized run widens train.save_every to keep within
-    # train.max_checkpoints); train manifests written before the trainer recorded them give their checkpoints'
+    # the run's planned length and grid, as the trainer recorded them (a dataset-sized run widens
+    # train.save_every to keep within train.max_checkpoints); read off the checkpoints for older manifests
     schedule = trained.get("schedule") or {"steps": max(checkpoints), "save_every": min(checkpoints)}
     summary = {**train_summary(settings, family), **schedule}
     write_bytes_atomic(out_dir / "train.toml", tomli_w.dumps({"train": summary}).encode())
