@@ -343,6 +343,33 @@ def test_a_model_phase_without_its_dataset_sends_the_job_back_to_the_dataset_pha
     assert not (ws / "akane_hoshino").exists() and Store(db).character_summary("akane_hoshino") is None
 
 
+def test_the_dataset_phase_builds_the_regularization_set_so_the_model_phase_never_crawls(kit, tmp_path):
+    """The shared regularization set a character trains with is crawled and prepared by its dataset phase,
+    on a CPU worker: its model phase, on the GPU, sends no request."""
+    from lorafactory.fleet.worker import run_job
+    from lorafactory.testing.replay import DanbooruReplay, ReplayImage
+
+    mains = [ReplayImage(p, ["1girl"], ["akane_hoshino"]) for p in sorted(kit.images.glob("main_*.png"))[:12]]
+    generic = [ReplayImage(p, ["1girl", "solo"], ["someone_else"]) for p in sorted(kit.images.glob("other_*.png"))]
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    db = f"sqlite:///{ws / 'lorafactory.db'}"
+    queue = JobQueue(Store(db))
+    with DanbooruReplay(mains + generic) as replay:
+        overrides = ('regularization.mode="on"', 'regularization.tags=["solo"]', "train.max_steps=4")
+        settings = demo_settings(kit, replay.url, *overrides, "train.save_every=4")
+        queue.add("akane_hoshino", "Akane Hoshino", _layers(settings), until="train")
+        dataset = run_job(str(ws), db, queue.claim("cpu", 60), "cpu", 60)
+        assert dataset.next_phase == "model" and list(
+            (ws / "_shared" / "regularization").glob("*/prepare/manifest.json")
+        )
+        requests = len(replay.requests)
+        model = run_job(str(ws), db, queue.claim("gpu", 60), "gpu", 60)
+        assert model.status == "done" and len(replay.requests) == requests  # the model phase crawled nothing
+    train = json.loads((ws / "akane_hoshino" / "train" / "manifest.json").read_text())
+    assert train["counts"]["regularization_images"] >= len(generic)
+
+
 def test_out_of_gpu_memory_retries_the_job_with_lighter_settings(kit, tmp_path, monkeypatch):
     """The trainer runs out of GPU memory at step 12 (raised as CUDA raises it; there is no GPU here):
     the job is requeued at once with gradient checkpointing on, without using up an attempt, the

@@ -408,3 +408,35 @@ def test_regularization_set_is_built_once_and_trained_with(kit, tmp_path):
     from lorafactory.dataset.regularization import wanted
 
     assert not wanted(auto_local, 5)  # no generic source for a local character unless from_dir is set
+
+
+def test_two_runs_asking_for_one_regularization_set_at_once_build_it_once(kit, tmp_path):
+    """Two characters' runs (a fleet's workers) ask for the same shared set together: one builds it
+    while the other waits for it, instead of both writing the same folder."""
+    import threading
+
+    from lorafactory.dataset.regularization import ensure_set
+    from lorafactory.testing.replay import DanbooruReplay, ReplayImage
+
+    generic = [ReplayImage(p, ["1girl", "solo"], ["someone_else"]) for p in sorted(kit.images.glob("other_*.png"))]
+    root = tmp_path / "ws"
+    root.mkdir()
+    store = Store(f"sqlite:///{root / 'lorafactory.db'}")
+    notes, folders = [], []
+
+    class Noted(SilentProgress):
+        def note(self, message):
+            notes.append(message)
+
+    with DanbooruReplay(generic) as replay:
+        settings = demo_settings(kit, replay.url, 'regularization.mode="on"', 'regularization.tags=["solo"]')
+        runs = [
+            threading.Thread(target=lambda: folders.append(ensure_set(settings, root, Noted(), store)))
+            for _ in range(2)
+        ]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+    assert len(folders) == 2 and folders[0] == folders[1] and (folders[0] / "metadata.jsonl").is_file()
+    assert notes == ["regularization set: crawl", "regularization set: prepare"]  # built by one of the two

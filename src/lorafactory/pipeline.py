@@ -115,13 +115,15 @@ def _prepare(ctx: Context, out: Path) -> StageOutput:
 
 
 def _train(ctx: Context, out: Path) -> StageOutput:
-    from lorafactory.dataset.regularization import ensure_set, wanted
+    from lorafactory.dataset.regularization import set_for
     from lorafactory.launch.torchrun import train
 
     settings = ctx.settings
-    if not settings.train.regularization_dir and wanted(settings, ctx.manifest("prepare").counts.get("dataset", 0)):
+    images = ctx.manifest("prepare").counts.get("dataset", 0)
+    shared = set_for(settings, images, ctx.char.root, ctx.progress, ctx.store, ctx.site_budget)
+    if shared is not None:
         settings = settings.model_copy(deep=True)
-        settings.train.regularization_dir = str(ensure_set(ctx.settings, ctx.char.root, ctx.progress, ctx.store))
+        settings.train.regularization_dir = str(shared)
     result = train(settings, ctx.trigger, ctx.char.artifact("prepare"), out, ctx.progress)
     return StageOutput(result.counts, result.details)
 

@@ -10,12 +10,17 @@ it for every dataset.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorafactory.config import FOLDER_SOURCES, Settings, settings_hash
 from lorafactory.errors import ConfigError
 from lorafactory.progress import Progress
 from lorafactory.workspace import CharacterDir, Manifest
+
+if TYPE_CHECKING:
+    from lorafactory.sources.http import SharedBudget
 
 SHARED = Path("_shared") / "regularization"
 
@@ -49,10 +54,30 @@ def _set_settings(settings: Settings) -> Settings:
     return generic
 
 
-def ensure_set(settings: Settings, workspace_root: Path, progress: Progress, store=None) -> Path:
-    """The prepared regularization set for these settings, built on first use; its dataset folder."""
+def set_for(
+    settings: Settings,
+    dataset_images: int,
+    workspace_root: Path,
+    progress: Progress,
+    store=None,
+    budget: SharedBudget | None = None,
+) -> Path | None:
+    """The regularization set a dataset of ``dataset_images`` images trains with, built on first use; None
+    when it trains without one, or with the user's own (``train.regularization_dir``)."""
+    if settings.train.regularization_dir or not wanted(settings, dataset_images):
+        return None
+    return ensure_set(settings, workspace_root, progress, store, budget)
+
+
+def ensure_set(
+    settings: Settings, workspace_root: Path, progress: Progress, store=None, budget: SharedBudget | None = None
+) -> Path:
+    """The prepared regularization set for these settings, built on first use; its dataset folder. With a
+    ``store``, one process builds it while the others wait for it (each character's run may ask at once);
+    ``budget`` shares the crawl's request rate with the fleet's other crawls."""
     from lorafactory.dataset.prepare import prepare
     from lorafactory.sources.crawl import StoreArchive, crawl
+    from lorafactory.state.lock import acquire
 
     generic = _set_settings(settings)
     key = settings_hash(
@@ -61,27 +86,30 @@ def ensure_set(settings: Settings, workspace_root: Path, progress: Progress, sto
     folder = CharacterDir(workspace_root / SHARED, key)
     steps = {
         "crawl": lambda out: (
-            crawl(generic, out, progress, StoreArchive(store, f"_regularization/{key}") if store else None)[1],
+            crawl(
+                generic, out, progress, StoreArchive(store, f"_regularization/{key}") if store else None, budget=budget
+            )[1],
             {},
         ),
         "prepare": lambda out: prepare(generic, None, folder.artifact("crawl"), out, progress),
     }
-    for stage, run in steps.items():
-        existing = folder.manifest(stage)
-        if existing is not None and existing.fingerprint == key:
-            continue
-        progress.note(f"regularization set: {stage}")
-        started = time.monotonic()
-        out = folder.begin(stage, key)
-        counts, details = run(out)
-        folder.commit(
-            stage,
-            Manifest(
-                stage=stage,
-                fingerprint=key,
-                counts=counts,
-                details=details,
-                timings={"seconds": round(time.monotonic() - started, 3)},
-            ),
-        )
+    with nullcontext() if store is None else acquire(store, f"_regularization-{key}", wait=True):
+        for stage, run in steps.items():
+            existing = folder.manifest(stage)
+            if existing is not None and existing.fingerprint == key:
+                continue
+            progress.note(f"regularization set: {stage}")
+            started = time.monotonic()
+            out = folder.begin(stage, key)
+            counts, details = run(out)
+            folder.commit(
+                stage,
+                Manifest(
+                    stage=stage,
+                    fingerprint=key,
+                    counts=counts,
+                    details=details,
+                    timings={"seconds": round(time.monotonic() - started, 3)},
+                ),
+            )
     return folder.artifact("prepare")
