@@ -345,7 +345,8 @@ def test_a_model_phase_without_its_dataset_sends_the_job_back_to_the_dataset_pha
 
 def test_the_dataset_phase_builds_the_regularization_set_so_the_model_phase_never_crawls(kit, tmp_path):
     """The shared regularization set a character trains with is crawled and prepared by its dataset phase,
-    on a CPU worker: its model phase, on the GPU, sends no request."""
+    on a CPU worker, booking every request in the fleet's site budget: its model phase, on the GPU, sends
+    no request."""
     from lorafactory.fleet.worker import run_job
     from lorafactory.testing.replay import DanbooruReplay, ReplayImage
 
@@ -355,15 +356,26 @@ def test_the_dataset_phase_builds_the_regularization_set_so_the_model_phase_neve
     ws.mkdir()
     db = f"sqlite:///{ws / 'lorafactory.db'}"
     queue = JobQueue(Store(db))
+    booked = []
+
+    class Budget:  # the fleet's shared budget (a Ray actor), as the crawls use it
+        async def reserve(self, site, interval):
+            booked.append(site)
+            return 0.0
+
+        def pause(self, site, seconds):
+            pass
+
     with DanbooruReplay(mains + generic) as replay:
         overrides = ('regularization.mode="on"', 'regularization.tags=["solo"]', "train.max_steps=4")
         settings = demo_settings(kit, replay.url, *overrides, "train.save_every=4")
         queue.add("akane_hoshino", "Akane Hoshino", _layers(settings), until="train")
-        dataset = run_job(str(ws), db, queue.claim("cpu", 60), "cpu", 60)
+        dataset = run_job(str(ws), db, queue.claim("cpu", 60), "cpu", 60, Budget())
         assert dataset.next_phase == "model" and list(
             (ws / "_shared" / "regularization").glob("*/prepare/manifest.json")
         )
         requests = len(replay.requests)
+        assert booked == ["danbooru"] * requests  # the character's crawl and the set's: every request
         model = run_job(str(ws), db, queue.claim("gpu", 60), "gpu", 60)
         assert model.status == "done" and len(replay.requests) == requests  # the model phase crawled nothing
     train = json.loads((ws / "akane_hoshino" / "train" / "manifest.json").read_text())
