@@ -145,15 +145,12 @@ class JobQueue:
 
     def advance(self, job_id: int, owner: str, phase: str) -> bool:
         """The job's current phase is done: queue it at once for ``phase``, with fresh attempts."""
+        return self._queue_for(job_id, owner, phase, last_error=None)
+
+    def _queue_for(self, job_id: int, owner: str, phase: str, **values) -> bool:
+        """Queue the job at once for ``phase``, with fresh attempts (and ``values``), while ``owner`` holds it."""
         return self._update_owned(
-            job_id,
-            owner,
-            status="queued",
-            phase=phase,
-            attempts=0,
-            lease_owner=None,
-            lease_until=None,
-            last_error=None,
+            job_id, owner, status="queued", phase=phase, attempts=0, lease_owner=None, lease_until=None, **values
         )
 
     def send_back(self, job_id: int, owner: str, phase: str, reason: str) -> str:
@@ -167,17 +164,7 @@ class JobQueue:
         if returns >= MAX_RETURNS:
             reason = f"{reason}; sent back {returns} times already: run one lorafactory version on every worker"
             return self.fail(job_id, owner, reason, transient=False)
-        closed = self._update_owned(
-            job_id,
-            owner,
-            status="queued",
-            phase=phase,
-            attempts=0,
-            returns=Job.returns + 1,
-            lease_owner=None,
-            lease_until=None,
-            last_error=reason,
-        )
+        closed = self._queue_for(job_id, owner, phase, last_error=reason, returns=Job.returns + 1)
         return "queued" if closed else "lost"
 
     def fail(
