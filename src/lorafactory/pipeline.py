@@ -119,8 +119,7 @@ def _train(ctx: Context, out: Path) -> StageOutput:
     from lorafactory.launch.torchrun import train
 
     settings = ctx.settings
-    images = ctx.manifest("prepare").counts.get("dataset", 0)
-    shared = set_for(settings, images, ctx.char.root, ctx.progress, ctx.store, ctx.site_budget)
+    shared = set_for(settings, ctx.char, ctx.progress, ctx.store, ctx.site_budget)
     if shared is not None:
         settings = settings.model_copy(deep=True)
         settings.train.regularization_dir = str(shared)

@@ -55,18 +55,14 @@ def _set_settings(settings: Settings) -> Settings:
 
 
 def set_for(
-    settings: Settings,
-    dataset_images: int,
-    workspace_root: Path,
-    progress: Progress,
-    store=None,
-    budget: SharedBudget | None = None,
+    settings: Settings, char: CharacterDir, progress: Progress, store=None, budget: SharedBudget | None = None
 ) -> Path | None:
-    """The regularization set a dataset of ``dataset_images`` images trains with, built on first use; None
-    when it trains without one, or with the user's own (``train.regularization_dir``)."""
-    if settings.train.regularization_dir or not wanted(settings, dataset_images):
+    """The regularization set the character's prepared dataset trains with, built on first use; None when it
+    trains without one, or with the user's own (``train.regularization_dir``)."""
+    images = char.manifest("prepare").counts.get("dataset", 0)
+    if settings.train.regularization_dir or not wanted(settings, images):
         return None
-    return ensure_set(settings, workspace_root, progress, store, budget)
+    return ensure_set(settings, char.root, progress, store, budget)
 
 
 def ensure_set(

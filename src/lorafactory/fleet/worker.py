@@ -132,7 +132,10 @@ def _run_phase(ws: Workspace, store: Store, settings: Settings, claim: Claim, bu
         until = last_stage(phase, claim.until)
         run_pipeline(ws, store, settings, SilentProgress(), until=until, site_budget=budget, start=phase.stages[0])
         if phase.name == "dataset" and next_phase(phase.name, claim.until) is not None:
-            _regularization_ahead(ws, store, settings, claim.slug, budget)
+            from lorafactory.dataset.regularization import set_for
+
+            # the set the model phase will train with, made here on a CPU: not with a GPU waiting on its crawl
+            set_for(settings, ws.character(claim.slug), SilentProgress(), store, budget)
         return
     from lorafactory.release.publish import publish
 
@@ -149,17 +152,6 @@ def _run_phase(ws: Workspace, store: Store, settings: Settings, claim: Claim, bu
             progress=SilentProgress(),
             store=store,
         )
-
-
-def _regularization_ahead(
-    ws: Workspace, store: Store, settings: Settings, slug: str, budget: SharedBudget | None
-) -> None:
-    """The shared regularization set the model phase will train with, crawled and prepared now, on a CPU
-    worker (the first character to need it would otherwise have its GPU wait for a crawl)."""
-    from lorafactory.dataset.regularization import set_for
-
-    images = ws.character(slug).manifest("prepare").counts.get("dataset", 0)
-    set_for(settings, images, ws.root, SilentProgress(), store, budget)
 
 
 def _record_failure(
