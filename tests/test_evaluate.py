@@ -170,6 +170,9 @@ def test_quality_gate_retrains_then_fails_for_good(demo_run, tmp_path):
     train = char.manifest("train")
     assert train.details["checkpoints"].keys() >= {"40", "45"}  # 30 steps * 1.5
     assert store.character_summary("akane_hoshino")["latest_run"]["status"] == "failed"
+    gate = json.loads((char.path / GATE_FILE).read_text())
+    del gate["settings"]["train"]["noise_offset"]  # as a lorafactory without that setting wrote it
+    (char.path / GATE_FILE).write_text(json.dumps(gate))
     with pytest.raises(QualityGateFailed):
         run_pipeline(workspace, store, settings, SilentProgress())
     assert char.manifest("train").created_at == train.created_at  # the failed final attempt is not retrained

@@ -206,7 +206,9 @@ def test_a_run_from_a_later_stage_runs_no_earlier_one(demo_run, tmp_path):
     latest, config = store.character_summary(char.slug)["latest_run"], char.config_path.read_bytes()
     changed = settings.model_copy(deep=True)
     changed.prepare.min_images += 1
-    with pytest.raises(StaleStage, match="prepare is out of date .the settings or lorafactory's version changed"):
+    with pytest.raises(
+        StaleStage, match="prepare is out of date .a setting changed since it was made: prepare.min_images 4 → 5"
+    ):
         run_pipeline(workspace, store, changed, SilentProgress(), start="train")
     crawled = next(iter(char.manifest("crawl").files))
     (char.artifact("crawl") / crawled).unlink()
@@ -216,6 +218,107 @@ def test_a_run_from_a_later_stage_runs_no_earlier_one(demo_run, tmp_path):
     assert all(char.manifest(stage) is not None for stage in STAGES)  # nothing was invalidated
     with pytest.raises(ConfigError, match="force='crawl' would rerun stages before start='train'"):
         run_pipeline(workspace, store, settings, SilentProgress(), force="crawl", start="train")
+
+
+class _Noted(SilentProgress):
+    def __init__(self):
+        self.notes = []
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+def _without_setting(record_file, section, key):
+    """Rewrite a manifest (or an interrupted stage's marker) as a lorafactory without ``section.key`` wrote it."""
+    data = json.loads(record_file.read_text())
+    del data["settings"][section][key]
+    record_file.write_text(json.dumps(data))
+
+
+def test_a_setting_added_since_an_artifact_was_made_changes_nothing_at_its_default(demo_run, tmp_path):
+    """Manifests record the settings they were made with, and a run compares values. A setting the record lacks
+    (one a later lorafactory added) is unchanged at its default, a runtime setting never counts, and a changed
+    one is named. A hash of every setting would have rebuilt every stage after such an upgrade."""
+    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    settings = demo_run["settings"].model_copy(deep=True)
+    _without_setting(char.artifact("train") / "manifest.json", "train", "noise_offset")  # at its default, 0
+    _without_setting(char.artifact("crawl") / "manifest.json", "crawl", "page_size")  # at its default, 100
+    settings.crawl.danbooru.requests_per_second = 2.0  # how the crawl runs, not what it makes
+    assert run_pipeline(workspace, store, settings, SilentProgress()).executed == []
+    _without_setting(char.artifact("release") / "manifest.json", "release", "preview_count")  # the preset's 4
+    progress = _Noted()
+    assert run_pipeline(workspace, store, settings, progress).executed == ["release"]
+    assert (
+        "[yellow]release: out of date (a setting changed since it was made: "
+        "release.preview_count 8 (its default; the setting is newer) → 4)[/yellow]"
+    ) in progress.notes
+    settings.train.unet_lr *= 2
+    with pytest.raises(StaleStage, match=r"train is out of date .a setting changed .*train.unet_lr 0.001 → 0.002"):
+        run_pipeline(workspace, store, settings, SilentProgress(), start="evaluate")
+
+
+def test_artifacts_whose_manifests_record_no_settings_are_compared_by_their_fingerprints(demo_run, tmp_path):
+    """Manifests written before they recorded their settings hold a hash of all of them: those stay up to
+    date while the settings are the same, and a stage made again after them records its settings."""
+    from lorafactory.pipeline import _legacy_fingerprints
+
+    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    settings = demo_run["settings"].model_copy(deep=True)
+    prints = _legacy_fingerprints(settings)
+    for index, stage in enumerate(STAGES):
+        path = char.artifact(stage) / "manifest.json"
+        data = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("settings", "code_version")}
+        inputs = {STAGES[index - 1]: prints[STAGES[index - 1]]} if index else {}
+        path.write_text(json.dumps({**data, "fingerprint": prints[stage], "inputs": inputs}))
+    assert run_pipeline(workspace, store, settings, SilentProgress()).executed == []
+    settings.release.tags = ["new tag"]
+    assert run_pipeline(workspace, store, settings, SilentProgress()).executed == ["release"]
+    assert char.manifest("release").settings["release"]["tags"] == ["new tag"]
+    assert char.manifest("release").inputs == {"evaluate": prints["evaluate"]}
+    assert run_pipeline(workspace, store, settings, SilentProgress()).executed == []
+    settings.prepare.min_images += 1
+    assert run_pipeline(workspace, store, settings, SilentProgress(), until="prepare").executed == ["prepare"]
+
+
+def _interrupted_after_its_last_image(char):
+    """The finished crawl made an interrupted one (no manifest); its marker file and its manifest."""
+    manifest = char.manifest("crawl")
+    partial = char.partial("crawl")
+    char.artifact("crawl").rename(partial)
+    (partial / "manifest.json").unlink()
+    marker = partial / ".fingerprint"
+    marker.write_text(manifest.model_dump_json(include={"stage", "fingerprint", "inputs", "code_version", "settings"}))
+    return marker, manifest
+
+
+def test_an_interrupted_stage_made_before_a_setting_was_added_resumes(demo_run, tmp_path):
+    """An interrupted crawl whose marker lacks a setting at its default resumes where it stopped (and, made with
+    the same settings, leaves every later stage up to date); one that lacks a setting not at its default does not.
+    A marker written before markers recorded settings holds the fingerprint of them all, and resumes when it
+    matches."""
+    from lorafactory.pipeline import _legacy_fingerprints
+
+    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    settings, requests = demo_run["settings"], demo_run["replay"].requests
+    marker, manifest = _interrupted_after_its_last_image(char)
+    _without_setting(marker, "crawl", "limit")  # the preset's 60 is not limit's default, 300
+    with pytest.raises(
+        StageError, match=r"interrupted crawl .* cannot be resumed .*crawl.limit 300 .* → 60\); restore its settings"
+    ):
+        run_pipeline(workspace, store, settings, SilentProgress())
+
+    def resumes():
+        before = len(requests)
+        outcome = run_pipeline(workspace, store, settings, SilentProgress())
+        assert not [path for _, path in requests[before:] if path.startswith("/data/")]  # no image fetched again
+        assert outcome.executed == ["crawl"] and char.manifest("crawl").fingerprint == manifest.fingerprint
+
+    marker.write_text(manifest.model_dump_json(include={"stage", "fingerprint", "inputs", "code_version", "settings"}))
+    _without_setting(marker, "crawl", "page_size")  # at its default, 100
+    resumes()
+    marker, _ = _interrupted_after_its_last_image(char)
+    marker.write_text(_legacy_fingerprints(settings)["crawl"])
+    resumes()
 
 
 @pytest.mark.parametrize("name", ["bundled.safetensors", "embedding.pt"])
@@ -248,14 +351,18 @@ def test_a_full_disk_in_a_stage_is_one_line_and_loses_nothing(demo_run, tmp_path
     assert not char.partial("release").exists()
 
 
-@pytest.mark.parametrize("content", ["{", "[]", '{"attempt": "x", "settings_hash": 1}', '{"attempt": 1}'])
+@pytest.mark.parametrize(
+    "content",
+    ["{", "[]", '{"attempt": "x", "settings_hash": 1}', '{"attempt": 1}', '{"attempt": 1, "settings": []}'],
+)
 def test_a_malformed_gate_file_counts_as_no_retrain(tmp_path, content):
+    from lorafactory.config import Settings
     from lorafactory.pipeline import GATE_FILE, _gate_attempt
 
     char = Workspace(tmp_path).character("x")
     char.path.mkdir(parents=True)
     (char.path / GATE_FILE).write_text(content)
-    assert _gate_attempt(char, "hash") == 0
+    assert _gate_attempt(char, Settings()) == 0
 
 
 def test_lora_targets_naming_no_layer_are_refused_before_any_work(tmp_path, kit):

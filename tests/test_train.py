@@ -56,10 +56,24 @@ def test_stopped_and_resumed_equals_straight_through(kit, dataset, tmp_path):
     check_tensorboard(tmp_path / "resumed" / "tensorboard", steps=8, checkpoints=[4, 8])
 
 
-def test_resuming_with_other_settings_is_refused(kit, dataset, tmp_path):
+def test_resuming_with_other_settings_is_refused_but_a_newer_setting_at_its_default_resumes(kit, dataset, tmp_path):
+    """The saved state records the train settings. One it lacks was added to lorafactory since it was saved:
+    at its default it changes nothing, so an upgrade does not strand an interrupted training."""
     train(_settings(kit), "akane_hoshino", dataset, tmp_path, SilentProgress(), stop_after=4)
-    with pytest.raises(StageError, match="different base model, dataset or train settings"):
+    with pytest.raises(StageError, match=r"made with other train settings \(train.unet_lr 0.001 → 0.5\); restore"):
         train(_settings(kit, "train.unet_lr=0.5"), "akane_hoshino", dataset, tmp_path, SilentProgress())
+    state = tmp_path / "state" / "state.json"
+    saved = json.loads(state.read_text())
+    older = {**saved, "settings": {k: v for k, v in saved["settings"].items() if k != "resolution"}}
+    state.write_text(json.dumps(older))  # the preset's 128 px is not resolution's default, 512
+    with pytest.raises(StageError, match=r"train.resolution 512 \(its default; the setting is newer\) → 128"):
+        train(_settings(kit), "akane_hoshino", dataset, tmp_path, SilentProgress())
+    older = {**saved, "settings": {k: v for k, v in saved["settings"].items() if k != "noise_offset"}}
+    state.write_text(json.dumps(older))  # noise_offset is at its default, 0
+    resumed = train(_settings(kit), "akane_hoshino", dataset, tmp_path, SilentProgress())
+    assert resumed.finished and resumed.details["resumed_at"] == [4]
+    with pytest.raises(StageError, match="made with a different dataset, regularization set or trigger"):
+        train(_settings(kit), "someone_else", dataset, tmp_path, SilentProgress())
 
 
 def test_a_truncated_training_state_says_force_train(kit, dataset, tmp_path):

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Sequence
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from lorafactory.errors import ConfigError
 
@@ -25,10 +27,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 DEFAULT_PRESET = "sd15-anime"
 
 
-def runtime_field(default: Any, description: str) -> Any:
+def runtime_field(default: Any, description: str, **constraints: Any) -> Any:
     """A setting of how a stage runs, not of what it computes: kept out of the settings fingerprint, so that
     changing it neither makes a stage's artifact stale nor refuses a resume."""
-    return Field(default, description=description, json_schema_extra={"runtime": True})
+    return Field(default, description=description, json_schema_extra={"runtime": True}, **constraints)
 
 
 class Section(BaseModel):
@@ -76,18 +78,18 @@ SiteName = Literal[
 
 class SiteSettings(Section):
     base_url: str
-    requests_per_second: float = Field(1.0, gt=0, description="Request starts per second for this site.")
-    concurrency: int = Field(2, ge=1, description="Requests in flight at once for this site.")
+    requests_per_second: float = runtime_field(1.0, "Request starts per second for this site.", gt=0)
+    concurrency: int = runtime_field(2, "Requests in flight at once for this site.", ge=1)
     tags: list[str] = Field(
         default_factory=list, description="Search tags on this site; crawl.tags or the name otherwise."
     )
     username: str = Field(
         "", description="Zerochan only: your Zerochan username, which it requires in the User-Agent."
     )
-    user: SecretStr | None = Field(
-        None, description="Login or user id; the LORAFACTORY_<SITE>_* variables win. Never saved."
+    user: SecretStr | None = runtime_field(
+        None, "Login or user id; the LORAFACTORY_<SITE>_* variables win. Never saved."
     )
-    key: SecretStr | None = Field(None, description="API key or password hash; the environment wins. Never saved.")
+    key: SecretStr | None = runtime_field(None, "API key or password hash; the environment wins. Never saved.")
 
 
 def _site(name: str):
@@ -645,13 +647,78 @@ def to_toml(settings: Settings) -> str:
     return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True, exclude={"crawl": secrets}))
 
 
+def _is_runtime(field: FieldInfo) -> bool:
+    return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get("runtime"))
+
+
 def _runtime_fields(model: BaseModel) -> set[str]:
     """Fields that change how a stage runs but not what it produces; fingerprints leave them out."""
+    return {name for name, field in type(model).model_fields.items() if _is_runtime(field)}
+
+
+def recorded_settings(model: BaseModel) -> dict[str, Any]:
+    """A settings section as an artifact records it: its values as JSON, runtime settings (credentials among
+    them) left out at every level."""
     return {
-        name
+        name: _recorded_value(getattr(model, name))
         for name, field in type(model).model_fields.items()
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("runtime")
+        if not _is_runtime(field)
     }
+
+
+def _recorded_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return recorded_settings(value)
+    if isinstance(value, (list, tuple)):
+        return [_recorded_value(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _recorded_value(item) for key, item in value.items()}
+    return to_jsonable_python(value)
+
+
+def changed_setting(recorded: dict[str, Any], model: BaseModel, prefix: str = "") -> str | None:
+    """The first setting of ``model`` whose value is not the one ``recorded`` holds, as a phrase that names it
+    and both values; None when every one is the same. A setting the record lacks was added to lorafactory since:
+    it counts as unchanged at its default, which keeps what lorafactory did before it existed. Settings the
+    record has and ``model`` lacks were removed, and are not compared."""
+    for name, field in type(model).model_fields.items():
+        if _is_runtime(field):
+            continue
+        path, value = f"{prefix}{name}", getattr(model, name)
+        if name not in recorded:
+            default = field.get_default(call_default_factory=True)
+            if default is PydanticUndefined or _recorded_value(value) != _recorded_value(default):
+                shown = "none" if default is PydanticUndefined else _shown(_recorded_value(default))
+                return f"{path} {shown} (its default; the setting is newer) → {_shown(_recorded_value(value))}"
+            continue
+        before = recorded[name]
+        if isinstance(value, BaseModel) and isinstance(before, dict):
+            found = changed_setting(before, value, f"{path}.")
+        elif _models(value) and isinstance(before, list) and len(before) == len(value):
+            found = next(
+                (
+                    changed
+                    for index, (item, saved) in enumerate(zip(value, before))
+                    if (changed := changed_setting(saved, item, f"{path}[{index}].")) is not None
+                ),
+                None,
+            )
+        elif _recorded_value(value) != before:
+            found = f"{path} {_shown(before)} → {_shown(_recorded_value(value))}"
+        else:
+            found = None
+        if found is not None:
+            return found
+    return None
+
+
+def _models(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(item, BaseModel) for item in value)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def settings_hash(*parts: BaseModel | dict[str, Any] | str) -> str:

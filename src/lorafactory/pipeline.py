@@ -1,7 +1,8 @@
 """The stage graph: crawl -> prepare -> train -> evaluate -> release, with skip, resume and force.
 
-A stage is skipped when its artifact's manifest carries the fingerprint the current settings
-and upstream artifacts would produce. Work happens in ``<stage>.partial/``; the manifest is
+A stage is skipped when its artifact was made from the upstream artifact there now, by this output
+format, with the settings of this run: its manifest records their values, and a setting it lacks (added
+to lorafactory since) counts as unchanged at its default. Work happens in ``<stage>.partial/``; the manifest is
 written last and the folder swapped in, so an interrupted stage leaves no half-written artifact
 and simply runs again next time. Every execution is recorded in the state store.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lorafactory.config import Settings, settings_hash, to_toml
+from lorafactory.config import Settings, changed_setting, recorded_settings, settings_hash, to_toml
 from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, StaleStage, from_os_error
 from lorafactory.progress import Progress
 from lorafactory.state import Store
@@ -186,8 +187,9 @@ _RUNNERS: dict[str, Callable[[Context, Path], StageOutput]] = {
 }
 
 
-def fingerprints(settings: Settings) -> dict[str, str]:
-    """Each stage's fingerprint: its settings sections chained with every upstream fingerprint."""
+def _legacy_fingerprints(settings: Settings) -> dict[str, str]:
+    """Each stage's fingerprint as manifests that do not record their settings have it (those written before
+    lorafactory recorded them): its settings sections chained with every upstream fingerprint."""
     prints: dict[str, str] = {}
     previous = ""
     for stage in STAGES:
@@ -238,7 +240,7 @@ def run_pipeline(
         char = workspace.character(slug)
         original = settings_hash(settings)
         if start is not None:
-            stale = _stale_before(char, retrain_settings(settings, _gate_attempt(char, original)), start)
+            stale = _stale_before(char, retrain_settings(settings, _gate_attempt(char, settings)), start)
             if stale is not None:
                 raise stale
         char.path.mkdir(parents=True, exist_ok=True)
@@ -250,11 +252,12 @@ def run_pipeline(
         skipped: list[str] = []
         stages = STAGES[: STAGES.index(until) + 1]
         forced = set(STAGES[STAGES.index(force) :]) if force else set()
-        attempt = _gate_attempt(char, original)
+        attempt = _gate_attempt(char, settings)
         while True:
             current = retrain_settings(settings, attempt)
-            prints = fingerprints(current)
+            legacy = _legacy_fingerprints(current)
             ctx = Context(current, trigger, char, progress, store, run_id, site_budget)
+            upstream = ""
             for stage in stages:
                 lock.check()
                 existing = char.manifest(stage)
@@ -267,14 +270,18 @@ def run_pipeline(
                 if stage in forced:
                     char.invalidate(stage)
                     existing = None
-                if existing is not None and existing.fingerprint == prints[stage]:
-                    store.record_skip(run_id, stage, prints[stage])
+                why = _misfit(existing, current, upstream, legacy[stage]) if existing is not None else None
+                if existing is not None and why is None:
+                    store.record_skip(run_id, stage, existing.fingerprint)
                     progress.note(f"[dim]{stage}: up to date, skipped[/dim]")
                     skipped.append(stage)
                 else:
-                    _execute(ctx, stage, prints, store)
+                    if why is not None:
+                        progress.note(f"[yellow]{stage}: out of date ({why})[/yellow]")
+                    existing = _execute(ctx, _head(stage, current, upstream), legacy[stage])
                     executed.append(stage)
-                if stage == "evaluate" and not ctx.manifest("evaluate").details["gate"]["passed"]:
+                upstream = existing.fingerprint
+                if stage == "evaluate" and not existing.details["gate"]["passed"]:
                     break
             else:
                 break
@@ -288,7 +295,8 @@ def run_pipeline(
                 store.finish_run(run_id, "failed", message)
                 raise QualityGateFailed(message)
             attempt += 1
-            write_json_atomic(char.path / GATE_FILE, {"settings_hash": original, "attempt": attempt, "reason": reason})
+            gate = {"settings": recorded_settings(settings), "attempt": attempt, "reason": reason}
+            write_json_atomic(char.path / GATE_FILE, gate)
             progress.note(
                 (
                     f"[yellow]quality gate: {reason}; retraining (attempt "
@@ -324,41 +332,106 @@ def retrain_settings(settings: Settings, attempt: int) -> Settings:
 def _stale_before(char: CharacterDir, settings: Settings, start: str) -> StaleStage | None:
     """The first stage before ``start`` that a run with ``settings`` would execute, as the error that says
     why (None when they are all up to date)."""
-    prints = fingerprints(settings)
+    legacy = _legacy_fingerprints(settings)
+    upstream = ""
     for stage in STAGES[: STAGES.index(start)]:
         existing = char.manifest(stage)
         if existing is None:
             why = "it was never finished"
         elif damaged := damage(char.artifact(stage), existing):
             why = f"{damaged} since it was made"
-        elif existing.fingerprint != prints[stage]:
-            why = "the settings or lorafactory's version changed since it was made"
+        elif misfit := _misfit(existing, settings, upstream, legacy[stage]):
+            why = misfit
         elif stage == "evaluate" and not existing.details["gate"]["passed"]:
             why = "its best checkpoint failed the quality gate"
         else:
+            upstream = existing.fingerprint
             continue
         return StaleStage(stage, why)
     return None
 
 
-def _gate_attempt(char: CharacterDir, settings_key: str) -> int:
-    """How many retrains the gate already asked for with these settings (0 when none)."""
+def _upstream(stage: str) -> str | None:
+    index = STAGES.index(stage)
+    return STAGES[index - 1] if index else None
+
+
+def _head(stage: str, settings: Settings, upstream: str) -> Manifest:
+    """What an artifact of ``stage`` made now from the upstream artifact whose fingerprint is ``upstream``
+    records of its making: its manifest before the results."""
+    record = {name: recorded_settings(getattr(settings, name)) for name in _SECTIONS[stage]}
+    before = _upstream(stage)
+    return Manifest(
+        stage=stage,
+        fingerprint=settings_hash(stage, CODE_VERSION, upstream, record),
+        inputs={before: upstream} if before else {},
+        config_hash=settings_hash(*[getattr(settings, name) for name in _SECTIONS[stage]]),
+        code_version=CODE_VERSION,
+        settings=record,
+    )
+
+
+def _misfit(made: Manifest, settings: Settings, upstream: str, legacy: str) -> str | None:
+    """Why an artifact of ``made.stage`` (or an interrupted one) is not what a run with ``settings`` would
+    make from the upstream artifact whose fingerprint is ``upstream``; None when it is. ``legacy`` is the
+    stage's fingerprint for manifests that do not record their settings. A setting added to lorafactory
+    since, at its default, changes nothing; nor does a runtime setting."""
+    before = _upstream(made.stage)
+    if before is not None and made.inputs.get(before) != upstream:
+        return f"it was made from an earlier {before}"
+    if not made.settings:
+        return (
+            None if made.fingerprint == legacy else "the settings or lorafactory's version changed since it was made"
+        )
+    if made.code_version != CODE_VERSION:
+        return f"lorafactory's {made.stage} output changed since it was made"
+    for section in _SECTIONS[made.stage]:
+        changed = changed_setting(made.settings.get(section, {}), getattr(settings, section), f"{section}.")
+        if changed is not None:
+            return f"a setting changed since it was made: {changed}"
+    return None
+
+
+def _saved_marker(stage: str, text: str) -> Manifest:
+    """An interrupted artifact's marker; markers written before they held JSON hold a bare fingerprint."""
+    try:
+        return Manifest.model_validate_json(text)
+    except ValueError:
+        return Manifest(stage=stage, fingerprint=text.strip())
+
+
+def _gate_attempt(char: CharacterDir, settings: Settings) -> int:
+    """How many retrains the gate already asked for with these settings (0 when none). The gate file records
+    them as artifacts do, so a setting added to lorafactory since, at its default, keeps the count; files
+    written before it did hold their hash."""
     try:
         saved = json.loads((char.path / GATE_FILE).read_text())
-        attempt = int(saved["attempt"]) if saved["settings_hash"] == settings_key else 0
+        if "settings" in saved:
+            same = isinstance(saved["settings"], dict) and changed_setting(saved["settings"], settings) is None
+        else:
+            same = saved["settings_hash"] == settings_hash(settings)
+        attempt = int(saved["attempt"]) if same else 0
     except (OSError, ValueError, TypeError, KeyError):  # absent or malformed: no retrain recorded
         return 0
     return max(attempt, 0)
 
 
-def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> None:
-    progress = ctx.progress
+def _execute(ctx: Context, head: Manifest, legacy: str) -> Manifest:
+    """Run ``head.stage`` and commit its artifact, whose manifest is ``head`` with the results; that manifest.
+    A resumable stage continues an interrupted artifact that fits these settings (``legacy``: as ``_misfit``)."""
+    stage, progress, store = head.stage, ctx.progress, ctx.store
     progress.note(f"[bold]{stage}[/bold]")
-    stage_id = store.start_stage(ctx.run_id, stage, prints[stage])
+    stage_id = store.start_stage(ctx.run_id, stage, head.fingerprint)
     started = time.monotonic()
     resumable = stage in RESUMABLE
+    upstream = next(iter(head.inputs.values()), "")
     try:
-        out = ctx.char.begin(stage, prints[stage], resumable)
+        out = ctx.char.begin(
+            stage,
+            head.model_dump_json(include={"stage", "fingerprint", "inputs", "code_version", "settings"}),
+            resumable,
+            lambda saved: _misfit(_saved_marker(stage, saved), ctx.settings, upstream, legacy),
+        )
         result = _RUNNERS[stage](ctx, out)
     except KeyboardInterrupt:
         store.finish_stage(stage_id, "interrupted", "interrupted by the user")
@@ -374,12 +447,8 @@ def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> 
         if error is exc:
             raise
         raise error from exc
-    upstream = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
     manifest = Manifest(
-        stage=stage,
-        fingerprint=prints[stage],
-        inputs={upstream: prints[upstream]} if upstream else {},
-        config_hash=settings_hash(*[getattr(ctx.settings, name) for name in _SECTIONS[stage]]),
+        **head.model_dump(include={"stage", "fingerprint", "inputs", "config_hash", "code_version", "settings"}),
         counts=result.counts,
         timings={"seconds": round(time.monotonic() - started, 3)},
         details=result.details,
@@ -387,6 +456,7 @@ def _execute(ctx: Context, stage: str, prints: dict[str, str], store: Store) -> 
     ctx.char.commit(stage, manifest)
     store.finish_stage(stage_id, "succeeded", counts=result.counts, gpu_seconds=_gpu_seconds(result, manifest))
     progress.note(f"[green]{stage}: done[/green] in {manifest.timings['seconds']:.1f}s — {_summary(result.counts)}")
+    return manifest
 
 
 def _gpu_seconds(result: StageOutput, manifest: Manifest) -> float | None:

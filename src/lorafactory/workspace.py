@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, Field
 
@@ -110,6 +110,10 @@ class Manifest(BaseModel):
     fingerprint: str = Field(description="Hash of the settings and upstream fingerprints that produced it.")
     inputs: dict[str, str] = Field(default_factory=dict, description="Upstream stage -> fingerprint.")
     config_hash: str = ""
+    code_version: str = Field("", description="The stage's output format (empty in older manifests).")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="The settings sections it was made with (runtime settings left out)."
+    )
     versions: dict[str, str] = Field(default_factory=package_versions)
     counts: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
@@ -170,25 +174,30 @@ class CharacterDir:
     def manifest(self, stage: str) -> Manifest | None:
         return read_manifest(self.artifact(stage))
 
-    def begin(self, stage: str, fingerprint: str, resumable: bool = False) -> Path:
-        """The folder to build ``stage``'s artifact in: fresh, or for a resumable stage, the
-        unfinished folder of an interrupted run with the same fingerprint.
+    def begin(
+        self, stage: str, marker: str, resumable: bool = False, misfit: Callable[[str], str | None] | None = None
+    ) -> Path:
+        """The folder to build ``stage``'s artifact in: fresh, or for a resumable stage, the unfinished
+        folder of an interrupted run whose marker (what it is being made with) fits this one. ``misfit``
+        says why a saved marker does not (None when it does); by default the two must be equal.
 
         An unfinished resumable folder made with other settings is never discarded silently.
         """
         partial = self.partial(stage)
-        marker = partial / FINGERPRINT
-        if resumable and marker.is_file():
-            if marker.read_text() == fingerprint:
+        saved = partial / FINGERPRINT
+        if resumable and saved.is_file():
+            text = saved.read_text()
+            why = misfit(text) if misfit is not None else (None if text == marker else "other settings made it")
+            if why is None:
                 return partial
             raise StageError(
-                f"an interrupted {stage} in {partial} was made with other settings; "
-                f"restore them to resume it, or rerun with --force {stage} to discard it"
+                f"an interrupted {stage} in {partial} cannot be resumed ({why}); "
+                f"restore its settings to resume it, or rerun with --force {stage} to discard it"
             )
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
-        marker.write_text(fingerprint)
+        saved.write_text(marker)
         return partial
 
     def commit(self, stage: str, manifest: Manifest) -> Path:

@@ -3,8 +3,8 @@
 The state holds the trainable weights, optimizer, scheduler and grad scaler, every RNG (Python's
 caption/data RNG, NumPy, torch CPU and CUDA, the noise generator), the rest of the epoch's batch
 plan and the bucket leftovers waiting for the next one, the losses so far and the checkpoints already
-written. It is tied to a fingerprint of the settings and the dataset: resuming with anything else is
-refused with a clear error.
+written. It records the train settings and a fingerprint of the dataset it was made with: resuming with
+anything else is refused with an error that names what differs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,7 +63,8 @@ class Stateful:
     generator: torch.Generator
 
 
-def save_state(out_dir: Path, fingerprint: str, live: Stateful, position: LoopPosition) -> None:
+def save_state(out_dir: Path, made_with: dict[str, Any], live: Stateful, position: LoopPosition) -> None:
+    """Save the state; ``made_with`` (JSON: the settings and data it trains with) goes beside it."""
     payload = {
         "trainables": {name: tensor.detach().cpu().clone() for name, tensor in live.trainables.items()},
         "optimizer": live.optimizer.state_dict(),
@@ -76,26 +77,29 @@ def save_state(out_dir: Path, fingerprint: str, live: Stateful, position: LoopPo
     torch.save(payload, buffer)
     folder = out_dir / STATE_DIR
     write_bytes_atomic(folder / "state.pt", buffer.getvalue())
-    write_bytes_atomic(folder / "state.json", json.dumps({"fingerprint": fingerprint, "step": position.step}).encode())
+    write_bytes_atomic(folder / "state.json", json.dumps({**made_with, "step": position.step}).encode())
 
 
-def saved_step(out_dir: Path) -> tuple[str, int] | None:
-    """(fingerprint, step) of the saved state, or None when there is none."""
+def saved_state(out_dir: Path) -> dict[str, Any] | None:
+    """What the saved state was made with, and its ``step``; None when there is none."""
     try:
         meta = json.loads((out_dir / STATE_DIR / "state.json").read_text())
-        return meta["fingerprint"], int(meta["step"])
-    except (OSError, ValueError, KeyError):
+        int(meta["step"])
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def load_state(out_dir: Path, fingerprint: str, live: Stateful) -> LoopPosition:
-    meta = saved_step(out_dir)
+def load_state(out_dir: Path, misfit: Callable[[dict[str, Any]], str | None], live: Stateful) -> LoopPosition:
+    """Restore the saved state into ``live``; ``misfit`` says why what it was made with (``saved_state``) is
+    not what this run trains with, which refuses it."""
+    meta = saved_state(out_dir)
     if meta is None:
         raise StageError(f"no saved training state in {out_dir}")
-    if meta[0] != fingerprint:
+    why = misfit(meta)
+    if why is not None:
         raise StageError(
-            f"the saved training state in {out_dir / STATE_DIR} was made "
-            "with a different base model, dataset or train settings; "
+            f"the saved training state in {out_dir / STATE_DIR} was made with {why}; "
             "restore them, or rerun with --force train to start over"
         )
     try:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lorafactory.config import Settings, settings_hash
+from lorafactory.config import Settings, changed_setting, recorded_settings, settings_hash
 from lorafactory.errors import ConfigError, StageError
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import (
@@ -53,7 +53,7 @@ from lorafactory.train.master import MasterWeights
 from lorafactory.train.model import host_tensor, load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
-from lorafactory.train.resume import LoopPosition, Stateful, load_state, save_state, saved_step
+from lorafactory.train.resume import LoopPosition, Stateful, load_state, save_state, saved_state
 from lorafactory.train.steplog import StepLog
 from lorafactory.train.text import TextEncoders
 from lorafactory.train.validation import ValidationSet
@@ -240,9 +240,9 @@ class _Run:
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
         self.validation = ValidationSet(held_out, t.validation_timesteps, t.seed)
         self.pivot_step = math.ceil(t.embedding_pivot * t.max_steps)
-        self.fingerprint = settings_hash(
-            t, trigger, _dataset_hash(dataset_dir), _dataset_hash(regularization_dir) if regularization_dir else ""
-        )
+        data = (trigger, _dataset_hash(dataset_dir), _dataset_hash(regularization_dir) if regularization_dir else "")
+        self.made_with = {"fingerprint": settings_hash(*data), "settings": recorded_settings(t)}
+        self.legacy_fingerprint = settings_hash(t, *data)  # what states saved before they recorded settings hold
         character = [ex for ex in self.examples if not ex.regularization]
         self.character_images = len(character)
         self.tag_frequency = {
@@ -468,15 +468,26 @@ class _Run:
             self.position.validation[step] = validation
         if before_state is not None:
             before_state(validation)
-        save_state(self.out_dir, self.fingerprint, self.live(), self.position)
+        save_state(self.out_dir, self.made_with, self.live(), self.position)
 
     def live(self) -> Stateful:
         return Stateful(self.trainables, self.optimizer, self.lr_scheduler, self.scaler, self.rng, self.generator)
 
+    def misfit(self, saved: dict) -> str | None:
+        """Why a saved state was not made with this run's settings and data (None when it was). A train
+        setting added to lorafactory since, at its default, changes nothing."""
+        if "settings" not in saved:
+            same = saved.get("fingerprint") == self.legacy_fingerprint
+            return None if same else "a different base model, dataset or train settings"
+        if saved.get("fingerprint") != self.made_with["fingerprint"]:
+            return "a different dataset, regularization set or trigger"
+        changed = changed_setting(saved["settings"], self.t, "train.")
+        return None if changed is None else f"other train settings ({changed})"
+
     def resume(self) -> None:
-        if saved_step(self.out_dir) is None:
+        if saved_state(self.out_dir) is None:
             return
-        self.position = load_state(self.out_dir, self.fingerprint, self.live())
+        self.position = load_state(self.out_dir, self.misfit, self.live())
         if self.masters:
             self.masters.publish()
         self.position.resumed_at.append(self.position.step)
