@@ -257,14 +257,33 @@ def test_a_setting_added_since_an_artifact_was_made_changes_nothing_at_its_defau
         run_pipeline(workspace, store, settings, SilentProgress(), start="evaluate")
 
 
-def test_artifacts_whose_manifests_record_no_settings_are_compared_by_their_fingerprints(demo_run, tmp_path):
+def test_a_new_output_version_of_a_stage_rebuilds_it_and_no_earlier_stage(demo_run, tmp_path, monkeypatch):
+    """Each stage has its own output version: a new release format rebuilds releases, and trains nothing."""
+    from lorafactory import pipeline
+
+    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    monkeypatch.setitem(pipeline.OUTPUT_VERSIONS, "release", "next")
+    progress = _Noted()
+    assert run_pipeline(workspace, store, demo_run["settings"], progress).executed == ["release"]
+    assert "[yellow]release: out of date (lorafactory's release output changed since it was made)[/yellow]" in (
+        progress.notes
+    )
+    assert char.manifest("release").code_version == "next"
+    monkeypatch.setitem(pipeline.OUTPUT_VERSIONS, "evaluate", "next")
+    with pytest.raises(StaleStage, match="evaluate is out of date .lorafactory's evaluate output changed"):
+        run_pipeline(workspace, store, demo_run["settings"], SilentProgress(), start="release")
+
+
+def test_artifacts_whose_manifests_record_no_settings_are_compared_by_their_fingerprints(
+    demo_run, tmp_path, monkeypatch
+):
     """Manifests written before they recorded their settings hold a hash of all of them: those stay up to
     date while the settings are the same, and a stage made again after them records its settings."""
-    from lorafactory.pipeline import _legacy_fingerprints
+    from lorafactory import pipeline
 
     workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
     settings = demo_run["settings"].model_copy(deep=True)
-    prints = _legacy_fingerprints(settings)
+    prints = pipeline._legacy_fingerprints(settings)
     for index, stage in enumerate(STAGES):
         path = char.artifact(stage) / "manifest.json"
         data = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("settings", "code_version")}
@@ -278,6 +297,8 @@ def test_artifacts_whose_manifests_record_no_settings_are_compared_by_their_fing
     assert run_pipeline(workspace, store, settings, SilentProgress()).executed == []
     settings.prepare.min_images += 1
     assert run_pipeline(workspace, store, settings, SilentProgress(), until="prepare").executed == ["prepare"]
+    monkeypatch.setitem(pipeline.OUTPUT_VERSIONS, "crawl", "next")  # their version was the one of every stage then
+    assert run_pipeline(workspace, store, settings, SilentProgress(), until="crawl").executed == ["crawl"]
 
 
 def _interrupted_after_its_last_image(char):

@@ -38,7 +38,10 @@ if TYPE_CHECKING:
     from lorafactory.sources.http import SharedBudget
 
 log = logging.getLogger(__name__)
-CODE_VERSION = "3"  # bump when a stage's output format changes, so old artifacts are rebuilt
+# Each stage's output format. Bump a stage's when what it writes changes, so that its old artifacts are rebuilt,
+# and with them everything made from them; earlier stages keep theirs (a new release format retrains nothing).
+OUTPUT_VERSIONS = {"crawl": "3", "prepare": "3", "train": "3", "evaluate": "3", "release": "3"}
+LEGACY_VERSION = "3"  # every stage's when manifests did not yet record their settings
 RESUMABLE = {"crawl", "train"}  # stages that continue an interrupted run from their unfinished folder
 GATE_FILE = "gate.json"  # the quality gate's retrain count for the character's current settings
 SOURCE_KINDS = {"sites": "web", "anime": "anime", "local": "local"}  # crawl.source -> the run's source kind
@@ -194,7 +197,7 @@ def _legacy_fingerprints(settings: Settings) -> dict[str, str]:
     previous = ""
     for stage in STAGES:
         sections = [getattr(settings, name) for name in _SECTIONS[stage]]
-        previous = settings_hash(stage, CODE_VERSION, previous, *sections)
+        previous = settings_hash(stage, LEGACY_VERSION, previous, *sections)
         prints[stage] = previous
     return prints
 
@@ -363,10 +366,10 @@ def _head(stage: str, settings: Settings, upstream: str) -> Manifest:
     before = _upstream(stage)
     return Manifest(
         stage=stage,
-        fingerprint=settings_hash(stage, CODE_VERSION, upstream, record),
+        fingerprint=settings_hash(stage, OUTPUT_VERSIONS[stage], upstream, record),
         inputs={before: upstream} if before else {},
         config_hash=settings_hash(*[getattr(settings, name) for name in _SECTIONS[stage]]),
-        code_version=CODE_VERSION,
+        code_version=OUTPUT_VERSIONS[stage],
         settings=record,
     )
 
@@ -379,12 +382,11 @@ def _misfit(made: Manifest, settings: Settings, upstream: str, legacy: str) -> s
     before = _upstream(made.stage)
     if before is not None and made.inputs.get(before) != upstream:
         return f"it was made from an earlier {before}"
-    if not made.settings:
-        return (
-            None if made.fingerprint == legacy else "the settings or lorafactory's version changed since it was made"
-        )
-    if made.code_version != CODE_VERSION:
+    version = made.code_version if made.settings else LEGACY_VERSION
+    if version != OUTPUT_VERSIONS[made.stage]:
         return f"lorafactory's {made.stage} output changed since it was made"
+    if not made.settings:
+        return None if made.fingerprint == legacy else "the settings changed since it was made"
     for section in _SECTIONS[made.stage]:
         changed = changed_setting(made.settings.get(section, {}), getattr(settings, section), f"{section}.")
         if changed is not None:

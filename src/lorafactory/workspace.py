@@ -110,7 +110,7 @@ class Manifest(BaseModel):
     fingerprint: str = Field(description="Hash of the settings and upstream fingerprints that produced it.")
     inputs: dict[str, str] = Field(default_factory=dict, description="Upstream stage -> fingerprint.")
     config_hash: str = ""
-    code_version: str = Field("", description="The stage's output format (empty in older manifests).")
+    code_version: str = Field("", description="The stage's output version (empty in older manifests).")
     settings: dict[str, Any] = Field(
         default_factory=dict, description="The settings sections it was made with (runtime settings left out)."
     )
