@@ -104,6 +104,20 @@ def test_merged_lora_renders_what_the_adapter_renders_and_puts_the_base_back_exa
     assert after.keys() == before.keys() and all(torch.equal(before[key], after[key]) for key in before)
 
 
+def test_the_render_batch_size_gives_the_same_images(kit, trained):
+    """Each image has its own seeded generator, so evaluate.batch_size (a runtime setting: the fleet halves it
+    after running out of GPU memory) changes how many are rendered at once, not which images."""
+    settings, _, _ = trained
+    e, t = settings.evaluate, settings.train
+    work = jobs(e, prompt_specs(e, []), TRIGGER)[:3]
+    pipe = load_pipeline(t.base_model)
+    one = _render(Generator(pipe, e.model_copy(update={"batch_size": 1}), t.clip_skip, torch.device("cpu")), work)
+    three = _render(Generator(pipe, e.model_copy(update={"batch_size": 3}), t.clip_skip, torch.device("cpu")), work)
+    assert len(one) == len(three) == 3
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(one, three))
+    assert np.abs(one[0].astype(int) - one[1].astype(int)).max() > 1  # the seeds do differ
+
+
 def test_missing_metrics_broken_checkpoints_and_coarse_to_fine(kit, trained, dataset, tmp_path):
     settings, out, checkpoints = trained
     broken = tmp_path / "train"

@@ -243,7 +243,8 @@ def test_a_setting_added_since_an_artifact_was_made_changes_nothing_at_its_defau
     settings = demo_run["settings"].model_copy(deep=True)
     _without_setting(char.artifact("train") / "manifest.json", "train", "noise_offset")  # at its default, 0
     _without_setting(char.artifact("crawl") / "manifest.json", "crawl", "page_size")  # at its default, 100
-    settings.crawl.danbooru.requests_per_second = 2.0  # how the crawl runs, not what it makes
+    settings.crawl.danbooru.requests_per_second = 2.0  # runtime settings: how a stage runs, not what it makes
+    settings.train.gradient_checkpointing, settings.evaluate.batch_size = True, 1
     assert run_pipeline(workspace, store, settings, SilentProgress()).executed == []
     _without_setting(char.artifact("release") / "manifest.json", "release", "preview_count")  # the preset's 4
     progress = _Noted()

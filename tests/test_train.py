@@ -548,6 +548,26 @@ def test_a_channels_last_unet_trains_what_the_default_layout_does(kit, dataset, 
     assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-6) for k in a)
 
 
+def test_gradient_checkpointing_trains_what_a_run_without_it_does(kit, dataset, tmp_path):
+    """train.gradient_checkpointing recomputes activations in the backward pass instead of keeping them: the
+    same losses and weights, which is why it is a runtime setting (the fleet turns it on after running out of
+    GPU memory, and that makes no artifact out of date)."""
+    from lorafactory.train.trainer import _Run
+
+    def run(folder, checkpointing):
+        settings = _settings(kit, f"train.gradient_checkpointing={str(checkpointing).lower()}")
+        live = _Run(settings, "akane_hoshino", dataset, folder, SilentProgress())
+        losses = [float(live.step()) for _ in range(3)]
+        live.checkpoint()
+        return losses, live.base.unet.is_gradient_checkpointing, load_file(checkpoint_dir(folder, 3) / LORA_FILE)
+
+    plain, recomputed = run(tmp_path / "plain", False), run(tmp_path / "recomputed", True)
+    assert recomputed[1] and not plain[1]
+    assert recomputed[0] == pytest.approx(plain[0], rel=1e-6)
+    a, b = plain[2], recomputed[2]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
 def test_validation_runs_batched_and_gives_the_per_pair_losses(kit, dataset, tmp_path):
     """A checkpoint's validation loss goes through the UNet in batches of train.batch_size (one latent shape
     per batch) and equals the loss computed one (image, timestep) pair at a time."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lorafactory.config import Settings, changed_setting, recorded_settings, settings_hash, to_toml
+from lorafactory.config import Settings, changed_setting, legacy_dump, recorded_settings, settings_hash, to_toml
 from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, StaleStage, from_os_error
 from lorafactory.progress import Progress
 from lorafactory.state import Store
@@ -196,7 +196,7 @@ def _legacy_fingerprints(settings: Settings) -> dict[str, str]:
     prints: dict[str, str] = {}
     previous = ""
     for stage in STAGES:
-        sections = [getattr(settings, name) for name in _SECTIONS[stage]]
+        sections = [legacy_dump(name, getattr(settings, name)) for name in _SECTIONS[stage]]
         previous = settings_hash(stage, LEGACY_VERSION, previous, *sections)
         prints[stage] = previous
     return prints

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lorafactory.config import Settings, changed_setting, recorded_settings, settings_hash
+from lorafactory.config import Settings, changed_setting, legacy_dump, recorded_settings, settings_hash
 from lorafactory.errors import ConfigError, StageError
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import (
@@ -242,7 +242,9 @@ class _Run:
         self.pivot_step = math.ceil(t.embedding_pivot * t.max_steps)
         data = (trigger, _dataset_hash(dataset_dir), _dataset_hash(regularization_dir) if regularization_dir else "")
         self.made_with = {"fingerprint": settings_hash(*data), "settings": recorded_settings(t)}
-        self.legacy_fingerprint = settings_hash(t, *data)  # what states saved before they recorded settings hold
+        self.legacy_fingerprint = settings_hash(
+            legacy_dump("train", t), *data
+        )  # states saved before they recorded settings
         character = [ex for ex in self.examples if not ex.regularization]
         self.character_images = len(character)
         self.tag_frequency = {
