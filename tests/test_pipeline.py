@@ -12,7 +12,7 @@ from conftest import demo_settings
 from lorafactory.cli import app
 from lorafactory.config import tomllib
 from lorafactory.errors import ConfigError, InputError, StageError, StaleStage
-from lorafactory.pipeline import run_pipeline
+from lorafactory.pipeline import _MARKER_FIELDS, run_pipeline
 from lorafactory.progress import SilentProgress
 from lorafactory.state import Store
 from lorafactory.testing.synthetic import CHARACTERS, generate_dataset
@@ -309,7 +309,7 @@ def _interrupted_after_its_last_image(char):
     char.artifact("crawl").rename(partial)
     (partial / "manifest.json").unlink()
     marker = partial / ".fingerprint"
-    marker.write_text(manifest.model_dump_json(include={"stage", "fingerprint", "inputs", "code_version", "settings"}))
+    marker.write_text(manifest.model_dump_json(include=_MARKER_FIELDS))
     return marker, manifest
 
 
@@ -335,7 +335,7 @@ def test_an_interrupted_stage_made_before_a_setting_was_added_resumes(demo_run, 
         assert not [path for _, path in requests[before:] if path.startswith("/data/")]  # no image fetched again
         assert outcome.executed == ["crawl"] and char.manifest("crawl").fingerprint == manifest.fingerprint
 
-    marker.write_text(manifest.model_dump_json(include={"stage", "fingerprint", "inputs", "code_version", "settings"}))
+    marker.write_text(manifest.model_dump_json(include=_MARKER_FIELDS))
     _without_setting(marker, "crawl", "page_size")  # at its default, 100
     resumes()
     marker, _ = _interrupted_after_its_last_image(char)

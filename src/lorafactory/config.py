@@ -28,8 +28,8 @@ DEFAULT_PRESET = "sd15-anime"
 
 
 def runtime_field(default: Any, description: str, **constraints: Any) -> Any:
-    """A setting of how a stage runs, not of what it computes: kept out of the settings fingerprint, so that
-    changing it neither makes a stage's artifact stale nor refuses a resume."""
+    """A setting of how a stage runs, not of what it computes: artifacts and saved states do not record it, so
+    changing it neither makes a stage's artifact out of date nor refuses a resume."""
     return Field(default, description=description, json_schema_extra={"runtime": True}, **constraints)
 
 

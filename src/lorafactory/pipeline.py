@@ -30,6 +30,7 @@ from lorafactory.workspace import (
     Workspace,
     damage,
     slugify,
+    utcnow,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -394,6 +395,9 @@ def _misfit(made: Manifest, settings: Settings, upstream: str, legacy: str) -> s
     return None
 
 
+_MARKER_FIELDS = {"stage", "fingerprint", "inputs", "code_version", "settings"}  # an interrupted artifact's
+
+
 def _saved_marker(stage: str, text: str) -> Manifest:
     """An interrupted artifact's marker; markers written before they held JSON hold a bare fingerprint."""
     try:
@@ -430,7 +434,7 @@ def _execute(ctx: Context, head: Manifest, legacy: str) -> Manifest:
     try:
         out = ctx.char.begin(
             stage,
-            head.model_dump_json(include={"stage", "fingerprint", "inputs", "code_version", "settings"}),
+            head.model_dump_json(include=_MARKER_FIELDS),
             resumable,
             lambda saved: _misfit(_saved_marker(stage, saved), ctx.settings, upstream, legacy),
         )
@@ -449,11 +453,9 @@ def _execute(ctx: Context, head: Manifest, legacy: str) -> Manifest:
         if error is exc:
             raise
         raise error from exc
-    manifest = Manifest(
-        **head.model_dump(include={"stage", "fingerprint", "inputs", "config_hash", "code_version", "settings"}),
-        counts=result.counts,
-        timings={"seconds": round(time.monotonic() - started, 3)},
-        details=result.details,
+    timings = {"seconds": round(time.monotonic() - started, 3)}
+    manifest = head.model_copy(
+        update={"counts": result.counts, "timings": timings, "details": result.details, "created_at": utcnow()}
     )
     ctx.char.commit(stage, manifest)
     store.finish_stage(stage_id, "succeeded", counts=result.counts, gpu_seconds=_gpu_seconds(result, manifest))

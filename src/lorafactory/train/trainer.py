@@ -242,9 +242,8 @@ class _Run:
         self.pivot_step = math.ceil(t.embedding_pivot * t.max_steps)
         data = (trigger, _dataset_hash(dataset_dir), _dataset_hash(regularization_dir) if regularization_dir else "")
         self.made_with = {"fingerprint": settings_hash(*data), "settings": recorded_settings(t)}
-        self.legacy_fingerprint = settings_hash(
-            legacy_dump("train", t), *data
-        )  # states saved before they recorded settings
+        # what states saved before they recorded their settings hold instead
+        self.legacy_fingerprint = settings_hash(legacy_dump("train", t), *data)
         character = [ex for ex in self.examples if not ex.regularization]
         self.character_images = len(character)
         self.tag_frequency = {
