@@ -539,6 +539,43 @@ def test_regularization_set_is_built_once_and_trained_with(kit, tmp_path):
     assert not wanted(auto_local, 5)  # no generic source for a local character unless from_dir is set
 
 
+def test_a_regularization_set_is_used_again_after_an_upgrade_or_a_runtime_change(kit, tmp_path):
+    """Sets record their settings as stages do. Another site rate, a set whose record lacks a setting at its
+    default (an earlier lorafactory's, under the key it computed) and a set from before sets recorded their
+    settings (under its old key) are used as they are, without a request; another cleaning setting builds anew."""
+    from lorafactory.config import settings_hash
+    from lorafactory.dataset.regularization import _SECTIONS, _set_settings, ensure_set
+    from lorafactory.testing.replay import DanbooruReplay, ReplayImage
+
+    generic = [ReplayImage(p, ["1girl", "solo"], ["someone_else"]) for p in sorted(kit.images.glob("other_*.png"))]
+    root = tmp_path / "ws"
+    root.mkdir()
+    with DanbooruReplay(generic) as replay:
+        settings = demo_settings(kit, replay.url, 'regularization.mode="on"', 'regularization.tags=["solo"]')
+        built = ensure_set(settings, root, SilentProgress())
+        requests = len(replay.requests)
+        faster = settings.model_copy(deep=True)
+        faster.crawl.danbooru.requests_per_second = 7.0
+        assert ensure_set(faster, root, SilentProgress()) == built
+        earlier = built.parent.rename(built.parent.with_name("an-earlier-key"))
+        for stage in ("crawl", "prepare"):
+            _without_setting(earlier / stage / "manifest.json", "crawl", "page_size")  # at its default
+        assert ensure_set(settings, root, SilentProgress()) == earlier / "prepare"
+        generic_settings = _set_settings(settings)
+        old_key = settings_hash(*(getattr(generic_settings, name) for name in _SECTIONS), settings.train.base_model)
+        old = earlier.rename(earlier.with_name(old_key))
+        for stage in ("crawl", "prepare"):
+            manifest = json.loads((old / stage / "manifest.json").read_text())
+            del manifest["settings"]
+            (old / stage / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": old_key}))
+        assert ensure_set(settings, root, SilentProgress()) == old / "prepare"
+        assert len(replay.requests) == requests
+        stricter = settings.model_copy(deep=True)
+        stricter.prepare.min_side += 8
+        rebuilt = ensure_set(stricter, root, SilentProgress())
+        assert rebuilt not in (built, old / "prepare") and len(replay.requests) > requests
+
+
 def test_two_runs_asking_for_one_regularization_set_at_once_build_it_once(kit, tmp_path):
     """Two characters' runs (a fleet's workers) ask for the same shared set together: one builds it
     while the other waits for it, instead of both writing the same folder."""

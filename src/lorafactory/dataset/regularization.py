@@ -2,7 +2,9 @@
 
 A set lives in ``<workspace>/_shared/regularization/<key>/`` with ``crawl`` and ``prepare``
 artifacts like a character's; the key covers the query, the source, the cleaning settings and the
-base model, so characters trained on the same base model share one set. The trainer balances it
+base model, so characters trained on the same base model share one set. Its manifests record those
+settings, so a set built before a setting was added (at its default) or with other runtime settings (a
+site's request rate) is found and used, not built again. The trainer balances it
 against each dataset (as many regularization samples as training samples per epoch), which sizes
 it for every dataset.
 """
@@ -14,10 +16,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorafactory.config import FOLDER_SOURCES, Settings, settings_hash
+from lorafactory.config import FOLDER_SOURCES, Settings, changed_setting, recorded_settings, settings_hash
 from lorafactory.errors import ConfigError
 from lorafactory.progress import Progress
-from lorafactory.workspace import CharacterDir, Manifest
+from lorafactory.workspace import CharacterDir, Manifest, read_manifest
 
 if TYPE_CHECKING:
     from lorafactory.sources.http import SharedBudget
@@ -65,6 +67,30 @@ def set_for(
     return ensure_set(settings, char.root, progress, store, budget)
 
 
+_SECTIONS = ("regularization", "crawl", "prepare", "vision")  # the settings a set is made with, and the base model
+
+
+def _built(folder: CharacterDir, key: str, stage: str = "prepare") -> bool:
+    existing = folder.manifest(stage)
+    return existing is not None and existing.fingerprint == key
+
+
+def _earlier_set(shared: Path, generic: Settings, base_model: str) -> CharacterDir | None:
+    """A set built by an earlier lorafactory, or with other runtime settings, that these settings would make
+    too: its manifest records the same values (a setting added since counts at its default), or, made before
+    sets recorded their settings, it has the key these settings had then."""
+    legacy = settings_hash(*(getattr(generic, name) for name in _SECTIONS), base_model)
+    if _built(CharacterDir(shared, legacy), legacy):
+        return CharacterDir(shared, legacy)
+    for manifest_file in sorted(shared.glob("*/prepare/manifest.json")):
+        made = read_manifest(manifest_file.parent)
+        if made is None or not made.settings or made.settings.get("base_model") != base_model:
+            continue
+        if all(changed_setting(made.settings.get(name, {}), getattr(generic, name)) is None for name in _SECTIONS):
+            return CharacterDir(shared, manifest_file.parent.parent.name)
+    return None
+
+
 def ensure_set(
     settings: Settings, workspace_root: Path, progress: Progress, store=None, budget: SharedBudget | None = None
 ) -> Path:
@@ -76,9 +102,9 @@ def ensure_set(
     from lorafactory.state.lock import acquire
 
     generic = _set_settings(settings)
-    key = settings_hash(
-        generic.regularization, generic.crawl, generic.prepare, generic.vision, settings.train.base_model
-    )
+    base_model = settings.train.base_model
+    record = {name: recorded_settings(getattr(generic, name)) for name in _SECTIONS} | {"base_model": base_model}
+    key = settings_hash(record)
     folder = CharacterDir(workspace_root / SHARED, key)
     steps = {
         "crawl": lambda out: (
@@ -90,9 +116,10 @@ def ensure_set(
         "prepare": lambda out: prepare(generic, None, folder.artifact("crawl"), out, progress),
     }
     with nullcontext() if store is None else acquire(store, f"_regularization-{key}", wait=True):
+        if not _built(folder, key) and (earlier := _earlier_set(workspace_root / SHARED, generic, base_model)):
+            return earlier.artifact("prepare")
         for stage, run in steps.items():
-            existing = folder.manifest(stage)
-            if existing is not None and existing.fingerprint == key:
+            if _built(folder, key, stage):
                 continue
             progress.note(f"regularization set: {stage}")
             started = time.monotonic()
@@ -103,6 +130,7 @@ def ensure_set(
                 Manifest(
                     stage=stage,
                     fingerprint=key,
+                    settings=record,
                     counts=counts,
                     details=details,
                     timings={"seconds": round(time.monotonic() - started, 3)},
