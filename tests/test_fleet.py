@@ -251,10 +251,11 @@ def test_crawls_share_each_sites_rate_across_the_fleet(kit, tmp_path, local_ray)
     # alone: a worker's first request, stamped late on a loaded machine, once made 32 look like 8.46/s
     rate = np.polyfit(starts, np.arange(len(starts)), 1)[0]
     assert rate <= 8 * 1.1
-    # and no burst: at most 16 in any two seconds (32 if unshared), plus the few arrivals a loaded 2-core
-    # machine delays into the window from the one before it (the replay stamps them in a thread of this
-    # process, after Ray's round trips); a one-second window once counted 12 for 8 that way
-    assert busiest <= 19
+    # and no burst: 16 in any two seconds (32 if unshared), plus the arrivals a loaded 2-core machine delays
+    # into the window from the one before it (the replay stamps them in a thread of this process, after Ray's
+    # round trips): a one-second window once counted 12 for 8, and a two-second one 20 for 16. At most 24,
+    # halfway to the unshared count, tells the two apart without failing on that delay
+    assert busiest <= 24
 
 
 def test_a_worker_killed_mid_training_loses_nothing(kit, tmp_path, local_ray):
