@@ -689,9 +689,10 @@ def changed_setting(recorded: dict[str, Any], model: BaseModel, prefix: str = ""
         path, value = f"{prefix}{name}", getattr(model, name)
         if name not in recorded:
             default = field.get_default(call_default_factory=True)
-            if default is PydanticUndefined or _recorded_value(value) != _recorded_value(default):
+            now = _recorded_value(value)
+            if default is PydanticUndefined or now != _recorded_value(default):
                 shown = "none" if default is PydanticUndefined else _shown(_recorded_value(default))
-                return f"{path} {shown} (its default; the setting is newer) → {_shown(_recorded_value(value))}"
+                return f"{path} {shown} (its default; the setting is newer) → {_shown(now)}"
             continue
         before = recorded[name]
         if isinstance(value, BaseModel) and isinstance(before, dict):
@@ -705,8 +706,8 @@ def changed_setting(recorded: dict[str, Any], model: BaseModel, prefix: str = ""
                 ),
                 None,
             )
-        elif _recorded_value(value) != before:
-            found = f"{path} {_shown(before)} → {_shown(_recorded_value(value))}"
+        elif (now := _recorded_value(value)) != before:
+            found = f"{path} {_shown(before)} → {_shown(now)}"
         else:
             found = None
         if found is not None:
