@@ -715,6 +715,21 @@ def changed_setting(recorded: dict[str, Any], model: BaseModel, prefix: str = ""
     return None
 
 
+def recorded_sections(settings: BaseModel, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The named sections of ``settings`` as an artifact records them (``recorded_settings`` of each)."""
+    return {name: recorded_settings(getattr(settings, name)) for name in names}
+
+
+def changed_section_setting(recorded: dict[str, Any], settings: BaseModel, names: Sequence[str]) -> str | None:
+    """``changed_setting`` over the named sections of a record made by ``recorded_sections``, each setting named
+    with its section; a section the record lacks counts as every setting added since."""
+    for name in names:
+        changed = changed_setting(recorded.get(name, {}), getattr(settings, name), f"{name}.")
+        if changed is not None:
+            return changed
+    return None
+
+
 def _models(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(item, BaseModel) for item in value)
 

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lorafactory.config import Settings, changed_setting, legacy_dump, recorded_settings, settings_hash, to_toml
+from lorafactory.config import (
+    Settings,
+    changed_section_setting,
+    changed_setting,
+    legacy_dump,
+    recorded_sections,
+    recorded_settings,
+    settings_hash,
+    to_toml,
+)
 from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, StaleStage, from_os_error
 from lorafactory.progress import Progress
 from lorafactory.state import Store
@@ -243,8 +252,9 @@ def run_pipeline(
     with acquire(store, slug, wait=wait) as lock:
         char = workspace.character(slug)
         original = settings_hash(settings)
+        attempt = _gate_attempt(char, settings)
         if start is not None:
-            stale = _stale_before(char, retrain_settings(settings, _gate_attempt(char, settings)), start)
+            stale = _stale_before(char, retrain_settings(settings, attempt), start)
             if stale is not None:
                 raise stale
         char.path.mkdir(parents=True, exist_ok=True)
@@ -256,7 +266,6 @@ def run_pipeline(
         skipped: list[str] = []
         stages = STAGES[: STAGES.index(until) + 1]
         forced = set(STAGES[STAGES.index(force) :]) if force else set()
-        attempt = _gate_attempt(char, settings)
         while True:
             current = retrain_settings(settings, attempt)
             legacy = _legacy_fingerprints(current)
@@ -363,7 +372,7 @@ def _upstream(stage: str) -> str | None:
 def _head(stage: str, settings: Settings, upstream: str) -> Manifest:
     """What an artifact of ``stage`` made now from the upstream artifact whose fingerprint is ``upstream``
     records of its making: its manifest before the results."""
-    record = {name: recorded_settings(getattr(settings, name)) for name in _SECTIONS[stage]}
+    record = recorded_sections(settings, _SECTIONS[stage])
     before = _upstream(stage)
     return Manifest(
         stage=stage,
@@ -388,11 +397,8 @@ def _misfit(made: Manifest, settings: Settings, upstream: str, legacy: str) -> s
         return f"lorafactory's {made.stage} output changed since it was made"
     if not made.settings:
         return None if made.fingerprint == legacy else "the settings changed since it was made"
-    for section in _SECTIONS[made.stage]:
-        changed = changed_setting(made.settings.get(section, {}), getattr(settings, section), f"{section}.")
-        if changed is not None:
-            return f"a setting changed since it was made: {changed}"
-    return None
+    changed = changed_section_setting(made.settings, settings, _SECTIONS[made.stage])
+    return None if changed is None else f"a setting changed since it was made: {changed}"
 
 
 _MARKER_FIELDS = {"stage", "fingerprint", "inputs", "code_version", "settings"}  # an interrupted artifact's

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorafactory.config import FOLDER_SOURCES, Settings, changed_setting, recorded_settings, settings_hash
+from lorafactory.config import FOLDER_SOURCES, Settings, changed_section_setting, recorded_sections, settings_hash
 from lorafactory.errors import ConfigError
 from lorafactory.progress import Progress
 from lorafactory.workspace import CharacterDir, Manifest, read_manifest
@@ -86,7 +86,7 @@ def _earlier_set(shared: Path, generic: Settings, base_model: str) -> CharacterD
         made = read_manifest(manifest_file.parent)
         if made is None or not made.settings or made.settings.get("base_model") != base_model:
             continue
-        if all(changed_setting(made.settings.get(name, {}), getattr(generic, name)) is None for name in _SECTIONS):
+        if changed_section_setting(made.settings, generic, _SECTIONS) is None:
             return CharacterDir(shared, manifest_file.parent.parent.name)
     return None
 
@@ -103,7 +103,7 @@ def ensure_set(
 
     generic = _set_settings(settings)
     base_model = settings.train.base_model
-    record = {name: recorded_settings(getattr(generic, name)) for name in _SECTIONS} | {"base_model": base_model}
+    record = recorded_sections(generic, _SECTIONS) | {"base_model": base_model}
     key = settings_hash(record)
     folder = CharacterDir(workspace_root / SHARED, key)
     steps = {
