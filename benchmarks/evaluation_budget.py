@@ -1,45 +1,94 @@
 """How much rendering each evaluation strategy saves, and how often it still picks the step that scoring
 every image of every checkpoint picks, on synthetic runs (``lorafactory.testing.metric_tables``).
 
-A simulation through the real selection code, not a timing: the same seeds give the same table.
+A simulation through the real selection code, not a timing: the same seeds give the same table. Columns:
+how often the strategy picks the step that scoring everything picks; the images and the GPU batches
+(``--batch`` images each, a part of a sequential evaluation rendered in its own batches) it renders, as a
+share of scoring everything; and in how many runs the two picks' RecScore intervals do not overlap.
+The ``rerendered`` row scores everything on another draw of each run's image noise, as rendering the same
+checkpoints with other seeds would: how often two full evaluations agree.
 
-    PYTHONPATH=src python benchmarks/evaluation_budget.py [--runs 200] [--checkpoints 20 40]
+    PYTHONPATH=src python benchmarks/evaluation_budget.py [--runs 200] [--checkpoints 20 40] [--images 28 37]
+        [--every 8] [--batch 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
-from lorafactory.config import load_settings
-from lorafactory.testing.metric_tables import replay, scored, synthetic_run
+from lorafactory.config import EvaluateSettings, load_settings
+from lorafactory.evaluate.schedule import look_parts
+from lorafactory.testing.metric_tables import Outcome, replay, scored, synthetic_run
 
-STRATEGIES = {"all": (False, False), "sequential": (True, False), "coarse_to_fine": (False, True)}
-STRATEGIES["coarse_to_fine + sequential"] = (True, True)
+
+def strategies(e: EvaluateSettings, images: int, every: int) -> dict[str, tuple[EvaluateSettings, bool, bool]]:
+    """Name -> (settings, sequential, coarse-to-fine)."""
+    half = e.model_copy(update={"sequential_every": math.ceil(images / 2)})
+    parts = e.model_copy(update={"sequential_every": every})
+    return {
+        "all": (e, False, False),
+        f"sequential, parts of {every}": (parts, True, False),
+        "sequential, one look at half": (half, True, False),
+        "coarse_to_fine": (e, False, True),
+        f"coarse_to_fine + sequential {every}": (parts, True, True),
+    }
+
+
+def batches(outcome: Outcome, e: EvaluateSettings, images: int, sequential: bool, batch: int) -> int:
+    """GPU batches rendered: each part of a sequential evaluation in batches of its own."""
+    parts = [len(part) for part in look_parts(images, e.sequential_every)] if sequential else [images]
+    total = 0
+    for left in outcome.rendered.values():
+        for size in parts:
+            if left <= 0:
+                break
+            total += math.ceil(min(size, left) / batch)
+            left -= size
+    return total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--checkpoints", type=int, nargs="+", default=[20, 40])
+    parser.add_argument("--images", type=int, nargs="+", default=[28, 37], help="images per checkpoint")
+    parser.add_argument("--every", type=int, default=load_settings().evaluate.sequential_every)
+    parser.add_argument("--batch", type=int, default=load_settings().evaluate.batch_size)
     args = parser.parse_args()
-    e = load_settings().evaluate
-    print(f"{'checkpoints':>11}  {'strategy':<28}{'same step':>10}{'images':>8}{'apart':>7}")
-    for checkpoints in args.checkpoints:
-        runs = [synthetic_run(seed, checkpoints) for seed in range(args.runs)]
-        truth = [replay(run, e, False, False) for run in runs]
-        for name, (sequential, coarse) in STRATEGIES.items():
-            same = images = apart = 0
-            for run, full in zip(runs, truth):
-                outcome = replay(run, e, sequential, coarse)
-                same += outcome.best == full.best
-                images += outcome.images
-                low, high = (
-                    scored(run[outcome.best]).intervals["ccip_recscore"],
-                    scored(run[full.best]).intervals["ccip_recscore"],
+    base = load_settings().evaluate
+    print(
+        f"{'images':>6}{'checkpoints':>12}  {'strategy':<34}{'same step':>10}{'images':>8}{'batches':>8}{'apart':>7}"
+    )
+    for images in args.images:
+        for checkpoints in args.checkpoints:
+            runs = [synthetic_run(seed, checkpoints, images=images) for seed in range(args.runs)]
+            truth = [replay(run, base, False, False) for run in runs]
+            full_batches = sum(batches(t, base, images, False, args.batch) for t in truth)
+            rows = {
+                "rerendered": [
+                    (replay(synthetic_run(seed, checkpoints, images=images, draw=1), base, False, False), base, False)
+                    for seed in range(args.runs)
+                ]
+            }
+            for name, (e, sequential, coarse) in strategies(base, images, args.every).items():
+                rows[name] = [(replay(run, e, sequential, coarse), e, sequential) for run in runs]
+            for name, outcomes in rows.items():
+                same = rendered = batched = apart = 0
+                for run, full, (outcome, e, sequential) in zip(runs, truth, outcomes):
+                    same += outcome.best == full.best
+                    rendered += outcome.images
+                    batched += batches(outcome, e, images, sequential, args.batch)
+                    low, high = (
+                        scored(run[outcome.best]).intervals["ccip_recscore"],
+                        scored(run[full.best]).intervals["ccip_recscore"],
+                    )
+                    apart += not (low[0] <= high[1] and high[0] <= low[1])  # RecScore intervals do not overlap
+                share, batch_share = rendered / sum(t.images for t in truth), batched / full_batches
+                print(
+                    f"{images:>6}{checkpoints:>12}  {name:<34}{same / len(runs):>10.1%}{share:>8.1%}"
+                    f"{batch_share:>8.1%}{apart:>7}"
                 )
-                apart += not (low[0] <= high[1] and high[0] <= low[1])  # RecScore intervals do not overlap
-            share = images / sum(t.images for t in truth)
-            print(f"{checkpoints:>11}  {name:<28}{same / len(runs):>10.1%}{share:>8.1%}{apart:>7}")
 
 
 if __name__ == "__main__":

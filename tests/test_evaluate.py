@@ -271,38 +271,41 @@ def test_the_base_pipeline_stays_loaded_between_evaluations(kit, trained, datase
     assert len(loads) == 2
 
 
-def test_sequential_evaluation_renders_half_of_a_ruled_out_checkpoint_and_never_keeps_it(
+def test_sequential_evaluation_stops_a_ruled_out_checkpoint_after_a_part_and_never_keeps_it(
     kit, trained, dataset, tmp_path, monkeypatch
 ):
     """The decision itself is tested on synthetic runs (test_sequential.py); here the evaluator's side:
-    latest checkpoints first, half of the images of a ruled-out one, its reason, and no release of it."""
+    latest checkpoints first, a look after each part of the images but the last, a ruled-out checkpoint's
+    images only up to its look, its reason, and no release of it."""
     from lorafactory.evaluate import schedule
 
     settings, out, checkpoints = trained
     settings = settings.model_copy(deep=True)
-    settings.evaluate.sequential, settings.evaluate.keep = True, 3
+    settings.evaluate.sequential, settings.evaluate.keep, settings.evaluate.sequential_every = True, 3, 2
     checkpoints = {step: checkpoints[step] for step in (4, 5, 6, 7, 8)}
-    seen = {}
+    work = jobs(settings.evaluate, prompt_specs(settings.evaluate, []), TRIGGER)
+    assert len(work) == 5  # three parts: images 0 and 3, then 1 and 4, then 2
+    looks: dict[int, list[tuple]] = {}
 
     def decide(table, step, probe, intervals, e, keep, ineligible):
-        assert keep == 3
-        seen[step] = (sorted(table), set(ineligible), probe["ccip_recscore"] is not None and bool(intervals))
-        return step <= 5
+        assert keep == 3 and probe["ccip_recscore"] is not None and intervals
+        looks.setdefault(step, []).append((sorted(table), set(ineligible)))
+        return len(looks[step]) == {4: 1, 5: 2}.get(step)  # 4 stops at its first look, 5 at its second
 
     monkeypatch.setattr(schedule, "ruled_out", decide)
     result = evaluate(settings, TRIGGER, dataset, out, checkpoints, {}, tmp_path / "eval", SilentProgress())
-    n, half = result.counts["images_per_checkpoint"], (result.counts["images_per_checkpoint"] + 1) // 2
     assert result.details["ruled_out"] == [4, 5]
-    assert seen[8] == ([], set(), True) and seen[5] == ([6, 7, 8], set(), True)
-    assert seen[4] == ([5, 6, 7, 8], {5}, True)  # an earlier ruled-out row counts, as ineligible
-    assert result.counts["images_rendered"] == 3 * n + 2 * half
-    for step in checkpoints:
+    assert looks[8] == [([], set())] * 2 and looks[5] == [([6, 7, 8], set())] * 2
+    assert looks[4] == [([5, 6, 7, 8], {5})]  # an earlier ruled-out row counts, as ineligible
+    assert result.counts["images_rendered"] == 3 * 5 + 4 + 2
+    for step, shown in {4: [0, 3], 5: [0, 1, 3, 4], 6: range(5), 8: range(5)}.items():
         folder = step_dir(tmp_path / "eval", step)
-        rendered = [p for p in folder.glob("*.png") if p.name != "grid.png"]
+        rendered = sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
         per_image = json.loads((folder / "metrics.json").read_text())["per_image"]
-        assert len(rendered) == len(per_image) == (half if step <= 5 else n)
+        assert rendered == sorted(work[i].filename for i in shown) == sorted(per_image)
     assert set(result.selection.kept) == {6, 7, 8}
-    assert all(result.selection.excluded[s].startswith(f"ruled out after {half} of {n} images") for s in (4, 5))
+    excluded = result.selection.excluded
+    assert excluded[4].startswith("ruled out after 2 of 5 images") and excluded[5].startswith("ruled out after 4 of 5")
 
 
 def test_pngs_are_written_in_the_background_with_their_parameters_and_a_failure_is_raised(tmp_path):

@@ -302,6 +302,27 @@ def test_artifacts_whose_manifests_record_no_settings_are_compared_by_their_fing
     assert run_pipeline(workspace, store, settings, SilentProgress(), until="crawl").executed == ["crawl"]
 
 
+def test_a_setting_added_since_artifacts_record_theirs_leaves_the_older_files_hashes_as_they_were():
+    """Files written before artifacts recorded their settings hold these hashes of the default settings (what
+    that lorafactory computed); a setting added since, at its default, must leave them so, or every stage made
+    then would be rebuilt (list it in config._ADDED_SINCE_LEGACY). A changed default changes them on purpose."""
+    from lorafactory.config import Settings, legacy_settings_hash
+    from lorafactory.pipeline import _legacy_fingerprints
+
+    settings = Settings()
+    assert _legacy_fingerprints(settings) == {
+        "crawl": "f6819a50d2d14a04",
+        "prepare": "7a485a67681313ec",
+        "train": "d38aa426bc5dfa66",
+        "evaluate": "f0ed7682464d279e",
+        "release": "e77e0860d0231298",
+    }
+    assert legacy_settings_hash(settings) == "09dcf58231fa7214"  # the gate file's
+    settings.evaluate.sequential_every += 1  # not at its default: not what those files were made with
+    assert _legacy_fingerprints(settings)["evaluate"] != "f0ed7682464d279e"
+    assert legacy_settings_hash(settings) != "09dcf58231fa7214"
+
+
 def _interrupted_after_its_last_image(char):
     """The finished crawl made an interrupted one (no manifest); its marker file and its manifest."""
     manifest = char.manifest("crawl")

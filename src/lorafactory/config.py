@@ -389,8 +389,16 @@ class EvaluateSettings(Section):
     sequential: bool = Field(
         True,
         description=(
-            "Render half of a checkpoint's images first and stop there when, even at the top of their 95% "
-            "intervals, its metrics could not make it a kept step."
+            "Render a checkpoint's images a part at a time (sequential_every each) and stop after a part when, "
+            "even at the top of their 95% intervals, its metrics could not make it a kept step."
+        ),
+    )
+    sequential_every: int = Field(
+        8,
+        ge=2,
+        description=(
+            "The most images in each part of a sequential evaluation; a part takes every p-th image of the "
+            "suite, so each look sees every prompt. Equal to batch_size, a part is one batch."
         ),
     )
     ccip_threshold: float | None = Field(None, description="CCIP difference threshold; the model's own when unset.")
@@ -534,6 +542,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "width": 128,
             "height": 128,
             "batch_size": 4,
+            "sequential_every": 3,  # its five images in two parts: a look after the first three
             "prompt_set": "custom",
             "prefix": "{trigger}",
             "prompts": [
@@ -747,9 +756,25 @@ _LEGACY_RUNTIME = {
 }
 
 
+# Top-level settings added since artifacts record their settings: the hashes of files that do not record them
+# never saw these, so they leave each out while it is at its default. Add every new setting here.
+_ADDED_SINCE_LEGACY = {"evaluate": {"sequential_every"}}
+
+
+def _added_at_default(name: str, section: BaseModel) -> set[str]:
+    fields = type(section).model_fields
+    return {field for field in _ADDED_SINCE_LEGACY.get(name, ()) if getattr(section, field) == fields[field].default}
+
+
 def legacy_dump(name: str, section: BaseModel) -> dict[str, Any]:
     """Settings section ``name`` as the hashes of manifests that do not record their settings saw it."""
-    return section.model_dump(mode="json", exclude=_LEGACY_RUNTIME.get(name, set()))
+    return section.model_dump(mode="json", exclude=_LEGACY_RUNTIME.get(name, set()) | _added_at_default(name, section))
+
+
+def legacy_settings_hash(settings: Settings) -> str:
+    """The hash of every setting as files that do not record their settings (the gate's, before it did) hold it."""
+    added = {name: _added_at_default(name, getattr(settings, name)) for name in _ADDED_SINCE_LEGACY}
+    return settings_hash(settings.model_dump(mode="json", exclude={k: v for k, v in added.items() if v}))
 
 
 def settings_hash(*parts: BaseModel | dict[str, Any] | str) -> str:

@@ -23,6 +23,7 @@ from lorafactory.config import (
     changed_section_setting,
     changed_setting,
     legacy_dump,
+    legacy_settings_hash,
     recorded_sections,
     recorded_settings,
     settings_hash,
@@ -421,7 +422,7 @@ def _gate_attempt(char: CharacterDir, settings: Settings) -> int:
         if "settings" in saved:
             same = isinstance(saved["settings"], dict) and changed_setting(saved["settings"], settings) is None
         else:
-            same = saved["settings_hash"] == settings_hash(settings)
+            same = saved["settings_hash"] == legacy_settings_hash(settings)
         attempt = int(saved["attempt"]) if same else 0
     except (OSError, ValueError, TypeError, KeyError):  # absent or malformed: no retrain recorded
         return 0

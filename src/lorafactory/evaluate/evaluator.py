@@ -27,7 +27,7 @@ from lorafactory.evaluate.generate import LOAD_ERRORS, BackgroundPngs, Generator
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
 from lorafactory.evaluate.resident import base_pipeline
-from lorafactory.evaluate.schedule import StopsEarly, score_checkpoints
+from lorafactory.evaluate.schedule import StopsEarly, look_parts, score_checkpoints
 from lorafactory.evaluate.scoring import METRICS, Measured, Scorer, StepScores
 from lorafactory.evaluate.select import Selection, select_steps
 from lorafactory.progress import Progress
@@ -130,7 +130,7 @@ def evaluate(
     failed, ruled, done = scored.failed, scored.ruled, scored.done
     skipped = [s for s in steps if s not in done]
 
-    selection = select_steps(table, e, frozenset(ruled))  # their half-scored rows count in the normalisation
+    selection = select_steps(table, e, frozenset(ruled))  # their partly scored rows count in the normalisation
     selection.excluded.update(ruled)
     for step in skipped:
         selection.excluded[step] = "not evaluated (coarse-to-fine)"
@@ -180,9 +180,9 @@ def _evaluate_step(
 ) -> StepScores | str:
     """Render and score one checkpoint; a checkpoint that fails to load gives the reason instead.
 
-    With ``stops_early``, every other image is rendered and scored first, and the rest only when
-    ``stops_early`` says the half does not settle it (the scores then cover fewer images). ``times``
-    gathers the seconds spent loading, rendering, and waiting for the worker threads' scores and files."""
+    With ``stops_early``, the images are rendered and scored a part at a time (``look_parts``), and the next
+    part only when ``stops_early`` says those so far do not settle it (the scores then cover fewer images).
+    ``times`` gathers the seconds spent loading, rendering, and waiting for the worker threads' scores and files."""
     e, t = settings.evaluate, settings.train
     target.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -219,14 +219,16 @@ def _evaluate_step(
             preview_grid([(job.filename[:-4], rendered[job.filename]) for job in done], target / "grid.png")
             return scores or measuring.scores(done)
 
-        if stops_early is None or len(work) < 2:
+        if stops_early is None:
             return finish(render(work))
-        half = render(work[::2])
-        partial = measuring.scores(half)
-        if stops_early(partial):
-            task.advance(len(work) - len(half))
-            return finish(half, partial)
-        return finish(render(work[1::2]))
+        *looked, last = look_parts(len(work), e.sequential_every)
+        for part in looked:
+            done = render([work[i] for i in part])
+            partial = measuring.scores(done)
+            if stops_early(partial):
+                task.advance(len(work) - len(done))
+                return finish(done, partial)
+        return finish(render([work[i] for i in last]))
 
 
 class BackgroundMeasurements:

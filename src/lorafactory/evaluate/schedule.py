@@ -1,4 +1,4 @@
-"""Which checkpoints are scored, in which order, and which stop after half of their images.
+"""Which checkpoints are scored, in which order, and which stop after part of their images.
 
 ``score_checkpoints`` is the loop the evaluate stage runs; the test kit replays synthetic runs through
 it too (``lorafactory.testing.metric_tables``), so what the simulations measure is this very code.
@@ -22,9 +22,17 @@ ScoreStep = Callable[[int, StopsEarly | None], StepScores | str]
 class Scored:
     intervals: dict[int, dict[str, tuple[float, float] | None]] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)  # steps that could not be scored, and why
-    ruled: dict[int, str] = field(default_factory=dict)  # steps scored on half of their images only, and why
+    ruled: dict[int, str] = field(default_factory=dict)  # steps scored on part of their images only, and why
     done: set[int] = field(default_factory=set)  # every step tried
     images: int = 0  # images scored in all
+
+
+def look_parts(n: int, every: int) -> list[list[int]]:
+    """The suite's ``n`` image indices in the parts a sequential evaluation renders: as few parts as hold at most
+    ``every`` images each, part j every p-th image from j, so that each look sees the whole suite evenly; a step
+    may stop after any part but the last."""
+    parts = -(-n // every)
+    return [list(range(j, n, parts)) for j in range(parts)]
 
 
 def coarse_steps(steps: list[int], every: int) -> list[int]:
@@ -41,8 +49,8 @@ def refine_steps(steps: list[int], done: set[int], around: list[int], every: int
 
 def score_checkpoints(table: Table, e: EvaluateSettings, score: ScoreStep, images_each: int) -> Scored:
     """Score the steps of ``table`` (one row each, updated in place with the scores) as ``e`` asks: all or
-    coarse-to-fine, and with ``e.sequential`` latest first, each ruled out after half of its
-    ``images_each`` images when even the top of its intervals could not make it one of the run's kept steps."""
+    coarse-to-fine, and with ``e.sequential`` latest first, each ruled out after a part of its ``images_each``
+    images (``look_parts``) when even the top of its intervals could not make it one of the run's kept steps."""
     steps = sorted(table)
     keep = keep_count(len(steps), e.keep)  # what the whole run keeps: a step outside it is ruled out
     result = Scored()
