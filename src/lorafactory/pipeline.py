@@ -379,7 +379,6 @@ def _head(stage: str, settings: Settings, upstream: str) -> Manifest:
         stage=stage,
         fingerprint=settings_hash(stage, OUTPUT_VERSIONS[stage], upstream, record),
         inputs={before: upstream} if before else {},
-        config_hash=settings_hash(*[getattr(settings, name) for name in _SECTIONS[stage]]),
         code_version=OUTPUT_VERSIONS[stage],
         settings=record,
     )

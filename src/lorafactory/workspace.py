@@ -109,7 +109,6 @@ class Manifest(BaseModel):
     stage: str
     fingerprint: str = Field(description="Hash of the settings and upstream fingerprints that produced it.")
     inputs: dict[str, str] = Field(default_factory=dict, description="Upstream stage -> fingerprint.")
-    config_hash: str = ""
     code_version: str = Field("", description="The stage's output version (empty in older manifests).")
     settings: dict[str, Any] = Field(
         default_factory=dict, description="The settings sections it was made with (runtime settings left out)."
