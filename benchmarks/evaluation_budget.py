@@ -48,6 +48,18 @@ def batches(outcome: Outcome, e: EvaluateSettings, images: int, sequential: bool
     return total
 
 
+def sequential_share(e: EvaluateSettings, images: int, checkpoints: int, runs: int = 100) -> float:
+    """The share of a full evaluation's GPU batches that ``e``'s sequential evaluation renders, on ``runs``
+    synthetic runs of ``checkpoints`` with ``images`` each (batches of ``e.batch_size``)."""
+    full = e.model_copy(update={"sequential": False})
+    rendered = every = 0
+    for seed in range(runs):
+        run = synthetic_run(seed, checkpoints, images=images)
+        rendered += batches(replay(run, e, True, False), e, images, True, e.batch_size)
+        every += batches(replay(run, full, False, False), full, images, False, e.batch_size)
+    return rendered / every
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)

@@ -11,8 +11,10 @@ preset's checkpoint grid) and the figures are projected to the planned run: ever
 after the first checkpoint once (set-up, compiling, the first validation), later steps at their mean
 and checkpoints at the last one's time (``project_training``), evaluation per checkpoint. Measured and
 projected figures are both written. Sequential evaluation needs as many scored checkpoints as are kept
-before it drops one, so a short measured run renders every image and the projected evaluation is an
-upper bound.
+before it drops one, and random weights score alike, so a short measured run renders every image and the
+projected evaluation is an upper bound; the ``*_sequential`` figures scale its rendering by the share of
+batches sequential evaluation renders on synthetic runs of the planned checkpoints and suite
+(``evaluation_budget.sequential_share``), an expectation for real training, not a measurement.
 
 ``--concurrent 1,3`` runs each measurement as that many models at once, in as many processes on the
 one GPU (alternating the counts between repeats): a trainer bound by its host leaves the GPU idle
@@ -207,6 +209,7 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
     """One train + evaluate of ``preset``: measured spans, and the figures projected to the planned run."""
     import torch
 
+    from evaluation_budget import sequential_share
     from lorafactory.config import load_settings
     from lorafactory.evaluate.evaluator import evaluate
     from lorafactory.train.length import planned_schedule, samples_per_step
@@ -249,6 +252,8 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
     train_projected = steady["projected_s"] if steady else (train_wall - loop) + loop / measured * planned
     eval_projected = (eval_wall - evaluating) + evaluating / checkpoints * planned_checkpoints
     gpu_seconds = train_projected + eval_projected
+    share = sequential_share(settings.evaluate, result.counts["images_per_checkpoint"], planned_checkpoints)
+    sequential_seconds = gpu_seconds - evaluating / checkpoints * planned_checkpoints * (1 - share)
     return {
         "preset": preset,
         "settings": extra,
@@ -287,6 +292,9 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
         "projected_gpu_s_per_model": round(gpu_seconds, 1),
         "eval_share": round(eval_projected / gpu_seconds, 3),
         "models_per_gpu_day": round(86400 / gpu_seconds, 1),
+        "eval_sequential_share": round(share, 3),
+        "projected_gpu_s_per_model_sequential": round(sequential_seconds, 1),
+        "models_per_gpu_day_sequential": round(86400 / sequential_seconds, 1),
     }
 
 
@@ -306,6 +314,8 @@ def summarise(rows: list[dict]) -> dict:
         "eval_gpu_util",
         "projected_gpu_s_per_model",
         "models_per_gpu_day",
+        "projected_gpu_s_per_model_sequential",
+        "models_per_gpu_day_sequential",
     )
     summary = {}
     groups = dict.fromkeys((r["preset"], r["concurrent"], r["model_in_process"] > 0) for r in rows)
@@ -420,7 +430,7 @@ def main() -> None:
             f"({last['eval_size']}, {last['sampler_steps']} sampler steps); measured {last['measured_steps']} steps"
         )
         for key, stats in figures.items():
-            print(f"  {key:<32} median {stats['median']:>9} (min {stats['min']}, max {stats['max']})")
+            print(f"  {key:<38} median {stats['median']:>9} (min {stats['min']}, max {stats['max']})")
     print(f"results: {path}")
 
 
