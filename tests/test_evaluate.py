@@ -294,7 +294,7 @@ def test_sequential_evaluation_stops_a_ruled_out_checkpoint_after_a_part_and_nev
 
     monkeypatch.setattr(schedule, "ruled_out", decide)
     result = evaluate(settings, TRIGGER, dataset, out, checkpoints, {}, tmp_path / "eval", SilentProgress())
-    assert result.details["ruled_out"] == [4, 5]
+    assert result.details["ruled_out"] == [4, 5] and result.counts["ruled_out_early"] == 2
     assert looks[8] == [([], set())] * 2 and looks[5] == [([6, 7, 8], set())] * 2
     assert looks[4] == [([5, 6, 7, 8], {5})]  # an earlier ruled-out row counts, as ineligible
     assert result.counts["images_rendered"] == 3 * 5 + 4 + 2

@@ -159,6 +159,7 @@ def evaluate(
     counts = {
         "checkpoints": len(steps),
         "evaluated": len(done) - len(failed),
+        "ruled_out_early": len(ruled),  # on part of their images (sequential evaluation)
         "images_per_checkpoint": len(work),
         "images_rendered": scored.images,
         "failed_checkpoints": len(failed),
