@@ -65,19 +65,18 @@ def replay(run: dict[int, dict[str, np.ndarray]], e: EvaluateSettings, sequentia
     """The evaluate stage's own loop (``score_checkpoints``) and selection on ``run``, with these strategies."""
     e = e.model_copy(update={"sequential": sequential, "checkpoints": "coarse_to_fine" if coarse else "all"})
     images = len(next(iter(run.values()))[METRICS[0]])
-
     rendered: dict[int, int] = {}
 
     def score(step: int, stops_early: StopsEarly | None) -> StepScores:
-        scores = scored(run[step])
-        if stops_early is not None:
-            done: list[int] = []
-            for part in look_parts(images, e.sequential_every)[:-1]:
-                done += part
-                partial = scored(run[step], sorted(done))
-                if stops_early(partial):
-                    scores = partial
-                    break
+        looks = look_parts(images, e.sequential_every)[:-1] if stops_early is not None else []
+        done: list[int] = []
+        for part in looks:
+            done += part
+            scores = scored(run[step], sorted(done))
+            if stops_early(scores):
+                break
+        else:
+            scores = scored(run[step])
         rendered[step] = scores.images
         return scores
 
