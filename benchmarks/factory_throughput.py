@@ -205,6 +205,9 @@ def inputs(preset: str, work: Path, images: int, tiny: bool) -> tuple[list[str],
     return overrides, dataset
 
 
+_SHARES: dict[tuple[int, int, str], float] = {}  # sequential evaluation's simulated share of batches, per suite
+
+
 def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool, extra: list[str]) -> dict:
     """One train + evaluate of ``preset``: measured spans, and the figures projected to the planned run."""
     import torch
@@ -252,7 +255,10 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
     train_projected = steady["projected_s"] if steady else (train_wall - loop) + loop / measured * planned
     eval_projected = (eval_wall - evaluating) + evaluating / checkpoints * planned_checkpoints
     gpu_seconds = train_projected + eval_projected
-    share = sequential_share(settings.evaluate, result.counts["images_per_checkpoint"], planned_checkpoints)
+    suite = (result.counts["images_per_checkpoint"], planned_checkpoints, settings.evaluate.model_dump_json())
+    if suite not in _SHARES:  # a simulation of some seconds: once per process
+        _SHARES[suite] = sequential_share(settings.evaluate, *suite[:2])
+    share = _SHARES[suite]
     sequential_seconds = gpu_seconds - evaluating / checkpoints * planned_checkpoints * (1 - share)
     return {
         "preset": preset,
