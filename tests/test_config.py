@@ -46,6 +46,21 @@ def test_bad_value_names_the_key_and_allowed_values():
         load_settings(overrides=["train.max_steps=0"])
 
 
+def test_a_custom_prompt_set_without_prompts_is_refused_before_anything_trains():
+    custom = ['evaluate.prompt_set="custom"']
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=[*custom, "evaluate.cluster_prompts=false"])
+    message = str(info.value)
+    assert message.startswith("invalid config: evaluate: prompt_set 'custom' renders only evaluate.prompts")
+    assert "add [[evaluate.prompts]]" in message and "\n" not in message
+    assert load_settings(overrides=[*custom, 'evaluate.prompts=[{name = "a", prompt = "smile"}]']).evaluate.prompts
+    from lorafactory.evaluate.prompts import prompt_specs
+
+    clusters_only = load_settings(overrides=custom).evaluate  # the dataset's outfit clusters may still give some
+    with pytest.raises(ValueError, match="has none: add \\[\\[evaluate.prompts\\]\\]"):
+        prompt_specs(clusters_only, [["1girl"], ["smile"]])
+
+
 def test_bad_preset_file_and_override_syntax(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         load_settings(preset="nope")

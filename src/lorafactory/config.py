@@ -424,6 +424,15 @@ class EvaluateSettings(Section):
     gate_step_factor: float = Field(1.5, ge=1, description="Each retrain multiplies the step count by this...")
     gate_lr_factor: float = Field(1.2, gt=0, description="...and the learning rates by this.")
 
+    @model_validator(mode="after")
+    def _has_prompts(self) -> EvaluateSettings:
+        if self.prompt_set == "custom" and not self.prompts and not self.cluster_prompts:
+            raise ValueError(
+                "prompt_set 'custom' renders only evaluate.prompts, and there are none: "
+                "add [[evaluate.prompts]] entries or choose another prompt_set"
+            )
+        return self
+
 
 class RegularizationSettings(Section):
     """A generic image set trained alongside the character to fight overfitting (see train.prior_loss_weight)."""
@@ -618,6 +627,8 @@ def _describe(error: dict[str, Any]) -> str:
         allowed = _allowed_keys(loc)
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
         return f"unknown key '{key}'{hint}"
+    if error["type"] == "value_error":  # a section's own check: its message names the settings
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 

@@ -103,6 +103,11 @@ def prompt_specs(
                 )
             )
     specs += e.prompts
+    if not specs:
+        raise ValueError(
+            "evaluate.prompt_set 'custom' with no evaluate.prompts relies on the dataset's outfit clusters, and it "
+            "has none: add [[evaluate.prompts]] entries or choose another prompt_set"
+        )
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
