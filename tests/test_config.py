@@ -46,7 +46,7 @@ def test_bad_value_names_the_key_and_allowed_values():
         load_settings(overrides=["train.max_steps=0"])
 
 
-def test_a_custom_prompt_set_without_prompts_is_refused_before_anything_trains():
+def test_a_custom_prompt_set_without_prompts_is_refused_and_says_what_to_add():
     custom = ['evaluate.prompt_set="custom"']
     with pytest.raises(ConfigError) as info:
         load_settings(overrides=[*custom, "evaluate.cluster_prompts=false"])
