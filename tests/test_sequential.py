@@ -5,7 +5,7 @@ per-image values are drawn around a known curve, against scoring every image."""
 import pytest
 
 from lorafactory.config import load_settings
-from lorafactory.evaluate.schedule import look_parts
+from lorafactory.evaluate.schedule import look_parts, small_parts_warning
 from lorafactory.testing.metric_tables import IMAGES, METRICS, replay, scored, synthetic_run
 
 
@@ -19,6 +19,19 @@ def test_each_part_holds_at_most_every_images_spread_over_the_whole_suite(n, eve
         seen = sorted(i for part in parts[:looked] for i in part)
         stretches = [sum(lo <= i < lo + len(parts) for i in seen) for lo in range(0, n, len(parts))]
         assert all(count == looked for count in stretches[:-1]) and stretches[-1] <= looked
+
+
+def test_parts_smaller_than_the_render_batch_are_pointed_out():
+    e = load_settings().evaluate  # parts of 8, batches of 8
+    assert small_parts_warning(e, 37) is None
+    wide = e.model_copy(update={"batch_size": 16})
+    assert small_parts_warning(wide, 37) == (
+        "evaluate.batch_size is 16 but sequential evaluation renders parts of at most 8 images, so no batch is full; "
+        "set evaluate.sequential_every = 16"
+    )
+    assert small_parts_warning(wide, 8) is None  # one part: the whole suite in one batch
+    assert small_parts_warning(wide.model_copy(update={"sequential": False}), 37) is None
+    assert small_parts_warning(e.model_copy(update={"batch_size": 4}), 37) is None  # two full batches a part
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -550,7 +550,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "steps": 4,
             "width": 128,
             "height": 128,
-            "batch_size": 4,
+            "batch_size": 3,  # a part at once
             "sequential_every": 3,  # its five images in two parts: a look after the first three
             "prompt_set": "custom",
             "prefix": "{trigger}",

@@ -27,7 +27,7 @@ from lorafactory.evaluate.generate import LOAD_ERRORS, BackgroundPngs, Generator
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
 from lorafactory.evaluate.resident import base_pipeline
-from lorafactory.evaluate.schedule import StopsEarly, look_parts, score_checkpoints
+from lorafactory.evaluate.schedule import StopsEarly, look_parts, score_checkpoints, small_parts_warning
 from lorafactory.evaluate.scoring import METRICS, Measured, Scorer, StepScores
 from lorafactory.evaluate.select import Selection, select_steps
 from lorafactory.progress import Progress
@@ -101,8 +101,9 @@ def evaluate(
         raise ConfigError(str(exc)) from exc
     work = jobs(e, specs, trigger)
     device = resolve_device(t.device)
-    if warning := vision_on_cpu_warning(device):
-        log.warning(warning)
+    for warning in (vision_on_cpu_warning(device), small_parts_warning(e, len(work))):
+        if warning:
+            log.warning(warning)
     with base_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device), t.base_config, device) as pipe:
         generator = Generator(pipe, e, t.clip_skip, device)
         scorer = Scorer(settings, trigger, features, threshold, device)

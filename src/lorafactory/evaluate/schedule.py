@@ -35,6 +35,16 @@ def look_parts(n: int, every: int) -> list[list[int]]:
     return [list(range(j, n, parts)) for j in range(parts)]
 
 
+def small_parts_warning(e: EvaluateSettings, images: int) -> str | None:
+    """Why sequential parts smaller than the render batch leave it part-empty, or None when they do not."""
+    if not e.sequential or images <= e.sequential_every or e.batch_size <= e.sequential_every:
+        return None
+    return (
+        f"evaluate.batch_size is {e.batch_size} but sequential evaluation renders parts of at most "
+        f"{e.sequential_every} images, so no batch is full; set evaluate.sequential_every = {e.batch_size}"
+    )
+
+
 def coarse_steps(steps: list[int], every: int) -> list[int]:
     """Every ``every``-th checkpoint, and always the last."""
     return sorted(set(steps[every - 1 :: every]) | {steps[-1]})
