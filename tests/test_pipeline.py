@@ -307,6 +307,7 @@ def test_a_setting_added_since_artifacts_record_theirs_leaves_the_older_files_ha
     that lorafactory computed); a setting added since, at its default, must leave them so, or every stage made
     then would be rebuilt (list it in config._ADDED_SINCE_LEGACY). A changed default changes them on purpose."""
     from lorafactory.config import Settings, legacy_settings_hash
+    from lorafactory.dataset.regularization import _legacy_key, _set_settings
     from lorafactory.pipeline import _legacy_fingerprints
 
     settings = Settings()
@@ -318,6 +319,7 @@ def test_a_setting_added_since_artifacts_record_theirs_leaves_the_older_files_ha
         "release": "e77e0860d0231298",
     }
     assert legacy_settings_hash(settings) == "09dcf58231fa7214"  # the gate file's
+    assert _legacy_key(_set_settings(settings), settings.train.base_model) == "08fbec3db258be08"  # a shared set's
     settings.evaluate.sequential_every += 1  # not at its default: not what those files were made with
     assert _legacy_fingerprints(settings)["evaluate"] != "f0ed7682464d279e"
     assert legacy_settings_hash(settings) != "09dcf58231fa7214"

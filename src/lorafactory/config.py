@@ -774,7 +774,11 @@ _ADDED_SINCE_LEGACY = {"evaluate": {"sequential_every"}}
 
 def _added_at_default(name: str, section: BaseModel) -> set[str]:
     fields = type(section).model_fields
-    return {field for field in _ADDED_SINCE_LEGACY.get(name, ()) if getattr(section, field) == fields[field].default}
+    return {
+        field
+        for field in _ADDED_SINCE_LEGACY.get(name, ())
+        if getattr(section, field) == fields[field].get_default(call_default_factory=True)
+    }
 
 
 def legacy_dump(name: str, section: BaseModel) -> dict[str, Any]:

@@ -16,7 +16,14 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorafactory.config import FOLDER_SOURCES, Settings, changed_section_setting, recorded_sections, settings_hash
+from lorafactory.config import (
+    FOLDER_SOURCES,
+    Settings,
+    changed_section_setting,
+    legacy_dump,
+    recorded_sections,
+    settings_hash,
+)
 from lorafactory.errors import ConfigError
 from lorafactory.progress import Progress
 from lorafactory.workspace import CharacterDir, Manifest, read_manifest
@@ -75,11 +82,16 @@ def _built(folder: CharacterDir, key: str, stage: str = "prepare") -> bool:
     return existing is not None and existing.fingerprint == key
 
 
+def _legacy_key(generic: Settings, base_model: str) -> str:
+    """The key these settings gave a set before sets recorded their settings."""
+    return settings_hash(*(legacy_dump(name, getattr(generic, name)) for name in _SECTIONS), base_model)
+
+
 def _earlier_set(shared: Path, generic: Settings, base_model: str) -> CharacterDir | None:
     """A set built by an earlier lorafactory, or with other runtime settings, that these settings would make
     too: its manifest records the same values (a setting added since counts at its default), or, made before
     sets recorded their settings, it has the key these settings had then."""
-    legacy = settings_hash(*(getattr(generic, name) for name in _SECTIONS), base_model)
+    legacy = _legacy_key(generic, base_model)
     if _built(CharacterDir(shared, legacy), legacy):
         return CharacterDir(shared, legacy)
     for manifest_file in sorted(shared.glob("*/prepare/manifest.json")):
