@@ -490,6 +490,41 @@ def test_sidecar_tags_reach_the_captions_of_full_person_crops(tmp_path, kit):
     assert others and not any("holding umbrella" in c for c in others)
 
 
+def test_a_prompt_suite_the_dataset_leaves_empty_is_refused_before_training(tmp_path, kit):
+    """A custom prompt set that relies on the dataset's outfit clusters, for a dataset with none, is known to have
+    nothing to evaluate once the dataset is made: the run stops at train, before it trains, with the fix."""
+    from lorafactory.dataset.clusters import outfit_clusters
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for image in sorted(kit.images.glob("main_*.png"))[:4]:
+        shutil.copyfile(image, folder / image.name)
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    store = Store(ws.default_db_url)
+    settings = demo_settings(
+        kit,
+        "http://127.0.0.1:1",
+        'crawl.source="local"',
+        f'crawl.from_dir="{folder}"',
+        'character.name="Few"',
+        "evaluate.prompts=[]",  # the demo's own prompts gone: only the outfit clusters are left
+    )
+    with pytest.raises(ConfigError, match=r"has none: add \[\[evaluate.prompts\]\] entries or choose another"):
+        run_pipeline(ws, store, settings, SilentProgress())
+    char = ws.character("few")
+    records = [json.loads(line) for line in (char.artifact("prepare") / "metadata.jsonl").read_text().splitlines()]
+    assert records and not outfit_clusters([r["tags"] for r in records])
+    assert not char.artifact("train").exists() and not char.partial("train").exists()
+    stages = store.character_summary("few")["latest_run"]["stages"]
+    assert [(s["stage"], s["status"]) for s in stages] == [
+        ("crawl", "succeeded"),
+        ("prepare", "succeeded"),
+        ("train", "failed"),
+    ]
+    assert "evaluate.prompt_set 'custom'" in stages[-1]["error"]
+
+
 def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     runner = CliRunner()
     ws = str(tmp_path / "ws")

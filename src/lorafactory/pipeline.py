@@ -142,6 +142,16 @@ def _train(ctx: Context, out: Path) -> StageOutput:
     return StageOutput(result.counts, result.details)
 
 
+def _check_evaluable(ctx: Context) -> None:
+    """Refuses to train a model its evaluation would have no prompts for (a custom prompt set that relies on
+    outfit clusters the dataset lacks), as a ConfigError: the dataset tells, before any training."""
+    from lorafactory.evaluate.prompts import dataset_prompt_specs
+    from lorafactory.train.data import read_metadata
+
+    records = read_metadata(ctx.char.artifact("prepare"))
+    dataset_prompt_specs(ctx.settings.evaluate, [list(record.get("tags", [])) for record in records])
+
+
 def _checkpoints(ctx: Context) -> dict[int, str]:
     return {int(step): path for step, path in ctx.manifest("train").details["checkpoints"].items()}
 
@@ -438,6 +448,8 @@ def _execute(ctx: Context, head: Manifest, legacy: str) -> Manifest:
     resumable = stage in RESUMABLE
     upstream = next(iter(head.inputs.values()), "")
     try:
+        if stage == "train":
+            _check_evaluable(ctx)
         out = ctx.char.begin(
             stage,
             head.model_dump_json(include=_MARKER_FIELDS),

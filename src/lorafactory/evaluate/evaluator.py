@@ -25,7 +25,7 @@ from PIL import Image
 from lorafactory.config import Settings
 from lorafactory.evaluate.generate import LOAD_ERRORS, BackgroundPngs, Generator, a1111_parameters
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
-from lorafactory.evaluate.prompts import Job, chosen_set, jobs, prompt_specs
+from lorafactory.evaluate.prompts import Job, chosen_set, dataset_prompt_specs, jobs
 from lorafactory.evaluate.resident import base_pipeline
 from lorafactory.evaluate.schedule import StopsEarly, look_parts, score_checkpoints, small_parts_warning
 from lorafactory.evaluate.scoring import METRICS, Measured, Scorer, StepScores
@@ -36,7 +36,6 @@ from lorafactory.train.model import resolve_device, resolve_dtype
 from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE
 from lorafactory.vision.ccip import default_threshold, extract_features
 from lorafactory.vision.runtime import onnx_provider, vision_on_cpu_warning
-from lorafactory.vision.tagging import is_character_trait
 from lorafactory.workspace import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -92,13 +91,7 @@ def evaluate(
     features = dataset_features(dataset_dir, records, v.ccip_model, cache_dir, progress)
     threshold = e.ccip_threshold if e.ccip_threshold is not None else default_threshold(v.ccip_model)
     image_tags = [list(record.get("tags", [])) for record in records]
-    traits = {tag for tags in image_tags for tag in tags if is_character_trait(tag)}
-    try:
-        specs = prompt_specs(e, image_tags, ignore_tags=traits | {"1girl", "1boy", "solo"})
-    except ValueError as exc:
-        from lorafactory.errors import ConfigError
-
-        raise ConfigError(str(exc)) from exc
+    specs = dataset_prompt_specs(e, image_tags)
     work = jobs(e, specs, trigger)
     device = resolve_device(t.device)
     for warning in (vision_on_cpu_warning(device), small_parts_warning(e, len(work))):

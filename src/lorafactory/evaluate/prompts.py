@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 from lorafactory.config import EvaluateSettings, PromptSpec
 from lorafactory.dataset.clusters import outfit_clusters
+from lorafactory.errors import ConfigError
+from lorafactory.vision.tagging import is_character_trait
+
+UNSPECIFIC_TAGS = frozenset({"1girl", "1boy", "solo"})  # on nearly every image: no outfit in them
 
 BIKINI = (
     "night, starry sky, beach, beautiful detailed sky, extremely detailed "
@@ -115,6 +119,16 @@ def prompt_specs(
             f"evaluate prompts share the names {duplicates}; give each [[evaluate.prompts]] entry its own name"
         )
     return specs
+
+
+def dataset_prompt_specs(e: EvaluateSettings, image_tags: list[list[str]]) -> list[PromptSpec]:
+    """The prompts for a dataset with these tags, its character's traits left out of the outfit clusters.
+    A suite that comes out empty is a ConfigError: known from the dataset alone, before anything trains."""
+    traits = {tag for tags in image_tags for tag in tags if is_character_trait(tag)}
+    try:
+        return prompt_specs(e, image_tags, ignore_tags=traits | UNSPECIFIC_TAGS)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _full_prompt(e: EvaluateSettings, spec: PromptSpec, trigger: str) -> str:
