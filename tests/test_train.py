@@ -644,23 +644,23 @@ def test_a_compiled_unet_trains_what_the_eager_one_does_and_is_compiled_once_per
     from lorafactory.train.trainer import _Run
 
     short = ("train.max_steps=4", "train.validation_split=0.3")  # a checkpoint, with its validation, at step 4
-    eager = train(_settings(kit, *short), "akane_hoshino", dataset, tmp_path / "eager", SilentProgress())
     counters = _fresh_compile_counters()
-    compiled = train(
-        _settings(kit, *short, *COMPILED), "akane_hoshino", dataset, tmp_path / "compiled", SilentProgress()
-    )
+    first = _Run(_settings(kit, *short, *COMPILED), "akane_hoshino", dataset, tmp_path / "first", SilentProgress())
+    for _ in range(4):
+        first.step()
     assert counters["stats"]["unique_graphs"] > 0  # the blocks did go through torch.compile
     # every shape the run met was compiled: none fell back to eager
     assert counters["frames"]["ok"] == counters["frames"]["total"] > 0, dict(counters["frames"])
-    assert compiled.counts["steps"] == eager.counts["steps"]
-    assert _logged_losses(tmp_path / "compiled") == pytest.approx(_logged_losses(tmp_path / "eager"), rel=1e-5)
-    a, b = _weights(tmp_path / "eager", 4), _weights(tmp_path / "compiled", 4)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    frames = counters["frames"]["total"]
+    loss = first.validate()
+    assert counters["frames"]["total"] == frames  # the held-out shapes, met here first, were not compiled
+    eager = train(_settings(kit, *short), "akane_hoshino", dataset, tmp_path / "eager", SilentProgress())
+    assert loss == pytest.approx(eager.details["validation_loss"]["4"], rel=1e-4)
 
     counters.clear()
-    later = _Run(_settings(kit, *short, *COMPILED), "akane_hoshino", dataset, tmp_path / "later", SilentProgress())
-    for _ in range(4):
-        later.step()
-    loss = later.validate()
-    assert not counters["frames"]["total"], dict(counters["frames"])  # neither its steps nor its validation
-    assert loss == pytest.approx(eager.details["validation_loss"]["4"], rel=1e-4)
+    later = train(_settings(kit, *short, *COMPILED), "akane_hoshino", dataset, tmp_path / "later", SilentProgress())
+    assert not counters["frames"]["total"], dict(counters["frames"])  # a new UNet and LoRA, and nothing compiled
+    assert later.counts["steps"] == eager.counts["steps"]
+    assert _logged_losses(tmp_path / "later") == pytest.approx(_logged_losses(tmp_path / "eager"), rel=1e-5)
+    a, b = _weights(tmp_path / "eager", 4), _weights(tmp_path / "later", 4)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
