@@ -424,9 +424,14 @@ class EvaluateSettings(Section):
     gate_step_factor: float = Field(1.5, ge=1, description="Each retrain multiplies the step count by this...")
     gate_lr_factor: float = Field(1.2, gt=0, description="...and the learning rates by this.")
 
+    @property
+    def relies_on_clusters(self) -> bool:
+        """True when only the dataset's outfit clusters can give the suite prompts (a custom set without any)."""
+        return self.prompt_set == "custom" and not self.prompts
+
     @model_validator(mode="after")
     def _has_prompts(self) -> EvaluateSettings:
-        if self.prompt_set == "custom" and not self.prompts and not self.cluster_prompts:
+        if self.relies_on_clusters and not self.cluster_prompts:
             raise ValueError(
                 "prompt_set 'custom' renders only evaluate.prompts, and there are none: "
                 "add [[evaluate.prompts]] entries or choose another prompt_set"

@@ -148,7 +148,7 @@ def _check_evaluable(ctx: Context) -> None:
     from lorafactory.evaluate.prompts import dataset_prompt_specs
     from lorafactory.train.data import read_metadata
 
-    if ctx.settings.evaluate.prompt_set != "custom" or ctx.settings.evaluate.prompts:
+    if not ctx.settings.evaluate.relies_on_clusters:
         return  # a built-in set, or the user's own prompts: never empty, and no clustering to pay for
     records = read_metadata(ctx.char.artifact("prepare"))
     dataset_prompt_specs(ctx.settings.evaluate, [list(record.get("tags", [])) for record in records])
