@@ -68,7 +68,7 @@ def check(model: Path, precision: str, autocast: bool, data: Path, work: Path) -
     gap = max(float((a[k] - b[k]).abs().max()) for k in a)
     finite = all(torch.isfinite(t).all() for t in a.values())
 
-    pipe = load_pipeline(str(model), torch_dtype=torch.float16).to("cuda")
+    pipe = load_pipeline(str(model), dtype=torch.float16).to("cuda")
     folder = checkpoint_dir(work / "straight", 8)
     pipe.load_lora_weights(str(folder / LORA_FILE))
     if hasattr(pipe, "text_encoder_2"):

@@ -117,6 +117,22 @@ def test_a_garbage_single_file_base_model_is_a_config_error(tmp_path):
         load_pipeline(str(garbage))
 
 
+def test_a_half_precision_base_model_loads_in_that_precision_without_a_deprecation_warning(kit, tmp_path):
+    """Evaluation loads the base in the training precision, from a folder or a single file: every component
+    in bf16, and none of diffusers' FutureWarnings that an argument is going away (a GPU run printed one each time)."""
+    import warnings
+
+    from lorafactory.testing.single_file import write_ldm_checkpoint
+
+    single = write_ldm_checkpoint(kit.tiny_sd, tmp_path / "tiny-original.safetensors")
+    for source, config in ((str(kit.tiny_sd), ""), (str(single), str(kit.tiny_sd))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = load_pipeline(source, torch.bfloat16, config)
+        assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)], source
+        assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16, source
+
+
 def test_pivot_freezes_the_embedding(kit, dataset, tmp_path):
     train(_settings(kit, "train.embedding_pivot=0.5"), "akane_hoshino", dataset, tmp_path, SilentProgress())
     at_pivot, end = _weights(tmp_path, 4), _weights(tmp_path, 8)

@@ -64,7 +64,7 @@ def _single_file_is_sdxl(path: Path) -> bool:
         return any(key.startswith("conditioner.embedders.1.") for key in handle.keys())
 
 
-def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32, config: str = "") -> Any:
+def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32, config: str = "") -> Any:
     """An SD1.x or SDXL pipeline from a folder, a ``.safetensors``/``.ckpt`` file or a hub id.
 
     A single file's component configs come from ``config`` (a diffusers folder or hub id) when given;
@@ -77,8 +77,8 @@ def load_pipeline(base_model: str, torch_dtype: torch.dtype = torch.float32, con
     diffusers_logging.disable_progress_bar()  # stages show their own progress
     path = Path(base_model).expanduser()
     kwargs: dict[str, Any] = {}
-    if torch_dtype != torch.float32:
-        kwargs["torch_dtype"] = torch_dtype
+    if dtype != torch.float32:
+        kwargs["dtype"] = dtype  # diffusers >= 0.40; its older name, torch_dtype, warns of its removal
     try:
         if path.is_file():
             cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
