@@ -6,17 +6,21 @@
 #
 # In order of what is still unmeasured (the first H200 session, 2026-11-30, measured sd15-anime once, the
 # eager profile and the CUDA checks), each part under its own time limit so the later ones never starve:
-#   1. attention_shapes.py: what cuDNN's attention costs on each new shape (it plans every shape anew) against
-#      flash and memory-efficient attention, over SD1.5's attention calls in the classic buckets. Training
-#      now keeps cuDNN's attention out by default (train.cudnn_attention); this says whether it should;
-#      then cuDNN alone under TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's opt-in to reuse a plan across
-#      sequence lengths): whether that keeps cuDNN's kernels without the per-shape cost;
+#   1. train_profile.py on the factory benchmark's dataset (200 images in 30 buckets, long captions) at the
+#      factory's batch of 4, the default (cuDNN's attention kept out of training) beside cuDNN's attention
+#      allowed: the factory's steps took 312 ms at batch 4 and its GPU was mostly idle, while one bucket at
+#      batch 8 took 205 ms with the GPU busy; this says whether the changing shapes are the cause, and
+#      whether cuDNN's attention (it plans every new shape) is: warm-up, step time, the GPU's busy share;
 #   2. train_profile.py, four variants side by side (alternated, repeated): as today; without autocast
 #      (train.autocast=false: half-precision working copies of float32 masters, no casts: the casts were the
 #      profile's most frequent operators and its largest copy time); channels-last convolutions
 #      (train.channels_last: no layout conversions); both;
 #   3. factory_throughput.py for sd15-anime, two models in turn in one process, as a fleet's resident GPU
 #      worker runs them: the first model pays the process's one-time costs, the second shows the steady state;
+#   3a. attention_shapes.py: what cuDNN's attention costs on each new shape against flash and
+#      memory-efficient attention, over SD1.5's attention calls in the classic buckets (the mechanism behind
+#      part 1's answer); then cuDNN alone under TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's opt-in to reuse
+#      a plan across sequence lengths): whether that keeps cuDNN's kernels without the per-shape cost;
 #   4. factory_throughput.py for sd15-anime with every candidate not yet a default on (no autocast,
 #      channels-last training, merged-LoRA and channels-last rendering): against part 3's first model, what
 #      they give end to end;
@@ -32,8 +36,9 @@
 #   11. gpu_train_check.py: CUDA correctness (bf16/fp16 with and without autocast, resume, diffusers loading,
 #      no host sync in a step).
 # One session does not reach them all: PARTS="..." picks what an earlier session left. About 570 s a session:
-# first PARTS="attention_shapes attention_shapes_cudnn_reuse profile_sd15 factory_sd15_in_turn", then
-# PARTS="factory_sd15_candidates factory_sd15_concurrent render_variants", then the rest.
+# first PARTS="profile_sd15_factory profile_sd15 factory_sd15_in_turn", then
+# PARTS="attention_shapes attention_shapes_cudnn_reuse factory_sd15_candidates render_variants", then
+# PARTS="factory_sd15_concurrent attention_shapes_sdxl factory_sdxl", then the rest.
 # GPU load and memory are sampled every second into environment.txt, beside each part's start and end times.
 # The session stops when a part crashes within a minute (a broken environment), so that it can be rerun.
 # Without --fetch run it from the repository root; it writes to $OUT (default benchmarks/results/gpu-session).
@@ -103,16 +108,19 @@ finish() {
 
 tiny=${TINY:+--tiny}  # TINY=1: the same parts on the tiny models on CPU, to check this script here
 few=${TINY:+--images 24 --steps 10 --repeats 1}  # later flags win: a quick pass
-part attention_shapes 80 python3 benchmarks/attention_shapes.py --buckets 3 --repeats 2 --out "$OUT" \
-    ${TINY:+--cpu --repeats 1}
-part attention_shapes_cudnn_reuse 50 env TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 benchmarks/attention_shapes.py \
-    --buckets 3 --repeats 2 --backends cudnn --out "$OUT" ${TINY:+--cpu --repeats 1 --backends flash}
-part profile_sd15 180 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --timed 10 --repeats 3 --steps 3 \
+part profile_sd15_factory 220 python3 benchmarks/train_profile.py --factory-dataset 200 --batch 4 --warmup 40 \
+    --timed 10 --repeats 3 --steps 3 --variant default= --variant cudnn=train.cudnn_attention=true --tag factory \
+    --out "$OUT" --work "$WORK" $tiny ${TINY:+--factory-dataset 24 --warmup 3 --timed 2 --repeats 1 --steps 1}
+part profile_sd15 150 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --timed 10 --repeats 3 --steps 3 \
     --variant autocast= --variant half=train.autocast=false --variant nhwc=train.channels_last=true \
     --variant half-nhwc=train.autocast=false,train.channels_last=true --out "$OUT" --work "$WORK" $tiny \
     ${TINY:+--timed 2 --repeats 1 --steps 1 --batch 2}
 part factory_sd15_in_turn 220 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
     --repeats 1 --models-per-process 2 --tag in-turn --out "$OUT" --work "$WORK" $tiny $few
+part attention_shapes 80 python3 benchmarks/attention_shapes.py --buckets 3 --repeats 2 --out "$OUT" \
+    ${TINY:+--cpu --repeats 1}
+part attention_shapes_cudnn_reuse 50 env TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 benchmarks/attention_shapes.py \
+    --buckets 3 --repeats 2 --backends cudnn --out "$OUT" ${TINY:+--cpu --repeats 1 --backends flash}
 part factory_sd15_candidates 200 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
     --repeats 1 --set train.autocast=false --set train.channels_last=true --set evaluate.merge_lora=true \
     --set evaluate.channels_last=true --tag candidates --out "$OUT" --work "$WORK" $tiny $few

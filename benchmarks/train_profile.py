@@ -10,9 +10,14 @@ spread and process CPU time), then profiles ``--steps`` steps of each and writes
   synchronisations and copies counted, and the operators by device time and by host time;
 - with ``--trace``, ``train_profile_<model>_<variant>.json.gz``: each Chrome trace (open in Perfetto).
 
+The steps come from one square bucket with short captions, unless ``--factory-dataset N``: the factory
+benchmark's synthetic dataset of N images (mixed buckets, caption lengths like WD14's), whose batches change
+shape from step to step as a real run's do; its latents are encoded once, for every variant.
+
     PYTHONPATH=src:benchmarks python benchmarks/train_profile.py [--sdxl] [--batch 8] [--resolution 512]
         [--out DIR] [--tiny] [--warmup 5] [--timed 10] [--repeats 3] [--steps 10] [--trace]
         [--variant autocast= --variant half=train.autocast=false] [--set train.compile=true --tag compiled]
+        [--factory-dataset 200]
 
 ``--tiny`` runs the tiny model on CPU: a check of the script itself.
 """
@@ -57,6 +62,13 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="NAME=SETTING[,SETTING...], repeatable")
     parser.add_argument("--set", action="append", default=[], help="a train setting for every variant")
     parser.add_argument("--tag", default="", help="added to the output names, e.g. compiled")
+    parser.add_argument(
+        "--factory-dataset",
+        type=int,
+        default=0,
+        metavar="IMAGES",
+        help="the factory benchmark's synthetic dataset of IMAGES images (many buckets) instead of one square bucket",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-profile-"))
 
@@ -68,12 +80,28 @@ def main() -> None:
     size = "tiny" if args.tiny else "full"
     model = (build_tiny_sdxl if args.sdxl else build_tiny_sd)(work / f"{name}-{size}", full_size=not args.tiny)
     side = args.resolution or (128 if args.tiny else 1024 if args.sdxl else 512)
-    data = make_dataset(work / f"data-{side}", side, count=4 * args.batch)
+    shared = []
+    if args.factory_dataset:
+        from factory_throughput import FULL_SIZE_SIDES, TINY_SIDES, write_dataset
+
+        sides = TINY_SIDES if args.tiny else FULL_SIZE_SIDES  # the same folder name: the factory benchmark's own
+        data = write_dataset(work / f"dataset-{args.factory_dataset}-{size}-v3", args.factory_dataset, sides)
+        shared = [f'train.latent_cache_dir="{work / f"latents-{name}-{size}"}"']
+    else:
+        data = make_dataset(work / f"data-{side}", side, count=4 * args.batch)
     variants = variant_settings(args.variant)
     device = "cpu" if args.tiny else "cuda"
     runs = {
         variant: bench_run(
-            model, data, work / f"out-{variant}", side, device, f"train.batch_size={args.batch}", *args.set, *extra
+            model,
+            data,
+            work / f"out-{variant}",
+            side,
+            device,
+            f"train.batch_size={args.batch}",
+            *shared,
+            *args.set,
+            *extra,
         )
         for variant, extra in (variants or {"default": []}).items()
     }
@@ -105,6 +133,9 @@ def main() -> None:
     header = f"{name} {side}px batch {args.batch}, {torch.cuda.get_device_name() if cuda else 'CPU'}" + (
         f"; for every variant: {', '.join(args.set)}" if args.set else ""
     )
+    if args.factory_dataset:
+        buckets = {example.bucket for example in next(iter(runs.values())).examples}
+        header += f"; the factory's {args.factory_dataset}-image dataset, {len(buckets)} buckets"
     lines, summary = [header, ""], [header]
     for variant, run in runs.items():
         step_ms = statistics.median(walls[variant])
