@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from PIL import Image
-
-
-def _projected(output: Any) -> torch.Tensor:
-    """``get_*_features`` returns the tensor (transformers 4) or an output whose pooler is it (5)."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 class Clip:
@@ -31,13 +24,13 @@ class Clip:
             pixels = self.processor(images=images[start : start + self.batch_size], return_tensors="pt")[
                 "pixel_values"
             ]
-            chunks.append(_projected(self.model.get_image_features(pixel_values=pixels.to(self.device))))
+            output = self.model.get_image_features(pixel_values=pixels.to(self.device))
+            chunks.append(output.pooler_output)  # transformers 5: the projected embedding, in the pooler's place
         return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1).cpu().numpy()
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> np.ndarray:
         tokens = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
-        features = _projected(
-            self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        )
+        output = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        features = output.pooler_output
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
