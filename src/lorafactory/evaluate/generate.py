@@ -125,7 +125,7 @@ class Generator:
     @torch.no_grad()
     def encode(self, prompts: list[str], negatives: list[str]) -> tuple[Conditioning, Conditioning]:
         """Prompt and negative conditioning computed here, with clip skip (diffusers 0.42's own
-        clip-skip path reads ``text_encoder.text_model``, which transformers 5 no longer has).
+        clip-skip path reads ``text_encoder.text_model``, which transformers 5.6 and later no longer have).
         Emphasis such as ``(tag:1.2)`` is applied as in AUTOMATIC1111, and prompts longer than 75
         tokens are encoded in chunks; both halves get the same number of chunks, which
         classifier-free guidance needs."""

@@ -87,7 +87,7 @@ def write_ldm_checkpoint(pipeline_dir: Path, out: Path) -> Path:
         if "mid_block.attentions.0.to_" in name and name.endswith(".weight"):
             tensor = tensor[:, :, None, None]  # the original VAE's attention projections are 1x1 convolutions
         tensors["first_stage_model." + _vae_key(name, blocks)] = tensor
-    for name, tensor in pipe.text_encoder.state_dict().items():  # transformers 5 dropped the text_model level
+    for name, tensor in pipe.text_encoder.state_dict().items():  # transformers 5.6 dropped the text_model level
         tensors[
             "cond_stage_model.transformer." + (name if name.startswith("text_model.") else "text_model." + name)
         ] = tensor

@@ -78,7 +78,7 @@ def install_trigger(tokenizer, text_encoder, trigger: str, vectors: int, init_te
 
 
 def text_core(text_encoder):
-    """The module holding embeddings and final_layer_norm (``.text_model`` before transformers 5)."""
+    """The module holding embeddings and final_layer_norm (``.text_model`` before transformers 5.6)."""
     return getattr(text_encoder, "text_model", text_encoder)
 
 
