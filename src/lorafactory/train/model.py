@@ -78,7 +78,7 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32, config: s
     path = Path(base_model).expanduser()
     kwargs: dict[str, Any] = {}
     if dtype != torch.float32:
-        kwargs["dtype"] = dtype  # diffusers >= 0.40; its older name, torch_dtype, warns of its removal
+        kwargs["dtype"] = dtype  # diffusers' name since 0.40; the older torch_dtype warns of its removal
     try:
         if path.is_file():
             cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
