@@ -30,15 +30,19 @@
 #      merged into them, and in channels-last layout (rendering ran at full load, far below the matrix rate);
 #   7. attention_shapes.py for SDXL's attention calls;
 #   8. factory_throughput.py for sdxl-anime;
-#   9. factory_throughput.py for sd15-anime with train.compile, two models in turn in one process: the
+#   9. compile_graphs.py: what inductor's compile costs on the factory's buckets with sizes symbolic from the
+#      first step (train.compile_dynamic, the default) and without (each size compiled as a constant until it
+#      changes): on CPU it compiled 3 graphs against 7 at SD1.5's widths; this times them, each in a fresh process;
+#   10. factory_throughput.py for sd15-anime with train.compile, two models in turn in one process: the
 #      compile's warm-up (a later model in the process reuses the compiled graphs) against its faster steps;
-#   10. train_profile.py with train.compile (regional torch.compile, inductor), and
-#   11. gpu_train_check.py: CUDA correctness (bf16/fp16 with and without autocast, resume, diffusers loading,
+#   11. train_profile.py with train.compile (regional torch.compile, inductor), and
+#   12. gpu_train_check.py: CUDA correctness (bf16/fp16 with and without autocast, resume, diffusers loading,
 #      no host sync in a step).
 # One session does not reach them all: PARTS="..." picks what an earlier session left. About 570 s a session:
 # first PARTS="profile_sd15_factory profile_sd15 factory_sd15_in_turn", then
 # PARTS="attention_shapes attention_shapes_cudnn_reuse factory_sd15_candidates render_variants", then
-# PARTS="factory_sd15_concurrent attention_shapes_sdxl factory_sdxl", then the rest.
+# PARTS="factory_sd15_concurrent attention_shapes_sdxl factory_sdxl", then
+# PARTS="compile_graphs factory_sd15_compiled", then the rest.
 # GPU load and memory are sampled every second into environment.txt, beside each part's start and end times.
 # The session stops when a part crashes within a minute (a broken environment), so that it can be rerun.
 # Without --fetch run it from the repository root; it writes to $OUT (default benchmarks/results/gpu-session).
@@ -132,6 +136,8 @@ part attention_shapes_sdxl 60 python3 benchmarks/attention_shapes.py --sdxl --bu
     ${TINY:+--cpu --repeats 1}
 part factory_sdxl 240 python3 benchmarks/factory_throughput.py --preset sdxl-anime --steps 100 --repeats 1 \
     --out "$OUT" --work "$WORK" $tiny $few
+part compile_graphs 240 python3 benchmarks/compile_graphs.py --images 200 --steps 30 --repeats 1 --out "$OUT" \
+    --work "$WORK" ${TINY:+--tiny --images 24 --steps 6 --backend aot_eager}
 part factory_sd15_compiled 400 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
     --repeats 1 --models-per-process 2 --set train.compile=true --tag compiled --out "$OUT" --work "$WORK" \
     $tiny $few

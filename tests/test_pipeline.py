@@ -305,7 +305,8 @@ def test_artifacts_whose_manifests_record_no_settings_are_compared_by_their_fing
 def test_a_setting_added_since_artifacts_record_theirs_leaves_the_older_files_hashes_as_they_were():
     """Files written before artifacts recorded their settings hold these hashes of the default settings (what
     that lorafactory computed); a setting added since, at its default, must leave them so, or every stage made
-    then would be rebuilt (list it in config._ADDED_SINCE_LEGACY). A changed default changes them on purpose."""
+    then would be rebuilt (list it in config._ADDED_SINCE_LEGACY); a runtime setting added since leaves them at
+    any value. A changed default changes them on purpose."""
     from lorafactory.config import Settings, legacy_settings_hash
     from lorafactory.dataset.regularization import _legacy_key, _set_settings
     from lorafactory.pipeline import _legacy_fingerprints
@@ -320,6 +321,9 @@ def test_a_setting_added_since_artifacts_record_theirs_leaves_the_older_files_ha
     }
     assert legacy_settings_hash(settings) == "09dcf58231fa7214"  # the gate file's
     assert _legacy_key(_set_settings(settings), settings.train.base_model) == "08fbec3db258be08"  # a shared set's
+    settings.train.compile_dynamic = False  # a runtime setting added since: no value of it makes another model
+    assert _legacy_fingerprints(settings)["train"] == "d38aa426bc5dfa66"
+    assert legacy_settings_hash(settings) == "09dcf58231fa7214"
     settings.evaluate.sequential_every += 1  # not at its default: not what those files were made with
     assert _legacy_fingerprints(settings)["evaluate"] != "f0ed7682464d279e"
     assert legacy_settings_hash(settings) != "09dcf58231fa7214"

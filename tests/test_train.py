@@ -656,34 +656,73 @@ def _fresh_compile_counters():
     return counters
 
 
-def test_a_compiled_unet_trains_what_the_eager_one_does_and_is_compiled_once_per_process(kit, dataset, tmp_path):
+@pytest.fixture(scope="module")
+def mixed_shapes(tmp_path_factory):
+    """Nine images in three buckets at 192 px, each captioned in one 75-token chunk or in two: the shapes that
+    reach a compiled UNet's blocks change from step to step, as on a crawled dataset. At 192 px every side
+    stays above 1 at the tiny UNet's deepest level (dynamo compiles a side of 1 apart)."""
+    import random
+
+    from lorafactory.testing.synthetic import CHARACTERS
+
+    folder = tmp_path_factory.mktemp("mixed-shapes")
+    (folder / "images").mkdir()
+    long = [f"{colour} {item}" for item in ("dress", "skirt", "coat", "hat") for colour in ("red", "blue", "green")]
+    lines = []
+    for i, size in enumerate([(192, 192), (288, 192), (192, 288)] * 3):
+        CHARACTERS[0].draw(*size, outfit=i % 3, rng=random.Random(i)).save(folder / "images" / f"{i}.png")
+        tags = ["1girl", "solo", "smile"] if i % 2 else ["1girl", *long, *long]
+        lines.append(json.dumps({"file": f"images/{i}.png", "tags": tags, "post_id": str(i)}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    return folder
+
+
+def test_a_compiled_unet_trains_what_the_eager_one_does_and_is_compiled_once_per_process(kit, mixed_shapes, tmp_path):
     """train.compile compiles each transformer block in place, LoRA layers inside; the quick aot_eager backend
-    checks the graph capture here (the GPU session times inductor). Losses agree to 1e-5, exports are alike.
+    checks the graph capture here (the GPU session times inductor). On images of three buckets with captions of
+    one and two chunks, losses agree with eager to 1e-5 and exports are alike.
     The compile is paid once (one compile for the whole test, which is its cost):
+    - sizes are symbolic from the first step (train.compile_dynamic): the first step compiles a graph per block
+      width, and the later buckets and caption lengths add at most one more per width (dynamo's first graph
+      takes sizes that happen to be equal, a square bucket's sides, as one size); without it each size that
+      changes compiles every width again (7 graphs here, against 4);
     - a fleet's GPU worker trains model after model in one process: a later run's UNet (new weights, new LoRA)
       goes through the graphs the first run compiled;
     - a checkpoint's held-out loss runs eager (its no-grad passes over the held-out shapes and smaller last
       batches would each be compiled for a few passes), and measures what an eager run's validation measures."""
     from lorafactory.train.trainer import _Run
 
-    short = ("train.max_steps=4", "train.validation_split=0.3")  # a checkpoint, with its validation, at step 4
+    steps = 6
+    short = ("train.resolution=192", "train.batch_size=1", f"train.max_steps={steps}", f"train.save_every={steps}")
+    short += ("train.validation_split=0.3",)  # a checkpoint, with its validation, at the last step
     counters = _fresh_compile_counters()
-    first = _Run(_settings(kit, *short, *COMPILED), "akane_hoshino", dataset, tmp_path / "first", SilentProgress())
-    for _ in range(4):
+    first = _Run(
+        _settings(kit, *short, *COMPILED), "akane_hoshino", mixed_shapes, tmp_path / "first", SilentProgress()
+    )
+    blocks = [m for m in first.base.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    widths = len({block.norm1.normalized_shape for block in blocks})
+    met = set()  # (latent height, latent width, caption tokens) of each step
+    first.base.unet.register_forward_pre_hook(lambda unet, args: met.add((*args[0].shape[-2:], args[2].shape[1])))
+    first.step()
+    assert counters["stats"]["unique_graphs"] == widths  # one graph per block width
+    for _ in range(steps - 1):
         first.step()
-    assert counters["stats"]["unique_graphs"] > 0  # the blocks did go through torch.compile
-    # every shape the run met was compiled: none fell back to eager
+    assert len({(height, width) for height, width, _ in met}) == 3 and {tokens for *_, tokens in met} == {77, 154}, met
+    assert counters["stats"]["unique_graphs"] <= 2 * widths, dict(counters["stats"])
+    # every shape the run met went through a compiled graph: none fell back to eager
     assert counters["frames"]["ok"] == counters["frames"]["total"] > 0, dict(counters["frames"])
     frames = counters["frames"]["total"]
     loss = first.validate()
     assert counters["frames"]["total"] == frames  # the held-out shapes, met here first, were not compiled
-    eager = train(_settings(kit, *short), "akane_hoshino", dataset, tmp_path / "eager", SilentProgress())
-    assert loss == pytest.approx(eager.details["validation_loss"]["4"], rel=1e-4)
+    eager = train(_settings(kit, *short), "akane_hoshino", mixed_shapes, tmp_path / "eager", SilentProgress())
+    assert loss == pytest.approx(eager.details["validation_loss"][str(steps)], rel=1e-4)
 
     counters.clear()
-    later = train(_settings(kit, *short, *COMPILED), "akane_hoshino", dataset, tmp_path / "later", SilentProgress())
+    later = train(
+        _settings(kit, *short, *COMPILED), "akane_hoshino", mixed_shapes, tmp_path / "later", SilentProgress()
+    )
     assert not counters["frames"]["total"], dict(counters["frames"])  # a new UNet and LoRA, and nothing compiled
     assert later.counts["steps"] == eager.counts["steps"]
     assert _logged_losses(tmp_path / "later") == pytest.approx(_logged_losses(tmp_path / "eager"), rel=1e-5)
-    a, b = _weights(tmp_path / "eager", 4), _weights(tmp_path / "later", 4)
+    a, b = _weights(tmp_path / "eager", steps), _weights(tmp_path / "later", steps)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

@@ -322,6 +322,12 @@ class TrainSettings(Section):
     compile_backend: str = runtime_field(
         "inductor", "torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check)."
     )
+    compile_dynamic: bool = runtime_field(
+        True,
+        "Compile with symbolic sizes from the first step: a graph per block width serves every bucket and "
+        "caption length. false = the first sizes are compiled as constants and each size that changes later "
+        "compiles the blocks again (about twice the compiles on a bucketed dataset, each for fixed sizes).",
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
     )
@@ -773,8 +779,9 @@ _LEGACY_RUNTIME = {
 
 
 # Top-level settings added since artifacts record their settings: the hashes of files that do not record them
-# never saw these, so they leave each out while it is at its default. Add every new setting here.
-_ADDED_SINCE_LEGACY = {"evaluate": {"sequential_every"}}
+# never saw these, so they leave each out while it is at its default (a runtime one always: it changes no
+# result). Add every new setting here.
+_ADDED_SINCE_LEGACY = {"train": {"compile_dynamic"}, "evaluate": {"sequential_every"}}
 
 
 def _added_at_default(name: str, section: BaseModel) -> set[str]:
@@ -782,7 +789,8 @@ def _added_at_default(name: str, section: BaseModel) -> set[str]:
     return {
         field
         for field in _ADDED_SINCE_LEGACY.get(name, ())
-        if getattr(section, field) == fields[field].get_default(call_default_factory=True)
+        if _is_runtime(fields[field])
+        or getattr(section, field) == fields[field].get_default(call_default_factory=True)
     }
 
 

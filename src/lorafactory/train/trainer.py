@@ -66,8 +66,8 @@ EMBEDDING_FILE = "embedding.safetensors"
 EMBEDDING_PT_FILE = "embedding.pt"
 LOG_FILE = "train_log.jsonl"
 # Graphs one compiled transformer block may have: a run's block widths and bucket shapes (strides, sides of 1).
-# torch's default, 8, is met within a few steps on a few buckets; past it dynamo gives up on the new shapes
-# and they run eager, with no error.
+# torch's default, 8, is met within a few steps on a few buckets without train.compile_dynamic; past it dynamo
+# gives up on the new shapes and they run eager, with no error.
 COMPILED_GRAPHS_PER_BLOCK = 64
 NO_CUDNN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 BeforeState = Callable[[dict[str, float] | None], None]  # gets a checkpoint's validation loss
@@ -223,7 +223,8 @@ class _Run:
             from torch._dynamo import config as dynamo
 
             dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
-            base.unet.compile_repeated_blocks(backend=t.compile_backend)
+            # dynamic=None: sizes compiled as constants until one changes (torch's automatic dynamic shapes)
+            base.unet.compile_repeated_blocks(backend=t.compile_backend, dynamic=t.compile_dynamic or None)
         base.unet.train()
 
         config = dict(base.scheduler_config)
