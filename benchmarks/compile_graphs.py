@@ -68,6 +68,8 @@ def child(args: argparse.Namespace, settings: list[str]) -> dict:
         ends.append((time.perf_counter() - wall, time.process_time() - cpu))
         if counters["stats"]["unique_graphs"] != graphs:
             graphs, last = counters["stats"]["unique_graphs"], step
+    if not graphs:
+        raise SystemExit(f"nothing was compiled in {args.steps} steps: is train.compile reaching the UNet?")
     later = [b[0] - a[0] for a, b in zip(ends[last - 1 :], ends[last:])]
     step_s = statistics.median(later) if later else 0.0
     return {
