@@ -37,15 +37,13 @@ def child(args: argparse.Namespace, settings: list[str]) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
-    from factory_throughput import FULL_SIZE_SIDES, TINY_SIDES, write_dataset
+    from factory_throughput import factory_dataset
     from gpu_throughput import bench_run
     from lorafactory.testing.tiny_sd import build_tiny_sd
 
     size = "tiny" if args.tiny else "full"
     model = build_tiny_sd(args.work / f"sd15-{size}", full_size=not args.tiny)
-    data = write_dataset(
-        args.work / f"dataset-{args.images}-{size}-v3", args.images, TINY_SIDES if args.tiny else FULL_SIZE_SIDES
-    )
+    data = factory_dataset(args.work, args.images, args.tiny)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     run = bench_run(
         model,

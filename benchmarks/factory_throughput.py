@@ -154,6 +154,13 @@ def write_dataset(folder: Path, count: int, sides: dict[str, tuple[int, int]], s
     return folder
 
 
+def factory_dataset(work: Path, images: int, tiny: bool) -> Path:
+    """The benchmark's dataset of ``images`` images under ``work`` (written once, then found there by every
+    benchmark that trains on it): full-size crops, or small ones for the tiny models."""
+    size = "tiny" if tiny else "full"
+    return write_dataset(work / f"dataset-{images}-{size}-v3", images, TINY_SIDES if tiny else FULL_SIZE_SIDES)
+
+
 def project_training(step_times: list[float], train_wall: float, save_every: int, planned: int) -> dict | None:
     """The planned run's training seconds from a shorter run's step log (``t`` of each step, from the start).
 
@@ -201,8 +208,7 @@ def inputs(preset: str, work: Path, images: int, tiny: bool) -> tuple[list[str],
     if tiny:
         overrides += ["train.resolution=128", "train.device='cpu'", "train.save_every=50", "train.min_steps=10"]
         overrides += ["evaluate.width=128", "evaluate.height=128", "evaluate.steps=4", "evaluate.bootstrap=50"]
-    dataset = write_dataset(work / f"dataset-{images}-{size}-v3", images, TINY_SIDES if tiny else FULL_SIZE_SIDES)
-    return overrides, dataset
+    return overrides, factory_dataset(work, images, tiny)
 
 
 _SHARES: dict[tuple[int, int, str], float] = {}  # sequential evaluation's simulated share of batches, per suite

@@ -82,10 +82,9 @@ def main() -> None:
     side = args.resolution or (128 if args.tiny else 1024 if args.sdxl else 512)
     shared = []
     if args.factory_dataset:
-        from factory_throughput import FULL_SIZE_SIDES, TINY_SIDES, write_dataset
+        from factory_throughput import factory_dataset
 
-        sides = TINY_SIDES if args.tiny else FULL_SIZE_SIDES  # the same folder name: the factory benchmark's own
-        data = write_dataset(work / f"dataset-{args.factory_dataset}-{size}-v3", args.factory_dataset, sides)
+        data = factory_dataset(work, args.factory_dataset, args.tiny)
         shared = [f'train.latent_cache_dir="{work / f"latents-{name}-{size}"}"']
     else:
         data = make_dataset(work / f"data-{side}", side, count=4 * args.batch)
