@@ -27,14 +27,16 @@
 #   5. factory_throughput.py for sd15-anime, three models at once on the GPU (the trainer left the GPU mostly
 #      idle; against part 3's first model, decides what `fleet run --jobs-per-gpu` should say);
 #   6. render_variants.py: evaluation rendering with the LoRA computed beside the base layers (as today),
-#      merged into them, and in channels-last layout (rendering ran at full load, far below the matrix rate);
+#      merged into them, in channels-last layout, and compiled (evaluate.compile, inductor), each variant's
+#      first render (the compile) apart (rendering ran at full load, far below the matrix rate);
 #   7. attention_shapes.py for SDXL's attention calls;
 #   8. factory_throughput.py for sdxl-anime;
 #   9. compile_graphs.py: what inductor's compile costs on the factory's buckets with sizes symbolic from the
 #      first step (train.compile_dynamic, the default) and without (each size compiled as a constant until it
 #      changes): on CPU it compiled 3 graphs against 7 at SD1.5's widths; this times them, each in a fresh process;
-#   10. factory_throughput.py for sd15-anime with train.compile, two models in turn in one process: the
-#      compile's warm-up (a later model in the process reuses the compiled graphs) against its faster steps;
+#   10. factory_throughput.py for sd15-anime with train.compile and evaluate.compile, two models in turn in one
+#      process: the compiles' warm-up (a later model in the process reuses the compiled graphs) against the
+#      faster steps and renders, beside part 3;
 #   11. train_profile.py with train.compile (regional torch.compile, inductor), and
 #   12. gpu_train_check.py: CUDA correctness (bf16/fp16 with and without autocast, resume, diffusers loading,
 #      no host sync in a step).
@@ -131,7 +133,7 @@ part factory_sd15_candidates 200 python3 benchmarks/factory_throughput.py --pres
 part factory_sd15_concurrent 250 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
     --repeats 1 --concurrent 3 --tag concurrent --out "$OUT" --work "$WORK" $tiny $few ${TINY:+--concurrent 2}
 part render_variants 150 python3 benchmarks/render_variants.py --repeats 3 --out "$OUT" --work "$WORK" $tiny \
-    ${TINY:+--repeats 1}
+    ${TINY:+--repeats 1 --compile-backend aot_eager}
 part attention_shapes_sdxl 60 python3 benchmarks/attention_shapes.py --sdxl --buckets 2 --repeats 2 --out "$OUT" \
     ${TINY:+--cpu --repeats 1}
 part factory_sdxl 240 python3 benchmarks/factory_throughput.py --preset sdxl-anime --steps 100 --repeats 1 \
@@ -139,8 +141,8 @@ part factory_sdxl 240 python3 benchmarks/factory_throughput.py --preset sdxl-ani
 part compile_graphs 240 python3 benchmarks/compile_graphs.py --images 200 --steps 30 --repeats 1 --out "$OUT" \
     --work "$WORK" ${TINY:+--tiny --images 24 --steps 6 --backend aot_eager}
 part factory_sd15_compiled 400 python3 benchmarks/factory_throughput.py --preset sd15-anime --steps 200 \
-    --repeats 1 --models-per-process 2 --set train.compile=true --tag compiled --out "$OUT" --work "$WORK" \
-    $tiny $few
+    --repeats 1 --models-per-process 2 --set train.compile=true --set evaluate.compile=true --tag compiled \
+    --out "$OUT" --work "$WORK" $tiny $few
 part profile_sd15_compiled 110 python3 benchmarks/train_profile.py --batch 8 --warmup 5 --steps 5 --out "$OUT" \
     --work "$WORK" --set train.compile=true --tag compiled $tiny
 part gpu_train_check 240 python3 benchmarks/gpu_train_check.py "$WORK/check"

@@ -8,16 +8,22 @@ size, sampler steps and batch) with a random LoRA on the preset's target layers,
   ComfyUI apply a LoRA), then the exact base weights put back;
 - ``channels_last``: the UNet and VAE in channels-last memory format (``evaluate.channels_last``; cuDNN's
   own layout for convolutions);
-- ``merged+channels_last``.
+- ``merged+channels_last``;
+- ``compiled``: the UNet's transformer blocks compiled (``evaluate.compile``; regional, sizes symbolic), the
+  other variants run eager under ``torch.compiler.set_stance("force_eager")`` in the same process;
+- ``merged+compiled`` (a merged layer is another graph).
+Each variant renders once first (kernels, cuDNN plans, each layout, the compiles): those seconds per
+image are reported apart as its warm-up.
 Variants alternate (the order reversed every other round), each repeated; per variant it prints the
 median and spread of seconds per image, process CPU seconds, and the mean absolute pixel difference
 from ``lora``'s images (0-255), beside how far the LoRA moves the base model's images (it must, or
 the run stops: a LoRA left out would make every variant look free). By hand, never as a test:
 
     PYTHONPATH=src:benchmarks python benchmarks/render_variants.py [--preset sd15-anime] [--repeats 3]
-        [--out benchmarks/results] [--work DIR] [--tiny]
+        [--out benchmarks/results] [--work DIR] [--tiny] [--compile-backend inductor]
 
-``--tiny`` runs the tiny model on CPU: a check of the script itself.
+``--tiny`` runs the tiny model on CPU: a check of the script itself (with ``--compile-backend aot_eager``,
+graph capture without code generation, a quick one).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-VARIANTS = ("lora", "merged", "channels_last", "merged+channels_last")
+VARIANTS = ("lora", "merged", "channels_last", "merged+channels_last", "compiled", "merged+compiled")
 
 
 @contextmanager
@@ -50,7 +56,8 @@ def variant(pipe, name: str) -> Iterator[None]:
     if "channels_last" in name:
         set_layout(pipe, channels_last=True)
     try:
-        yield
+        with torch.compiler.set_stance("default" if "compiled" in name else "force_eager"):
+            yield
     finally:
         set_layout(pipe, channels_last=False)
         if merged is not None:
@@ -75,6 +82,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--compile-backend", default="inductor")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafactory-render-"))
 
@@ -84,7 +92,7 @@ def main() -> None:
     from lorafactory.evaluate.generate import Generator
     from lorafactory.evaluate.prompts import jobs, prompt_specs
     from lorafactory.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
-    from lorafactory.train.model import load_pipeline, resolve_device, resolve_dtype
+    from lorafactory.train.model import compile_blocks, load_pipeline, resolve_device, resolve_dtype
 
     sdxl = args.preset.startswith("sdxl")
     name = "sdxl" if sdxl else "sd15"
@@ -102,17 +110,20 @@ def main() -> None:
         r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=list(t.lora_targets), init_lora_weights=False
     )
     generator.pipe.unet.add_adapter(config)  # random A and B: the LoRA path is computed, never skipped
+    compile_blocks(generator.pipe.unet, args.compile_backend, dynamic=True)  # as evaluate.compile does
     batch = jobs(e, prompt_specs(e, []), "bench")[: e.batch_size]
     cuda = device.type == "cuda"
 
     def render() -> list:
         return [np.asarray(image, dtype=np.float32) for _, image in generator.render(batch)]
 
-    for name_ in VARIANTS:  # warm-up: kernels, cuDNN plans, each layout once
+    warm_up = {}
+    for name_ in VARIANTS:  # kernels, cuDNN plans, each layout once, the compiles
         with variant(generator.pipe, name_):
-            timed(render, cuda)
+            warm_up[name_] = timed(render, cuda)[0] / len(batch)
     generator.pipe.unet.disable_adapters()
-    base_images = render()
+    with variant(generator.pipe, "lora"):  # eager
+        base_images = render()
     generator.pipe.unet.enable_adapters()
     walls: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpus: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -141,11 +152,13 @@ def main() -> None:
             "s_per_image_min": round(min(walls[name_]), 4),
             "s_per_image_max": round(max(walls[name_]), 4),
             "cpu_s_per_image_median": round(statistics.median(cpus[name_]), 4),
+            "warm_up_s_per_image": round(warm_up[name_], 4),
             "mean_abs_pixel_diff_from_lora": round(
                 float(np.mean([np.abs(a - b).mean() for a, b in zip(images[name_], images["lora"])])), 3
             ),
             "lora_vs_base_mean_abs_pixel_diff": round(lora_effect, 3),
             "repeats": args.repeats,
+            "compile_backend": args.compile_backend if "compiled" in name_ else None,
             "torch": torch.__version__,
         }
         for name_ in VARIANTS
@@ -164,6 +177,7 @@ def main() -> None:
         print(
             f"{row['variant']:>22}: {row['s_per_image_median']:.3f} s/image "
             f"[{row['s_per_image_min']:.3f}-{row['s_per_image_max']:.3f}], CPU {row['cpu_s_per_image_median']:.3f} s, "
+            f"warm-up {row['warm_up_s_per_image']:.3f} s/image, "
             f"pixels differ from lora by {row['mean_abs_pixel_diff_from_lora']}"
         )
     print(f"results: {path}")

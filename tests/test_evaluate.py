@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import demo_settings
 from lorafactory.errors import QualityGateFailed, StaleStage
@@ -368,3 +369,56 @@ def test_scores_measured_batch_by_batch_equal_the_scores_measured_at_once(kit, m
     assert result.values["ai_corrupt"] is None and "damaged" in failing.missing["ai_corrupt"]
     assert all("ai_corrupt" not in values for values in result.per_image.values())  # not half a metric
     assert result.values["ccip_recscore"] == pytest.approx(whole.values["ccip_recscore"], rel=1e-5)
+
+
+def test_a_compiled_unet_renders_what_the_eager_one_does_and_later_checkpoints_and_models_compile_nothing(
+    kit, trained, dataset, tmp_path, monkeypatch
+):
+    """evaluate.compile compiles the UNet's transformer blocks (here with aot_eager, graph capture without code
+    generation; the GPU session times inductor) with symbolic sizes: one graph per block width serves the
+    whole evaluation, its batches of 3 and of 1 and every checkpoint hotswapped into the compiled LoRA layers.
+    The next evaluation in the process (a fleet's next model) compiles nothing; the images are eager's. An
+    evaluation without it never gets the compiled pipeline kept between evaluations."""
+    from torch._dynamo.utils import counters
+
+    from lorafactory.evaluate import resident
+
+    settings, out, checkpoints = trained
+    settings = settings.model_copy(deep=True)
+    settings.evaluate.width = settings.evaluate.height = 128  # at 64 px a level's sequence of 1 compiles apart
+    eager_settings = settings.model_copy(deep=True)
+    settings.evaluate.compile, settings.evaluate.compile_backend = True, "aot_eager"
+    two = {step: checkpoints[step] for step in (4, 8)}
+    loads = []
+
+    def counted_load(*args, **kwargs):
+        loads.append(kwargs)
+        return load_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(resident, "load_pipeline", counted_load)
+    resident.forget()
+    torch._dynamo.reset()  # nothing compiled earlier in this process is reused
+    counters.clear()
+
+    def evaluated(chosen, name):
+        evaluate(chosen, TRIGGER, dataset, out, two, {}, tmp_path / name, SilentProgress(), tmp_path / "cache")
+        return {
+            png.relative_to(tmp_path / name): np.asarray(Image.open(png), dtype=int)
+            for png in sorted((tmp_path / name / "steps").rglob("*.png"))
+            if png.name != "grid.png"
+        }
+
+    compiled = evaluated(settings, "compiled")
+    (pipe,) = resident._kept.values()
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert counters["stats"]["unique_graphs"] == len({block.norm1.normalized_shape for block in blocks})
+    assert counters["frames"]["ok"] == counters["frames"]["total"] > 0  # nothing fell back to eager
+    counters.clear()
+    evaluated(settings, "again")
+    assert not counters["frames"]["total"], dict(counters["frames"])  # new LoRA layers, the same graphs
+    eager = evaluated(eager_settings, "eager")
+    assert len(loads) == 2  # the kept pipeline is compiled: an evaluation without compile loads its own
+    assert compiled.keys() == eager.keys() and len(compiled) == 2 * len(
+        jobs(settings.evaluate, prompt_specs(settings.evaluate, []), TRIGGER)
+    )
+    assert all(np.abs(compiled[name] - eager[name]).max() <= 1 for name in compiled)

@@ -321,8 +321,10 @@ def test_a_setting_added_since_artifacts_record_theirs_leaves_the_older_files_ha
     }
     assert legacy_settings_hash(settings) == "09dcf58231fa7214"  # the gate file's
     assert _legacy_key(_set_settings(settings), settings.train.base_model) == "08fbec3db258be08"  # a shared set's
-    settings.train.compile_dynamic = False  # a runtime setting added since: no value of it makes another model
+    settings.train.compile_dynamic = False  # runtime settings added since: no value of them makes another model
+    settings.evaluate.compile, settings.evaluate.compile_backend = True, "aot_eager"
     assert _legacy_fingerprints(settings)["train"] == "d38aa426bc5dfa66"
+    assert _legacy_fingerprints(settings)["evaluate"] == "f0ed7682464d279e"
     assert legacy_settings_hash(settings) == "09dcf58231fa7214"
     settings.evaluate.sequential_every += 1  # not at its default: not what those files were made with
     assert _legacy_fingerprints(settings)["evaluate"] != "f0ed7682464d279e"

@@ -388,6 +388,14 @@ class EvaluateSettings(Section):
         False,
         "Render with the UNet and VAE in channels-last layout (NHWC), which GPU convolutions prefer.",
     )
+    compile: bool = runtime_field(
+        False,
+        "torch.compile the UNet's transformer blocks for rendering (regional, sizes symbolic): compiled once "
+        "per process, each later checkpoint hotswapped into the compiled layers without compiling again.",
+    )
+    compile_backend: str = runtime_field(
+        "inductor", "torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check)."
+    )
     checkpoints: Literal["all", "coarse_to_fine"] = Field(
         "all", description="'coarse_to_fine': every coarse_every-th first, then around the best."
     )
@@ -781,7 +789,10 @@ _LEGACY_RUNTIME = {
 # Top-level settings added since artifacts record their settings: the hashes of files that do not record them
 # never saw these, so they leave each out while it is at its default (a runtime one always: it changes no
 # result). Add every new setting here.
-_ADDED_SINCE_LEGACY = {"train": {"compile_dynamic"}, "evaluate": {"sequential_every"}}
+_ADDED_SINCE_LEGACY = {
+    "train": {"compile_dynamic"},
+    "evaluate": {"sequential_every", "compile", "compile_backend"},
+}
 
 
 def _added_at_default(name: str, section: BaseModel) -> set[str]:

@@ -97,7 +97,8 @@ def evaluate(
     for warning in (vision_on_cpu_warning(device), small_parts_warning(e, len(work))):
         if warning:
             log.warning(warning)
-    with base_pipeline(t.base_model, resolve_dtype(t.mixed_precision, device), t.base_config, device) as pipe:
+    dtype, compiled = resolve_dtype(t.mixed_precision, device), e.compile_backend if e.compile else ""
+    with base_pipeline(t.base_model, dtype, t.base_config, device, compiled) as pipe:
         generator = Generator(pipe, e, t.clip_skip, device)
         scorer = Scorer(settings, trigger, features, threshold, device)
 

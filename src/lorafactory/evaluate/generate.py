@@ -23,7 +23,7 @@ from lorafactory.evaluate.attention import parse_attention
 from lorafactory.evaluate.merge import MergedLora
 from lorafactory.evaluate.prompts import Job
 from lorafactory.train.embedding import token_names
-from lorafactory.train.model import family_of
+from lorafactory.train.model import compile_blocks, family_of
 from lorafactory.train.text import BREAK, ENCODER_KEYS, Conditioning, encode_weighted
 
 ADAPTER = "checkpoint"
@@ -88,6 +88,8 @@ class Generator:
         self.adapter_in = False  # LoRA layers of an earlier checkpoint are in place, ready for a hotswap
         self.merged = MergedLora(ADAPTER) if settings.merge_lora else None
         set_layout(self.pipe, settings.channels_last)  # a kept pipeline may come in either layout
+        if settings.compile:  # a kept pipeline's blocks go on through the graphs compiled before
+            compile_blocks(self.pipe.unet, settings.compile_backend, dynamic=True)  # batches and prompts vary
 
     def load(self, lora_file: Path, embedding_file: Path, trigger: str) -> None:
         if self.adapter_in:

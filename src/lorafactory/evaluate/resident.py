@@ -20,16 +20,20 @@ from lorafactory.train.model import load_pipeline
 _kept: dict[tuple, Any] = {}
 
 
-def _key(base_model: str, dtype: torch.dtype, config: str) -> tuple:
+def _key(base_model: str, dtype: torch.dtype, config: str, compiled: str) -> tuple:
     path = Path(base_model).expanduser()
     stamp = path.stat().st_mtime_ns if path.exists() else None  # a model replaced on disk is loaded anew
-    return (base_model, stamp, str(dtype), config)
+    return (base_model, stamp, str(dtype), config, compiled)
 
 
 @contextmanager
-def base_pipeline(base_model: str, dtype: torch.dtype, config: str, device: torch.device) -> Iterator[Any]:
-    """The base model's pipeline for one evaluation: the kept one when it matches, else freshly loaded."""
-    key = _key(base_model, dtype, config)
+def base_pipeline(
+    base_model: str, dtype: torch.dtype, config: str, device: torch.device, compiled: str = ""
+) -> Iterator[Any]:
+    """The base model's pipeline for one evaluation: the kept one when it matches, else freshly loaded.
+    ``compiled`` names the backend its UNet's blocks are compiled with (empty: not compiled), so that an
+    evaluation without ``evaluate.compile`` never gets a compiled one, nor one with another backend."""
+    key = _key(base_model, dtype, config, compiled)
     pipe = _kept.pop(key, None)
     _kept.clear()  # one at most: another base model's pipeline is dropped
     if pipe is None:

@@ -11,6 +11,10 @@ import torch
 from lorafactory.errors import ConfigError
 
 Family = Literal["sd1", "sdxl"]
+# Graphs one compiled transformer block may have: a run's block widths and shapes (strides, sides of 1, grad
+# mode for training and rendering in one process). torch's default, 8, is met within a few steps on a few
+# buckets without symbolic sizes; past it dynamo gives up on the new shapes and they run eager, with no error.
+COMPILED_GRAPHS_PER_BLOCK = 64
 
 
 @dataclass
@@ -99,6 +103,17 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32, config: s
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     return pipe
+
+
+def compile_blocks(unet: Any, backend: str, dynamic: bool | None) -> None:
+    """torch.compile each of the UNet's transformer blocks in place (regional: the blocks of one width share a
+    graph, so one compile serves them all). ``dynamic=True``: sizes symbolic from the first call; ``None``:
+    torch's default, sizes compiled as constants until one changes. Compiled after the LoRA layers are in, it
+    leaves parameter names, state dicts and exports as they are."""
+    from torch._dynamo import config as dynamo
+
+    dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
+    unet.compile_repeated_blocks(backend=backend, dynamic=dynamic)
 
 
 def load_base(base_model: str, config: str = "") -> BaseComponents:

@@ -50,7 +50,7 @@ from lorafactory.train.data import (
 from lorafactory.train.events import TrainEvents
 from lorafactory.train.length import with_planned_steps
 from lorafactory.train.master import MasterWeights
-from lorafactory.train.model import host_tensor, load_base, resolve_device, resolve_dtype
+from lorafactory.train.model import compile_blocks, host_tensor, load_base, resolve_device, resolve_dtype
 from lorafactory.train.objective import per_sample_mse, sample_noise, snr_weights, target_for
 from lorafactory.train.optim import build_optimizer, build_scheduler
 from lorafactory.train.resume import LoopPosition, Stateful, load_state, save_state, saved_state
@@ -65,10 +65,6 @@ BUNDLED_FILE = "bundled.safetensors"
 EMBEDDING_FILE = "embedding.safetensors"
 EMBEDDING_PT_FILE = "embedding.pt"
 LOG_FILE = "train_log.jsonl"
-# Graphs one compiled transformer block may have: a run's block widths and bucket shapes (strides, sides of 1).
-# torch's default, 8, is met within a few steps on a few buckets without train.compile_dynamic; past it dynamo
-# gives up on the new shapes and they run eager, with no error.
-COMPILED_GRAPHS_PER_BLOCK = 64
 NO_CUDNN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 BeforeState = Callable[[dict[str, float] | None], None]  # gets a checkpoint's validation loss
 
@@ -220,11 +216,7 @@ class _Run:
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         if t.compile:  # in place, after the LoRA layers are in: parameter names and exports are unchanged
-            from torch._dynamo import config as dynamo
-
-            dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
-            # dynamic=None: sizes compiled as constants until one changes (torch's automatic dynamic shapes)
-            base.unet.compile_repeated_blocks(backend=t.compile_backend, dynamic=t.compile_dynamic or None)
+            compile_blocks(base.unet, t.compile_backend, dynamic=t.compile_dynamic or None)
         base.unet.train()
 
         config = dict(base.scheduler_config)
