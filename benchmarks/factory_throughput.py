@@ -78,20 +78,24 @@ TAG_POOL = (
 
 
 class TimedProgress:
-    """A Progress that records when each named task begins and ends (the stages' own bars)."""
+    """A Progress that records when each named task begins and ends (the stages' own bars), and for the last
+    task of each name when it advanced: (seconds since its start, units done so far)."""
 
     def __init__(self, synchronize) -> None:
         self.synchronize = synchronize
         self.spans: dict[str, list[float]] = {}
+        self.advances: dict[str, list[tuple[float, int]]] = {}
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator:
         self.synchronize()
         start = time.perf_counter()
+        marks: list[tuple[float, int]] = []
+        self.advances[description] = marks
 
         class _Task:
             def advance(self, amount: int = 1) -> None:
-                return None
+                marks.append((time.perf_counter() - start, (marks[-1][1] if marks else 0) + amount))
 
         yield _Task()
         self.synchronize()
@@ -190,6 +194,19 @@ def project_training(step_times: list[float], train_wall: float, save_every: int
     }
 
 
+def checkpoint_seconds(marks: list[tuple[float, int]], images: int, checkpoints: int) -> list[float] | None:
+    """Seconds each checkpoint took, from the evaluation task's advances (one per image rendered): from one
+    checkpoint's last image to the next one's (the first from the task's start, so it holds the one-time costs:
+    the first adapter load, kernel plans, a compile). None unless every image of every checkpoint was rendered."""
+    ends = []
+    for seconds, done in marks:
+        if done == images * (len(ends) + 1) and len(ends) < checkpoints:
+            ends.append(seconds)
+    if len(ends) < checkpoints:
+        return None
+    return [later - earlier for earlier, later in zip([0.0, *ends], ends)]
+
+
 def inputs(preset: str, work: Path, images: int, tiny: bool) -> tuple[list[str], Path]:
     """The random base model, CLIP and dataset a measurement uses (built once, then found in ``work``): the
     settings that point at them, and the dataset folder."""
@@ -259,13 +276,20 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
     steady = project_training(step_times, train_wall, t.save_every, planned)
     # without steps after the first checkpoint: every step at the loop's mean (warm-up and compiling included)
     train_projected = steady["projected_s"] if steady else (train_wall - loop) + loop / measured * planned
-    eval_projected = (eval_wall - evaluating) + evaluating / checkpoints * planned_checkpoints
+    per_checkpoint = checkpoint_seconds(
+        timing.advances["evaluating checkpoints"], result.counts["images_per_checkpoint"], checkpoints
+    )
+    # the first checkpoint once (its one-time costs), the later ones at their mean; one checkpoint: at its time
+    first_s = per_checkpoint[0] if per_checkpoint else evaluating / checkpoints
+    checkpoint_s = statistics.fmean(per_checkpoint[1:]) if per_checkpoint and checkpoints > 1 else first_s
+    measured_s = sum(per_checkpoint) if per_checkpoint else evaluating
+    eval_projected = eval_wall - measured_s + first_s + checkpoint_s * (planned_checkpoints - 1)
     gpu_seconds = train_projected + eval_projected
     suite = (result.counts["images_per_checkpoint"], planned_checkpoints, settings.evaluate.model_dump_json())
     if suite not in _SHARES:  # a simulation of some seconds: once per process
         _SHARES[suite] = sequential_share(settings.evaluate, *suite[:2])
     share = _SHARES[suite]
-    sequential_seconds = gpu_seconds - evaluating / checkpoints * planned_checkpoints * (1 - share)
+    sequential_seconds = gpu_seconds - checkpoint_s * planned_checkpoints * (1 - share)
     return {
         "preset": preset,
         "settings": extra,
@@ -298,7 +322,8 @@ def measure(preset: str, work: Path, images: int, steps: int | None, tiny: bool,
         "eval_gpu_util": eval_load.mean,
         "eval_wall_s": round(eval_wall, 2),
         "eval_cpu_s": round(eval_cpu, 2),
-        "eval_s_per_checkpoint": round(evaluating / checkpoints, 2),
+        "eval_s_per_checkpoint": round(checkpoint_s, 2),  # a later checkpoint's, when one was measured
+        "eval_first_checkpoint_s": round(first_s, 2),
         "projected_train_s": round(train_projected, 1),
         "projected_eval_s": round(eval_projected, 1),
         "projected_gpu_s_per_model": round(gpu_seconds, 1),
@@ -322,6 +347,7 @@ def summarise(rows: list[dict]) -> dict:
         "steady_samples_per_s",
         "warm_up_s",
         "eval_s_per_checkpoint",
+        "eval_first_checkpoint_s",
         "train_gpu_util",
         "eval_gpu_util",
         "projected_gpu_s_per_model",
