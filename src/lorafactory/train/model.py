@@ -108,8 +108,8 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32, config: s
 def compile_blocks(unet: Any, backend: str, dynamic: bool | None) -> None:
     """torch.compile each of the UNet's transformer blocks in place (regional: the blocks of one width share a
     graph, so one compile serves them all). ``dynamic=True``: sizes symbolic from the first call; ``None``:
-    torch's default, sizes compiled as constants until one changes. Compiled after the LoRA layers are in, it
-    leaves parameter names, state dicts and exports as they are."""
+    torch's default, sizes compiled as constants until one changes. The graphs are traced at the first call,
+    with the LoRA layers in place then; parameter names, state dicts and exports stay as they are."""
     from torch._dynamo import config as dynamo
 
     dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
