@@ -23,19 +23,30 @@ NOISE = {"ccip_recscore": 0.2, "bikini_plus": 0.08, "ai_corrupt": 0.03}
 IMAGES = 28  # the built-in prompt suite's images per checkpoint (a dataset's outfit clusters add more)
 
 
+def _curves(rng: np.random.Generator, checkpoints: int, every: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The checkpoints' steps, and each metric's curve over them (its first draws from ``rng``)."""
+    steps = np.arange(every, every * (checkpoints + 1), every, dtype=float)
+    position = steps / steps.max()
+    middle, rate = rng.uniform(0.2, 0.5), rng.uniform(6, 14)
+    return steps, {
+        "ccip_recscore": 0.15 + 0.75 / (1 + np.exp(-rate * (position - middle))),
+        "bikini_plus": 0.45 - 0.2 * position**2,
+        "ai_corrupt": np.full(len(steps), 0.95),
+    }
+
+
+def true_table(seed: int, checkpoints: int = 20, every: int = 100) -> dict[int, dict[str, float | None]]:
+    """The metric table ``synthetic_run(seed, ...)`` is drawn around: what infinitely many images would score."""
+    steps, curves = _curves(np.random.default_rng(seed), checkpoints, every)
+    return {int(step): {m: float(curves[m][i]) for m in METRICS} for i, step in enumerate(steps)}
+
+
 def synthetic_run(
     seed: int, checkpoints: int = 20, every: int = 100, images: int = IMAGES, draw: int = 0
 ) -> dict[int, dict[str, np.ndarray]]:
     """Step -> metric -> the values of its ``images`` images."""
     rng = np.random.default_rng(seed)
-    steps = np.arange(every, every * (checkpoints + 1), every, dtype=float)
-    position = steps / steps.max()
-    middle, rate = rng.uniform(0.2, 0.5), rng.uniform(6, 14)
-    curves = {
-        "ccip_recscore": 0.15 + 0.75 / (1 + np.exp(-rate * (position - middle))),
-        "bikini_plus": 0.45 - 0.2 * position**2,
-        "ai_corrupt": np.full(len(steps), 0.95),
-    }
+    steps, curves = _curves(rng, checkpoints, every)
     if draw:
         rng = np.random.default_rng([seed, draw])
     return {
