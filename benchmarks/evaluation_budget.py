@@ -6,7 +6,7 @@ how often the strategy picks the step that scoring everything picks; the images 
 (``--batch`` images each, a part of a sequential evaluation rendered in its own batches) it renders, as a
 share of scoring everything; in how many runs the two picks' RecScore intervals do not overlap; and what the
 pick is worth: the selection rule's F-beta lost against the step the rule picks on the run's noise-free
-curves (``true_table``: what infinitely many images would score), its mean and 90th percentile over runs.
+curves (``true_table``), its mean and 90th percentile over runs.
 The ``rerendered`` row scores everything on another draw of each run's image noise, as rendering the same
 checkpoints with other seeds would: how often two full evaluations agree. ``half the checkpoints`` evaluates
 every other one (the default evaluation, sequential, of a run saved half as often): half the rendering, and

@@ -36,7 +36,8 @@ def _curves(rng: np.random.Generator, checkpoints: int, every: int) -> tuple[np.
 
 
 def true_table(seed: int, checkpoints: int = 20, every: int = 100) -> dict[int, dict[str, float | None]]:
-    """The metric table ``synthetic_run(seed, ...)`` is drawn around: what infinitely many images would score."""
+    """The metric table ``synthetic_run(seed, ...)`` is drawn around: its noise-free curves (the images' values
+    are then clipped to [0, 1], which moves their mean slightly near either bound)."""
     steps, curves = _curves(np.random.default_rng(seed), checkpoints, every)
     return {int(step): {m: float(curves[m][i]) for m in METRICS} for i, step in enumerate(steps)}
 
