@@ -376,7 +376,7 @@ def test_a_compiled_unet_renders_what_the_eager_one_does_and_later_checkpoints_a
 ):
     """evaluate.compile compiles the UNet's transformer blocks (here with aot_eager, graph capture without code
     generation; the GPU session times inductor) with symbolic sizes: one graph per block width serves the
-    whole evaluation, its batches of 3 and of 1 and every checkpoint hotswapped into the compiled LoRA layers.
+    whole evaluation, its batches of 3 and of 2 and every checkpoint hotswapped into the compiled LoRA layers.
     The next evaluation in the process (a fleet's next model) compiles nothing; the images are eager's. An
     evaluation without it never gets the compiled pipeline kept between evaluations."""
     from torch._dynamo.utils import counters
