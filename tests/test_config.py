@@ -46,6 +46,19 @@ def test_bad_value_names_the_key_and_allowed_values():
         load_settings(overrides=["train.max_steps=0"])
 
 
+def test_a_compile_backend_torch_does_not_have_is_refused_as_the_settings_load():
+    """Not at the first training step or render, minutes in: a one-line error naming the setting and the fix;
+    any backend torch has registered is taken."""
+    for section in ("train", "evaluate"):
+        with pytest.raises(ConfigError) as info:
+            load_settings(overrides=[f'{section}.compile_backend="inductr"'])
+        message = str(info.value)
+        assert f"{section}.compile_backend: torch.compile has no backend 'inductr'" in message
+        assert "inductor" in message and "\n" not in message
+    settings = load_settings(overrides=['train.compile_backend="aot_eager_decomp_partition"'])
+    assert settings.train.compile_backend == "aot_eager_decomp_partition"  # not among the usual names
+
+
 def test_a_custom_prompt_set_without_prompts_is_refused_and_says_what_to_add():
     custom = ['evaluate.prompt_set="custom"']
     with pytest.raises(ConfigError) as info:

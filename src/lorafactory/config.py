@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
@@ -25,6 +25,27 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 DEFAULT_PRESET = "sd15-anime"
+
+
+_USUAL_BACKENDS = {"inductor", "aot_eager", "eager", "cudagraphs"}  # torch's own: known without importing it
+
+
+def _compile_backend(name: str) -> str:
+    """A torch.compile backend torch knows (its registry, plugins included), checked when the settings load."""
+    if name in _USUAL_BACKENDS:
+        return name
+    from torch._dynamo import list_backends
+
+    if name not in list_backends(exclude_tags=()):  # its debug and experimental ones too
+        usual = ", ".join(list_backends())
+        raise ValueError(
+            f"torch.compile has no backend {name!r}: use one of {usual} (or aot_eager, which captures the graphs "
+            "without generating code)"
+        )
+    return name
+
+
+CompileBackend = Annotated[str, AfterValidator(_compile_backend)]
 
 
 def runtime_field(default: Any, description: str, **constraints: Any) -> Any:
@@ -319,7 +340,7 @@ class TrainSettings(Section):
     compile: bool = runtime_field(
         False, "torch.compile each UNet transformer block (regional: one compile serves every block)."
     )
-    compile_backend: str = runtime_field(
+    compile_backend: CompileBackend = runtime_field(
         "inductor", "torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check)."
     )
     compile_dynamic: bool = runtime_field(
@@ -393,7 +414,7 @@ class EvaluateSettings(Section):
         "torch.compile the UNet's transformer blocks for rendering (regional, sizes symbolic): compiled once "
         "per process, each later checkpoint hotswapped into the compiled layers without compiling again.",
     )
-    compile_backend: str = runtime_field(
+    compile_backend: CompileBackend = runtime_field(
         "inductor", "torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check)."
     )
     checkpoints: Literal["all", "coarse_to_fine"] = Field(
