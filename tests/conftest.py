@@ -55,6 +55,15 @@ def check_tensorboard(folder, steps: int, checkpoints: list[int]) -> None:
     assert [e.step for e in events.Scalars("loss/validation/step_average")] == checkpoints
 
 
+def fresh_compile_counters():
+    """Dynamo's counters, after it forgets what this process compiled before (nothing is reused)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    return counters
+
+
 def demo_settings(kit: Kit, url: str, *extra: str):
     return load_settings(
         preset="tiny-demo",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import demo_settings
+from conftest import demo_settings, fresh_compile_counters
 from lorafactory.errors import QualityGateFailed, StaleStage
 from lorafactory.evaluate.evaluator import evaluate, step_dir
 from lorafactory.evaluate.generate import Generator
@@ -37,6 +37,21 @@ def trained(kit, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     result = train(settings, TRIGGER, dataset, out, SilentProgress())
     return settings, out, result.checkpoints
+
+
+@pytest.fixture
+def pipeline_loads(monkeypatch):
+    """The base models the kept-pipeline module loads afresh during the test, in order."""
+    from lorafactory.evaluate import resident
+
+    loads = []
+
+    def counted_load(*args, **kwargs):
+        loads.append(args[0])
+        return load_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(resident, "load_pipeline", counted_load)
+    return loads
 
 
 def _render(generator, work, step_folder=None, keep_adapter=False):
@@ -243,33 +258,26 @@ def test_a_run_shorter_than_its_save_every_is_released_with_the_schedule_it_was_
     assert (summary["steps"], summary["save_every"]) == (3, 10)
 
 
-def test_the_base_pipeline_stays_loaded_between_evaluations(kit, trained, dataset, tmp_path, monkeypatch):
+def test_the_base_pipeline_stays_loaded_between_evaluations(kit, trained, dataset, tmp_path, pipeline_loads):
     """A second evaluation in the same process (the next character on a fleet's GPU worker, or a
     quality-gate retrain) reuses the pipeline the first one loaded, and scores exactly the same."""
     from lorafactory.evaluate import resident
 
     settings, out, checkpoints = trained
-    loads = []
-
-    def counted_load(*args, **kwargs):
-        loads.append(args[0])
-        return load_pipeline(*args, **kwargs)
-
-    monkeypatch.setattr(resident, "load_pipeline", counted_load)
     resident.forget()
     two = {step: checkpoints[step] for step in (4, 8)}
     tables = [
         evaluate(settings, TRIGGER, dataset, out, two, {}, tmp_path / name, SilentProgress(), tmp_path / "cache").table
         for name in ("first", "second")
     ]
-    assert loads == [settings.train.base_model] and tables[0] == tables[1]
+    assert pipeline_loads == [settings.train.base_model] and tables[0] == tables[1]
     (kept,) = resident._kept.values()  # kept clean: no LoRA layers left from the last checkpoint
     assert not any("lora" in name for name, _ in kept.unet.named_modules())
     other = settings.model_copy(deep=True)
     other.train.mixed_precision = "bf16"  # another dtype is another pipeline
     with resident.base_pipeline(other.train.base_model, torch.bfloat16, "", torch.device("cpu")):
         pass
-    assert len(loads) == 2
+    assert len(pipeline_loads) == 2
 
 
 def test_sequential_evaluation_stops_a_ruled_out_checkpoint_after_a_part_and_never_keeps_it(
@@ -372,15 +380,13 @@ def test_scores_measured_batch_by_batch_equal_the_scores_measured_at_once(kit, m
 
 
 def test_a_compiled_unet_renders_what_the_eager_one_does_and_later_checkpoints_and_models_compile_nothing(
-    kit, trained, dataset, tmp_path, monkeypatch
+    kit, trained, dataset, tmp_path, pipeline_loads
 ):
     """evaluate.compile compiles the UNet's transformer blocks (here with aot_eager, graph capture without code
     generation; the GPU session times inductor) with symbolic sizes: one graph per block width serves the
     whole evaluation, its batches of 3 and of 2 and every checkpoint hotswapped into the compiled LoRA layers.
     The next evaluation in the process (a fleet's next model) compiles nothing; the images are eager's. An
     evaluation without it never gets the compiled pipeline kept between evaluations."""
-    from torch._dynamo.utils import counters
-
     from lorafactory.evaluate import resident
 
     settings, out, checkpoints = trained
@@ -389,16 +395,8 @@ def test_a_compiled_unet_renders_what_the_eager_one_does_and_later_checkpoints_a
     eager_settings = settings.model_copy(deep=True)
     settings.evaluate.compile, settings.evaluate.compile_backend = True, "aot_eager"
     two = {step: checkpoints[step] for step in (4, 8)}
-    loads = []
-
-    def counted_load(*args, **kwargs):
-        loads.append(kwargs)
-        return load_pipeline(*args, **kwargs)
-
-    monkeypatch.setattr(resident, "load_pipeline", counted_load)
     resident.forget()
-    torch._dynamo.reset()  # nothing compiled earlier in this process is reused
-    counters.clear()
+    counters = fresh_compile_counters()  # nothing compiled earlier in this process is reused
 
     def evaluated(chosen, name):
         evaluate(chosen, TRIGGER, dataset, out, two, {}, tmp_path / name, SilentProgress(), tmp_path / "cache")
@@ -417,7 +415,7 @@ def test_a_compiled_unet_renders_what_the_eager_one_does_and_later_checkpoints_a
     evaluated(settings, "again")
     assert not counters["frames"]["total"], dict(counters["frames"])  # new LoRA layers, the same graphs
     eager = evaluated(eager_settings, "eager")
-    assert len(loads) == 2  # the kept pipeline is compiled: an evaluation without compile loads its own
+    assert len(pipeline_loads) == 2  # the kept pipeline is compiled: an evaluation without compile loads its own
     assert compiled.keys() == eager.keys() and len(compiled) == 2 * len(
         jobs(settings.evaluate, prompt_specs(settings.evaluate, []), TRIGGER)
     )

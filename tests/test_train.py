@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import check_tensorboard, demo_settings
+from conftest import check_tensorboard, demo_settings, fresh_compile_counters
 from lorafactory.errors import ConfigError, StageError
 from lorafactory.progress import SilentProgress
 from lorafactory.train.model import load_pipeline
@@ -647,15 +647,6 @@ def test_cached_latents_move_to_the_device_only_within_the_budget():
 COMPILED = ("train.compile=true", 'train.compile_backend="aot_eager"')  # graph capture, no code generation
 
 
-def _fresh_compile_counters():
-    """Dynamo's counters, after it forgets what this process compiled before (nothing is reused)."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    return counters
-
-
 @pytest.fixture(scope="module")
 def mixed_shapes(tmp_path_factory):
     """Nine images in three buckets at 192 px, each captioned in one 75-token chunk or in two: the shapes that
@@ -695,7 +686,7 @@ def test_a_compiled_unet_trains_what_the_eager_one_does_and_is_compiled_once_per
     steps = 6
     short = ("train.resolution=192", "train.batch_size=1", f"train.max_steps={steps}", f"train.save_every={steps}")
     short += ("train.validation_split=0.3",)  # a checkpoint, with its validation, at the last step
-    counters = _fresh_compile_counters()
+    counters = fresh_compile_counters()
     first = _Run(
         _settings(kit, *short, *COMPILED), "akane_hoshino", mixed_shapes, tmp_path / "first", SilentProgress()
     )
