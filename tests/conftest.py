@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -10,9 +12,34 @@ from pathlib import Path
 
 from lorafactory.testing.standin_hub import build_standin_hub
 
-KIT_ROOT = Path(tempfile.mkdtemp(prefix="lorafactory-kit-"))
-atexit.register(shutil.rmtree, KIT_ROOT, ignore_errors=True)
-HUB = build_standin_hub(KIT_ROOT / "hub")
+_KIT_ENV = "LORAFACTORY_TEST_KIT"
+
+
+def _kit_root() -> Path:
+    """One kit folder for the whole run: pytest-xdist's workers inherit the environment of the controller that
+    made it (and removes it at exit), so the models and images are built once, not once per worker. A folder
+    named in LORAFACTORY_TEST_KIT beforehand is used and kept (the kit then lasts between runs)."""
+    if os.environ.get(_KIT_ENV):
+        root = Path(os.environ[_KIT_ENV])
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    root = Path(tempfile.mkdtemp(prefix="lorafactory-kit-"))
+    os.environ[_KIT_ENV] = str(root)
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+@contextlib.contextmanager
+def kit_lock():
+    """Held while building into the shared kit folder: the first worker builds, the others wait and reuse."""
+    with (KIT_ROOT / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+KIT_ROOT = _kit_root()
+with kit_lock():
+    HUB = build_standin_hub(KIT_ROOT / "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = str(HUB)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -38,7 +65,16 @@ from lorafactory.workspace import Workspace  # noqa: E402
 
 @pytest.fixture(scope="session")
 def kit() -> Kit:
-    return build_kit(KIT_ROOT)
+    with kit_lock():
+        return build_kit(KIT_ROOT)
+
+
+def tiny_sdxl() -> Path:
+    """The tiny SDXL pipeline, built once for the whole run."""
+    from lorafactory.testing.tiny_sd import build_tiny_sdxl
+
+    with kit_lock():
+        return build_tiny_sdxl(KIT_ROOT / "tiny-sdxl")
 
 
 def check_tensorboard(folder, steps: int, checkpoints: list[int]) -> None:
@@ -76,6 +112,30 @@ def demo_settings(kit: Kit, url: str, *extra: str):
             *extra,
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def prepared(kit: Kit, tmp_path_factory):
+    """The demo character crawled from the replay and prepared, nothing trained: the dataset for tests that train
+    on their own (the whole demo run is built only where a test needs it: the tests marked DEMO_GROUP)."""
+    from lorafactory.pipeline import run_pipeline
+
+    workspace = Workspace(tmp_path_factory.mktemp("prepared-ws"))
+    with replay_for(kit) as replay:
+        settings = demo_settings(kit, replay.url)
+        run_pipeline(workspace, Store(workspace.default_db_url), settings, SilentProgress(), until="prepare")
+    return workspace.character("akane_hoshino")
+
+
+DEMO_GROUP = pytest.mark.xdist_group("demo")  # the tests of the whole demo run share a worker: one builds it
+
+
+def pytest_collection_modifyitems(items):
+    """A test of the whole demo run outside DEMO_GROUP would have another worker build the run again."""
+    for item in items:
+        group = item.get_closest_marker("xdist_group")
+        if "demo_run" in item.fixturenames and (group is None or group.args != DEMO_GROUP.args):
+            raise pytest.UsageError(f"{item.nodeid} uses demo_run: mark it (or its module) with conftest.DEMO_GROUP")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import demo_settings, fresh_compile_counters
+from conftest import DEMO_GROUP, demo_settings, fresh_compile_counters
 from lorafactory.errors import QualityGateFailed, StaleStage
 from lorafactory.evaluate.evaluator import evaluate, step_dir
 from lorafactory.evaluate.generate import Generator
@@ -21,6 +21,7 @@ from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir,
 from lorafactory.workspace import Workspace
 
 TRIGGER = "akane_hoshino"
+pytestmark = DEMO_GROUP  # and one worker trains the checkpoints they share
 
 
 @pytest.fixture(scope="module")

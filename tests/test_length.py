@@ -65,8 +65,8 @@ def test_max_checkpoints_0_or_a_fixed_step_count_keeps_save_every():
     assert planned_schedule(_train("train.max_steps=8000", "train.max_checkpoints=5"), 1000) == (8000, 40)
 
 
-def test_a_run_without_max_steps_trains_the_planned_count_on_the_planned_grid(kit, demo_run, tmp_path):
-    dataset = demo_run["workspace"].character("akane_hoshino").artifact("prepare")
+def test_a_run_without_max_steps_trains_the_planned_count_on_the_planned_grid(kit, prepared, tmp_path):
+    dataset = prepared.artifact("prepare")
     settings = demo_settings(
         kit,
         "http://127.0.0.1:1",
@@ -76,7 +76,7 @@ def test_a_run_without_max_steps_trains_the_planned_count_on_the_planned_grid(ki
         "train.max_checkpoints=3",
     )
     settings.train.max_steps = None  # the preset fixes it; a user's settings leave it unset
-    images = demo_run["workspace"].character("akane_hoshino").manifest("prepare").counts["dataset"]
+    images = prepared.manifest("prepare").counts["dataset"]
     assert planned_schedule(settings.train, images) == (10, 4)  # 5 checkpoints at every 2 steps: too many
     result = train(settings, "akane_hoshino", dataset, tmp_path, SilentProgress())
     assert result.counts["steps"] == 10 and sorted(result.checkpoints) == [4, 8, 10]  # and the last step

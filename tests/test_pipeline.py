@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import demo_settings
+from conftest import DEMO_GROUP, demo_settings
 from lorafactory.cli import app
 from lorafactory.config import tomllib
 from lorafactory.errors import ConfigError, InputError, StageError, StaleStage
@@ -20,6 +20,7 @@ from lorafactory.train.model import load_pipeline
 from lorafactory.workspace import STAGES, Workspace
 
 TRIGGER = "akane_hoshino"
+pytestmark = DEMO_GROUP
 
 
 def _char(demo_run):

@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from conftest import DEMO_GROUP
 from lorafactory.cli import app
 from lorafactory.errors import ConfigError, StageError
 from lorafactory.progress import SilentProgress
@@ -17,6 +18,7 @@ from lorafactory.testing.fake_civitai import FakeCivitai
 from lorafactory.testing.fake_hub import FakeHub
 
 TOKEN = "hf_test_write_token"
+pytestmark = DEMO_GROUP
 
 
 @pytest.fixture()

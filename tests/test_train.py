@@ -17,8 +17,8 @@ from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir,
 
 
 @pytest.fixture(scope="module")
-def dataset(demo_run):
-    return demo_run["workspace"].character("akane_hoshino").artifact("prepare")
+def dataset(prepared):
+    return prepared.artifact("prepare")
 
 
 def _settings(kit, *extra):
@@ -170,11 +170,10 @@ def test_options_run_and_validation_is_reported(kit, dataset, tmp_path):
 
 
 def test_sdxl_trains_and_evaluates(kit, dataset, tmp_path):
-    from conftest import KIT_ROOT
+    from conftest import tiny_sdxl
     from lorafactory.evaluate.evaluator import evaluate
-    from lorafactory.testing.tiny_sd import build_tiny_sdxl
 
-    model = build_tiny_sdxl(KIT_ROOT / "tiny-sdxl")
+    model = tiny_sdxl()
     settings = _settings(
         kit, f'train.base_model="{model}"', "train.max_steps=4", "train.save_every=2", "train.validation_split=0.1"
     )
