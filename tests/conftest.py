@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
@@ -12,34 +10,9 @@ from pathlib import Path
 
 from lorafactory.testing.standin_hub import build_standin_hub
 
-_KIT_ENV = "LORAFACTORY_TEST_KIT"
-
-
-def _kit_root() -> Path:
-    """One kit folder for the whole run: pytest-xdist's workers inherit the environment of the controller that
-    made it (and removes it at exit), so the models and images are built once, not once per worker. A folder
-    named in LORAFACTORY_TEST_KIT beforehand is used and kept (the kit then lasts between runs)."""
-    if os.environ.get(_KIT_ENV):
-        root = Path(os.environ[_KIT_ENV])
-        root.mkdir(parents=True, exist_ok=True)
-        return root
-    root = Path(tempfile.mkdtemp(prefix="lorafactory-kit-"))
-    os.environ[_KIT_ENV] = str(root)
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    return root
-
-
-@contextlib.contextmanager
-def kit_lock():
-    """Held while building into the shared kit folder: the first worker builds, the others wait and reuse."""
-    with (KIT_ROOT / ".lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-KIT_ROOT = _kit_root()
-with kit_lock():
-    HUB = build_standin_hub(KIT_ROOT / "hub")
+KIT_ROOT = Path(tempfile.mkdtemp(prefix="lorafactory-kit-"))
+atexit.register(shutil.rmtree, KIT_ROOT, ignore_errors=True)
+HUB = build_standin_hub(KIT_ROOT / "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = str(HUB)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -65,16 +38,7 @@ from lorafactory.workspace import Workspace  # noqa: E402
 
 @pytest.fixture(scope="session")
 def kit() -> Kit:
-    with kit_lock():
-        return build_kit(KIT_ROOT)
-
-
-def tiny_sdxl() -> Path:
-    """The tiny SDXL pipeline, built once for the whole run."""
-    from lorafactory.testing.tiny_sd import build_tiny_sdxl
-
-    with kit_lock():
-        return build_tiny_sdxl(KIT_ROOT / "tiny-sdxl")
+    return build_kit(KIT_ROOT)
 
 
 def check_tensorboard(folder, steps: int, checkpoints: list[int]) -> None:

@@ -43,7 +43,7 @@ def test_demo_command_produces_a_loadable_release(kit, tmp_path):
 
 
 @pytest.mark.slow
-def test_fleet_demo_runs_three_characters_through_a_local_ray_fleet(kit, tmp_path):
+def test_fleet_demo_runs_three_characters_through_a_local_ray_fleet(tmp_path):
     """With shorter training (``--set``, which every character's job takes): the fleet is the subject here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB")}
     env["COLUMNS"] = "200"

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import tiny_sdxl
+from conftest import KIT_ROOT
 from lorafactory.config import TrainSettings
 from lorafactory.export.embedding import write_a1111_pt, write_embedding_safetensors
 from lorafactory.export.kohya import (
@@ -21,7 +21,7 @@ from lorafactory.export.kohya import (
     unet_lora_tensors,
     write_safetensors,
 )
-from lorafactory.testing.tiny_sd import FULL_SDXL_UNET
+from lorafactory.testing.tiny_sd import FULL_SDXL_UNET, build_tiny_sdxl
 from lorafactory.train.embedding import expand_trigger
 from lorafactory.train.model import load_base, load_pipeline
 from lorafactory.train.text import ENCODER_KEYS, TextEncoders, encode_prompts
@@ -31,7 +31,7 @@ PROMPT = "akane_hoshino, smile, red hair"
 
 
 def _model(kit, family):
-    return str(kit.tiny_sd) if family == "sd1" else str(tiny_sdxl())
+    return str(kit.tiny_sd) if family == "sd1" else str(build_tiny_sdxl(KIT_ROOT / "tiny-sdxl"))
 
 
 def _unet(unet, latents, timesteps, cond):
@@ -272,7 +272,7 @@ def test_the_tiny_models_have_every_module_name_of_sd15_and_sdxl(kit):
         clip_l = CLIPTextModel(tiny_sd._clip_config(768, 12, 12, 768))
         clip_g = CLIPTextModelWithProjection(tiny_sd._clip_config(1280, 32, 20, 1280))
     sd1_tiny = load_base(str(kit.tiny_sd))
-    sdxl_tiny = load_base(str(tiny_sdxl()))
+    sdxl_tiny = load_base(str(build_tiny_sdxl(KIT_ROOT / "tiny-sdxl")))
     assert names(sd1_tiny.unet) == names(sd15) and names(sd1_tiny.text_encoders[0]) == names(clip_l)
     assert names(sdxl_tiny.unet) == names(sdxl)
     assert [names(e) for e in sdxl_tiny.text_encoders] == [names(clip_l), names(clip_g)]

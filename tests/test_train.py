@@ -170,10 +170,11 @@ def test_options_run_and_validation_is_reported(kit, dataset, tmp_path):
 
 
 def test_sdxl_trains_and_evaluates(kit, dataset, tmp_path):
-    from conftest import tiny_sdxl
+    from conftest import KIT_ROOT
     from lorafactory.evaluate.evaluator import evaluate
+    from lorafactory.testing.tiny_sd import build_tiny_sdxl
 
-    model = tiny_sdxl()
+    model = build_tiny_sdxl(KIT_ROOT / "tiny-sdxl")
     settings = _settings(
         kit, f'train.base_model="{model}"', "train.max_steps=4", "train.save_every=2", "train.validation_split=0.1"
     )
