@@ -345,7 +345,7 @@ class TrainSettings(Section):
     )
     compile_dynamic: bool = runtime_field(
         True,
-        "Compile with symbolic sizes from the first step: a graph per block width (at most two) serves every "
+        "Compile with symbolic sizes from the first step: one graph per block width serves every "
         "bucket and caption length. false = the first sizes are compiled as constants and each size that "
         "changes later compiles the blocks again (about twice the compiles on a bucketed dataset).",
     )

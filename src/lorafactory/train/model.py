@@ -109,10 +109,16 @@ def compile_blocks(unet: Any, backend: str, dynamic: bool | None) -> None:
     """torch.compile each of the UNet's transformer blocks in place (regional: the blocks of one width share a
     graph, so one compile serves them all). ``dynamic=True``: sizes symbolic from the first call; ``None``:
     torch's default, sizes compiled as constants until one changes. The graphs are traced at the first call,
-    with the LoRA layers in place then; parameter names, state dicts and exports stay as they are."""
+    with the LoRA layers in place then; parameter names, state dicts and exports stay as they are.
+
+    Duck sizing is turned off for the process (the switch torch's own guard messages name): with it, sizes
+    that happen to be equal in the first call (a square bucket's sides) share one symbol, and the first bucket
+    where they differ compiles that width again."""
     from torch._dynamo import config as dynamo
+    from torch.fx.experimental import _config as shapes
 
     dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
+    shapes.use_duck_shape = False
     unet.compile_repeated_blocks(backend=backend, dynamic=dynamic)
 
 
