@@ -386,8 +386,11 @@ def test_a_compiled_unet_renders_what_the_eager_one_does_and_later_checkpoints_a
     """evaluate.compile compiles the UNet's transformer blocks (here with aot_eager, graph capture without code
     generation; the GPU session times inductor) with symbolic sizes: one graph per block width serves the
     whole evaluation, its batches of 3 and of 2 and every checkpoint hotswapped into the compiled LoRA layers.
-    The next evaluation in the process (a fleet's next model) compiles nothing; the images are eager's. An
-    evaluation without it never gets the compiled pipeline kept between evaluations."""
+    With evaluate.merge_lora the merged layers take another branch: one more graph per width, for every
+    checkpoint merged, restored and merged again. The next evaluation in the process (a fleet's next model)
+    compiles nothing and, after the merged one, renders the first one's images exactly (the base weights were
+    put back); the images are eager's. An evaluation without it never gets the compiled pipeline kept between
+    evaluations."""
     from lorafactory.evaluate import resident
 
     settings, out, checkpoints = trained
@@ -395,6 +398,8 @@ def test_a_compiled_unet_renders_what_the_eager_one_does_and_later_checkpoints_a
     settings.evaluate.width = settings.evaluate.height = 128  # at 64 px a level's sequence of 1 compiles apart
     eager_settings = settings.model_copy(deep=True)
     settings.evaluate.compile, settings.evaluate.compile_backend = True, "aot_eager"
+    merging = settings.model_copy(deep=True)
+    merging.evaluate.merge_lora = True
     two = {step: checkpoints[step] for step in (4, 8)}
     resident.forget()
     counters = fresh_compile_counters()  # nothing compiled earlier in this process is reused
@@ -410,14 +415,21 @@ def test_a_compiled_unet_renders_what_the_eager_one_does_and_later_checkpoints_a
     compiled = evaluated(settings, "compiled")
     (pipe,) = resident._kept.values()
     blocks = [m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
-    assert counters["stats"]["unique_graphs"] == len({block.norm1.normalized_shape for block in blocks})
+    widths = len({block.norm1.normalized_shape for block in blocks})
+    assert counters["stats"]["unique_graphs"] == widths
     assert counters["frames"]["ok"] == counters["frames"]["total"] > 0  # nothing fell back to eager
     counters.clear()
-    evaluated(settings, "again")
+    merged = evaluated(merging, "merged")
+    assert counters["stats"]["unique_graphs"] == widths, dict(counters["stats"])
+    assert counters["frames"]["ok"] == counters["frames"]["total"], dict(counters["frames"])
+    counters.clear()
+    again = evaluated(settings, "again")
     assert not counters["frames"]["total"], dict(counters["frames"])  # new LoRA layers, the same graphs
+    assert again.keys() == compiled.keys() and all(np.array_equal(again[name], compiled[name]) for name in again)
     eager = evaluated(eager_settings, "eager")
     assert len(pipeline_loads) == 2  # the kept pipeline is compiled: an evaluation without compile loads its own
-    assert compiled.keys() == eager.keys() and len(compiled) == 2 * len(
+    assert compiled.keys() == eager.keys() == merged.keys() and len(compiled) == 2 * len(
         jobs(settings.evaluate, prompt_specs(settings.evaluate, []), TRIGGER)
     )
+    assert all(np.abs(merged[name] - eager[name]).max() <= 1 for name in merged)
     assert all(np.abs(compiled[name] - eager[name]).max() <= 1 for name in compiled)
