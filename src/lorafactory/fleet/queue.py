@@ -22,7 +22,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import aliased
 
-from lorafactory.state.models import Job, as_utc, utcnow
+from lorafactory.state.models import Job, as_utc
+from lorafactory.workspace import utcnow
 
 ACTIVE = ("queued", "running")
 BACKOFF_S, BACKOFF_CAP_S = 30.0, 3600.0

@@ -21,7 +21,8 @@ from sqlalchemy.exc import IntegrityError
 
 from lorafactory.errors import CharacterBusy, StageError
 from lorafactory.state.models import CharacterLock as LockRow
-from lorafactory.state.models import as_utc, utcnow
+from lorafactory.state.models import as_utc
+from lorafactory.workspace import utcnow
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 20.0

@@ -15,10 +15,6 @@ class Base(DeclarativeBase):
     pass
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def as_utc(moment: datetime) -> datetime:
     """A stored time as an aware UTC datetime (SQLite gives it back without its zone)."""
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

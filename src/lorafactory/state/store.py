@@ -33,8 +33,8 @@ from lorafactory.state.models import (
     SchemaInfo,
     SiteTag,
     StageExecution,
-    utcnow,
 )
+from lorafactory.workspace import utcnow
 
 
 def _redacted(error: str | None) -> str | None:
