@@ -54,6 +54,13 @@ def runtime_field(default: Any, description: str, **constraints: Any) -> Any:
     return Field(default, description=description, json_schema_extra={"runtime": True}, **constraints)
 
 
+def compile_backend_field() -> Any:
+    """``compile_backend`` of the sections that compile (training, rendering)."""
+    return runtime_field(
+        "inductor", "torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check)."
+    )
+
+
 class Section(BaseModel):
     """Base for every settings section: unknown keys are errors, assignments are validated."""
 
@@ -340,9 +347,7 @@ class TrainSettings(Section):
     compile: bool = runtime_field(
         False, "torch.compile each UNet transformer block (regional: one compile serves every block)."
     )
-    compile_backend: CompileBackend = runtime_field(
-        "inductor", "torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check)."
-    )
+    compile_backend: CompileBackend = compile_backend_field()
     compile_dynamic: bool = runtime_field(
         True,
         "Compile with symbolic sizes from the first step: one graph per block width serves every "
@@ -414,9 +419,7 @@ class EvaluateSettings(Section):
         "torch.compile the UNet's transformer blocks for rendering (regional, sizes symbolic): compiled once "
         "per process, each later checkpoint hotswapped into the compiled layers without compiling again.",
     )
-    compile_backend: CompileBackend = runtime_field(
-        "inductor", "torch.compile backend; 'aot_eager' captures the graphs without generating code (a quick check)."
-    )
+    compile_backend: CompileBackend = compile_backend_field()
     checkpoints: Literal["all", "coarse_to_fine"] = Field(
         "all", description="'coarse_to_fine': every coarse_every-th first, then around the best."
     )
