@@ -402,8 +402,7 @@ class _Run:
         if not self.validation:
             return None
         self.base.unet.eval()
-        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; before, validation compiles too
-        stance = set_stance("force_eager") if self.t.compile and set_stance else nullcontext()
+        stance = torch.compiler.set_stance("force_eager") if self.t.compile else nullcontext()
         with self.compute(), stance:
             result = self.validation.loss(
                 self.noise_scheduler,
