@@ -5,10 +5,28 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from conftest import KIT_ROOT
+from lorafactory.demo import REPLAY_PORTS, replay_for, workspace_port
 from lorafactory.train.model import load_pipeline
+
+
+def test_the_demo_replay_keeps_its_address_for_a_workspace_and_moves_only_when_that_port_is_taken(kit, tmp_path):
+    """The crawl records the site's address, so the demo's replay listens on a port fixed by the workspace:
+    a rerun finds its stages up to date instead of crawling, and so redoing, everything. A port taken by
+    another program is given up for any free one."""
+    port = workspace_port(tmp_path)
+    assert port in REPLAY_PORTS and workspace_port(tmp_path / "sub" / "..") == port
+    url = f"http://127.0.0.1:{port}"
+    with replay_for(kit, port) as first:
+        assert first.url == url
+        with replay_for(kit, port) as second:
+            assert second.url != url
+            assert httpx.get(f"{second.url}/posts.json", params={"tags": "1girl"}).status_code == 200
+    with replay_for(kit, port) as again:
+        assert again.url == url
 
 
 @pytest.mark.slow
@@ -33,6 +51,8 @@ def test_demo_command_produces_a_loadable_release(kit, tmp_path):
         and (release / "metrics.csv").is_file()
     )
     assert all((step / "metrics.json").is_file() for step in (release / "steps").iterdir())
+    recorded = json.loads((tmp_path / "akane_hoshino" / "crawl" / "manifest.json").read_text())
+    assert f"http://127.0.0.1:{workspace_port(tmp_path)}" in json.dumps(recorded)  # a rerun crawls nothing
     report = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")  # the demo's report, as printed
     assert "Report:" in result.stdout and "1 character (everything in the store)" in report
     assert "Akane Hoshino" in report and "../akane_hoshino/release/README.md" in report  # linked to its card

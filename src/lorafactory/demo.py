@@ -6,6 +6,7 @@ before huggingface_hub is imported; the child goes through exactly the code a re
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from lorafactory.errors import StageError
 DEMO_CHARACTER = "Akane Hoshino"
 FLEET_CHARACTERS = ("Akane Hoshino", "Midori Kaze", "Sora Aoi")  # the fleet demo's queue
 SYNTHETIC_VERSION = "2"  # bump when the synthetic images change, so cached kits are rebuilt
+REPLAY_PORTS = range(20000, 30000)
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ def build_kit(cache: Path) -> Kit:
     return Kit(hub, tiny, clip, images)
 
 
-def replay_for(kit: Kit):
-    """A danbooru replay serving the synthetic set; one stranger is mistagged as the character."""
+def replay_for(kit: Kit, port: int = 0):
+    """A danbooru replay serving the synthetic set; one stranger is mistagged as the character. ``port``: the
+    port it listens on when that is free (0: any free port)."""
     from lorafactory.sources.danbooru import character_tag
     from lorafactory.testing.replay import DanbooruReplay, ReplayImage
 
@@ -65,7 +68,7 @@ def replay_for(kit: Kit):
             [character_tag(DEMO_CHARACTER)] if not path.name.startswith("other_") or mistagged else ["someone_else"]
         )
         items.append(ReplayImage(path, ["1girl", "solo"], character))
-    return DanbooruReplay(items)
+    return DanbooruReplay(items, port=port)
 
 
 def offline_env(kit: Kit) -> dict[str, str]:
@@ -99,10 +102,18 @@ def _lorafactory(kit: Kit, *args: str, what: str) -> None:
         raise StageError(f"the demo's {what} failed (exit {result.returncode}); see the messages above")
 
 
+def workspace_port(workspace: Path) -> int:
+    """The replay's port for a workspace, the same at every run (below Linux's ephemeral ports): the crawl
+    records the site's address, so a replay on another port would make a rerun crawl, and so redo, everything."""
+    digest = hashlib.sha256(str(workspace.resolve()).encode()).digest()
+    return REPLAY_PORTS.start + int.from_bytes(digest[:4], "big") % len(REPLAY_PORTS)
+
+
 def run_demo(workspace: Path, cache: Path, overrides: list[str], force: str | None = None) -> None:
-    """The demo character through the whole pipeline; ``overrides`` are ``--set`` settings."""
+    """The demo character through the whole pipeline; ``overrides`` are ``--set`` settings. A rerun on the same
+    workspace finds its stages done (its replay listens on the same port, when that port is free)."""
     kit = build_kit(cache)
-    with replay_for(kit) as replay:
+    with replay_for(kit, workspace_port(workspace)) as replay:
         command = ["run", DEMO_CHARACTER, "--site", "danbooru", "--workspace", str(workspace)]
         command += _demo_settings(kit, replay.url, overrides) + (["--force", force] if force else [])
         _lorafactory(kit, *command, what="pipeline")
@@ -128,8 +139,9 @@ def fleet_images(cache: Path) -> dict[str, Path]:
     return folders
 
 
-def fleet_replay(cache: Path):
-    """One danbooru replay serving every fleet demo character's images under its own tag."""
+def fleet_replay(cache: Path, port: int = 0):
+    """One danbooru replay serving every fleet demo character's images under its own tag (on ``port`` when
+    it is free)."""
     from lorafactory.sources.danbooru import character_tag
     from lorafactory.testing.replay import DanbooruReplay, ReplayImage
 
@@ -139,13 +151,13 @@ def fleet_replay(cache: Path):
             if not path.name.startswith("."):
                 tag = "someone_else" if "-other_" in path.name else character_tag(name)
                 items.append(ReplayImage(path, ["1girl", "solo"], [tag]))
-    return DanbooruReplay(items)
+    return DanbooruReplay(items, port=port)
 
 
 def run_fleet_demo(workspace: Path, cache: Path, overrides: list[str]) -> None:
     """Queue the three fleet demo characters (with the ``--set`` ``overrides``) and run them on a local Ray fleet."""
     kit = build_kit(cache)
-    with fleet_replay(cache) as replay:
+    with fleet_replay(cache, workspace_port(workspace)) as replay:
         ws = ["--workspace", str(workspace)]
         _lorafactory(
             kit, "queue", "add", *FLEET_CHARACTERS, *_demo_settings(kit, replay.url, overrides), *ws, what="queue"

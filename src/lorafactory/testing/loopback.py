@@ -27,8 +27,14 @@ class LoopbackServer:
     def start(self):  # pragma: no cover - every server overrides it
         raise NotImplementedError
 
-    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def _serve(self, handler: type[BaseHTTPRequestHandler], port: int = 0) -> None:
+        """Listen on ``port`` when it is free, else on any free port (0: any free port)."""
+        try:
+            self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        except OSError:
+            if not port:
+                raise
+            self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:

@@ -54,6 +54,7 @@ class Replay(LoopbackServer):
     agents: list[str] = field(default_factory=list)  # User-Agent of each API request
     authorizations: list[str] = field(default_factory=list)  # Authorization header of each API request
     file_urls: str = "absolute"  # or "relative" (/data/x) or "protocol-relative" (//host/data/x), as some boorus
+    port: int = 0  # the port to listen on when it is free (0: any free port)
     _server: ThreadingHTTPServer | None = None
 
     def _index(self) -> list[_Post]:
@@ -149,7 +150,7 @@ class Replay(LoopbackServer):
 
         files = {item.path.name: item.path for item in self.images}
         self.posts = self._index()
-        self._serve(Handler)
+        self._serve(Handler, self.port)
         return self
 
 
