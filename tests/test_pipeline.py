@@ -170,12 +170,26 @@ def test_state_store_has_checkpoints_and_metrics(demo_run):
     assert all(0.0 <= c["metrics"]["ccip_recscore"] <= 1.0 for c in summary["checkpoints"])
 
 
-def test_rerun_skips_and_force_reruns_downstream(demo_run):
+@pytest.fixture
+def target_checks(monkeypatch):
+    """The settings each LoRA-target preflight of a run was given (the check itself still runs)."""
+    from lorafactory.train import preflight
+
+    checked = []
+    real = preflight.check_targets
+    monkeypatch.setattr(preflight, "check_targets", lambda t: (checked.append(t), real(t)))
+    return checked
+
+
+def test_rerun_skips_and_force_reruns_downstream(demo_run, target_checks):
+    """A run that trains nothing does not check the LoRA targets against the base model (it would import the
+    model libraries for nothing): its trained artifact was made with them."""
     ws, store, settings = demo_run["workspace"], demo_run["store"], demo_run["settings"]
     again = run_pipeline(ws, store, settings, SilentProgress())
     assert again.executed == [] and again.skipped == list(STAGES)
     forced = run_pipeline(ws, store, settings, SilentProgress(), force="evaluate")
     assert forced.executed == ["evaluate", "release"] and forced.skipped == ["crawl", "prepare", "train"]
+    assert target_checks == []
 
 
 def _copy_of_the_demo(demo_run, tmp_path):
@@ -184,7 +198,7 @@ def _copy_of_the_demo(demo_run, tmp_path):
     return workspace, Store(workspace.default_db_url), workspace.character(demo_run["outcome"].slug)
 
 
-def test_a_damaged_artifact_is_rebuilt_with_everything_made_from_it(demo_run, tmp_path):
+def test_a_damaged_artifact_is_rebuilt_with_everything_made_from_it(demo_run, tmp_path, target_checks):
     workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
     best = char.manifest("evaluate").details["selected_step"]
     damaged = char.artifact("train") / _char(demo_run).manifest("train").details["checkpoints"][str(best)]
@@ -192,6 +206,7 @@ def test_a_damaged_artifact_is_rebuilt_with_everything_made_from_it(demo_run, tm
     bundled.write_bytes(bundled.read_bytes()[:300])  # truncated behind the pipeline's back
     outcome = run_pipeline(workspace, store, demo_run["settings"], SilentProgress())
     assert outcome.skipped == ["crawl", "prepare"] and outcome.executed == ["train", "evaluate", "release"]
+    assert target_checks == [demo_run["settings"].train]  # it trains, so the targets were checked first
     release = char.artifact("release") / f"{TRIGGER}.safetensors"
     with safe_open(str(release), "pt") as handle:
         assert len(list(handle.keys())) > 10

@@ -258,7 +258,7 @@ def run_pipeline(
         raise ConfigError("the character has no name; pass NAME to the command")
     trigger = trigger_for(settings)
     slug = slugify(settings.character.name)
-    if STAGES.index(until) >= STAGES.index("train"):
+    if STAGES.index(until) >= STAGES.index("train") and _will_train(workspace.character(slug), settings, force):
         from lorafactory.train.preflight import check_targets
 
         check_targets(settings.train)  # against the base model's architecture, before any work
@@ -353,6 +353,15 @@ def retrain_settings(settings: Settings, attempt: int) -> Settings:
         t.text_encoder_lr * factor,
     )
     return adjusted
+
+
+def _will_train(char: CharacterDir, settings: Settings, force: str | None) -> bool:
+    """Whether a run would execute train or a stage before it: the LoRA targets are checked against the base
+    model (which imports the model libraries) only then; a trained artifact that is up to date was made with
+    targets that matched."""
+    if force is not None and STAGES.index(force) <= STAGES.index("train"):
+        return True
+    return _stale_before(char, retrain_settings(settings, _gate_attempt(char, settings)), "evaluate") is not None
 
 
 def _stale_before(char: CharacterDir, settings: Settings, start: str) -> StaleStage | None:
