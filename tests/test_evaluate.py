@@ -396,7 +396,6 @@ def test_a_compiled_unet_renders_what_the_eager_one_does_and_later_checkpoints_a
     settings, out, checkpoints = trained
     settings = settings.model_copy(deep=True)
     settings.evaluate.width = settings.evaluate.height = 128  # at 64 px a level's sequence of 1 compiles apart
-    settings.evaluate.steps = 2  # sampler steps: every one goes through the same graphs
     eager_settings = settings.model_copy(deep=True)
     settings.evaluate.compile, settings.evaluate.compile_backend = True, "aot_eager"
     merging = settings.model_copy(deep=True)
