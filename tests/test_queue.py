@@ -275,3 +275,25 @@ def test_queue_add_copyright_queues_its_most_popular_characters(kit, tmp_path):
     assert store.site_tag("danbooru", "Texas the Omertosa (Arknights)") == ("texas_the_omertosa_(arknights)", 2)
     assert unknown.exit_code == 3 and "lists no character tagged *_(blue_archive)" in unknown.output
     assert elsewhere.exit_code == 2 and "pass --site danbooru" in elsewhere.output
+
+
+def test_the_fleet_demo_reports_each_character_once_by_its_latest_job(tmp_path):
+    """A rerun of `demo --fleet` queues every character again: the demo lists each one once, as its newest job
+    ended (a done job points at the release, a failed one says why)."""
+    from lorafactory.cli.demo import fleet_outcomes
+    from lorafactory.workspace import Workspace
+
+    queue = JobQueue(Store(f"sqlite:///{tmp_path / 'state.db'}"))
+    for _ in range(2):
+        for slug in ("akane", "sora"):
+            queue.add(slug, slug.title(), {})
+            claim = queue.claim("w", lease_s=60)
+            if claim.slug == "sora" and claim.id > 2:
+                queue.fail(claim.id, "w", "no images found", transient=False)
+            else:
+                queue.finish(claim.id, "w")
+    workspace = Workspace(tmp_path / "ws")
+    assert fleet_outcomes(queue, workspace) == [
+        f"Akane: done — {workspace.character('akane').artifact('release')}",
+        "Sora: failed — no images found",
+    ]

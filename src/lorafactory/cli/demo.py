@@ -47,9 +47,8 @@ def demo(
         if fleet:
             run_fleet_demo(workspace, cache or default_cache(), set_ or [])
             queue = job_queue(workspace, None)
-            for job in queue.jobs():
-                release = Workspace(workspace).character(job.slug).artifact("release")
-                out.print(f"{escape(job.name)}: {job.status} — {release if job.status == 'done' else job.last_error}")
+            for line in fleet_outcomes(queue, Workspace(workspace)):
+                out.print(line)
             out.print(fleet_table(queue.summary()))
             out.print(f"Report: [bold]{_demo_report(workspace)}[/bold]")
             return
@@ -66,6 +65,16 @@ def demo(
             out.print(f"  {path.relative_to(release_dir)}")
     out.print(f"Report: [bold]{_demo_report(workspace)}[/bold]")
     out.print("[yellow]Reminder: stand-in models — the release shows the pipeline works, not a usable LoRA.[/yellow]")
+
+
+def fleet_outcomes(queue, workspace: Workspace) -> list[str]:
+    """One line per character: how its latest job ended (a rerun of the fleet demo queues each character again)."""
+    latest = {job.slug: job for job in sorted(queue.jobs(), key=lambda job: job.id)}
+    return [
+        f"{escape(job.name)}: {job.status} — "
+        f"{workspace.character(job.slug).artifact('release') if job.status == 'done' else job.last_error}"
+        for job in latest.values()
+    ]
 
 
 def _demo_report(workspace: Path) -> Path:
