@@ -81,14 +81,24 @@ def demo_settings(kit: Kit, url: str, *extra: str):
 @pytest.fixture(scope="session")
 def prepared(kit: Kit, tmp_path_factory):
     """The demo character crawled from the replay and prepared, nothing trained: the dataset for tests that train
-    on their own (the whole demo run is built only where a test needs it: the tests marked DEMO_GROUP)."""
+    on their own (the whole demo run is built only where a test needs it: the tests marked DEMO_GROUP). Built
+    once per test run: parallel workers share it (read only), the first to need it builds it."""
+    from filelock import FileLock
+
     from lorafactory.pipeline import run_pipeline
 
-    workspace = Workspace(tmp_path_factory.mktemp("prepared-ws"))
-    with replay_for(kit) as replay:
-        settings = demo_settings(kit, replay.url)
-        run_pipeline(workspace, Store(workspace.default_db_url), settings, SilentProgress(), until="prepare")
-    return workspace.character("akane_hoshino")
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    workspace = Workspace(shared / "prepared-ws")
+    character = workspace.character("akane_hoshino")
+    with FileLock(str(shared / "prepared-ws.lock")):
+        if character.manifest("prepare") is None:
+            workspace.root.mkdir(exist_ok=True)
+            with replay_for(kit) as replay:
+                settings = demo_settings(kit, replay.url)
+                run_pipeline(workspace, Store(workspace.default_db_url), settings, SilentProgress(), until="prepare")
+    return character
 
 
 DEMO_GROUP = pytest.mark.xdist_group("demo")  # the tests of the whole demo run share a worker: one builds it

@@ -35,12 +35,15 @@ def _layers(settings):
     return tomllib.loads(to_toml(settings))
 
 
+KILLED_AT, STEPS = 5, 10  # a killable training: killed between its two saved states
+
+
 def _killable_settings(kit, url):
-    """Training long enough to be killed between its two saved states (at step 12 of 24)."""
-    return demo_settings(kit, url, "train.max_steps=24", "train.save_every=12")
+    """Training long enough to be killed between its two saved states (at step 5 of 10)."""
+    return demo_settings(kit, url, f"train.max_steps={STEPS}", f"train.save_every={KILLED_AT}")
 
 
-def _wait_for_saved_state(ws, job_id, queue, alive, step=12, timeout=240):
+def _wait_for_saved_state(ws, job_id, queue, alive, step=KILLED_AT, timeout=240):
     """Wait until the job's training saved its state at ``step``; returns the job row."""
     state = ws / "akane_hoshino" / "train.partial" / "state" / "state.json"
     deadline = time.monotonic() + timeout
@@ -65,16 +68,16 @@ def _kill_session(leader: int) -> None:
 
 def _trained_once_and_resumed(ws):
     """The train artifact is whole: every step logged once (and in TensorBoard, with both validations), by
-    a second training session that resumed the first's state at step 12."""
+    a second training session that resumed the first's state at step 5."""
     from lorafactory.workspace import Workspace, damage
 
     char = Workspace(ws).character("akane_hoshino")
     manifest = char.manifest("train")
     assert manifest is not None and damage(char.artifact("train"), manifest) is None
     log = [json.loads(line) for line in (char.artifact("train") / "train_log.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in log] == list(range(1, 25))
-    assert manifest.details["resumed_at"] == [12]
-    check_tensorboard(char.artifact("train") / "tensorboard", steps=24, checkpoints=[12, 24])
+    assert [record["step"] for record in log] == list(range(1, STEPS + 1))
+    assert manifest.details["resumed_at"] == [KILLED_AT]
+    check_tensorboard(char.artifact("train") / "tensorboard", steps=STEPS, checkpoints=[KILLED_AT, STEPS])
 
 
 def test_the_fleet_runs_the_queue_and_bad_input_fails_only_its_job(kit, tmp_path, local_ray):
@@ -384,7 +387,7 @@ def test_the_dataset_phase_builds_the_regularization_set_so_the_model_phase_neve
 
 
 def test_out_of_gpu_memory_retries_the_job_with_lighter_settings(kit, tmp_path, monkeypatch):
-    """The trainer runs out of GPU memory at step 12 (raised as CUDA raises it; there is no GPU here):
+    """The trainer runs out of GPU memory at step 6 (raised as CUDA raises it; there is no GPU here):
     the job is requeued at once with gradient checkpointing on, without using up an attempt, the
     state saved with the heavier settings is discarded, and the retry trains to the end."""
     import torch
@@ -400,12 +403,13 @@ def test_out_of_gpu_memory_retries_the_job_with_lighter_settings(kit, tmp_path, 
 
     def step_until_memory_runs_out(self):
         calls.append(1)
-        if len(calls) == 12:
+        if len(calls) == 6:  # after the state saved at step 4
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(self)
 
     with replay_for(kit) as replay:
-        job = queue.add("akane_hoshino", "Akane Hoshino", _layers(demo_settings(kit, replay.url)), until="train")
+        settings = demo_settings(kit, replay.url, "train.max_steps=8", "train.save_every=4")
+        job = queue.add("akane_hoshino", "Akane Hoshino", _layers(settings), until="train")
         dataset = run_job(str(ws), db, queue.claim("me", 60), "me", 60)
     assert (dataset.status, dataset.next_phase) == ("queued", "model")
     monkeypatch.setattr(trainer._Run, "step", step_until_memory_runs_out)
@@ -417,5 +421,5 @@ def test_out_of_gpu_memory_retries_the_job_with_lighter_settings(kit, tmp_path, 
     done = run_job(str(ws), db, queue.claim("me", 60), "me", 60)
     assert done.status == "done" and queue.jobs()[0].id == job
     train = json.loads((ws / "akane_hoshino" / "train" / "manifest.json").read_text())
-    assert train["counts"]["steps"] == 30
+    assert train["counts"]["steps"] == 8
     assert tomllib.loads((ws / "akane_hoshino" / "config.toml").read_text())["train"]["gradient_checkpointing"]

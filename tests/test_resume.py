@@ -49,7 +49,7 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
     ws = Workspace(tmp_path / "ws")
     with replay_for(kit) as replay:
         command = _command(
-            "run", ws, replay.url, f'train.base_model="{kit.tiny_sd}"', "train.max_steps=24", "train.save_every=12"
+            "run", ws, replay.url, f'train.base_model="{kit.tiny_sd}"', "train.max_steps=10", "train.save_every=5"
         )
         state = ws.character("akane_hoshino").partial("train") / "state" / "state.json"
         with _ctrl_c_reaches_children():
@@ -58,7 +58,7 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
             )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and first.poll() is None:
-            if state.is_file() and json.loads(state.read_text())["step"] == 12:
+            if state.is_file() and json.loads(state.read_text())["step"] == 5:
                 break
             time.sleep(0.05)
         assert first.poll() is None, "the run ended before it could be killed during training"
@@ -76,7 +76,7 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
             command[3] = "train"
         second = subprocess.run(command, env=offline_env(kit), capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr[-2000:]
-        assert "resuming training at step 12" in second.stderr
+        assert "resuming training at step 5" in second.stderr
         assert sum(1 for _, path in replay.requests if path.startswith("/posts.json")) == crawl_requests  # no re-crawl
 
     summary = Store(ws.default_db_url).character_summary("akane_hoshino")
@@ -94,13 +94,13 @@ def test_stop_during_train_then_resume(kit, tmp_path, how):
             and killed.stages[-1].status == "interrupted"
         )
     assert (char.manifest("release") is not None) == (how == "kill")
-    assert char.manifest("train").details["resumed_at"] == [12]
-    check_tensorboard(char.artifact("train") / "tensorboard", steps=24, checkpoints=[12, 24])  # nothing lost
+    assert char.manifest("train").details["resumed_at"] == [5]
+    check_tensorboard(char.artifact("train") / "tensorboard", steps=10, checkpoints=[5, 10])  # nothing lost
     if how == "kill":  # the resumed weights equal an uninterrupted run's (compared once)
         settings = load_settings(base=read_toml(char.config_path))
         train(settings, "akane_hoshino", char.artifact("prepare"), tmp_path / "straight", SilentProgress())
-        resumed = load_file(char.artifact("train") / "checkpoints" / "step-000024" / "lora.safetensors")
-        straight = load_file(tmp_path / "straight" / "checkpoints" / "step-000024" / "lora.safetensors")
+        resumed = load_file(char.artifact("train") / "checkpoints" / "step-000010" / "lora.safetensors")
+        straight = load_file(tmp_path / "straight" / "checkpoints" / "step-000010" / "lora.safetensors")
         for key in straight:
             torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
 
