@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.markup import escape
@@ -12,6 +12,9 @@ from lorafactory.cli.base import USER_ERRORS, ForceOpt, SetOpt, app, err, fail, 
 from lorafactory.cli.fleet import fleet_table
 from lorafactory.cli.status import print_metrics
 from lorafactory.workspace import Workspace, slugify
+
+if TYPE_CHECKING:
+    from lorafactory.fleet.queue import JobQueue
 
 
 @app.command()
@@ -67,7 +70,7 @@ def demo(
     out.print("[yellow]Reminder: stand-in models — the release shows the pipeline works, not a usable LoRA.[/yellow]")
 
 
-def fleet_outcomes(queue, workspace: Workspace) -> list[str]:
+def fleet_outcomes(queue: JobQueue, workspace: Workspace) -> list[str]:
     """One line per character: how its latest job ended (a rerun of the fleet demo queues each character again)."""
     latest = {job.slug: job for job in sorted(queue.jobs(), key=lambda job: job.id)}
     return [
