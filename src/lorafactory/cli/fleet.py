@@ -224,7 +224,8 @@ def fleet_status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     watch: float = typer.Option(0.0, "--watch", help="Refresh every N seconds until Ctrl-C (0: print once)."),
 ) -> None:
-    """Jobs per status, running jobs per host, done and failed today, models per day and an ETA."""
+    """Jobs per status, running jobs per host, done and failed today, models released and jobs done per day,
+    and an ETA."""
     from rich.live import Live
 
     try:
@@ -259,6 +260,7 @@ def fleet_table(summary: dict) -> Table:
     table.add_row("done today", str(summary["done_today"]))
     table.add_row("failed today", str(summary["failed_today"]))
     table.add_row("models per day (last 24 h)", str(summary["models_per_day"]))
+    table.add_row("jobs per day (last 24 h)", str(summary["jobs_per_day"]))
     eta = summary["eta_hours"]
     table.add_row("queue empty in", "unknown (nothing finished in 24 h)" if eta is None else f"{eta} h")
     return table

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import aliased
 
-from lorafactory.state.models import Job, as_utc
+from lorafactory.state.models import Job, StageExecution, as_utc
 from lorafactory.workspace import utcnow
 
 ACTIVE = ("queued", "running")
@@ -261,15 +261,24 @@ class JobQueue:
 
     def summary(self, now: datetime | None = None) -> dict:
         """The fleet at a glance: jobs per status, queued and running jobs per phase, running jobs per
-        host, done and failed since midnight (UTC), models per day over the last 24 hours, and when the
-        queue should be empty."""
+        host, done and failed since midnight (UTC), models released and jobs done over the last 24 hours,
+        and when the queue should be empty at that rate of jobs. A model is a release made (a job whose
+        stages were all up to date, or that stopped before its release, made none)."""
         now = now or utcnow()
-        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        midnight, day_ago = now.replace(hour=0, minute=0, second=0, microsecond=0), now - timedelta(days=1)
         with self.store.session() as session:
             rows = session.execute(select(Job.status, Job.phase, Job.lease_owner, Job.worker, Job.finished_at)).all()
+            releases = session.execute(
+                select(StageExecution.finished_at).where(
+                    StageExecution.stage == "release",
+                    StageExecution.status == "succeeded",
+                    StageExecution.finished_at.is_not(None),
+                )
+            ).scalars()
+            models = sum(1 for finished in releases if as_utc(finished) > day_ago)
         by_status = Counter(row.status for row in rows)
         ended = [(row.status, as_utc(row.finished_at)) for row in rows if row.finished_at is not None]
-        per_day = sum(1 for status, finished in ended if status == "done" and finished > now - timedelta(days=1))
+        per_day = sum(1 for status, finished in ended if status == "done" and finished > day_ago)
         waiting = by_status.get("queued", 0) + by_status.get("running", 0)
         return {
             "by_status": dict(sorted(by_status.items())),
@@ -286,7 +295,8 @@ class JobQueue:
             "failed_today": sum(
                 1 for status, finished in ended if status in ("failed", "quarantined") and finished >= midnight
             ),
-            "models_per_day": per_day,
+            "models_per_day": models,
+            "jobs_per_day": per_day,
             "eta_hours": round(waiting / per_day * 24, 1) if per_day and waiting else (0.0 if not waiting else None),
         }
 
