@@ -133,20 +133,34 @@ def test_fleet_status_counts_and_eta(tmp_path):
         else:
             queue.fail(claim.id, "hostA:1:0", "bad input", transient=False)
     queue.claim("hostB:7:3", lease_s=60)
-    now = utcnow()
-    for hours_ago, status in ((2, "succeeded"), (1, "skipped"), (1, "failed"), (30, "succeeded")):
-        store = Store(queue.store.url, clock=lambda hours=hours_ago: now - timedelta(hours=hours))
-        run = store.start_run(store.ensure_character("a", "A", "a"), "hash")
-        store.finish_stage(store.start_stage(run, "release", "f"), status)
+    _record_releases(queue.store.url, (2, "succeeded"))
     summary = queue.summary()
     assert summary["by_status"] == {"done": 2, "failed": 1, "queued": 1, "running": 1}
     assert summary["running_per_host"] == {"hostB": 1} and summary["done_today"] == 2
     assert summary["failed_today"] == 1 and summary["jobs_per_day"] == 2
-    assert summary["models_per_day"] == 1  # releases made in 24 h: not the one up to date, failed or older
+    assert summary["models_per_day"] == 1  # the releases made, not the jobs done
     assert summary["eta_hours"] == 24.0  # 2 waiting at 2 jobs a day
     shown = CliRunner().invoke(app, ["fleet", "status", "--workspace", str(tmp_path / "ws")])
     assert shown.exit_code == 0 and "running on hostB" in shown.output and "24.0 h" in shown.output
     assert "models per day (last 24 h) │ 1" in shown.output and "jobs per day (last 24 h)   │ 2" in shown.output
+
+
+def _record_releases(url: str, *releases: tuple[float, str]) -> None:
+    """A run per (hours ago, status) whose release stage ended then so."""
+    now = utcnow()
+    for hours_ago, status in releases:
+        store = Store(url, clock=lambda hours=hours_ago: now - timedelta(hours=hours))
+        run = store.start_run(store.ensure_character("a", "A", "a"), "hash")
+        store.finish_stage(store.start_stage(run, "release", "f"), status)
+
+
+def test_models_per_day_counts_the_releases_made_in_the_last_24_hours(state_url):
+    """A job whose stages were all up to date made no model: only releases that ran and succeeded count."""
+    queue = JobQueue(Store(state_url))
+    _record_releases(
+        state_url, (2, "succeeded"), (23.9, "succeeded"), (1, "skipped"), (1, "failed"), (24.1, "succeeded")
+    )
+    assert queue.summary()["models_per_day"] == 2
 
 
 def test_jobs_go_phase_by_phase_each_claimed_by_its_kind_of_worker(state_url):

@@ -268,14 +268,15 @@ class JobQueue:
         midnight, day_ago = now.replace(hour=0, minute=0, second=0, microsecond=0), now - timedelta(days=1)
         with self.store.session() as session:
             rows = session.execute(select(Job.status, Job.phase, Job.lease_owner, Job.worker, Job.finished_at)).all()
-            releases = session.execute(
-                select(StageExecution.finished_at).where(
+            models = session.execute(
+                select(func.count())
+                .select_from(StageExecution)
+                .where(
                     StageExecution.stage == "release",
                     StageExecution.status == "succeeded",
-                    StageExecution.finished_at.is_not(None),
+                    StageExecution.finished_at > day_ago,
                 )
-            ).scalars()
-            models = sum(1 for finished in releases if as_utc(finished) > day_ago)
+            ).scalar_one()
         by_status = Counter(row.status for row in rows)
         ended = [(row.status, as_utc(row.finished_at)) for row in rows if row.finished_at is not None]
         per_day = sum(1 for status, finished in ended if status == "done" and finished > day_ago)
