@@ -561,6 +561,10 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     )
     assert result.exit_code == 3
     assert "does not exist" in result.output and "Traceback" not in result.output
+    for command in (["status"], ["report"]):  # they read a workspace: a mistyped one is named, never made
+        result = runner.invoke(app, [*command, "--workspace", str(tmp_path / "mistyped")])
+        assert result.exit_code == 1 and f"workspace {tmp_path / 'mistyped'} does not exist" in result.output
+    assert not (tmp_path / "mistyped").exists()
     result = runner.invoke(app, ["config", "show", "--set", "train.rnak=1", "--workspace", str(tmp_path)])
     assert result.exit_code == 2 and "unknown key 'train.rnak'" in result.output
     result = runner.invoke(

@@ -117,6 +117,28 @@ def test_queue_commands(tmp_path):
     assert bad.exit_code == 2 and "no characters to queue" in bad.output
 
 
+def test_commands_that_read_the_queue_refuse_a_workspace_that_does_not_exist(tmp_path):
+    """A mistyped --workspace is named, not shown as an empty queue (nor left behind as an empty store)."""
+    from typer.testing import CliRunner
+
+    from lorafactory.cli import app
+
+    runner, missing = CliRunner(), tmp_path / "mistyped"
+    for command in (["queue", "list"], ["queue", "retry", "1"], ["queue", "cancel", "X"], ["fleet", "status"]):
+        result = runner.invoke(app, [*command, "--workspace", str(missing)])
+        assert result.exit_code == 1 and f"workspace {missing} does not exist" in result.output, result.output
+        assert "lorafactory queue add NAME" in result.output and not missing.exists()
+    ran = runner.invoke(app, ["fleet", "run", "--workspace", str(missing)])  # refused before Ray starts
+    assert ran.exit_code == 1 and "does not exist" in ran.output and not missing.exists()
+    added = runner.invoke(app, ["queue", "add", "Akane", "--workspace", str(missing)])  # queueing makes it
+    assert added.exit_code == 0 and (missing / "lorafactory.db").is_file()
+    listed = runner.invoke(app, ["queue", "list", "--json", "--workspace", str(missing)])
+    assert listed.exit_code == 0 and [row["name"] for row in json.loads(listed.output)] == ["Akane"]
+    elsewhere = f"sqlite:///{tmp_path / 'state.db'}"  # the store named by --db: no workspace folder needed
+    shown = runner.invoke(app, ["fleet", "status", "--workspace", str(tmp_path / "none"), "--db", elsewhere])
+    assert shown.exit_code == 0 and "fleet" in shown.output and not (tmp_path / "none").exists()
+
+
 def test_fleet_status_counts_and_eta(tmp_path):
     from typer.testing import CliRunner
 

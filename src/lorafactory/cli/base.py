@@ -92,10 +92,27 @@ def over_saved(saved: Optional[Path], config: Optional[Path], preset: Optional[s
     return load_settings(config, preset, list(overrides or []), base=base)
 
 
-def job_queue(workspace: Path, db: Optional[str]):
+def existing_workspace(workspace: Path, hint: str, db: Optional[str] = None) -> Workspace:
+    """The workspace of a command that reads what is there: a folder that does not exist is refused (a mistyped
+    path would otherwise show an empty store, and leave an empty one behind), unless ``db`` puts the store
+    elsewhere. ``hint`` says what to do instead."""
+    ws = Workspace(workspace)
+    if db is None and not ws.root.is_dir():
+        raise LorafactoryError(f"workspace {ws.root} does not exist; {hint}")
+    return ws
+
+
+QUEUE_HINT = "queue characters with `lorafactory queue add NAME` or pass --workspace (or --db)"
+
+
+def job_queue(workspace: Path, db: Optional[str], create: bool = False):
+    """The queue in the workspace's state store (or ``db``); the workspace is made when ``create``."""
     from lorafactory.fleet.queue import JobQueue
     from lorafactory.state import Store
 
     ws = Workspace(workspace)
-    ws.root.mkdir(parents=True, exist_ok=True)
+    if create:
+        ws.root.mkdir(parents=True, exist_ok=True)
+    else:
+        existing_workspace(workspace, QUEUE_HINT, db)
     return JobQueue(Store(db or ws.default_db_url))

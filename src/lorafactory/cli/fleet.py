@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorafactory.cli.base import (
+    QUEUE_HINT,
     USER_ERRORS,
     ConfigOpt,
     DbOpt,
@@ -19,6 +20,7 @@ from lorafactory.cli.base import (
     SetOpt,
     WorkspaceOpt,
     err,
+    existing_workspace,
     fail,
     fleet_app,
     job_queue,
@@ -77,7 +79,7 @@ def queue_add(
             wanted |= {entry.name: entry for entry in copyright_characters(listing, copyright_, top, site)}
         if not wanted:
             raise ConfigError("no characters to queue; pass names, --file names.txt or --copyright NAME")
-        queue = job_queue(workspace, db)
+        queue = job_queue(workspace, db, create=True)
         added = []
         for name, entry in wanted.items():
             settings = load_settings(config, preset, [*(set_ or []), f"character.name={json.dumps(name)}"])
@@ -200,6 +202,8 @@ def fleet_run(
         out.print(f"job {claim.id} [bold]{escape(claim.name)}[/bold] {claim.phase} → {went}{detail}", soft_wrap=True)
 
     try:
+        if until_empty:  # nothing queued where no workspace is; a fleet run --forever may start before its queue
+            existing_workspace(workspace, QUEUE_HINT, db)
         ws.root.mkdir(parents=True, exist_ok=True)
         result = run_fleet(
             ws.root,

@@ -7,9 +7,8 @@ from typing import Optional
 
 import typer
 
-from lorafactory.cli.base import USER_ERRORS, DbOpt, WorkspaceOpt, app, fail
-from lorafactory.errors import ConfigError, LorafactoryError
-from lorafactory.workspace import Workspace
+from lorafactory.cli.base import USER_ERRORS, DbOpt, WorkspaceOpt, app, existing_workspace, fail
+from lorafactory.errors import ConfigError
 
 
 @app.command()
@@ -34,9 +33,7 @@ def report(
     from lorafactory.state import Store
 
     try:
-        ws = Workspace(workspace)
-        if db is None and not ws.root.is_dir():
-            raise LorafactoryError(f"workspace {ws.root} does not exist; pass --workspace or --db")
+        ws = existing_workspace(workspace, "pass --workspace or --db", db)
         if source is not None and source not in ("web", "anime", "local"):
             raise ConfigError(f"unknown --source {source!r}; use web, anime or local")
         try:

@@ -10,9 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from lorafactory.cli.base import USER_ERRORS, DbOpt, WorkspaceOpt, app, fail, out
+from lorafactory.cli.base import USER_ERRORS, DbOpt, WorkspaceOpt, app, existing_workspace, fail, out
 from lorafactory.errors import LorafactoryError
-from lorafactory.workspace import STAGES, Workspace, slugify
+from lorafactory.workspace import STAGES, slugify
 
 
 @app.command()
@@ -30,11 +30,7 @@ def status(
     from lorafactory.state import Store
 
     try:
-        ws = Workspace(workspace)
-        if not ws.root.is_dir():
-            raise LorafactoryError(
-                f"workspace {ws.root} does not exist; run `lorafactory run NAME` or pass --workspace"
-            )
+        ws = existing_workspace(workspace, "run `lorafactory run NAME` or pass --workspace")  # its artifacts too
         store = Store(db or ws.default_db_url)
         slugs = [slugify(name)] if name else ws.characters()
         report = []
