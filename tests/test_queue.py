@@ -139,6 +139,31 @@ def test_commands_that_read_the_queue_refuse_a_workspace_that_does_not_exist(tmp
     assert shown.exit_code == 0 and "fleet" in shown.output and not (tmp_path / "none").exists()
 
 
+def test_fleet_run_refuses_at_once_a_ray_address_where_nothing_answers(tmp_path):
+    """Ray would wait minutes for it, warning every few seconds; the command names the address instead."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from lorafactory.cli import app
+    from lorafactory.fleet.connect import host_and_port
+
+    assert host_and_port("10.0.0.5:6379") == ("10.0.0.5", 6379) and host_and_port("auto") is None
+    assert host_and_port("ray://head:10001") == ("head", 10001) and host_and_port("[::1]:6379") == ("::1", 6379)
+    with socket.socket() as probe:  # a loopback port just freed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "ws").mkdir()
+    runner, ws = CliRunner(), ["--workspace", str(tmp_path / "ws")]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        started = time.monotonic()
+        result = runner.invoke(app, ["fleet", "run", "--address", address, *ws])
+        assert result.exit_code == 2 and f"no Ray cluster answers at {address}" in result.output, result.output
+        assert "--address" in result.output and time.monotonic() - started < 10
+    bad = runner.invoke(app, ["fleet", "run", "--address", "head:port", *ws])
+    assert bad.exit_code == 2 and "'head:port' has no valid port" in bad.output
+
+
 def test_fleet_status_counts_and_eta(tmp_path):
     from typer.testing import CliRunner
 

@@ -195,3 +195,19 @@ def test_host_tensor_keeps_values_and_dtype_and_passes_device_tensors_through():
     latents = torch.randn(2, 4, 8, 8)
     assert host_tensor(latents, cpu) is latents  # already there: no copy
     assert host_tensor([0.5, 1.0], torch.device("meta")).is_meta
+
+
+def test_an_os_error_of_no_file_operation_keeps_its_own_words():
+    """A library's OSError that is not about a file (Ray's ConnectionError, an unreadable image) is shown as
+    it says, not as an error "at the workspace"."""
+    from PIL import UnidentifiedImageError
+
+    from lorafactory.errors import from_os_error
+
+    refused = from_os_error(ConnectionError("Could not find any running Ray instance.\nSet --address."))
+    assert str(refused) == "Could not find any running Ray instance."
+    unreadable = from_os_error(UnidentifiedImageError("cannot identify image file 'x.png'"))
+    assert str(unreadable) == "cannot identify image file 'x.png'"
+    assert str(from_os_error(ConnectionError())) == "ConnectionError"
+    full = from_os_error(OSError(28, "No space left on device", "/ws/a.png"))
+    assert str(full) == "disk full at /ws/a.png: free space and rerun; nothing was lost"

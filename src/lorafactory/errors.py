@@ -58,4 +58,6 @@ def from_os_error(exc: OSError, where: object = "") -> LorafactoryError:
         return InputError(f"{place} is in the way ({exc.strerror}); remove it or use another --workspace")
     if exc.errno == errno.ENAMETOOLONG:
         return InputError(f"a path is too long ({place}); use a shorter --workspace or name")
+    if exc.errno is None:  # not a file operation's error (a connection refused by a library, say): its own words
+        return StageError(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
     return StageError(f"{exc.strerror or exc.__class__.__name__} at {place}")

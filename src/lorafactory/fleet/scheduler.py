@@ -21,6 +21,7 @@ from typing import Callable
 
 from lorafactory.errors import ConfigError
 from lorafactory.fleet.budget import fleet_budget
+from lorafactory.fleet.connect import connect
 from lorafactory.fleet.phases import CPU_PHASES, GPU_PHASES
 from lorafactory.fleet.queue import LEASE_S, Claim, JobQueue
 from lorafactory.fleet.worker import Outcome, import_model_libraries, run_job
@@ -78,21 +79,6 @@ class FleetReport:
     def counts(self) -> Counter:
         """How each finished, retried or failed job phase ended (phases handed on are not counted)."""
         return Counter(outcome.status for outcome in self.outcomes if outcome.next_phase is None)
-
-
-def _connect(address: str | None, num_cpus: int | None, num_gpus: int | None):
-    import ray
-
-    if not ray.is_initialized():
-        if address and address.startswith("ray://"):  # Ray Client, from outside the cluster
-            ray.init(address=address)
-        elif address:
-            ray.init(address=address, log_to_driver=False)
-        else:  # always a fresh local Ray, never a cluster that happens to run on this machine
-            ray.init(
-                address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False
-            )
-    return ray
 
 
 class PhaseRunner:
@@ -176,7 +162,7 @@ def run_fleet(
     per GPU job, at least 4) waiting for a GPU at a time, so crawls stay just ahead of training.
     ``job`` runs one claimed phase in a worker (``fleet.worker.run_job``; a benchmark passes its own).
     """
-    ray = _connect(address, num_cpus, num_gpus)
+    ray = connect(address, num_cpus, num_gpus)
     check_shared_workspace(ray, Path(workspace))
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
