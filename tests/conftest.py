@@ -114,15 +114,34 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def demo_run(kit: Kit, tmp_path_factory):
-    """The whole pipeline, run once per session in-process against the danbooru replay."""
-    from lorafactory.pipeline import run_pipeline
+    """The whole pipeline, run once per session by `lorafactory demo` as a newcomer runs it: a subprocess, the
+    kit cached, everything offline (its output is kept for the test of the command). Beside it, the demo's
+    settings and a replay on the address its crawl recorded, so the tests' own runs find its stages up to date."""
+    import subprocess
+    import sys
+
+    from lorafactory.demo import workspace_port
 
     workspace = Workspace(tmp_path_factory.mktemp("demo-ws"))
-    store = Store(workspace.default_db_url)
-    with replay_for(kit) as replay:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB")}  # the demo sets its own
+    env["COLUMNS"] = "200"
+    command = [
+        sys.executable,
+        "-m",
+        "lorafactory",
+        "demo",
+        "--workspace",
+        str(workspace.root),
+        "--cache",
+        str(KIT_ROOT),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with replay_for(kit, workspace_port(workspace.root)) as replay:
+        assert replay.url.endswith(f":{workspace_port(workspace.root)}"), "the demo's replay port is taken"
         settings = demo_settings(kit, replay.url)
-        outcome = run_pipeline(workspace, store, settings, SilentProgress())
-        yield {"workspace": workspace, "store": store, "settings": settings, "outcome": outcome, "replay": replay}
+        store = Store(workspace.default_db_url)
+        yield {"workspace": workspace, "store": store, "settings": settings, "replay": replay, "command": result}
 
 
 @pytest.fixture(scope="session")

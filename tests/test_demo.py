@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import KIT_ROOT
+from conftest import DEMO_GROUP, KIT_ROOT
 from lorafactory.demo import REPLAY_PORTS, replay_for, workspace_port
 from lorafactory.train.model import load_pipeline
 
@@ -30,30 +30,23 @@ def test_the_demo_replay_keeps_its_address_for_a_workspace_and_moves_only_when_t
 
 
 @pytest.mark.slow
-def test_demo_command_produces_a_loadable_release(kit, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB")}  # the demo sets its own
-    env["COLUMNS"] = "200"
-    result = subprocess.run(
-        [sys.executable, "-m", "lorafactory", "demo", "--workspace", str(tmp_path), "--cache", str(KIT_ROOT)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+@DEMO_GROUP
+def test_demo_command_produces_a_loadable_release(kit, demo_run):
+    """The command's run is the shared ``demo_run`` (the other tests of the whole run read its workspace)."""
+    result, root = demo_run["command"], demo_run["workspace"].root
     assert "neither the images nor the metrics mean anything" in result.stderr
     assert "gemm_4bit_forward" not in result.stderr  # bitsandbytes' optional-kernel notice is not shown
     assert "RecScore" in result.stdout and "BikiniPlus" in result.stdout and "Release:" in result.stdout
-    release = tmp_path / "akane_hoshino" / "release"
+    release = root / "akane_hoshino" / "release"
     assert (
         (release / "README.md").is_file()
         and (release / "metrics_plot.png").is_file()
         and (release / "metrics.csv").is_file()
     )
     assert all((step / "metrics.json").is_file() for step in (release / "steps").iterdir())
-    recorded = json.loads((tmp_path / "akane_hoshino" / "crawl" / "manifest.json").read_text())
-    assert f"http://127.0.0.1:{workspace_port(tmp_path)}" in json.dumps(recorded)  # a rerun crawls nothing
-    report = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")  # the demo's report, as printed
+    recorded = json.loads((root / "akane_hoshino" / "crawl" / "manifest.json").read_text())
+    assert f"http://127.0.0.1:{workspace_port(root)}" in json.dumps(recorded)  # a rerun crawls nothing
+    report = (root / "report" / "report.html").read_text(encoding="utf-8")  # the demo's report, as printed
     assert "Report:" in result.stdout and "1 character (everything in the store)" in report
     assert "Akane Hoshino" in report and "../akane_hoshino/release/README.md" in report  # linked to its card
     pipe = load_pipeline(str(kit.tiny_sd))

@@ -24,12 +24,19 @@ pytestmark = DEMO_GROUP
 
 
 def _char(demo_run):
-    return demo_run["workspace"].character(demo_run["outcome"].slug)
+    return demo_run["workspace"].character(TRIGGER)
 
 
 def test_every_stage_has_a_manifest_with_counts(demo_run):
+    from sqlalchemy import select
+
+    from lorafactory.state.models import StageExecution
+
+    with demo_run["store"].session() as session:  # the demo's run: the first, every stage ran and succeeded
+        first = session.execute(select(StageExecution).where(StageExecution.run_id == 1).order_by(StageExecution.id))
+        first = first.scalars().all()
+        assert [(e.stage, e.status) for e in first] == [(stage, "succeeded") for stage in STAGES]
     char = _char(demo_run)
-    assert demo_run["outcome"].executed == list(STAGES)
     for stage in STAGES:
         manifest = char.manifest(stage)
         assert manifest is not None and manifest.counts and "torch" in manifest.versions
@@ -195,7 +202,7 @@ def test_rerun_skips_and_force_reruns_downstream(demo_run, target_checks):
 def _copy_of_the_demo(demo_run, tmp_path):
     shutil.copytree(demo_run["workspace"].root, tmp_path / "ws")
     workspace = Workspace(tmp_path / "ws")
-    return workspace, Store(workspace.default_db_url), workspace.character(demo_run["outcome"].slug)
+    return workspace, Store(workspace.default_db_url), workspace.character(TRIGGER)
 
 
 def test_a_damaged_artifact_is_rebuilt_with_everything_made_from_it(demo_run, tmp_path, target_checks):
