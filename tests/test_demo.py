@@ -60,7 +60,7 @@ def test_fleet_demo_runs_three_characters_through_a_local_ray_fleet(tmp_path):
     """With shorter training (``--set``, which every character's job takes): the fleet is the subject here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB")}
     env["COLUMNS"] = "200"
-    shorter = ["--set", "train.max_steps=10", "--set", "train.save_every=5"]
+    shorter = ["--set", "train.max_steps=4", "--set", "train.save_every=2"]
     result = subprocess.run(
         [sys.executable, "-m", "lorafactory", "demo", "--fleet", "-w", str(tmp_path / "ws"), "--cache", str(KIT_ROOT)]
         + shorter,
@@ -74,7 +74,7 @@ def test_fleet_demo_runs_three_characters_through_a_local_ray_fleet(tmp_path):
         assert f"{name} model → queued for release" in result.stdout
         assert (tmp_path / "ws" / slug / "release" / "manifest.json").is_file()
         train = json.loads((tmp_path / "ws" / slug / "train" / "manifest.json").read_text())
-        assert sorted(train["details"]["checkpoints"], key=int) == ["5", "10"]
+        assert sorted(train["details"]["checkpoints"], key=int) == ["2", "4"]
     assert "jobs done" in result.stdout and "│ 3" in result.stdout  # the fleet status table closes the demo
     report = (tmp_path / "ws" / "report" / "report.html").read_text(encoding="utf-8")
     assert "3 characters (everything in the store); 3 whose latest run succeeded" in report
