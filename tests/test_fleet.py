@@ -130,15 +130,17 @@ def test_every_node_must_see_the_workspace(tmp_path, local_ray):
 
 def test_phases_are_routed_by_resources(local_ray):
     """The GPU phase's resident runner holds the (declared) GPU and one CPU; CPU phases get the rest."""
-    from lorafactory.fleet.scheduler import _lanes
+    from lorafactory.fleet.runners import Runners
 
-    lanes = _lanes(local_ray, gpus=1, cpus=2, job=lambda *_: None)  # no job runs: nothing to import ahead
-    assert len(lanes.actors) == 1 and lanes.cpu_slots == 1
+    runners = Runners(local_ray, job=lambda *_: None)  # no job runs: nothing to import ahead
+    assert len(runners.actors) == 1 and runners.cpu_slots == 1 and runners.gpus == 1
     deadline = time.monotonic() + 60
-    while local_ray.available_resources().get("GPU", 0) > 0 and time.monotonic() < deadline:
+    while not runners.idle and time.monotonic() < deadline:  # a runner takes jobs once it answers
+        runners.poll()
         time.sleep(0.1)
+    assert runners.idle and not runners.starting
     assert local_ray.available_resources().get("GPU", 0) == 0
-    for actor in lanes.actors:
+    for actor in list(runners.actors):
         local_ray.kill(actor)
 
 
@@ -146,7 +148,7 @@ def test_a_resident_gpu_runner_imports_the_model_libraries_as_it_starts(local_ra
     """The fleet's GPU runner imports what a model phase runs on before its first job, not in it (the demo's
     first model waited 12 s for them, after its dataset was ready). A job here reports what its process
     has imported; each runner gets a process of its own (its own runtime environment)."""
-    from lorafactory.fleet.scheduler import PhaseRunner
+    from lorafactory.fleet.runners import PhaseRunner
 
     libraries = ("diffusers.pipelines.stable_diffusion", "peft", "imgutils.metrics.ccip", "tensorboardX")
 
@@ -171,13 +173,13 @@ def test_a_resident_gpu_runner_imports_the_model_libraries_as_it_starts(local_ra
 def test_a_runner_whose_libraries_fail_to_import_ahead_still_takes_jobs(monkeypatch, caplog):
     """A broken install must not kill the runner at every start (jobs would only see it die): it says so once,
     and its job meets the same error and reports it."""
-    from lorafactory.fleet import scheduler
+    from lorafactory.fleet import runners
 
     def broken():
         raise ImportError("libcudart.so.12: cannot open shared object file")
 
-    monkeypatch.setattr(scheduler, "import_model_libraries", broken)
-    runner = scheduler.PhaseRunner(lambda *args: args, warm=True)
+    monkeypatch.setattr(runners, "import_model_libraries", broken)
+    runner = runners.PhaseRunner(lambda *args: args, warm=True)
     assert "did not import ahead of its jobs: libcudart.so.12" in caplog.text
     assert runner.run("ws", "db", None, "me", 1.0) == ("ws", "db", None, "me", 1.0)
 
@@ -186,10 +188,10 @@ def test_gpu_jobs_share_a_gpu_when_asked(tmp_path, local_ray):
     """With two jobs per GPU, two characters' GPU phases run at once on the one (declared) GPU: each
     waits until the other has started too (one GPU job at a time would time that out)."""
     from lorafactory.errors import ConfigError
-    from lorafactory.fleet.scheduler import _lanes
+    from lorafactory.fleet.runners import Runners
 
     with pytest.raises(ConfigError, match="jobs per GPU is 0"):
-        _lanes(local_ray, gpus=1, cpus=2, jobs_per_gpu=0)
+        Runners(local_ray, jobs_per_gpu=0)
     ws = tmp_path / "ws"
     ws.mkdir()
     db = f"sqlite:///{ws / 'lorafactory.db'}"

@@ -185,6 +185,13 @@ def fleet_run(
         help="Characters trained or evaluated at once on each GPU; more keep a GPU busy while each trainer's "
         "CPU side prepares its next step (each needs its own GPU memory).",
     ),
+    gpus: Optional[int] = typer.Option(
+        None,
+        "--gpus",
+        min=0,
+        help="GPUs to train on, whether the cluster has them yet or not: workers for the missing ones wait for "
+        "GPU nodes (an autoscaler adds them). Default: the cluster's GPUs, and every GPU that joins later.",
+    ),
     workspace: Path = WorkspaceOpt,
     db: Optional[str] = DbOpt,
 ) -> None:
@@ -214,6 +221,7 @@ def fleet_run(
             crawl_ahead=crawl_ahead,
             on_outcome=report,
             jobs_per_gpu=jobs_per_gpu,
+            gpus=gpus,
         )
     except USER_ERRORS as exc:
         fail(exc)

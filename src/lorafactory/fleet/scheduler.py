@@ -9,7 +9,6 @@ and if the driver dies the leases run out and the phases are claimed again, so n
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import socket
 import time
@@ -24,11 +23,11 @@ from lorafactory.fleet.budget import fleet_budget
 from lorafactory.fleet.connect import connect
 from lorafactory.fleet.phases import CPU_PHASES, GPU_PHASES
 from lorafactory.fleet.queue import LEASE_S, Claim, JobQueue
-from lorafactory.fleet.worker import Outcome, import_model_libraries, run_job
+from lorafactory.fleet.runners import Runners
+from lorafactory.fleet.worker import Outcome, run_job
 from lorafactory.state import Store
 
 PROBE = ".fleet-probe"
-log = logging.getLogger(__name__)
 
 
 def _read_probe(path: str) -> str | None:
@@ -81,65 +80,6 @@ class FleetReport:
         return Counter(outcome.status for outcome in self.outcomes if outcome.next_phase is None)
 
 
-class PhaseRunner:
-    """A resident worker for the GPU phase (``jobs_per_gpu`` per GPU): its process, with the libraries it
-    has imported and the evaluation pipeline it keeps (``evaluate.resident``), serves job after job. With
-    ``warm``, it imports the model phase's libraries as it starts (and restarts), before its first job."""
-
-    def __init__(self, job: Callable[..., Outcome], warm: bool = False) -> None:
-        self.job = job
-        if warm:
-            try:
-                import_model_libraries()
-            except Exception as exc:  # noqa: BLE001 - never kill the runner: its first job meets it and says why
-                log.warning("the model phase's libraries did not import ahead of its jobs: %s", exc)
-
-    def run(self, workspace_root: str, db_url: str, claim: Claim, owner: str, lease_s: float) -> Outcome:
-        return self.job(workspace_root, db_url, claim, owner, lease_s)
-
-    def ready(self) -> bool:
-        """Answers once the actor (restarted after a death) can take work."""
-        return True
-
-
-@dataclass
-class Lanes:
-    """Where phases run: GPU phases on resident actors, CPU phases as Ray tasks on free CPUs."""
-
-    actors: list
-    cpu_slots: int
-    cpu_task: object
-    budget: object
-
-
-def _recover(ray, recovering: dict, idle: list) -> None:
-    """Actors that answer again go back to work; one still restarting is asked again."""
-    if not recovering:
-        return
-    answered, _ = ray.wait(list(recovering), num_returns=len(recovering), timeout=0)
-    for ref in answered:
-        actor = recovering.pop(ref)
-        try:
-            ray.get(ref)
-            idle.append(actor)
-        except ray.exceptions.RayError:
-            recovering[actor.ready.remote()] = actor
-
-
-def _lanes(ray, gpus: int, cpus: int, job: Callable[..., Outcome] = run_job, jobs_per_gpu: int = 1) -> Lanes:
-    if jobs_per_gpu < 1:
-        raise ConfigError(f"jobs per GPU is {jobs_per_gpu}; give 1 or more")
-    runners = gpus * jobs_per_gpu if gpus else 1  # without GPUs, one runner trains on the CPU
-    actor_cpus = 1 if cpus > runners else 0  # a machine short of CPUs keeps them for the CPU phases
-    runner = ray.remote(PhaseRunner).options(
-        num_gpus=1 / jobs_per_gpu if gpus else 0, num_cpus=actor_cpus, max_restarts=-1, max_task_retries=0
-    )
-    actors = [runner.remote(job, warm=job is run_job) for _ in range(runners)]  # a benchmark's job: no warm-up
-    cpu_slots = max(1, cpus - actor_cpus * len(actors))
-    task = ray.remote(job).options(num_cpus=1, num_gpus=0, max_retries=0)
-    return Lanes(actors, cpu_slots, task, fleet_budget(ray))
-
-
 def run_fleet(
     workspace: Path,
     db_url: str,
@@ -153,6 +93,7 @@ def run_fleet(
     on_outcome: Callable[[Claim, Outcome], None] | None = None,
     job: Callable[..., Outcome] = run_job,
     jobs_per_gpu: int = 1,
+    gpus: int | None = None,
 ) -> FleetReport:
     """Run queued jobs on Ray until the queue is empty (``until_empty``) or for ever.
 
@@ -160,19 +101,18 @@ def run_fleet(
     keeps a GPU busy while each trainer's host prepares its next step); CPU phases (crawl, prepare,
     release, publish) run as tasks on the CPUs left, at most ``crawl_ahead`` datasets (default: two
     per GPU job, at least 4) waiting for a GPU at a time, so crawls stay just ahead of training.
+    ``gpus`` starts runners for that many GPUs whether the cluster has them yet or not (an autoscaler adds
+    nodes for the ones waiting); by default the cluster's, and runners are added for GPUs that join it.
     ``job`` runs one claimed phase in a worker (``fleet.worker.run_job``; a benchmark passes its own).
     """
     ray = connect(address, num_cpus, num_gpus)
     check_shared_workspace(ray, Path(workspace))
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    lanes = _lanes(ray, gpus, cpus, job, jobs_per_gpu)
-    ahead = crawl_ahead if crawl_ahead is not None else max(4, 2 * gpus * jobs_per_gpu)
+    runners = Runners(ray, job, jobs_per_gpu, gpus)
+    cpu_task = ray.remote(job).options(num_cpus=1, num_gpus=0, max_retries=0)
+    budget = fleet_budget(ray)
     queue = JobQueue(Store(db_url))
     me = f"{socket.gethostname()}:{os.getpid()}"
-    idle = list(lanes.actors)
-    in_flight: dict = {}  # object ref -> (claim, owner, actor or None)
-    recovering: dict = {}  # ready() ref -> an actor whose last job killed it: no job until it answers
+    in_flight: dict = {}  # object ref -> (claim, owner, runner or None)
     report = FleetReport()
     claims = itertools.count()
 
@@ -182,34 +122,38 @@ def run_fleet(
         return None if found is None else (found, owner)
 
     while True:
-        _recover(ray, recovering, idle)
-        while idle and (got := claim(GPU_PHASES)):
-            actor = idle.pop()
+        runners.poll()
+        while runners.idle and (got := claim(GPU_PHASES)):
+            actor = runners.idle.pop()
             in_flight[actor.run.remote(str(workspace), db_url, *got, lease_s)] = (*got, actor)
         cpu_busy = sum(1 for *_, actor in in_flight.values() if actor is None)
-        while cpu_busy < lanes.cpu_slots:
+        ahead = crawl_ahead if crawl_ahead is not None else max(4, 2 * len(runners.actors))
+        while cpu_busy < runners.cpu_slots:
             phases = CPU_PHASES if queue.waiting("model") < ahead else tuple(p for p in CPU_PHASES if p != "dataset")
             got = claim(phases)
             if got is None:
                 break
-            in_flight[lanes.cpu_task.remote(str(workspace), db_url, *got, lease_s, lanes.budget)] = (*got, None)
+            in_flight[cpu_task.remote(str(workspace), db_url, *got, lease_s, budget)] = (*got, None)
             cpu_busy += 1
         if not in_flight:
             if until_empty and not queue.pending():
                 return report
-            time.sleep(poll_s)  # jobs waiting out a backoff, an actor restarting, or (with --forever) none yet
+            if runners.starting:  # GPU jobs may wait for a runner to start: wake when one does
+                ray.wait(runners.waiting(), num_returns=1, timeout=poll_s)
+            else:  # jobs waiting out a backoff, or (with --forever) none yet
+                time.sleep(poll_s)
             continue
-        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
-        for ref in done:
+        done, _ = ray.wait([*in_flight, *runners.waiting()], num_returns=1, timeout=poll_s)
+        for ref in (ref for ref in done if ref in in_flight):  # a runner that answered is polled above
             claimed, owner, actor = in_flight.pop(ref)
             try:
                 outcome = ray.get(ref)
                 if actor is not None:
-                    idle.append(actor)
+                    runners.returned(actor)
             except ray.exceptions.RayError as exc:  # the worker died: back to the queue at once (a job that
                 # keeps killing its workers runs out of attempts); the pipeline resumes what it had done
-                if actor is not None:  # it restarts itself (max_restarts); no job for it until it answers
-                    recovering[actor.ready.remote()] = actor
+                if actor is not None:
+                    runners.died(actor)
                 message = f"worker died: {exc.__class__.__name__}"
                 status = queue.fail(claimed.id, owner, message, transient=True, backoff=False, crashed=True)
                 outcome = Outcome(claimed.id, status, message, claimed.phase)
