@@ -134,11 +134,10 @@ def test_phases_are_routed_by_resources(local_ray):
 
     runners = Runners(local_ray, job=lambda *_: None)  # no job runs: nothing to import ahead
     assert len(runners.actors) == 1 and runners.cpu_slots == 1 and runners.gpus == 1
+    assert len(runners.starting) == 1 and not runners.idle  # it takes jobs once it answers
     deadline = time.monotonic() + 60
-    while not runners.idle and time.monotonic() < deadline:  # a runner takes jobs once it answers
-        runners.poll()
+    while local_ray.available_resources().get("GPU", 0) > 0 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert runners.idle and not runners.starting
     assert local_ray.available_resources().get("GPU", 0) == 0
     for actor in list(runners.actors):
         local_ray.kill(actor)
