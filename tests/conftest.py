@@ -125,17 +125,10 @@ def demo_run(kit: Kit, tmp_path_factory):
     workspace = Workspace(tmp_path_factory.mktemp("demo-ws"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB")}  # the demo sets its own
     env["COLUMNS"] = "200"
-    command = [
-        sys.executable,
-        "-m",
-        "lorafactory",
-        "demo",
-        "--workspace",
-        str(workspace.root),
-        "--cache",
-        str(KIT_ROOT),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    command = ["demo", "--workspace", str(workspace.root), "--cache", str(KIT_ROOT)]
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafactory", *command], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with replay_for(kit, workspace_port(workspace.root)) as replay:
         assert replay.url.endswith(f":{workspace_port(workspace.root)}"), "the demo's replay port is taken"
