@@ -3,6 +3,12 @@
 import errno
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message for one line of output: its first line, or its class name when it has none."""
+    text = str(exc)
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
 class LorafactoryError(Exception):
     """Base class for errors shown to the user as one line, without a traceback."""
 
@@ -59,5 +65,5 @@ def from_os_error(exc: OSError, where: object = "") -> LorafactoryError:
     if exc.errno == errno.ENAMETOOLONG:
         return InputError(f"a path is too long ({place}); use a shorter --workspace or name")
     if exc.errno is None:  # not a file operation's error (a connection refused by a library, say): its own words
-        return StageError(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        return StageError(first_line(exc))
     return StageError(f"{exc.strerror or exc.__class__.__name__} at {place}")

@@ -29,7 +29,7 @@ from lorafactory.config import (
     settings_hash,
     to_toml,
 )
-from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, StaleStage, from_os_error
+from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, StaleStage, first_line, from_os_error
 from lorafactory.progress import Progress
 from lorafactory.state import Store
 from lorafactory.state.lock import acquire
@@ -474,7 +474,7 @@ def _execute(ctx: Context, head: Manifest, legacy: str) -> Manifest:
         raise
     except Exception as exc:
         error = from_os_error(exc, ctx.char.partial(stage)) if isinstance(exc, OSError) else exc
-        message = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        message = first_line(error)
         if not resumable:  # a failed stage leaves nothing half-written; training keeps its saved state
             shutil.rmtree(ctx.char.partial(stage), ignore_errors=True)
         store.finish_stage(stage_id, "failed", message)

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from lorafactory.config import Settings
+from lorafactory.errors import first_line
 from lorafactory.evaluate.generate import LOAD_ERRORS, BackgroundPngs, Generator, a1111_parameters
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, dataset_prompt_specs, jobs
@@ -185,7 +186,7 @@ def _evaluate_step(
     try:
         generator.load(folder / LORA_FILE, folder / EMBEDDING_FILE, trigger)
     except LOAD_ERRORS as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         log.warning("checkpoint %s failed to load and is skipped: %s", folder.name, reason)
         generator.unload(trigger, t.embedding_vectors)
         task.advance(len(work))

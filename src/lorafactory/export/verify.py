@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lorafactory.errors import StageError
+from lorafactory.errors import StageError, first_line
 
 
 def _problem(path: Path) -> str | None:
@@ -21,7 +21,7 @@ def _problem(path: Path) -> str | None:
             torch.load(path, weights_only=True, map_location="cpu")
         return None
     except Exception as exc:  # noqa: BLE001 - whatever a reader raises, the file is unusable
-        return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        return first_line(exc)
 
 
 def verify_model_files(paths: list[Path], fix: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 from urllib.parse import urlsplit
 
-from lorafactory.errors import ConfigError
+from lorafactory.errors import ConfigError, first_line
 
 REACH_TIMEOUT_S = 10.0
 
@@ -57,6 +57,5 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
         else:
             ray.init(address=address, log_to_driver=False)
     except ConnectionError as exc:  # e.g. `auto` with no Ray running on this machine
-        cause = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise ConfigError(f"cannot connect to Ray at {address}: {cause}") from None
+        raise ConfigError(f"cannot connect to Ray at {address}: {first_line(exc)}") from None
     return ray

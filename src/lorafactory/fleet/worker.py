@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lorafactory.config import Settings, deep_merge, load_settings
-from lorafactory.errors import ConfigError, InputError, QualityGateFailed, StaleStage
+from lorafactory.errors import ConfigError, InputError, QualityGateFailed, StaleStage, first_line
 from lorafactory.fleet.memory import lighter, out_of_memory
 from lorafactory.fleet.phases import BY_NAME, last_stage, next_phase, phase_of
 from lorafactory.fleet.queue import Claim, JobQueue
@@ -163,7 +163,7 @@ def _record_failure(
     owner: str,
     exc: Exception,
 ) -> Outcome:
-    message = redact(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+    message = redact(first_line(exc))
     if isinstance(exc, PERMANENT) or settings is None:
         return Outcome(claim.id, queue.fail(claim.id, owner, message, transient=False), message, claim.phase)
     if out_of_memory(exc):
