@@ -69,7 +69,7 @@ class Runners:
         self.gpus = 0  # the GPUs runners were started for
         self.actors: dict = {}  # actor -> the CPUs it holds
         self._resized = time.monotonic()
-        present = self._cluster_gpus()
+        present = self._count_cluster()
         wanted = present if gpus is None else gpus
         if gpus is not None and gpus > present:
             log.info("runners for %d GPUs asked for, %d in the cluster: the rest start as GPUs join", gpus, present)
@@ -78,20 +78,20 @@ class Runners:
         else:  # without GPUs, one runner trains on the CPU
             self._spawn(num_gpus=0)
 
-    def _cluster_gpus(self) -> int:
-        return int(self.ray.cluster_resources().get("GPU", 0))
+    def _count_cluster(self) -> int:
+        """The cluster's GPUs; its CPUs are kept in ``cluster_cpus`` (read here, not at every claim)."""
+        resources = self.ray.cluster_resources()
+        self.cluster_cpus = int(resources.get("CPU", 1))
+        return int(resources.get("GPU", 0))
 
     @property
     def cpu_slots(self) -> int:
         """The cluster's CPUs the runners leave to the CPU phases (at least one)."""
-        return max(1, self._cluster_cpus() - sum(self.actors.values()))
-
-    def _cluster_cpus(self) -> int:
-        return int(self.ray.cluster_resources().get("CPU", 1))
+        return max(1, self.cluster_cpus - sum(self.actors.values()))
 
     def _spawn(self, num_gpus: float) -> None:
         # a runner holds a CPU while one is left to the CPU phases; a cluster short of CPUs keeps them for those
-        actor_cpus = 1 if self._cluster_cpus() - sum(self.actors.values()) > 1 else 0
+        actor_cpus = 1 if self.cluster_cpus - sum(self.actors.values()) > 1 else 0
         options = {"num_gpus": num_gpus, "num_cpus": actor_cpus, "max_restarts": -1, "max_task_retries": 0}
         actor = self.ray.remote(PhaseRunner).options(**options).remote(self.job, warm=self.job is run_job)
         self.actors[actor] = actor_cpus
@@ -116,7 +116,7 @@ class Runners:
                 self.idle.append(actor)
         if self.gpus and time.monotonic() - self._resized >= self.resize_s:
             self._resized = time.monotonic()
-            joined = self._cluster_gpus() - self.gpus
+            joined = self._count_cluster() - self.gpus
             if joined > 0:
                 log.info("%d GPU(s) joined the cluster: %d more runner(s)", joined, joined * self.jobs_per_gpu)
                 self._start(joined)

@@ -144,7 +144,7 @@ def run_fleet(
                 time.sleep(poll_s)
             continue
         done, _ = ray.wait([*in_flight, *runners.waiting()], num_returns=1, timeout=poll_s)
-        for ref in (ref for ref in done if ref in in_flight):  # a runner that answered is polled above
+        for ref in (ref for ref in done if ref in in_flight):  # a runner that answered joins at the next poll
             claimed, owner, actor = in_flight.pop(ref)
             try:
                 outcome = ray.get(ref)
