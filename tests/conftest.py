@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from lorafactory.testing.standin_hub import build_standin_hub
@@ -160,3 +162,43 @@ def state_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state.db'}"
     return request.getfixturevalue("postgres_database")
+
+
+def queued_until_evaluate(folder, *slugs):
+    """A workspace at ``folder/ws`` whose queue holds a job per slug, to run until evaluation: its folder,
+    database URL and queue."""
+    from lorafactory.fleet.queue import JobQueue
+
+    ws = folder / "ws"
+    ws.mkdir(parents=True)
+    db = f"sqlite:///{ws / 'lorafactory.db'}"
+    queue = JobQueue(Store(db))
+    for slug in slugs:
+        queue.add(slug, slug.title(), {"character": {"name": slug.title()}}, until="evaluate")
+    return ws, db, queue
+
+
+def side_by_side_job(together: int):
+    """A job whose GPU phase records where it ran (node, GPU ids), after waiting until ``together`` GPU phases
+    run at once (so that many runners must exist)."""
+
+    def job(workspace_root, db_url, claim, owner, lease_s, budget=None):
+        from lorafactory.fleet.phases import BY_NAME
+        from lorafactory.fleet.worker import run_job
+
+        def phase(workspace, store, settings, claim, budget):
+            import ray
+
+            if not BY_NAME[claim.phase].gpu:
+                return
+            where = {"node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+            (workspace.root / f"{claim.slug}.on-gpu").write_text(json.dumps(where))
+            deadline = time.monotonic() + 60
+            while len(list(workspace.root.glob("*.on-gpu"))) < together:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the other GPU phases never ran alongside")
+                time.sleep(0.05)
+
+        return run_job(workspace_root, db_url, claim, owner, lease_s, budget, run_phase=phase)
+
+    return job

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import check_tensorboard, demo_settings
+from conftest import check_tensorboard, demo_settings, queued_until_evaluate, side_by_side_job
 from lorafactory.config import to_toml, tomllib
 from lorafactory.demo import replay_for
 from lorafactory.fleet.queue import JobQueue
@@ -191,30 +191,8 @@ def test_gpu_jobs_share_a_gpu_when_asked(tmp_path, local_ray):
 
     with pytest.raises(ConfigError, match="jobs per GPU is 0"):
         Runners(local_ray, jobs_per_gpu=0)
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    db = f"sqlite:///{ws / 'lorafactory.db'}"
-    queue = JobQueue(Store(db))
-    for slug in ("ai", "ruby"):
-        queue.add(slug, slug.title(), {"character": {"name": slug.title()}}, until="evaluate")
-
-    def side_by_side(workspace_root, db_url, claim, owner, lease_s, budget=None):
-        from lorafactory.fleet.phases import BY_NAME
-        from lorafactory.fleet.worker import run_job
-
-        def phase(workspace, store, settings, claim, budget):
-            if not BY_NAME[claim.phase].gpu:
-                return
-            (workspace.root / f"{claim.slug}.on-gpu").touch()
-            deadline = time.monotonic() + 60
-            while len(list(workspace.root.glob("*.on-gpu"))) < 2:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the other character's GPU phase never ran alongside")
-                time.sleep(0.05)
-
-        return run_job(workspace_root, db_url, claim, owner, lease_s, budget, run_phase=phase)
-
-    report = run_fleet(ws, db, poll_s=0.2, job=side_by_side, jobs_per_gpu=2)
+    ws, db, _ = queued_until_evaluate(tmp_path, "ai", "ruby")
+    report = run_fleet(ws, db, poll_s=0.2, job=side_by_side_job(together=2), jobs_per_gpu=2)
     assert report.counts["done"] == 2, report.outcomes
     assert [(o.phase, o.error) for o in report.outcomes if o.phase == "model"] == [("model", None)] * 2
 

@@ -7,10 +7,9 @@ import time
 
 import pytest
 
+from conftest import queued_until_evaluate, side_by_side_job
 from lorafactory.fleet import runners
-from lorafactory.fleet.queue import JobQueue
 from lorafactory.fleet.scheduler import run_fleet
-from lorafactory.state import Store
 
 pytestmark = pytest.mark.xdist_group("ray")  # Ray's tests take turns on one worker
 
@@ -34,42 +33,6 @@ def _add_gpu_node(cluster):
     return node.node_id
 
 
-def _queue(tmp_path, *slugs):
-    ws = tmp_path / "ws"
-    ws.mkdir(parents=True)
-    db = f"sqlite:///{ws / 'lorafactory.db'}"
-    queue = JobQueue(Store(db))
-    for slug in slugs:
-        queue.add(slug, slug.title(), {"character": {"name": slug.title()}}, until="evaluate")
-    return ws, db, queue
-
-
-def _recording_job(together: int):
-    """A job whose GPU phase records where it ran (node, GPU ids), after waiting until ``together`` GPU phases
-    run at once (so that many runners must exist)."""
-
-    def job(workspace_root, db_url, claim, owner, lease_s, budget=None):
-        from lorafactory.fleet.phases import BY_NAME
-        from lorafactory.fleet.worker import run_job
-
-        def phase(workspace, store, settings, claim, budget):
-            import ray
-
-            if not BY_NAME[claim.phase].gpu:
-                return
-            where = {"node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
-            (workspace.root / f"{claim.slug}.on-gpu").write_text(json.dumps(where))
-            deadline = time.monotonic() + 60
-            while len(list(workspace.root.glob("*.on-gpu"))) < together:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the other GPU phases never ran alongside")
-                time.sleep(0.05)
-
-        return run_job(workspace_root, db_url, claim, owner, lease_s, budget, run_phase=phase)
-
-    return job
-
-
 def _drive(ws, db, **options):
     """The driver in a thread, as `fleet run` runs it; its report lands in the returned dict."""
     result: dict = {}
@@ -89,8 +52,8 @@ def test_gpus_asked_for_wait_for_gpu_nodes_and_gpus_that_join_get_runners(cluste
     GPU node that joins (as an autoscaler adds one) takes the models. Then, by default, runners for the
     cluster's one GPU, and a second GPU node that joins gets one too: two models run side by side."""
     monkeypatch.setattr(runners, "RESIZE_EVERY_S", 0.5)
-    ws, db, queue = _queue(tmp_path / "asked", "ai", "ruby")
-    thread, result = _drive(ws, db, gpus=1, job=_recording_job(together=1))
+    ws, db, queue = queued_until_evaluate(tmp_path / "asked", "ai", "ruby")
+    thread, result = _drive(ws, db, gpus=1, job=side_by_side_job(together=1))
     deadline = time.monotonic() + 120
     while queue.waiting("model") < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -102,8 +65,8 @@ def test_gpus_asked_for_wait_for_gpu_nodes_and_gpus_that_join_get_runners(cluste
     assert not thread.is_alive() and result["report"].counts["done"] == 2, result
     assert [_where(ws, slug) for slug in ("ai", "ruby")] == [{"node": first, "gpus": ["0"]}] * 2
 
-    ws, db, queue = _queue(tmp_path / "joined", "kana", "mem")
-    thread, result = _drive(ws, db, job=_recording_job(together=2))  # one GPU now: one runner to start with
+    ws, db, queue = queued_until_evaluate(tmp_path / "joined", "kana", "mem")
+    thread, result = _drive(ws, db, job=side_by_side_job(together=2))  # one GPU now: one runner to start with
     deadline = time.monotonic() + 120
     while not list(ws.glob("*.on-gpu")) and time.monotonic() < deadline:
         time.sleep(0.1)
