@@ -6,6 +6,8 @@ import time
 from collections import Counter
 from datetime import timedelta
 
+import pytest
+
 from lorafactory.fleet.queue import JobQueue
 from lorafactory.state import Store
 from lorafactory.workspace import utcnow
@@ -186,9 +188,12 @@ def test_fleet_status_counts_and_eta(tmp_path):
     assert summary["running_per_host"] == {"hostB": 1} and summary["done_today"] == 2
     assert summary["failed_today"] == 1 and summary["jobs_per_day"] == 2
     assert summary["models_per_day"] == 1  # the releases made, not the jobs done
-    assert summary["eta_hours"] == 24.0  # 2 waiting at 2 jobs a day
+    assert summary["pace_hours"] == pytest.approx(2, abs=0.01)  # the fleet's first run started 2 h ago
+    assert summary["pace_per_day"] == 24.0 and summary["eta_hours"] == 2.0  # 2 waiting at 2 jobs in 2 h
     shown = CliRunner().invoke(app, ["fleet", "status", "--workspace", str(tmp_path / "ws")])
-    assert shown.exit_code == 0 and "running on hostB" in shown.output and "24.0 h" in shown.output
+    assert shown.exit_code == 0 and "running on hostB" in shown.output
+    assert _cell(shown.output, "jobs per day at the pace") == "24.0 (of the last 2.0 h)"
+    assert _cell(shown.output, "queue empty in") == "2.0 h"
     assert "models per day (last 24 h) │ 1" in shown.output and "jobs per day (last 24 h)   │ 2" in shown.output
 
 
@@ -199,6 +204,50 @@ def _record_releases(url: str, *releases: tuple[float, str]) -> None:
         store = Store(url, clock=lambda hours=hours_ago: now - timedelta(hours=hours))
         run = store.start_run(store.ensure_character("a", "A", "a"), "hash")
         store.finish_stage(store.start_stage(run, "release", "f"), status)
+
+
+def test_the_eta_follows_the_pace_since_the_earliest_run_of_the_last_day(tmp_path):
+    """Jobs done in the last 24 hours over the time since the earliest run still going or ended in them
+    (at most 24 hours): a fleet started 30 minutes ago is not judged by a whole day."""
+    from typer.testing import CliRunner
+
+    from lorafactory.cli import app
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    queue = JobQueue(Store(url))
+    for slug in "abcdef":
+        queue.add(slug, slug.upper(), {})
+    for _ in range(2):
+        queue.finish(queue.claim("host:1:0", lease_s=60).id, "host:1:0")
+    assert queue.summary()["pace_hours"] == 24 and queue.summary()["eta_hours"] == 48.0  # no runs: the whole day
+    now = utcnow()
+
+    def run(started_h: float, finished_h: float | None) -> None:
+        store = Store(url, clock=lambda: now - timedelta(hours=started_h))
+        run_id = store.start_run(store.ensure_character("a", "A", "a"), "hash")
+        if finished_h is not None:
+            store.clock = lambda: now - timedelta(hours=finished_h)
+            store.finish_run(run_id, "succeeded")
+
+    run(30, 25)  # ended before the last day: not counted
+    run(0.5, None)
+    summary = queue.summary(now)
+    assert summary["pace_hours"] == 0.5 and summary["pace_per_day"] == 96.0 and summary["eta_hours"] == 1.0
+    shown = CliRunner().invoke(app, ["fleet", "status", "--db", url])
+    assert _cell(shown.output, "jobs per day at the pace") == "96.0 (of the last 30 min)", shown.output
+    assert _cell(shown.output, "queue empty in") == "1.0 h"
+    run(30, 23)  # began before the last day and ended in it: the window is the whole day
+    assert queue.summary(now)["pace_hours"] == 24 and queue.summary(now)["eta_hours"] == 48.0
+    for _ in range(4):
+        queue.finish(queue.claim("host:1:0", lease_s=60).id, "host:1:0")
+    assert queue.summary(now)["eta_hours"] == 0.0
+    assert _cell(CliRunner().invoke(app, ["fleet", "status", "--db", url]).output, "queue empty in") == "0.0 h"
+
+
+def _cell(table: str, label: str) -> str:
+    """The value beside ``label`` in a two-column table as rich prints it."""
+    rows = [[cell.strip() for cell in line.strip("│ ").split("│")] for line in table.splitlines() if "│" in line]
+    return next(value for name, value in rows if name == label)
 
 
 def test_models_per_day_counts_the_releases_made_in_the_last_24_hours(state_url):

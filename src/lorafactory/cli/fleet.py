@@ -237,7 +237,7 @@ def fleet_status(
     watch: float = typer.Option(0.0, "--watch", help="Refresh every N seconds until Ctrl-C (0: print once)."),
 ) -> None:
     """Jobs per status, running jobs per host, done and failed today, models released and jobs done per day,
-    and an ETA."""
+    and when the queue should be empty at the recent pace."""
     from rich.live import Live
 
     try:
@@ -273,6 +273,9 @@ def fleet_table(summary: dict) -> Table:
     table.add_row("failed today", str(summary["failed_today"]))
     table.add_row("models per day (last 24 h)", str(summary["models_per_day"]))
     table.add_row("jobs per day (last 24 h)", str(summary["jobs_per_day"]))
+    hours = summary["pace_hours"]
+    since = f"{round(hours * 60)} min" if hours < 1 else f"{hours:.1f} h"
+    table.add_row("jobs per day at the pace", f"{summary['pace_per_day']} (of the last {since})")
     eta = summary["eta_hours"]
     table.add_row("queue empty in", "unknown (nothing finished in 24 h)" if eta is None else f"{eta} h")
     return table

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import aliased
 
-from lorafactory.state.models import Job, StageExecution, as_utc
+from lorafactory.state.models import Job, Run, StageExecution, as_utc
 from lorafactory.workspace import utcnow
 
 ACTIVE = ("queued", "running")
@@ -262,8 +262,10 @@ class JobQueue:
     def summary(self, now: datetime | None = None) -> dict:
         """The fleet at a glance: jobs per status, queued and running jobs per phase, running jobs per
         host, done and failed since midnight (UTC), models released and jobs done over the last 24 hours,
-        and when the queue should be empty at that rate of jobs. A model is a release made (a job whose
-        stages were all up to date, or that stopped before its release, made none)."""
+        and when the queue should be empty at the pace of those jobs. A model is a release made (a job whose
+        stages were all up to date, or that stopped before its release, made none). The pace is measured
+        since the earliest run still going or ended in the last 24 hours: a fleet started an hour ago is
+        judged by that hour, not by a day it was not running."""
         now = now or utcnow()
         midnight, day_ago = now.replace(hour=0, minute=0, second=0, microsecond=0), now - timedelta(days=1)
         with self.store.session() as session:
@@ -277,10 +279,16 @@ class JobQueue:
                     StageExecution.finished_at > day_ago,
                 )
             ).scalar_one()
+            first_run = session.execute(
+                select(func.min(Run.started_at)).where(or_(Run.finished_at.is_(None), Run.finished_at > day_ago))
+            ).scalar_one()
         by_status = Counter(row.status for row in rows)
         ended = [(row.status, as_utc(row.finished_at)) for row in rows if row.finished_at is not None]
         per_day = sum(1 for status, finished in ended if status == "done" and finished > day_ago)
         waiting = by_status.get("queued", 0) + by_status.get("running", 0)
+        since = max(day_ago, as_utc(first_run)) if first_run is not None else day_ago
+        pace_hours = max((now - since).total_seconds() / 3600, 1 / 60)
+        pace = per_day * 24 / pace_hours  # jobs a day at the pace since `since`
         return {
             "by_status": dict(sorted(by_status.items())),
             "queued_per_phase": dict(Counter(row.phase for row in rows if row.status == "queued")),
@@ -298,7 +306,9 @@ class JobQueue:
             ),
             "models_per_day": models,
             "jobs_per_day": per_day,
-            "eta_hours": round(waiting / per_day * 24, 1) if per_day and waiting else (0.0 if not waiting else None),
+            "pace_per_day": round(pace, 1),
+            "pace_hours": round(pace_hours, 2),
+            "eta_hours": round(waiting / pace * 24, 1) if pace and waiting else (0.0 if not waiting else None),
         }
 
     def jobs(self, statuses: tuple[str, ...] = ()) -> list[Job]:
