@@ -584,6 +584,21 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     assert not cache.exists()  # refused before the test kit is built
 
 
+def test_help_paragraphs_wrap_at_the_terminal_width_only():
+    """A docstring's line breaks inside a paragraph are not kept: at 80 columns no line of a command's longer
+    help stops short of the width before its paragraph ends."""
+    for command in (["anime"], ["report"], ["queue", "add"], ["fleet", "run"], ["status"]):
+        shown = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80"}, terminal_width=80).output
+        assert shown.count("Usage:") == 1, shown
+        prose = shown.split("Usage:")[1].split("╭")[0].splitlines()[2:]  # the help text, before the panels
+        paragraphs = [[]]
+        for line in prose:
+            paragraphs[-1].append(line.strip()) if line.strip() else paragraphs.append([])
+        filled = [lines[:-1] for lines in paragraphs if len(lines) > 1]
+        assert filled and all(len(line) >= 60 for lines in filled for line in lines), prose
+        assert all(len(line.rstrip()) <= 80 for line in shown.splitlines())
+
+
 def test_unknown_stage_names_are_config_errors(demo_run):
     from lorafactory.errors import ConfigError
 

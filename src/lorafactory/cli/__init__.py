@@ -8,6 +8,8 @@ in this order, which is the order ``lorafactory --help`` lists them in.
 from lorafactory.cli import stages, status, fleet, anime, report, config, demo  # noqa: F401 - they register commands
 
 # isort: on
-from lorafactory.cli.base import app, err, out
+from lorafactory.cli.base import app, err, out, reflow_docstrings
+
+reflow_docstrings(app)
 
 __all__ = ["app", "err", "out"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,19 @@ queue_app = typer.Typer(help="The fleet's durable queue of characters (in the st
 app.add_typer(queue_app, name="queue")
 fleet_app = typer.Typer(help="Run the queue on Ray: one machine or a cluster.", no_args_is_help=True)
 app.add_typer(fleet_app, name="fleet")
+
+
+def reflow_docstrings(typer_app: typer.Typer) -> None:
+    """Each command's help is its docstring with every paragraph on one line: typer keeps the source's line
+    breaks, so the help wrapped both there and at the terminal's width."""
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
+            info.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+    for group in typer_app.registered_groups:
+        reflow_docstrings(group.typer_instance)
+
+
 err = Console(stderr=True)
 out = Console()
 
