@@ -107,11 +107,15 @@ DEMO_GROUP = pytest.mark.xdist_group("demo")  # the tests of the whole demo run 
 
 
 def pytest_collection_modifyitems(items):
-    """A test of the whole demo run outside DEMO_GROUP would have another worker build the run again."""
+    """A test of the whole demo run outside DEMO_GROUP would have another worker build the run again. Slow tests
+    outside a group go first: xdist hands out the groups, then the other tests in this order, so a worker never
+    ends the run alone on a minute-long test begun when the other's queue ran dry (a group's tests keep their order:
+    some build on what an earlier one left in a shared fixture)."""
     for item in items:
         group = item.get_closest_marker("xdist_group")
         if "demo_run" in item.fixturenames and (group is None or group.args != DEMO_GROUP.args):
             raise pytest.UsageError(f"{item.nodeid} uses demo_run: mark it (or its module) with conftest.DEMO_GROUP")
+    items.sort(key=lambda item: not item.get_closest_marker("slow") or bool(item.get_closest_marker("xdist_group")))
 
 
 @pytest.fixture(scope="session")

@@ -350,6 +350,7 @@ def test_two_processes_train_what_one_does_with_double_accumulation(kit, dataset
     assert not (tmp_path / "two" / "distributed_job.json").exists()
 
 
+@pytest.mark.slow
 def test_distributed_errors_reach_the_caller(kit, dataset, tmp_path):
     from lorafactory.errors import ConfigError
     from lorafactory.launch import torchrun
