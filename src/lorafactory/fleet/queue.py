@@ -287,7 +287,7 @@ class JobQueue:
         per_day = sum(1 for status, finished in ended if status == "done" and finished > day_ago)
         waiting = by_status.get("queued", 0) + by_status.get("running", 0)
         since = max(day_ago, as_utc(first_run)) if first_run is not None else day_ago
-        pace_hours = max((now - since).total_seconds() / 3600, 1 / 60)
+        pace_hours = max((now - since).total_seconds() / 3600, 1 / 60)  # at least a minute: no division by 0
         pace = per_day * 24 / pace_hours  # jobs a day at the pace since `since`
         return {
             "by_status": dict(sorted(by_status.items())),
