@@ -85,13 +85,18 @@ class Runners:
         return int(resources.get("GPU", 0))
 
     @property
+    def _cpus_left(self) -> int:
+        """The cluster's CPUs no runner holds."""
+        return self.cluster_cpus - sum(self.actors.values())
+
+    @property
     def cpu_slots(self) -> int:
         """The cluster's CPUs the runners leave to the CPU phases (at least one)."""
-        return max(1, self.cluster_cpus - sum(self.actors.values()))
+        return max(1, self._cpus_left)
 
     def _spawn(self, num_gpus: float) -> None:
         # a runner holds a CPU while one is left to the CPU phases; a cluster short of CPUs keeps them for those
-        actor_cpus = 1 if self.cluster_cpus - sum(self.actors.values()) > 1 else 0
+        actor_cpus = 1 if self._cpus_left > 1 else 0
         options = {"num_gpus": num_gpus, "num_cpus": actor_cpus, "max_restarts": -1, "max_task_retries": 0}
         actor = self.ray.remote(PhaseRunner).options(**options).remote(self.job, warm=self.job is run_job)
         self.actors[actor] = actor_cpus
