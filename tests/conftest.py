@@ -206,3 +206,31 @@ def side_by_side_job(together: int):
         return run_job(workspace_root, db_url, claim, owner, lease_s, budget, run_phase=phase)
 
     return job
+
+
+def copy_of_the_demo(demo_run, tmp_path):
+    """The demo run's workspace copied, to change: its workspace, state store and character."""
+    shutil.copytree(demo_run["workspace"].root, tmp_path / "ws")
+    workspace = Workspace(tmp_path / "ws")
+    return workspace, Store(workspace.default_db_url), workspace.character("akane_hoshino")
+
+
+class NotedProgress(SilentProgress):
+    """Keeps the notes a run prints."""
+
+    def __init__(self):
+        self.notes = []
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+@pytest.fixture
+def target_checks(monkeypatch):
+    """The settings each LoRA-target preflight of a run was given (the check itself still runs)."""
+    from lorafactory.train import preflight
+
+    checked = []
+    real = preflight.check_targets
+    monkeypatch.setattr(preflight, "check_targets", lambda t: (checked.append(t), real(t)))
+    return checked

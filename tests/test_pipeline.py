@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import DEMO_GROUP, demo_settings
+from conftest import DEMO_GROUP, NotedProgress, copy_of_the_demo, demo_settings
 from lorafactory.cli import app
 from lorafactory.config import tomllib
 from lorafactory.errors import ConfigError, InputError, StageError, StaleStage
@@ -177,17 +177,6 @@ def test_state_store_has_checkpoints_and_metrics(demo_run):
     assert all(0.0 <= c["metrics"]["ccip_recscore"] <= 1.0 for c in summary["checkpoints"])
 
 
-@pytest.fixture
-def target_checks(monkeypatch):
-    """The settings each LoRA-target preflight of a run was given (the check itself still runs)."""
-    from lorafactory.train import preflight
-
-    checked = []
-    real = preflight.check_targets
-    monkeypatch.setattr(preflight, "check_targets", lambda t: (checked.append(t), real(t)))
-    return checked
-
-
 def test_rerun_skips_and_force_reruns_downstream(demo_run, target_checks):
     """A run that trains nothing does not check the LoRA targets against the base model (it would import the
     model libraries for nothing): its trained artifact was made with them."""
@@ -199,14 +188,8 @@ def test_rerun_skips_and_force_reruns_downstream(demo_run, target_checks):
     assert target_checks == []
 
 
-def _copy_of_the_demo(demo_run, tmp_path):
-    shutil.copytree(demo_run["workspace"].root, tmp_path / "ws")
-    workspace = Workspace(tmp_path / "ws")
-    return workspace, Store(workspace.default_db_url), workspace.character(TRIGGER)
-
-
 def test_a_damaged_artifact_is_rebuilt_with_everything_made_from_it(demo_run, tmp_path, target_checks):
-    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    workspace, store, char = copy_of_the_demo(demo_run, tmp_path)
     best = char.manifest("evaluate").details["selected_step"]
     damaged = char.artifact("train") / _char(demo_run).manifest("train").details["checkpoints"][str(best)]
     bundled = damaged / "bundled.safetensors"
@@ -223,7 +206,7 @@ def test_a_damaged_artifact_is_rebuilt_with_everything_made_from_it(demo_run, tm
 def test_a_run_from_a_later_stage_runs_no_earlier_one(demo_run, tmp_path):
     """``start``, as a fleet phase runs the pipeline: an earlier stage that is out of date stops the run
     before it does anything, naming that stage and why."""
-    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    workspace, store, char = copy_of_the_demo(demo_run, tmp_path)
     settings = demo_run["settings"]
     assert run_pipeline(workspace, store, settings, SilentProgress(), start="release").executed == []
     latest, config = store.character_summary(char.slug)["latest_run"], char.config_path.read_bytes()
@@ -243,14 +226,6 @@ def test_a_run_from_a_later_stage_runs_no_earlier_one(demo_run, tmp_path):
         run_pipeline(workspace, store, settings, SilentProgress(), force="crawl", start="train")
 
 
-class _Noted(SilentProgress):
-    def __init__(self):
-        self.notes = []
-
-    def note(self, message):
-        self.notes.append(message)
-
-
 def _without_setting(record_file, section, key):
     """Rewrite a manifest (or an interrupted stage's marker) as a lorafactory without ``section.key`` wrote it."""
     data = json.loads(record_file.read_text())
@@ -262,7 +237,7 @@ def test_a_setting_added_since_an_artifact_was_made_changes_nothing_at_its_defau
     """Manifests record the settings they were made with, and a run compares values. A setting the record lacks
     (one a later lorafactory added) is unchanged at its default, a runtime setting never counts, and a changed
     one is named. A hash of every setting would have rebuilt every stage after such an upgrade."""
-    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    workspace, store, char = copy_of_the_demo(demo_run, tmp_path)
     settings = demo_run["settings"].model_copy(deep=True)
     _without_setting(char.artifact("train") / "manifest.json", "train", "noise_offset")  # at its default, 0
     _without_setting(char.artifact("crawl") / "manifest.json", "crawl", "page_size")  # at its default, 100
@@ -270,7 +245,7 @@ def test_a_setting_added_since_an_artifact_was_made_changes_nothing_at_its_defau
     settings.train.gradient_checkpointing, settings.evaluate.batch_size = True, 1
     assert run_pipeline(workspace, store, settings, SilentProgress()).executed == []
     _without_setting(char.artifact("release") / "manifest.json", "release", "preview_count")  # the preset's 4
-    progress = _Noted()
+    progress = NotedProgress()
     assert run_pipeline(workspace, store, settings, progress).executed == ["release"]
     assert (
         "[yellow]release: out of date (a setting changed since it was made: "
@@ -285,9 +260,9 @@ def test_a_new_output_version_of_a_stage_rebuilds_it_and_no_earlier_stage(demo_r
     """Each stage has its own output version: a new release format rebuilds releases, and trains nothing."""
     from lorafactory import pipeline
 
-    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    workspace, store, char = copy_of_the_demo(demo_run, tmp_path)
     monkeypatch.setitem(pipeline.OUTPUT_VERSIONS, "release", "next")
-    progress = _Noted()
+    progress = NotedProgress()
     assert run_pipeline(workspace, store, demo_run["settings"], progress).executed == ["release"]
     assert "[yellow]release: out of date (lorafactory's release output changed since it was made)[/yellow]" in (
         progress.notes
@@ -305,7 +280,7 @@ def test_artifacts_whose_manifests_record_no_settings_are_compared_by_their_fing
     date while the settings are the same, and a stage made again after them records its settings."""
     from lorafactory import pipeline
 
-    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    workspace, store, char = copy_of_the_demo(demo_run, tmp_path)
     settings = demo_run["settings"].model_copy(deep=True)
     prints = pipeline._legacy_fingerprints(settings)
     for index, stage in enumerate(STAGES):
@@ -346,6 +321,8 @@ def test_a_setting_added_since_artifacts_record_theirs_leaves_the_older_files_ha
     assert _legacy_key(_set_settings(settings), settings.train.base_model) == "08fbec3db258be08"  # a shared set's
     settings.train.compile_dynamic = False  # runtime settings added since: no value of them makes another model
     settings.evaluate.compile, settings.evaluate.compile_backend = True, "aot_eager"
+    settings.release.prune = "datasets"
+    assert _legacy_fingerprints(settings)["release"] == "e77e0860d0231298"
     assert _legacy_fingerprints(settings)["train"] == "d38aa426bc5dfa66"
     assert _legacy_fingerprints(settings)["evaluate"] == "f0ed7682464d279e"
     assert legacy_settings_hash(settings) == "09dcf58231fa7214"
@@ -372,7 +349,7 @@ def test_an_interrupted_stage_made_before_a_setting_was_added_resumes(demo_run, 
     matches."""
     from lorafactory.pipeline import _legacy_fingerprints
 
-    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    workspace, store, char = copy_of_the_demo(demo_run, tmp_path)
     settings, requests = demo_run["settings"], demo_run["replay"].requests
     marker, manifest = _interrupted_after_its_last_image(char)
     _without_setting(marker, "crawl", "limit")  # the preset's 60 is not limit's default, 300
@@ -411,7 +388,7 @@ def test_a_damaged_checkpoint_file_is_never_released(demo_run, tmp_path, name):
 def test_a_full_disk_in_a_stage_is_one_line_and_loses_nothing(demo_run, tmp_path, monkeypatch):
     import errno
 
-    workspace, store, char = _copy_of_the_demo(demo_run, tmp_path)
+    workspace, store, char = copy_of_the_demo(demo_run, tmp_path)
 
     def full(source, target, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))

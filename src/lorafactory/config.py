@@ -506,6 +506,11 @@ class ReleaseSettings(Section):
     publish_to: list[Literal["huggingface", "civitai"]] = Field(
         default_factory=lambda: ["huggingface"], description="Where `lorafactory publish` uploads."
     )
+    prune: Literal["off", "models", "datasets"] = runtime_field(
+        "off",
+        "After a release, free its disk as `lorafactory prune` does: 'models' removes the checkpoints, resume state "
+        "and evaluation images of every step not kept; 'datasets' also the downloaded and dataset images.",
+    )
 
 
 class AnimeSettings(Section):
@@ -816,6 +821,7 @@ _LEGACY_RUNTIME = {
 _ADDED_SINCE_LEGACY = {
     "train": {"compile_dynamic"},
     "evaluate": {"sequential_every", "compile", "compile_backend"},
+    "release": {"prune"},
 }
 
 

@@ -31,6 +31,7 @@ from lorafactory.config import (
 )
 from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, StaleStage, first_line, from_os_error
 from lorafactory.progress import Progress
+from lorafactory.prune import PRUNED_FILES, plan_pruning, prune
 from lorafactory.state import Store
 from lorafactory.state.lock import acquire
 from lorafactory.workspace import (
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 # and with them everything made from them; earlier stages keep theirs (a new release format retrains nothing).
 OUTPUT_VERSIONS = {"crawl": "3", "prepare": "3", "train": "3", "evaluate": "3", "release": "3"}
 LEGACY_VERSION = "3"  # every stage's when manifests did not yet record their settings
+# The artifacts whose files (not only manifests) a stage reads: a pruned one is made again before the stage runs.
+# The release reads only the kept steps' checkpoints and images, which pruning keeps.
+READS = {"prepare": ("crawl",), "train": ("prepare",), "evaluate": ("prepare", "train")}
 RESUMABLE = {"crawl", "train"}  # stages that continue an interrupted run from their unfinished folder
 GATE_FILE = "gate.json"  # the quality gate's retrain count for the character's current settings
 SOURCE_KINDS = {"sites": "web", "anime": "anime", "local": "local"}  # crawl.source -> the run's source kind
@@ -243,13 +247,16 @@ def run_pipeline(
     wait: bool = False,
     site_budget: SharedBudget | None = None,
     start: str | None = None,
+    ahead: str | None = None,
 ) -> RunOutcome:
     """Run every stage up to ``until``; ``force`` reruns from that stage onward. The character is
     locked for the run: a second run refuses at once (or, with ``wait``, waits for the first).
     ``site_budget`` shares each image site's request rate with other processes (a fleet's crawls).
     ``start`` runs no stage before it: when one of those is out of date, StaleStage names it and
-    nothing is run or recorded (a fleet phase, which hands the job back to the phase that makes it)."""
-    for stage in (until, force, start):
+    nothing is run or recorded (a fleet phase, which hands the job back to the phase that makes it). ``ahead``
+    is a later stage the job goes on to in later runs (a fleet's later phases): the plan looks ahead to it, so
+    that pruned files a later stage reads are made again by the run whose stages make them."""
+    for stage in (until, force, start, ahead):
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
     if start is not None and force is not None and STAGES.index(force) < STAGES.index(start):
@@ -258,7 +265,12 @@ def run_pipeline(
         raise ConfigError("the character has no name; pass NAME to the command")
     trigger = trigger_for(settings)
     slug = slugify(settings.character.name)
-    if STAGES.index(until) >= STAGES.index("train") and _will_train(workspace.character(slug), settings, force):
+    if ahead is not None and STAGES.index(ahead) < STAGES.index(until):
+        raise ConfigError(f"ahead={ahead!r} comes before until={until!r}; look ahead to a later stage")
+    stages = STAGES[: STAGES.index(until) + 1]
+    planned = STAGES[: STAGES.index(ahead or until) + 1]  # the stages the plan looks at
+    forced = set(STAGES[STAGES.index(force) :]) if force else set()
+    if "train" in stages and _will_train(workspace.character(slug), settings, planned, forced):
         from lorafactory.train.preflight import check_targets
 
         check_targets(settings.train)  # against the base model's architecture, before any work
@@ -267,7 +279,7 @@ def run_pipeline(
         original = settings_hash(settings)
         attempt = _gate_attempt(char, settings)
         if start is not None:
-            stale = _stale_before(char, retrain_settings(settings, attempt), start)
+            stale = _stale_before(char, retrain_settings(settings, attempt), start, planned, forced)
             if stale is not None:
                 raise stale
         char.path.mkdir(parents=True, exist_ok=True)
@@ -277,33 +289,25 @@ def run_pipeline(
         run_id = store.start_run(character_id, original, SOURCE_KINDS[settings.crawl.source])
         executed: list[str] = []
         skipped: list[str] = []
-        stages = STAGES[: STAGES.index(until) + 1]
-        forced = set(STAGES[STAGES.index(force) :]) if force else set()
         while True:
             current = retrain_settings(settings, attempt)
             legacy = _legacy_fingerprints(current)
             ctx = Context(current, trigger, char, progress, store, run_id, site_budget)
+            plan = _plan(char, current, planned, forced)
             upstream = ""
             for stage in stages:
                 lock.check()
-                existing = char.manifest(stage)
-                damaged = damage(char.artifact(stage), existing) if existing is not None else None
-                if damaged and stage not in forced:  # rebuilt, and everything made from it
-                    progress.note(
-                        f"[yellow]{stage}: {damaged} since it was made; rebuilding it and later stages[/yellow]"
-                    )
-                    forced |= set(STAGES[STAGES.index(stage) :])
-                if stage in forced:
-                    char.invalidate(stage)
-                    existing = None
-                why = _misfit(existing, current, upstream, legacy[stage]) if existing is not None else None
-                if existing is not None and why is None:
+                redo = plan[stage]
+                if redo is None:
+                    existing = char.manifest(stage)
                     store.record_skip(run_id, stage, existing.fingerprint)
                     progress.note(f"[dim]{stage}: up to date, skipped[/dim]")
                     skipped.append(stage)
                 else:
-                    if why is not None:
-                        progress.note(f"[yellow]{stage}: out of date ({why})[/yellow]")
+                    if redo.note:
+                        progress.note(f"[yellow]{stage}: {redo.note}[/yellow]")
+                    if redo.invalidate:
+                        char.invalidate(stage)
                     existing = _execute(ctx, _head(stage, current, upstream), legacy[stage])
                     executed.append(stage)
                 upstream = existing.fingerprint
@@ -329,8 +333,21 @@ def run_pipeline(
                     f"{attempt + 1} of {settings.evaluate.gate_attempts + 1})[/yellow]"
                 )
             )
+        if until == "release" and settings.release.prune != "off":
+            _prune_released(char, settings.release.prune, progress)
         store.finish_run(run_id, "succeeded")
         return RunOutcome(slug, run_id, executed, skipped)
+
+
+def _prune_released(char: CharacterDir, level: str, progress: Progress) -> None:
+    """``release.prune``: what the release no longer reads goes, as ``lorafactory prune`` removes it."""
+    from rich.filesize import decimal
+
+    pruning = plan_pruning(char, level)
+    prune(char, pruning)
+    if pruning.files:
+        removed = sum(len(files) for files in pruning.files.values())
+        progress.note(f"[dim]pruned ({level}): {removed} files, {decimal(pruning.freed)} freed[/dim]")
 
 
 def retrain_settings(settings: Settings, attempt: int) -> Settings:
@@ -355,35 +372,73 @@ def retrain_settings(settings: Settings, attempt: int) -> Settings:
     return adjusted
 
 
-def _will_train(char: CharacterDir, settings: Settings, force: str | None) -> bool:
-    """Whether a run would execute train or a stage before it: the LoRA targets are checked against the base
-    model (which imports the model libraries) only then; a trained artifact that is up to date was made with
-    targets that matched."""
-    if force is not None and STAGES.index(force) <= STAGES.index("train"):
-        return True
-    return _stale_before(char, retrain_settings(settings, _gate_attempt(char, settings)), "evaluate") is not None
+def _will_train(char: CharacterDir, settings: Settings, stages: tuple[str, ...], forced: set[str]) -> bool:
+    """Whether a run of ``stages`` would execute train or a stage before it: the LoRA targets are checked against
+    the base model (which imports the model libraries) only then; a trained artifact that is up to date was made
+    with targets that matched."""
+    plan = _plan(char, retrain_settings(settings, _gate_attempt(char, settings)), stages, forced)
+    return any(plan[stage] is not None for stage in STAGES[: STAGES.index("train") + 1])
 
 
-def _stale_before(char: CharacterDir, settings: Settings, start: str) -> StaleStage | None:
-    """The first stage before ``start`` that a run with ``settings`` would execute, as the error that says
-    why (None when they are all up to date)."""
-    legacy = _legacy_fingerprints(settings)
-    upstream = ""
+def _stale_before(
+    char: CharacterDir, settings: Settings, start: str, stages: tuple[str, ...], forced: set[str]
+) -> StaleStage | None:
+    """The first stage before ``start`` that a run of ``stages`` with ``settings`` would execute, as the error
+    that says why (None when none would)."""
+    plan = _plan(char, settings, stages, forced)
     for stage in STAGES[: STAGES.index(start)]:
-        existing = char.manifest(stage)
-        if existing is None:
-            why = "it was never finished"
-        elif damaged := damage(char.artifact(stage), existing):
-            why = f"{damaged} since it was made"
-        elif misfit := _misfit(existing, settings, upstream, legacy[stage]):
-            why = misfit
-        elif stage == "evaluate" and not existing.details["gate"]["passed"]:
-            why = "its best checkpoint failed the quality gate"
-        else:
-            upstream = existing.fingerprint
-            continue
-        return StaleStage(stage, why)
+        if (redo := plan[stage]) is not None:
+            return StaleStage(stage, redo.why)
+        if stage == "evaluate" and not char.manifest(stage).details["gate"]["passed"]:
+            return StaleStage(stage, "its best checkpoint failed the quality gate")
     return None
+
+
+@dataclass(frozen=True)
+class _Redo:
+    """Why a run executes a stage (``why``), what it tells the user (``note``, if anything), and whether the old
+    artifact goes first (forced or damaged)."""
+
+    why: str
+    note: str = ""
+    invalidate: bool = False
+
+
+def _plan(
+    char: CharacterDir, settings: Settings, stages: tuple[str, ...], forced: set[str]
+) -> dict[str, _Redo | None]:
+    """Why a run with ``settings`` executes each of ``stages``, or None for a stage it skips as up to date. A
+    damaged artifact is rebuilt with everything made from it; a pruned one is made again (with the fingerprint it
+    had, so what was made from it stays up to date) when a stage that runs reads the files pruned from it."""
+    legacy = _legacy_fingerprints(settings)
+    forced = set(forced)
+    plan: dict[str, _Redo | None] = {}
+    kept: dict[str, Manifest] = {}
+    upstream = ""
+    for stage in stages:
+        existing = char.manifest(stage)
+        if stage in forced:
+            plan[stage] = _Redo("it was forced", invalidate=True)
+        elif existing is None:
+            plan[stage] = _Redo("it was never finished")
+        elif damaged := damage(char.artifact(stage), existing):
+            forced |= set(STAGES[STAGES.index(stage) + 1 :])
+            why = f"{damaged} since it was made"
+            plan[stage] = _Redo(why, f"{why}; rebuilding it and later stages", invalidate=True)
+        elif misfit := _misfit(existing, settings, upstream, legacy[stage]):
+            plan[stage] = _Redo(misfit, f"out of date ({misfit})")
+        else:
+            plan[stage] = None
+            kept[stage] = existing
+        upstream = kept[stage].fingerprint if stage in kept else _head(stage, settings, upstream).fingerprint
+    for stage in reversed(stages):  # latest first: a pruned artifact made again may need its own source again
+        for source in READS.get(stage, ()) if plan[stage] is not None else ():
+            if source in kept and kept[source].pruned:
+                del kept[source]
+                what = PRUNED_FILES[source]
+                why = f"its {what} were pruned and {stage} reads them"
+                plan[source] = _Redo(why, f"{why}; making them again")
+    return plan
 
 
 def _upstream(stage: str) -> str | None:

@@ -118,6 +118,11 @@ class Manifest(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     details: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, int] = Field(default_factory=dict, description="Every file of the artifact -> its size.")
+    pruned: dict[str, int] = Field(
+        default_factory=dict,
+        description="Files `lorafactory prune` removed -> their size: the artifact stays up to date, and is made "
+        "again only for a stage that reads them.",
+    )
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -5,7 +5,7 @@ in this order, which is the order ``lorafactory --help`` lists them in.
 """
 
 # isort: off
-from lorafactory.cli import stages, status, fleet, anime, report, config, demo  # noqa: F401 - they register commands
+from lorafactory.cli import stages, prune, status, fleet, anime, report, config, demo  # noqa: F401 - they register commands
 
 # isort: on
 from lorafactory.cli.base import app, err, out, reflow_docstrings

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.filesize import decimal
 from rich.markup import escape
 from rich.table import Table
 
@@ -39,7 +40,9 @@ def status(
             if summary is None:
                 raise LorafactoryError(f"no character {name!r} in {ws.root}; `lorafactory status` lists them")
             char = ws.character(slug)
-            summary["artifacts"] = {stage: (m.counts if (m := char.manifest(stage)) else None) for stage in STAGES}
+            manifests = {stage: char.manifest(stage) for stage in STAGES}
+            summary["artifacts"] = {stage: (m.counts if m else None) for stage, m in manifests.items()}
+            summary["pruned"] = {stage: sum(m.pruned.values()) for stage, m in manifests.items() if m and m.pruned}
             dataset = char.manifest("prepare")
             if dataset is not None:
                 summary["dataset"] = {
@@ -56,6 +59,12 @@ def status(
         _print_summary(summary)
     for show in show_report:
         _print_show_status(show)
+
+
+def _artifact_state(done: bool, pruned: int | None) -> str:
+    if not done:
+        return "—"
+    return f"done, {decimal(pruned)} pruned" if pruned else "done"
 
 
 def _show_summary(manifest: dict) -> dict:
@@ -98,7 +107,7 @@ def _print_summary(summary: dict) -> None:
         record = last.get(stage)
         table.add_row(
             stage,
-            "done" if counts is not None else "—",
+            _artifact_state(counts is not None, summary["pruned"].get(stage)),
             (record["status"] + (f": {record['error']}" if record and record["error"] else "")) if record else "—",
             ", ".join(f"{k} {v}" for k, v in (counts or {}).items()),
         )

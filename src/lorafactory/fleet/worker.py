@@ -31,7 +31,7 @@ from lorafactory.progress import SilentProgress
 from lorafactory.redact import redact
 from lorafactory.state import Store
 from lorafactory.state.lock import acquire
-from lorafactory.workspace import Workspace
+from lorafactory.workspace import STAGES, Workspace
 
 if TYPE_CHECKING:
     from lorafactory.sources.http import SharedBudget
@@ -130,7 +130,12 @@ def _run_phase(ws: Workspace, store: Store, settings: Settings, claim: Claim, bu
     phase = BY_NAME[claim.phase]
     if phase.stages:
         until = last_stage(phase, claim.until)
-        run_pipeline(ws, store, settings, SilentProgress(), until=until, site_budget=budget, start=phase.stages[0])
+        goal = (
+            claim.until if claim.until in STAGES else "release"
+        )  # pruned files its later phases read: made again now
+        run_pipeline(
+            ws, store, settings, SilentProgress(), until=until, site_budget=budget, start=phase.stages[0], ahead=goal
+        )
         if phase.name == "dataset" and next_phase(phase.name, claim.until) is not None:
             from lorafactory.dataset.regularization import set_for
 

@@ -1,0 +1,105 @@
+"""Freeing a released character's disk: the intermediate files nothing reads any more.
+
+At full size a character's checkpoints, resume state and evaluation images take several hundred MB and its
+downloads and dataset as much again, while after the release only the kept steps' files are read (a new release
+takes them again). Pruning removes the rest and records what it removed in each artifact's manifest
+(``Manifest.pruned``): the artifacts stay up to date, so a rerun with the same settings does nothing, and a run
+that must redo a stage reading pruned files first makes that artifact again (``pipeline``'s plan).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from lorafactory.workspace import MANIFEST, CharacterDir, Manifest, write_json_atomic
+
+PRUNED_FILES = {  # stage -> what prune removes from it, as the pipeline's notes name it
+    "crawl": "downloaded images",
+    "prepare": "dataset images",
+    "train": "checkpoints and resume state",
+    "evaluate": "images",
+}
+MODEL_STAGES = ("train", "evaluate")
+DATASET_STAGES = ("crawl", "prepare")
+LEVELS = {"models": MODEL_STAGES, "datasets": DATASET_STAGES + MODEL_STAGES}  # each in the pipeline's order
+
+
+@dataclass
+class Pruning:
+    """What pruning a character removes (or removed): per stage, each file's size; or why it removes nothing."""
+
+    slug: str
+    files: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: str | None = None
+
+    @property
+    def freed(self) -> int:
+        return sum(sum(sizes.values()) for sizes in self.files.values())
+
+
+def _under(name: str, folders: set[str]) -> bool:
+    return any(name.startswith(folder.rstrip("/") + "/") for folder in folders)
+
+
+def _train_files(manifest: Manifest, kept: set[int]) -> list[str]:
+    """Every checkpoint but the kept steps' (a new release reads those), and the resume state."""
+    checkpoints = {int(step): path for step, path in manifest.details.get("checkpoints", {}).items()}
+    dropped = {path for step, path in checkpoints.items() if step not in kept}
+    return [name for name in manifest.files if _under(name, dropped | {"state"})]
+
+
+def _evaluate_files(manifest: Manifest, kept: set[int]) -> list[str]:
+    """The images of every step but the kept ones (their previews come from them); every step's metrics stay."""
+    keep = {f"steps/step-{step:06d}" for step in kept}
+    return [
+        name for name in manifest.files if _under(name, {"steps"}) and not _under(name, keep) and name.endswith(".png")
+    ]
+
+
+def _image_files(manifest: Manifest) -> list[str]:
+    return [name for name in manifest.files if _under(name, {"images"})]
+
+
+def plan_pruning(char: CharacterDir, level: str) -> Pruning:
+    """What ``level`` ("models": the train and evaluate stages'; "datasets": also the crawl's and prepare's)
+    removes from a character with a finished release; nothing for one without (its run still needs them)."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown prune level {level!r}; levels are: {', '.join(LEVELS)}")
+    pruning = Pruning(char.slug)
+    manifests = {stage: char.manifest(stage) for stage in (*LEVELS[level], "release")}
+    if manifests["release"] is None or manifests["evaluate"] is None:
+        pruning.skipped = "no finished release yet: its run still reads every file"
+        return pruning
+    kept = {int(step) for step in manifests["evaluate"].details.get("kept_steps", [])}
+    for stage in LEVELS[level]:
+        manifest = manifests[stage]
+        if manifest is None:
+            continue
+        if stage == "train":
+            names = _train_files(manifest, kept)
+        elif stage == "evaluate":
+            names = _evaluate_files(manifest, kept)
+        else:
+            names = _image_files(manifest)
+        if names:
+            pruning.files[stage] = {name: manifest.files[name] for name in names}
+    return pruning
+
+
+def prune(char: CharacterDir, pruning: Pruning) -> None:
+    """Remove what ``pruning`` lists. Each manifest records its pruned files before they go, so an interruption
+    leaves files the manifest no longer needs, never a manifest that misses files (which would read as damage)."""
+    for stage, removed in pruning.files.items():
+        folder = char.artifact(stage)
+        manifest = char.manifest(stage)
+        if manifest is None:
+            continue
+        files = {name: size for name, size in manifest.files.items() if name not in removed}
+        updated = manifest.model_copy(update={"files": files, "pruned": {**manifest.pruned, **removed}})
+        write_json_atomic(folder / MANIFEST, updated.model_dump(mode="json"))
+        for name in removed:
+            (folder / name).unlink(missing_ok=True)
+        for parent, _, _ in sorted(os.walk(folder), key=lambda entry: -len(entry[0])):  # deepest first
+            if parent != str(folder) and not os.listdir(parent):
+                os.rmdir(parent)
