@@ -80,6 +80,9 @@ def setup_logging() -> None:
     for key in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         os.environ.setdefault(key, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Read when tqdm is first imported: libraries' own bars (imgutils' CCIP clustering) would print raw lines
+    # between the command's progress bars.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     handler = RichHandler(console=err, show_path=False)
     handler.addFilter(RedactingFilter())
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
