@@ -1,9 +1,12 @@
 import asyncio
+import contextlib
+import logging
 import time
 from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from lorafactory.cli import app
@@ -14,7 +17,7 @@ from lorafactory.sources.base import file_md5
 from lorafactory.sources.crawl import MemoryArchive, crawl
 from lorafactory.sources.danbooru import character_tag, choose_variant
 from lorafactory.sources.http import CloudflareBlocked, RateLimit, SiteClient
-from lorafactory.sources.local import crawl_local, sidecar_tags
+from lorafactory.sources.local import LocalFolder, crawl_local, sidecar_tags
 from lorafactory.testing.replay import DanbooruReplay, ReplayImage
 
 
@@ -28,8 +31,8 @@ def test_local_folder_with_sidecars_and_a_broken_file(tmp_path, kit):
     (src / "broken.png").write_bytes(b"\x89PNG not really")
     dest = tmp_path / "dest"
     dest.mkdir()
-    posts, counts = crawl_local(src, dest, limit=10)
-    assert counts == {"found": 4, "unreadable": 1, "duplicate": 1, "kept": 2}
+    posts, counts = crawl_local(LocalFolder(src), dest, limit=10)
+    assert counts == {"found": 4, "unreadable": 1, "duplicate": 1, "not_images": 0, "kept": 2}
     tagged = next(p for p in posts if p.post_id == "main_000.png")
     assert tagged.tags["general"] == ["red_hair", "smile", "1girl"]
     assert sorted(p.name for p in dest.iterdir()) == sorted(p.filename for p in posts)
@@ -37,9 +40,56 @@ def test_local_folder_with_sidecars_and_a_broken_file(tmp_path, kit):
 
 def test_local_folder_errors_are_one_line(tmp_path):
     with pytest.raises(InputError, match="does not exist; pass an existing folder"):
-        crawl_local(tmp_path / "nope", tmp_path, 5)
+        LocalFolder(tmp_path / "nope")
+    (tmp_path / ".hidden.png").write_bytes(b"")
     with pytest.raises(InputError, match="has no images"):
-        crawl_local(tmp_path, tmp_path, 5)
+        LocalFolder(tmp_path)
+
+
+class _Counted(SilentProgress):
+    def __init__(self):
+        self.tasks = []
+
+    @contextlib.contextmanager
+    def task(self, description, total):
+        advanced = [description, total, 0]
+        self.tasks.append(advanced)
+
+        class _Task:
+            def advance(self, amount=1):
+                advanced[2] += amount
+
+        yield _Task()
+
+
+def test_a_local_folder_reads_every_image_type_and_reports_the_files_it_leaves_out(tmp_path, kit, caplog):
+    """TIFF, JFIF and AVIF are images too (subfolders included); hidden files are nobody's dataset; anything else
+    is counted and named in a warning. The progress bar counts the images kept, out of what the folder holds."""
+    src = tmp_path / "src"
+    for folder in ("sub", ".thumbnails"):
+        (src / folder).mkdir(parents=True)
+    image = Image.open(kit.images / "main_000.png").convert("RGB")
+    image.save(src / "a.TIFF")
+    image.rotate(90).save(src / "sub" / "b.jfif", "JPEG")
+    image.rotate(180).save(src / "c.avif")
+    image.save(src / ".thumbnails" / "thumb.png")
+    image.save(src / "._a.png")
+    (src / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (src / "sub" / "phone.heic").write_bytes(b"heic")
+    (src / "a.txt").write_text("smile")
+    dest = tmp_path / "dest"
+    progress = _Counted()
+    settings = load_settings(overrides=['crawl.source="local"', f'crawl.from_dir="{src}"', "crawl.limit=10"])
+    with caplog.at_level(logging.WARNING, logger="lorafactory.sources.local"):
+        posts, counts = crawl(settings, dest, progress)
+    assert counts == {"found": 3, "unreadable": 0, "duplicate": 0, "not_images": 2, "kept": 3}
+    assert sorted(post.post_id for post in posts) == ["a.TIFF", "c.avif", "sub/b.jfif"]
+    assert next(post for post in posts if post.post_id == "a.TIFF").tags["general"] == ["smile"]
+    assert "2 files that are not images were left out (.heic, .pdf)" in caplog.text
+    assert progress.tasks == [[f"crawling {src}", 3, 3]]  # not out of crawl.limit's 10
+    settings.crawl.limit = 2
+    crawl(settings, tmp_path / "fewer", progress)
+    assert progress.tasks[-1][1:] == [2, 2]
 
 
 def test_variant_choice_prefers_the_smallest_big_enough():

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from lorafactory.sources.http import SiteClient
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class Post(BaseModel):

@@ -29,7 +29,7 @@ from lorafactory.sources.base import Candidate, Post, Site, SiteAdapter, file_md
 from lorafactory.sources.danbooru import Danbooru, character_tag
 from lorafactory.sources.gelbooru import Gelbooru
 from lorafactory.sources.http import RateLimit, SharedBudget, SiteClient, StorageFull
-from lorafactory.sources.local import crawl_local
+from lorafactory.sources.local import LocalFolder, crawl_local
 from lorafactory.sources.moebooru import Moebooru
 from lorafactory.sources.pixiv import Pixiv
 from lorafactory.sources.sankaku import Sankaku
@@ -314,16 +314,20 @@ def crawl(
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     where = c.from_dir if c.source in FOLDER_SOURCES else ", ".join(c.sites)
-    with progress.task(f"crawling {where}", total=c.limit) as task:
-        if c.source == "anime" and not Path(c.from_dir or "").is_dir():
-            raise InputError(
-                f"the anime dataset of {settings.character.name!r} is gone ({c.from_dir or 'none set'}); "
-                "run `lorafactory anime SHOW` again to rebuild it"
-            )
-        if c.source in FOLDER_SOURCES:
-            if not c.from_dir:
-                raise InputError("crawl.source is 'local' but no folder was given; pass --from-dir DIR")
-            posts, counts = crawl_local(Path(c.from_dir), images_dir, c.limit, task.advance, c.source)
+    folder = None
+    if c.source == "anime" and not Path(c.from_dir or "").is_dir():
+        raise InputError(
+            f"the anime dataset of {settings.character.name!r} is gone ({c.from_dir or 'none set'}); "
+            "run `lorafactory anime SHOW` again to rebuild it"
+        )
+    if c.source in FOLDER_SOURCES:
+        if not c.from_dir:
+            raise InputError("crawl.source is 'local' but no folder was given; pass --from-dir DIR")
+        folder = LocalFolder(Path(c.from_dir))
+    total = min(c.limit, len(folder.images)) if folder else c.limit  # images kept, as far as the source can give
+    with progress.task(f"crawling {where}", total=total) as task:
+        if folder is not None:
+            posts, counts = crawl_local(folder, images_dir, c.limit, task.advance, c.source)
         else:
             state = _SiteCrawl(settings, images_dir, archive or MemoryArchive(), previous, task.advance, budget)
             asyncio.run(_crawl_sites(state))

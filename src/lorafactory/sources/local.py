@@ -36,30 +36,50 @@ def sidecar_tags(image: Path) -> list[str]:
     return ["_".join(tag.split()) for tag in text.replace("\n", ",").split(",") if tag.strip()]
 
 
-def crawl_local(
-    folder: Path, images_dir: Path, limit: int, on_item: Callable[[], None] | None = None, site: str = "local"
-) -> tuple[list[Post], dict[str, int]]:
-    """Copy readable images (deduplicated by md5) into ``images_dir``; returns posts and counts.
-    ``site`` labels the posts (``anime`` for a dataset built from episodes)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"image folder {folder} does not exist; pass an existing folder to --from-dir")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise InputError(
-            (
-                f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); "
+class LocalFolder:
+    """A folder's images (its subfolders' too, in name order), and its other files (tag files aside): files of a
+    type lorafactory does not read, reported so that none goes missing silently. Hidden files and folders (a
+    viewer's thumbnails, macOS's ``._`` files) are not the user's images and are left out."""
+
+    def __init__(self, folder: Path) -> None:
+        self.root = Path(folder).expanduser()
+        if not self.root.is_dir():
+            raise InputError(f"image folder {self.root} does not exist; pass an existing folder to --from-dir")
+        files = sorted(
+            p
+            for p in self.root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+        )
+        self.images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not self.images:
+            raise InputError(
+                f"image folder {self.root} has no images ({', '.join(IMAGE_SUFFIXES)}); "
                 "add images or point --from-dir elsewhere"
             )
+        self.others = [p for p in files if p.suffix.lower() not in (*IMAGE_SUFFIXES, ".txt")]
+
+
+def crawl_local(
+    folder: LocalFolder, images_dir: Path, limit: int, on_item: Callable[[], None] | None = None, site: str = "local"
+) -> tuple[list[Post], dict[str, int]]:
+    """Copy readable images (deduplicated by md5) into ``images_dir``, up to ``limit``; returns posts and counts
+    (``on_item`` is called for each image kept). ``site`` labels the posts (``anime`` for a dataset built from
+    episodes)."""
+    if folder.others:
+        kinds = sorted({p.suffix.lower() or p.name for p in folder.others})
+        log.warning(
+            "%s: %d files that are not images were left out (%s); images are %s",
+            folder.root,
+            len(folder.others),
+            ", ".join(kinds[:8]) + (", ..." if len(kinds) > 8 else ""),
+            " ".join(IMAGE_SUFFIXES),
         )
     posts: list[Post] = []
     seen: set[str] = set()
-    counts = {"found": len(files), "unreadable": 0, "duplicate": 0}
-    for path in files:
+    counts = {"found": len(folder.images), "unreadable": 0, "duplicate": 0, "not_images": len(folder.others)}
+    for path in folder.images:
         if len(posts) >= limit:
             break
-        if on_item:
-            on_item()
         try:
             with Image.open(path) as image:
                 image.verify()
@@ -79,7 +99,7 @@ def crawl_local(
         posts.append(
             Post(
                 site=site,
-                post_id=str(path.relative_to(folder)),
+                post_id=str(path.relative_to(folder.root)),
                 md5=md5,
                 filename=name,
                 width=width,
@@ -87,5 +107,7 @@ def crawl_local(
                 tags={"general": sidecar_tags(path)},
             )
         )
+        if on_item:
+            on_item()
     counts["kept"] = len(posts)
     return posts, counts
