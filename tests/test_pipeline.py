@@ -394,7 +394,9 @@ def test_a_full_disk_in_a_stage_is_one_line_and_loses_nothing(demo_run, tmp_path
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
     monkeypatch.setattr(shutil, "copyfile", full)
-    with pytest.raises(StageError, match=r"^disk full at .*: free space and rerun; nothing was lost$"):
+    with pytest.raises(
+        StageError, match=r"^disk full at .*: free space \(`lorafactory prune` .*\) and rerun; nothing was lost$"
+    ):
         run_pipeline(workspace, store, demo_run["settings"], SilentProgress(), force="release")
     monkeypatch.undo()
     stages = store.character_summary(char.slug)["latest_run"]["stages"]

@@ -210,4 +210,7 @@ def test_an_os_error_of_no_file_operation_keeps_its_own_words():
     assert str(unreadable) == "cannot identify image file 'x.png'"
     assert str(from_os_error(ConnectionError())) == "ConnectionError"
     full = from_os_error(OSError(28, "No space left on device", "/ws/a.png"))
-    assert str(full) == "disk full at /ws/a.png: free space and rerun; nothing was lost"
+    assert str(full) == (
+        "disk full at /ws/a.png: free space (`lorafactory prune` frees released characters' files) and rerun; "
+        "nothing was lost"
+    )

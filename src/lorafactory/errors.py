@@ -57,7 +57,10 @@ def from_os_error(exc: OSError, where: object = "") -> LorafactoryError:
     """A one-line error for a failed file operation: what, where, and what to do."""
     place = exc.filename or where or "the workspace"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StageError(f"disk full at {place}: free space and rerun; nothing was lost")
+        return StageError(
+            f"disk full at {place}: free space (`lorafactory prune` frees released characters' files) and rerun; "
+            "nothing was lost"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return InputError(f"cannot access {place} ({exc.strerror}); fix its permissions or use another --workspace")
     if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
