@@ -1,12 +1,16 @@
 """The fleet's durable queue, on SQLite and on a real PostgreSQL server."""
 
 import json
+import re
+import shutil
 import threading
 import time
 from collections import Counter
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
+from rich.filesize import decimal
 
 from lorafactory.fleet.queue import JobQueue
 from lorafactory.state import Store
@@ -195,6 +199,26 @@ def test_fleet_status_counts_and_eta(tmp_path):
     assert _cell(shown.output, "jobs per day at the pace") == "24.0 (of the last 2.0 h)"
     assert _cell(shown.output, "queue empty in") == "2.0 h"
     assert "models per day (last 24 h) │ 1" in shown.output and "jobs per day (last 24 h)   │ 2" in shown.output
+    total = decimal(shutil.disk_usage(tmp_path / "ws").total)
+    assert re.fullmatch(rf"[\d.]+ (bytes|[kMGTP]B) of {total}", _cell(shown.output, "workspace disk free"))
+
+
+def test_fleet_status_suggests_pruning_when_the_workspace_disk_runs_low(tmp_path, monkeypatch):
+    """Where this machine holds the workspace: its free share below 10% names `lorafactory prune`."""
+    from typer.testing import CliRunner
+
+    from lorafactory.cli import app
+
+    (tmp_path / "ws").mkdir()
+    JobQueue(Store(f"sqlite:///{tmp_path / 'ws' / 'lorafactory.db'}")).add("a", "A", {})
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, free=5 * 10**10))
+    shown = CliRunner().invoke(app, ["fleet", "status", "--workspace", str(tmp_path / "ws")], terminal_width=200)
+    assert _cell(shown.output, "workspace disk free").startswith("50.0 GB of 1.0 TB (low: `lorafactory prune`")
+    as_json = CliRunner().invoke(app, ["fleet", "status", "--workspace", str(tmp_path / "ws"), "--json"])
+    assert json.loads(as_json.output)["workspace_disk"] == {"free": 5 * 10**10, "total": 10**12}
+    monkeypatch.chdir(tmp_path)  # where no ./workspace is
+    elsewhere = CliRunner().invoke(app, ["fleet", "status", "--db", f"sqlite:///{tmp_path / 'ws' / 'lorafactory.db'}"])
+    assert "workspace disk free" not in elsewhere.output  # the default workspace is not on this machine
 
 
 def _record_releases(url: str, *releases: tuple[float, str]) -> None:

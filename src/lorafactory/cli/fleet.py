@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.filesize import decimal
 from rich.markup import escape
 from rich.table import Table
 
@@ -237,12 +239,12 @@ def fleet_status(
     watch: float = typer.Option(0.0, "--watch", help="Refresh every N seconds until Ctrl-C (0: print once)."),
 ) -> None:
     """Jobs per status, running jobs per host, done and failed today, models released and jobs done per day,
-    and when the queue should be empty at the recent pace."""
+    when the queue should be empty at the recent pace, and the workspace's free disk."""
     from rich.live import Live
 
     try:
         queue = job_queue(workspace, db)
-        summary = queue.summary()
+        summary = _with_disk(queue.summary(), workspace)
     except USER_ERRORS as exc:
         fail(exc)
     if as_json:
@@ -255,9 +257,22 @@ def fleet_status(
         try:
             while True:
                 time.sleep(watch)
-                live.update(fleet_table(queue.summary()))
+                live.update(fleet_table(_with_disk(queue.summary(), workspace)))
         except KeyboardInterrupt:
             return
+
+
+LOW_DISK = 0.1  # below this share of the workspace's filesystem free, the status suggests pruning
+
+
+def _with_disk(summary: dict, workspace: Path) -> dict:
+    """The summary with the workspace filesystem's free and total bytes (``workspace_disk``), where this machine
+    holds the workspace (with --db, the status may be read elsewhere)."""
+    root = Workspace(workspace).root
+    if root.is_dir():
+        usage = shutil.disk_usage(root)
+        summary["workspace_disk"] = {"free": usage.free, "total": usage.total}
+    return summary
 
 
 def fleet_table(summary: dict) -> Table:
@@ -278,4 +293,8 @@ def fleet_table(summary: dict) -> Table:
     table.add_row("jobs per day at the pace", f"{summary['pace_per_day']} (of the last {since})")
     eta = summary["eta_hours"]
     table.add_row("queue empty in", "unknown (nothing finished in 24 h)" if eta is None else f"{eta} h")
+    if disk := summary.get("workspace_disk"):
+        low = disk["free"] < LOW_DISK * disk["total"]
+        hint = " [yellow](low: `lorafactory prune` frees released characters' files)[/yellow]" if low else ""
+        table.add_row("workspace disk free", f"{decimal(disk['free'])} of {decimal(disk['total'])}{hint}")
     return table
