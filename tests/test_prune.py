@@ -1,5 +1,6 @@
 """Pruning a released character: what goes and what stays, runs that skip it, runs that make it again."""
 
+import json
 import shutil
 
 import pytest
@@ -144,8 +145,13 @@ def test_the_command_leaves_unreleased_and_busy_characters_alone(pruned_models, 
         result = runner.invoke(app, ["prune", "--datasets", "-w", str(workspace.root)])
     assert result.exit_code == 0, result.output
     lines = {line.split()[1]: line for line in result.output.splitlines() if "│" in line and "character" not in line}
-    assert "being run: left alone" in lines["akane_hoshino"] and "no finished release yet" in lines["half_done"]
+    assert "being run: left alone" in lines["akane_hoshino"] and "no release from its latest" in lines["half_done"]
     assert not char.manifest("crawl").pruned
     missing = runner.invoke(app, ["prune", "Nobody", "-w", str(workspace.root)])
     assert missing.exit_code == 1 and "no character 'Nobody'" in missing.output
     assert runner.invoke(app, ["prune", "-w", str(tmp_path / "typo")]).exit_code == 1
+    remade = char.artifact("evaluate") / "manifest.json"  # as if a later run made another training since
+    record = json.loads(remade.read_text())
+    record["inputs"]["train"] = "0" * 16
+    remade.write_text(json.dumps(record))
+    assert plan_pruning(char, "models").skipped == "no release from its latest run yet: the run still reads every file"

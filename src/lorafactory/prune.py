@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from lorafactory.workspace import MANIFEST, CharacterDir, Manifest, write_json_atomic
+from lorafactory.workspace import MANIFEST, STAGES, CharacterDir, Manifest, write_json_atomic
 
 PRUNED_FILES = {  # stage -> what prune removes from it, as the pipeline's notes name it
     "crawl": "downloaded images",
@@ -61,21 +61,29 @@ def _image_files(manifest: Manifest) -> list[str]:
     return [name for name in manifest.files if _under(name, {"images"})]
 
 
+def _released(manifests: dict[str, Manifest | None]) -> bool:
+    """Whether every stage is finished and each was made from the one before: the release is the latest run's."""
+    upstream = None
+    for stage in STAGES:
+        manifest = manifests[stage]
+        if manifest is None or (upstream is not None and manifest.inputs.get(upstream.stage) != upstream.fingerprint):
+            return False
+        upstream = manifest
+    return True
+
+
 def plan_pruning(char: CharacterDir, level: str) -> Pruning:
     """What ``level`` ("models": the train and evaluate stages'; "datasets": also the crawl's and prepare's)
-    removes from a character with a finished release; nothing for one without (its run still needs them)."""
-    if level not in LEVELS:
-        raise ValueError(f"unknown prune level {level!r}; levels are: {', '.join(LEVELS)}")
+    removes from a character whose latest run made its release; nothing from one whose run has not (the run
+    still reads them)."""
     pruning = Pruning(char.slug)
-    manifests = {stage: char.manifest(stage) for stage in (*LEVELS[level], "release")}
-    if manifests["release"] is None or manifests["evaluate"] is None:
-        pruning.skipped = "no finished release yet: its run still reads every file"
+    manifests = {stage: char.manifest(stage) for stage in STAGES}
+    if not _released(manifests):
+        pruning.skipped = "no release from its latest run yet: the run still reads every file"
         return pruning
-    kept = {int(step) for step in manifests["evaluate"].details.get("kept_steps", [])}
+    kept = {int(step) for step in manifests["evaluate"].details["kept_steps"]}
     for stage in LEVELS[level]:
         manifest = manifests[stage]
-        if manifest is None:
-            continue
         if stage == "train":
             names = _train_files(manifest, kept)
         elif stage == "evaluate":
