@@ -130,9 +130,8 @@ def _run_phase(ws: Workspace, store: Store, settings: Settings, claim: Claim, bu
     phase = BY_NAME[claim.phase]
     if phase.stages:
         until = last_stage(phase, claim.until)
-        goal = (
-            claim.until if claim.until in STAGES else "release"
-        )  # pruned files its later phases read: made again now
+        # the job's last stage: pruned files that its later phases read are made again by this one
+        goal = claim.until if claim.until in STAGES else "release"
         run_pipeline(
             ws, store, settings, SilentProgress(), until=until, site_budget=budget, start=phase.stages[0], ahead=goal
         )
