@@ -15,6 +15,7 @@ from lorafactory.evaluate.generate import Generator
 from lorafactory.evaluate.prompts import jobs, prompt_specs
 from lorafactory.pipeline import GATE_FILE, run_pipeline
 from lorafactory.progress import SilentProgress
+from lorafactory.prune import plan_pruning
 from lorafactory.state import Store
 from lorafactory.train.model import load_pipeline
 from lorafactory.train.trainer import EMBEDDING_FILE, LORA_FILE, checkpoint_dir, train
@@ -194,6 +195,7 @@ def test_quality_gate_retrains_then_fails_for_good(demo_run, tmp_path):
     workspace, store = Workspace(root), Store(Workspace(root).default_db_url)
     settings = demo_run["settings"].model_copy(deep=True)
     settings.evaluate.gate_recscore, settings.evaluate.gate_attempts = 0.5, 1
+    settings.release.prune = "models"  # the run the gate stops is over: nothing reads those files any more
     with pytest.raises(QualityGateFailed, match="after 2 training attempt.*below evaluate.gate_recscore 0.50"):
         run_pipeline(workspace, store, settings, SilentProgress())
     char = workspace.character("akane_hoshino")
@@ -201,12 +203,15 @@ def test_quality_gate_retrains_then_fails_for_good(demo_run, tmp_path):
     train = char.manifest("train")
     assert train.details["checkpoints"].keys() >= {"40", "45"}  # 30 steps * 1.5
     assert store.character_summary("akane_hoshino")["latest_run"]["status"] == "failed"
+    assert char.manifest("train").pruned and char.manifest("evaluate").pruned
+    assert plan_pruning(char, "models").files == {}  # as `lorafactory prune` would have
     gate = json.loads((char.path / GATE_FILE).read_text())
     del gate["settings"]["train"]["noise_offset"]  # as a lorafactory without that setting wrote it
     (char.path / GATE_FILE).write_text(json.dumps(gate))
     with pytest.raises(QualityGateFailed):
         run_pipeline(workspace, store, settings, SilentProgress())
-    assert char.manifest("train").created_at == train.created_at  # the failed final attempt is not retrained
+    assert char.manifest("train").created_at == train.created_at  # the failed final attempt is not retrained,
+    assert char.manifest("train").pruned  # nor made again: the gate stops the run before anything reads it
     assert (
         char.manifest("release").fingerprint
         == demo_run["workspace"].character("akane_hoshino").manifest("release").fingerprint

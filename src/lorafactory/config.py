@@ -508,8 +508,9 @@ class ReleaseSettings(Section):
     )
     prune: Literal["off", "models", "datasets"] = runtime_field(
         "off",
-        "After a release, free its disk as `lorafactory prune` does: 'models' removes the checkpoints, resume state "
-        "and evaluation images of every step not kept; 'datasets' also the downloaded and dataset images.",
+        "After a release (or the quality gate's final failure), free the disk as `lorafactory prune` does: 'models' "
+        "removes the checkpoints, resume state and evaluation images of every step not kept; 'datasets' also the "
+        "downloaded and dataset images.",
     )
 
 

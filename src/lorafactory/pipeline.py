@@ -322,6 +322,8 @@ def run_pipeline(
                     f"quality gate failed after {attempt + 1} training attempt(s): "
                     f"{reason}; see {char.artifact('evaluate') / 'metrics.csv'}"
                 )
+                if settings.release.prune != "off":  # the run is over: a retrain would train anew
+                    _prune_finished(char, settings.release.prune, progress)
                 store.finish_run(run_id, "failed", message)
                 raise QualityGateFailed(message)
             attempt += 1
@@ -334,13 +336,14 @@ def run_pipeline(
                 )
             )
         if until == "release" and settings.release.prune != "off":
-            _prune_released(char, settings.release.prune, progress)
+            _prune_finished(char, settings.release.prune, progress)
         store.finish_run(run_id, "succeeded")
         return RunOutcome(slug, run_id, executed, skipped)
 
 
-def _prune_released(char: CharacterDir, level: str, progress: Progress) -> None:
-    """``release.prune``: what the release no longer reads goes, as ``lorafactory prune`` removes it."""
+def _prune_finished(char: CharacterDir, level: str, progress: Progress) -> None:
+    """``release.prune``: after the release, or the quality gate's final failure, what nothing reads any more
+    goes, as ``lorafactory prune`` removes it."""
     from rich.filesize import decimal
 
     pruning = plan_pruning(char, level)

@@ -1,10 +1,11 @@
-"""Freeing a released character's disk: the intermediate files nothing reads any more.
+"""Freeing a finished character's disk: the intermediate files nothing reads any more.
 
-At full size a character's checkpoints, resume state and evaluation images take several hundred MB and its
-downloads and dataset as much again, while after the release only the kept steps' files are read (a new release
-takes them again). Pruning removes the rest and records what it removed in each artifact's manifest
-(``Manifest.pruned``): the artifacts stay up to date, so a rerun with the same settings does nothing, and a run
-that must redo a stage reading pruned files first makes that artifact again (``pipeline``'s plan).
+A character keeps every checkpoint (four files each, tens of them), the resume state, every checkpoint's whole
+prompt suite as images, and its downloads and dataset, while after the release only the kept steps' files are
+read (a new release takes them again), and after a failed quality gate none (a retrain trains anew). Pruning
+removes the rest and records what it removed in each artifact's manifest (``Manifest.pruned``): the artifacts
+stay up to date, so a rerun with the same settings does nothing, and a run that must redo a stage reading
+pruned files first makes that artifact again (``pipeline``'s plan).
 """
 
 from __future__ import annotations
@@ -61,25 +62,29 @@ def _image_files(manifest: Manifest) -> list[str]:
     return [name for name in manifest.files if _under(name, {"images"})]
 
 
-def _released(manifests: dict[str, Manifest | None]) -> bool:
-    """Whether every stage is finished and each was made from the one before: the release is the latest run's."""
+def _finished(manifests: dict[str, Manifest | None]) -> bool:
+    """Whether the latest run is over: every stage up to the evaluation finished, each made from the one before,
+    and then either the release made from that evaluation, or the evaluation failed the quality gate (a retrain
+    trains anew, and a rerun with the same settings stops at the gate: neither reads these files)."""
     upstream = None
-    for stage in STAGES:
+    for stage in STAGES[: STAGES.index("evaluate") + 1]:
         manifest = manifests[stage]
         if manifest is None or (upstream is not None and manifest.inputs.get(upstream.stage) != upstream.fingerprint):
             return False
         upstream = manifest
-    return True
+    release = manifests["release"]
+    released = release is not None and release.inputs.get("evaluate") == upstream.fingerprint
+    return released or not upstream.details["gate"]["passed"]
 
 
 def plan_pruning(char: CharacterDir, level: str) -> Pruning:
     """What ``level`` ("models": the train and evaluate stages'; "datasets": also the crawl's and prepare's)
-    removes from a character whose latest run made its release; nothing from one whose run has not (the run
-    still reads them)."""
+    removes from a character whose latest run is over (released, or stopped by the quality gate); nothing from
+    one whose run is not (it still reads them)."""
     pruning = Pruning(char.slug)
     manifests = {stage: char.manifest(stage) for stage in STAGES}
-    if not _released(manifests):
-        pruning.skipped = "no release from its latest run yet: the run still reads every file"
+    if not _finished(manifests):
+        pruning.skipped = "its latest run has not made a release nor failed the quality gate: it reads every file"
         return pruning
     kept = {int(step) for step in manifests["evaluate"].details["kept_steps"]}
     for stage in LEVELS[level]:

@@ -25,9 +25,10 @@ def prune(
     workspace: Path = WorkspaceOpt,
     db: Optional[str] = DbOpt,
 ) -> None:
-    """Free the disk of released characters: the checkpoints, resume state and evaluation images of every step
-    the release did not keep; with --datasets, also the downloaded and dataset images. A character whose latest
-    run has not made its release, or that is being run, is left alone.
+    """Free the disk of finished characters: the checkpoints, resume state and evaluation images of every step
+    the release did not keep (or the quality gate, for a run it stopped); with --datasets, also the downloaded
+    and dataset images. A character whose latest run has neither made its release nor failed the gate, or that
+    is being run, is left alone.
 
     What stays: the release, the kept steps' checkpoints and images, every manifest, metric, log and TensorBoard
     file. Each artifact stays up to date: a rerun with the same settings does nothing, and a run that must redo a
