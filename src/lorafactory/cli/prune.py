@@ -33,7 +33,8 @@ def prune(
     What stays: the release, the kept steps' checkpoints and images, every manifest, metric, log and TensorBoard
     file. Each artifact stays up to date: a rerun with the same settings does nothing, and a run that must redo a
     stage reading pruned files makes them again first (a new evaluation retrains; with --datasets a new training
-    downloads and prepares again). `release.prune` does this after every release (a factory's setting)."""
+    downloads and prepares again). `release.prune` does this after every release and final gate failure (a
+    factory's setting)."""
     from lorafactory.prune import plan_pruning
     from lorafactory.prune import prune as remove
     from lorafactory.state import Store
