@@ -278,10 +278,10 @@ def run_pipeline(
         char = workspace.character(slug)
         original = settings_hash(settings)
         attempt = _gate_attempt(char, settings)
-        if start is not None:
-            stale = _stale_before(char, retrain_settings(settings, attempt), start, planned, forced)
-            if stale is not None:
-                raise stale
+        current = retrain_settings(settings, attempt)
+        plan = _plan(char, current, planned, forced)
+        if start is not None and (stale := _stale_before(char, plan, start)) is not None:
+            raise stale
         char.path.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(char.config_path, to_toml(settings).encode("utf-8"))
 
@@ -290,10 +290,8 @@ def run_pipeline(
         executed: list[str] = []
         skipped: list[str] = []
         while True:
-            current = retrain_settings(settings, attempt)
             legacy = _legacy_fingerprints(current)
             ctx = Context(current, trigger, char, progress, store, run_id, site_budget)
-            plan = _plan(char, current, planned, forced)
             upstream = ""
             for stage in stages:
                 lock.check()
@@ -315,7 +313,6 @@ def run_pipeline(
                     break
             else:
                 break
-            forced = set()
             reason = ctx.manifest("evaluate").details["gate"]["reason"]
             if attempt >= settings.evaluate.gate_attempts:
                 message = (
@@ -335,6 +332,8 @@ def run_pipeline(
                     f"{attempt + 1} of {settings.evaluate.gate_attempts + 1})[/yellow]"
                 )
             )
+            current = retrain_settings(settings, attempt)
+            plan = _plan(char, current, planned, set())  # nothing forced again
         if until == "release" and settings.release.prune != "off":
             _prune_finished(char, settings.release.prune, progress)
         store.finish_run(run_id, "succeeded")
@@ -383,12 +382,9 @@ def _will_train(char: CharacterDir, settings: Settings, stages: tuple[str, ...],
     return any(plan[stage] is not None for stage in STAGES[: STAGES.index("train") + 1])
 
 
-def _stale_before(
-    char: CharacterDir, settings: Settings, start: str, stages: tuple[str, ...], forced: set[str]
-) -> StaleStage | None:
-    """The first stage before ``start`` that a run of ``stages`` with ``settings`` would execute, as the error
-    that says why (None when none would)."""
-    plan = _plan(char, settings, stages, forced)
+def _stale_before(char: CharacterDir, plan: dict[str, _Redo | None], start: str) -> StaleStage | None:
+    """The first stage before ``start`` that a run with ``plan`` would execute, as the error that says why (None
+    when none would)."""
     for stage in STAGES[: STAGES.index(start)]:
         if (redo := plan[stage]) is not None:
             return StaleStage(stage, redo.why)
