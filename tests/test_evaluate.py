@@ -10,8 +10,9 @@ from PIL import Image
 
 from conftest import DEMO_GROUP, demo_settings, fresh_compile_counters
 from lorafactory.errors import QualityGateFailed, StaleStage
-from lorafactory.evaluate.evaluator import evaluate, step_dir
+from lorafactory.evaluate.evaluator import evaluate
 from lorafactory.evaluate.generate import Generator
+from lorafactory.evaluate.layout import step_dir
 from lorafactory.evaluate.prompts import jobs, prompt_specs
 from lorafactory.pipeline import GATE_FILE, run_pipeline
 from lorafactory.progress import SilentProgress

@@ -348,8 +348,7 @@ def _prune_finished(char: CharacterDir, level: str, progress: Progress) -> None:
     pruning = plan_pruning(char, level)
     prune(char, pruning)
     if pruning.files:
-        removed = sum(len(files) for files in pruning.files.values())
-        progress.note(f"[dim]pruned ({level}): {removed} files, {decimal(pruning.freed)} freed[/dim]")
+        progress.note(f"[dim]pruned ({level}): {pruning.removed} files, {decimal(pruning.freed)} freed[/dim]")
 
 
 def retrain_settings(settings: Settings, attempt: int) -> Settings:

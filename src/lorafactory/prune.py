@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from lorafactory.evaluate.layout import step_dir
 from lorafactory.workspace import MANIFEST, STAGES, CharacterDir, Manifest, write_json_atomic
 
 PRUNED_FILES = {  # stage -> what prune removes from it, as the pipeline's notes name it
@@ -35,6 +37,10 @@ class Pruning:
     skipped: str | None = None
 
     @property
+    def removed(self) -> int:
+        return sum(len(sizes) for sizes in self.files.values())
+
+    @property
     def freed(self) -> int:
         return sum(sum(sizes.values()) for sizes in self.files.values())
 
@@ -52,7 +58,7 @@ def _train_files(manifest: Manifest, kept: set[int]) -> list[str]:
 
 def _evaluate_files(manifest: Manifest, kept: set[int]) -> list[str]:
     """The images of every step but the kept ones (their previews come from them); every step's metrics stay."""
-    keep = {f"steps/step-{step:06d}" for step in kept}
+    keep = {step_dir(Path(), step).as_posix() for step in kept}
     return [
         name for name in manifest.files if _under(name, {"steps"}) and not _under(name, keep) and name.endswith(".png")
     ]

@@ -72,8 +72,7 @@ def _print(rows: list, dry_run: bool) -> None:
         table.add_column(column, justify="right" if column in ("files", freed_title) else "left")
     total = 0
     for slug, pruning, note in rows:
-        files = sum(len(sizes) for sizes in pruning.files.values()) if pruning else 0
-        freed = pruning.freed if pruning else 0
+        files, freed = (pruning.removed, pruning.freed) if pruning else (0, 0)
         total += freed
         stages = ", ".join(pruning.files) if pruning else ""
         table.add_row(escape(slug), str(files), decimal(freed), stages, note)

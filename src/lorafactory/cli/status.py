@@ -43,7 +43,7 @@ def status(
             manifests = {stage: char.manifest(stage) for stage in STAGES}
             summary["artifacts"] = {stage: (m.counts if m else None) for stage, m in manifests.items()}
             summary["pruned"] = {stage: sum(m.pruned.values()) for stage, m in manifests.items() if m and m.pruned}
-            dataset = char.manifest("prepare")
+            dataset = manifests["prepare"]
             if dataset is not None:
                 summary["dataset"] = {
                     k: dataset.details.get(k) for k in ("filters", "ratios", "core_tags", "per_site")

@@ -25,6 +25,7 @@ from PIL import Image
 from lorafactory.config import Settings
 from lorafactory.errors import first_line
 from lorafactory.evaluate.generate import LOAD_ERRORS, BackgroundPngs, Generator, a1111_parameters
+from lorafactory.evaluate.layout import step_dir
 from lorafactory.evaluate.plots import metrics_plot, preview_grid
 from lorafactory.evaluate.prompts import Job, chosen_set, dataset_prompt_specs, jobs
 from lorafactory.evaluate.resident import base_pipeline
@@ -40,10 +41,6 @@ from lorafactory.vision.runtime import onnx_provider, vision_on_cpu_warning
 from lorafactory.workspace import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-def step_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / "steps" / f"step-{step:06d}"
 
 
 @dataclass

@@ -23,7 +23,7 @@ import tomli_w
 
 from lorafactory.config import Settings
 from lorafactory.errors import StageError
-from lorafactory.evaluate.evaluator import step_dir
+from lorafactory.evaluate.layout import step_dir
 from lorafactory.evaluate.scoring import METRICS
 from lorafactory.export.kohya import PLAIN_LORA_SUFFIX
 from lorafactory.export.verify import verify_model_files
