@@ -70,3 +70,16 @@ def from_os_error(exc: OSError, where: object = "") -> LorafactoryError:
     if exc.errno is None:  # not a file operation's error (a connection refused by a library, say): its own words
         return StageError(first_line(exc))
     return StageError(f"{exc.strerror or exc.__class__.__name__} at {place}")
+
+
+def as_user_error(exc: Exception, where: object = "") -> Exception:
+    """The one-line error that a library's exception stands for (the Hub's failure to give a model, a failed file
+    operation at ``where``); ``exc`` itself when it is already one of ours or none of those."""
+    if isinstance(exc, LorafactoryError):
+        return exc
+    from lorafactory.hubfetch import hub_failure
+
+    hub = hub_failure(exc)
+    if hub is not None:
+        return hub
+    return from_os_error(exc, where) if isinstance(exc, OSError) else exc

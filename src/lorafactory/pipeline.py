@@ -29,7 +29,14 @@ from lorafactory.config import (
     settings_hash,
     to_toml,
 )
-from lorafactory.errors import ConfigError, LorafactoryError, QualityGateFailed, StaleStage, first_line, from_os_error
+from lorafactory.errors import (
+    ConfigError,
+    LorafactoryError,
+    QualityGateFailed,
+    StaleStage,
+    as_user_error,
+    first_line,
+)
 from lorafactory.progress import Progress
 from lorafactory.prune import PRUNED_FILES, plan_pruning, prune
 from lorafactory.state import Store
@@ -526,7 +533,7 @@ def _execute(ctx: Context, head: Manifest, legacy: str) -> Manifest:
         store.finish_run(ctx.run_id, "interrupted", f"interrupted during {stage}")
         raise
     except Exception as exc:
-        error = from_os_error(exc, ctx.char.partial(stage)) if isinstance(exc, OSError) else exc
+        error = as_user_error(exc, ctx.char.partial(stage))
         message = first_line(error)
         if not resumable:  # a failed stage leaves nothing half-written; training keeps its saved state
             shutil.rmtree(ctx.char.partial(stage), ignore_errors=True)

@@ -15,7 +15,7 @@ from rich.markup import escape
 from sqlalchemy.exc import SQLAlchemyError
 
 from lorafactory.config import PRESETS, load_settings, read_toml
-from lorafactory.errors import LorafactoryError, from_os_error
+from lorafactory.errors import LorafactoryError, as_user_error
 from lorafactory.redact import RedactingFilter, redact
 from lorafactory.workspace import STAGES, Workspace, slugify
 
@@ -66,11 +66,10 @@ USER_ERRORS = (LorafactoryError, OSError, SQLAlchemyError)  # shown as one line,
 
 
 def fail(exc: Exception) -> None:
-    if isinstance(exc, OSError):  # a file in the way, a read-only or full disk
-        exc = from_os_error(exc)
-    elif isinstance(exc, SQLAlchemyError):
+    if isinstance(exc, SQLAlchemyError):
         cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         exc = LorafactoryError(f"state database error: {cause}; check --db and that the database is reachable")
+    exc = as_user_error(exc)  # a file in the way, a read-only or full disk, a model the Hub did not give
     err.print(f"[bold red]error:[/bold red] {escape(redact(str(exc)))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 

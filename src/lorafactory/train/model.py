@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 
 from lorafactory.errors import ConfigError, first_line
+from lorafactory.hubfetch import hub_failure
 
 Family = Literal["sd1", "sdxl"]
 # Graphs one compiled transformer block may have: a run's block widths and shapes (strides, sides of 1, grad
@@ -94,6 +95,9 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32, config: s
                 f"base model {base_model} does not exist; set train.base_model to a model folder, file or hub id"
             )
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # also a garbage single file
+        hub = hub_failure(exc, base_model)
+        if hub is not None:
+            raise hub from exc
         reason = first_line(exc)
         raise ConfigError(f"cannot load base model {base_model!r}: {reason}; check train.base_model") from exc
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lorafactory.hubfetch import hub_failure
+
 
 class Clip:
     """A CLIP model and its processor from a folder or hub id; embeddings are L2-normalised."""
@@ -13,8 +15,14 @@ class Clip:
     def __init__(self, model_id: str, device: torch.device, batch_size: int = 16) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
-        self.processor = CLIPProcessor.from_pretrained(model_id)
+        try:
+            self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(model_id)
+        except OSError as exc:  # transformers' own words name no model when the Hub did not give it
+            hub = hub_failure(exc, model_id)
+            if hub is None:
+                raise
+            raise hub from exc
         self.device, self.batch_size = device, batch_size
 
     @torch.no_grad()

@@ -1,0 +1,81 @@
+"""Why a model could not be fetched from the Hugging Face Hub, in one line that names the model and the fix.
+
+The libraries that fetch models (huggingface_hub itself, and diffusers, transformers and imgutils through it) say
+"check your connection" without naming the file, or wrap the Hub's error in their own; the Hub's error is
+somewhere in the exception's chain, and the URL it was fetching names the repository and file."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from lorafactory.errors import StageError, first_line
+
+_HUB_URL = re.compile(  # an API call names a repository; a file's URL its repository and path
+    r"https?://[^/\s'\"]+/(?:api/(?:models|datasets|spaces)/([\w.-]+/[\w.-]+)"
+    r"|(?:(?:datasets|spaces)/)?([\w.-]+/[\w.-]+)/resolve/[^/\s'\"]+/([^\s'\"]+))"
+)
+LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _fetched(chain: list[BaseException]) -> str:
+    """The repository (and file) that the chain's URLs name: from a request or response, else the messages."""
+    for exc in chain:
+        for holder in (getattr(exc, "response", None), exc):
+            try:
+                url = str(holder.request.url) if holder is not None else ""  # httpx raises when there is none
+            except (AttributeError, RuntimeError):
+                url = ""
+            for text in (url, str(exc)):
+                found = _HUB_URL.search(text)
+                if found:
+                    return "/".join(part for part in found.groups() if part).rstrip(".,:;")
+    return ""
+
+
+def hub_failure(exc: BaseException, model: str = "") -> StageError | None:
+    """A one-line error when ``exc`` (or what it was raised from) is the Hub's failure to give a model; else None.
+    ``model``: the model id the caller asked for, named when the chain's URLs do not name a file."""
+    from huggingface_hub import constants, errors
+
+    chain = list(_chain(exc))
+    hub = next((e for e in chain if type(e).__module__.startswith("huggingface_hub")), None)
+    what = _fetched(chain) or model or "a model"
+    if isinstance(hub, errors.GatedRepoError):
+        repo = "/".join(what.split("/")[:2])
+        return StageError(
+            f"{what} is gated on the Hugging Face Hub: accept its terms at https://huggingface.co/{repo}, then {LOGIN}"
+        )
+    if isinstance(hub, errors.RepositoryNotFoundError):
+        return StageError(f"{what} is not on the Hugging Face Hub, or is private: check the model id, or {LOGIN}")
+    if isinstance(hub, errors.RevisionNotFoundError):
+        return StageError(f"{what}: the Hugging Face Hub has no such revision; check the model id and revision")
+    if isinstance(hub, errors.RemoteEntryNotFoundError):
+        return StageError(f"{what} is not in its repository on the Hugging Face Hub; check the model id")
+    if isinstance(hub, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+        cache = constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            return StageError(
+                f"{what} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set: run once without it "
+                "to download the model, or copy a cache that holds it there (HF_HUB_CACHE)"
+            )
+        causes = chain[chain.index(hub) + 1 :]
+        reason = f" ({first_line(causes[0])})" if causes else ""
+        return StageError(
+            f"{what} is not in the Hugging Face cache ({cache}) and the Hub could not be reached{reason}: check the "
+            "connection (a proxy, HF_ENDPOINT), or copy a cache that holds it there (HF_HUB_CACHE)"
+        )
+    if isinstance(hub, errors.HfHubHTTPError):
+        if hub.response.status_code in (401, 403):
+            return StageError(f"the Hugging Face Hub refused {what} ({first_line(hub)}): {LOGIN}")
+        return StageError(f"the Hugging Face Hub failed to give {what} ({first_line(hub)}); try again later")
+    return None

@@ -1,0 +1,146 @@
+"""A model the Hugging Face Hub did not give is named in one line with the fix, whichever library fetched it:
+huggingface_hub itself (as imgutils calls it), diffusers, transformers; offline, unreachable, or refused."""
+
+import http.server
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from lorafactory.demo import offline_env
+from lorafactory.errors import StageError
+from lorafactory.hubfetch import hub_failure
+from lorafactory.state import Store
+from lorafactory.workspace import Workspace
+
+CACHE_FIX = "or copy a cache that holds it there (HF_HUB_CACHE)"
+
+
+def _raised(call) -> BaseException:
+    with pytest.raises(Exception) as info:
+        call()
+    return info.value
+
+
+def test_models_missing_from_the_cache_while_offline_are_named():
+    """The tests run with HF_HUB_OFFLINE=1 on the stand-in cache, which holds none of these."""
+    from huggingface_hub import constants, hf_hub_download
+
+    from lorafactory.train.model import load_pipeline
+    from lorafactory.vision.clip import Clip
+
+    offline = f"is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set"
+    raw = _raised(lambda: hf_hub_download("deepghs/no_such_checker", "mobilenet/model.onnx"))
+    assert str(hub_failure(raw)).startswith(f"deepghs/no_such_checker/mobilenet/model.onnx {offline}")
+    assert str(hub_failure(raw)).endswith(CACHE_FIX)
+    # diffusers and transformers raise their own errors, which name no file: the one raised names the model
+    base = _raised(lambda: load_pipeline("someone/not-cached-sd15"))
+    assert isinstance(base, StageError) and str(base).startswith(f"someone/not-cached-sd15 {offline}")
+    clip = _raised(lambda: Clip("someone/not-cached-clip", torch.device("cpu")))
+    assert isinstance(clip, StageError) and str(clip).startswith(f"someone/not-cached-clip {offline}")
+    assert hub_failure(ValueError("not the Hub's")) is None and hub_failure(FileNotFoundError(2, "gone")) is None
+
+
+class _RefusingHub(http.server.BaseHTTPRequestHandler):
+    """Answers every file request of repository ``<answer>/model`` as the Hub answers that case."""
+
+    ANSWERS = {
+        "gated": (403, "GatedRepo"),
+        "private": (401, "RepoNotFound"),
+        "renamed": (404, "EntryNotFound"),
+        "revision": (404, "RevisionNotFound"),
+        "unauthorized": (401, None),
+        "down": (502, None),
+    }
+
+    def do_HEAD(self):
+        status, code = self.ANSWERS[self.path.split("/")[1]]
+        self.send_response(status)
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """The Hub client online, on an empty cache, its retries' waits skipped (a refused connection is retried)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (
+            "gated",
+            "is gated on the Hugging Face Hub: accept its terms at https://huggingface.co/gated/model, then log in",
+        ),
+        ("private", "is not on the Hugging Face Hub, or is private: check the model id, or log in"),
+        ("renamed", "is not in its repository on the Hugging Face Hub; check the model id"),
+        ("revision", ": the Hugging Face Hub has no such revision; check the model id and revision"),
+        ("unauthorized", "401 Unauthorized"),
+        ("down", "and the Hub could not be reached (Server error '502 Bad Gateway'"),
+    ],
+)
+def test_the_hubs_refusals_are_named_with_the_fix(online, answer, expected):
+    from huggingface_hub import hf_hub_download
+
+    raw = _raised(lambda: hf_hub_download(f"{answer}/model", "weights/model.onnx", endpoint=online))
+    message = str(hub_failure(raw))
+    assert message.startswith(
+        f"the Hugging Face Hub refused {answer}/model/weights/model.onnx"
+        if answer == "unauthorized"
+        else f"{answer}/model/weights/model.onnx"
+    )
+    assert expected in message and "\n" not in message
+
+
+def test_an_unreachable_hub_is_named(online, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    closed = http.server.HTTPServer(("127.0.0.1", 0), _RefusingHub)
+    endpoint = f"http://127.0.0.1:{closed.server_port}"
+    closed.server_close()  # nothing listens there now
+    raw = _raised(lambda: hf_hub_download("someone/model", "model.onnx", endpoint=endpoint))
+    assert str(hub_failure(raw)) == (
+        f"someone/model/model.onnx is not in the Hugging Face cache ({tmp_path / 'hub'}) and the Hub could not be "
+        "reached ([Errno 111] Connection refused): check the connection (a proxy, HF_ENDPOINT), " + CACHE_FIX
+    )
+
+
+def test_a_prepare_whose_vision_models_are_not_cached_fails_in_one_line_that_names_one(kit, tmp_path):
+    """The case met first: a new machine, offline, an empty cache. The prepare stage fails naming the imgutils
+    model it could not get, and the state store records the same line."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for png in sorted(kit.images.glob("main_*.png"))[:6]:
+        (images / png.name).write_bytes(png.read_bytes())
+    env = offline_env(kit) | {"HF_HUB_CACHE": str(tmp_path / "empty-hub"), "COLUMNS": "300"}
+    command = [sys.executable, "-m", "lorafactory", "prepare", "Jo", "--from-dir", str(images)]
+    command += ["--workspace", str(tmp_path / "ws"), "--preset", "tiny-demo"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 4, result.stderr[-3000:]
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: deepghs/") and error.endswith(CACHE_FIX)
+    assert f"is not in the Hugging Face cache ({tmp_path / 'empty-hub'}) and HF_HUB_OFFLINE is set" in error
+    summary = Store(Workspace(tmp_path / "ws").default_db_url).character_summary("jo")
+    stages = summary["latest_run"]["stages"]
+    assert [(s["stage"], s["status"]) for s in stages] == [("crawl", "succeeded"), ("prepare", "failed")]
+    assert "error: " + stages[-1]["error"] == error
