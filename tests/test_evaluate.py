@@ -143,7 +143,7 @@ def test_missing_metrics_broken_checkpoints_and_coarse_to_fine(kit, trained, dat
     shutil.copytree(out, broken)
     (checkpoint_dir(broken, 6) / LORA_FILE).write_bytes(b"not a safetensors file")
     settings = settings.model_copy(deep=True)
-    settings.evaluate.clip_model = str(tmp_path / "no-such-clip")
+    settings.evaluate.clip_model = "someone/uncached-clip"  # not in the stand-in cache, and offline
     settings.evaluate.checkpoints, settings.evaluate.coarse_every, settings.evaluate.keep = "coarse_to_fine", 3, 1
     result = evaluate(
         settings,
@@ -172,7 +172,8 @@ def test_missing_metrics_broken_checkpoints_and_coarse_to_fine(kit, trained, dat
     assert set(seconds) == {"loading", "rendering", "waiting for scores", "waiting for files"}
     assert seconds["rendering"] > 0 and all(value >= 0 for value in seconds.values())
     missing = result.details["missing_metrics"]
-    assert set(missing) == {"clip_alignment", "diversity"} and "no-such-clip" in missing["clip_alignment"]
+    assert set(missing) == {"clip_alignment", "diversity"}
+    assert missing["clip_alignment"].startswith("someone/uncached-clip is not in the Hugging Face cache")
     for step in evaluated - {6}:
         row = result.table[step]
         assert row["clip_alignment"] is None and row["diversity"] is None  # missing, never zero

@@ -202,11 +202,14 @@ def test_crawls_share_each_sites_rate_across_the_fleet(kit, tmp_path, local_ray)
     8 requests a second, the rate each was given."""
     from lorafactory.fleet.budget import fleet_budget
 
-    def crawl_in_worker(settings, out_dir, budget, start_at):
+    def crawl_in_worker(settings, out_dir, budget, ready):
         from lorafactory.progress import SilentProgress
         from lorafactory.sources.crawl import crawl
 
-        time.sleep(max(0.0, start_at - time.time()))  # both workers up and imported: start together
+        (ready / out_dir.name).touch()  # up and imported; start when the other is too (however long it took)
+        deadline = time.monotonic() + 120
+        while len(list(ready.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         posts, _ = crawl(settings, out_dir, SilentProgress(), budget=budget)
         return len(posts)
 
@@ -219,8 +222,9 @@ def test_crawls_share_each_sites_rate_across_the_fleet(kit, tmp_path, local_ray)
             )
             for n in (2, 3)  # each crawl's listing requests are told apart by their page size
         ]
-        start_at = time.time() + 8
-        counts = local_ray.get([task.remote(s, tmp_path / str(i), budget, start_at) for i, s in enumerate(runs)])
+        ready = tmp_path / "ready"
+        ready.mkdir()
+        counts = local_ray.get([task.remote(s, tmp_path / str(i), budget, ready) for i, s in enumerate(runs)])
     assert counts == [10, 10]
     listings = {
         n: [t for t, path in replay.requests if f"limit={n}&" in path or path.endswith(f"limit={n}")] for n in (2, 3)

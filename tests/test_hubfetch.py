@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorafactory.demo import offline_env
-from lorafactory.errors import StageError
+from lorafactory.errors import ConfigError, StageError
 from lorafactory.hubfetch import hub_failure
 from lorafactory.state import Store
 from lorafactory.workspace import Workspace
@@ -86,30 +86,30 @@ def online(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "answer, expected",
-    [
+    "answer, kind, expected",
+    [  # the Hub's own answers are settings to change (never retried by the fleet); a failing Hub is not
         (
             "gated",
-            "is gated on the Hugging Face Hub: accept its terms at https://huggingface.co/gated/model, then log in",
+            ConfigError,
+            "is gated on the Hugging Face Hub: accept its terms at https://huggingface.co/gated/model",
         ),
-        ("private", "is not on the Hugging Face Hub, or is private: check the model id, or log in"),
-        ("renamed", "is not in its repository on the Hugging Face Hub; check the model id"),
-        ("revision", ": the Hugging Face Hub has no such revision; check the model id and revision"),
-        ("unauthorized", "401 Unauthorized"),
-        ("down", "and the Hub could not be reached (Server error '502 Bad Gateway'"),
+        ("private", ConfigError, "is not on the Hugging Face Hub, or is private: check the model id, or log in"),
+        ("renamed", ConfigError, "is not in its repository on the Hugging Face Hub; check the model id"),
+        ("revision", ConfigError, ": the Hugging Face Hub has no such revision; check the model id and revision"),
+        ("unauthorized", ConfigError, "(Client error '401 Unauthorized'"),
+        ("down", StageError, "and the Hub could not be reached (Server error '502 Bad Gateway'"),
     ],
 )
-def test_the_hubs_refusals_are_named_with_the_fix(online, answer, expected):
+def test_the_hubs_refusals_are_named_with_the_fix(online, answer, kind, expected):
     from huggingface_hub import hf_hub_download
 
     raw = _raised(lambda: hf_hub_download(f"{answer}/model", "weights/model.onnx", endpoint=online))
-    message = str(hub_failure(raw))
-    assert message.startswith(
-        f"the Hugging Face Hub refused {answer}/model/weights/model.onnx"
-        if answer == "unauthorized"
-        else f"{answer}/model/weights/model.onnx"
+    error = hub_failure(raw)
+    named = f"{answer}/model/weights/model.onnx"
+    assert type(error) is kind and str(error).startswith(
+        f"the Hugging Face Hub refused {named}" if answer == "unauthorized" else named
     )
-    assert expected in message and "\n" not in message
+    assert expected in str(error) and "\n" not in str(error)
 
 
 def test_an_unreachable_hub_is_named(online, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from lorafactory.errors import StageError, first_line
+from lorafactory.errors import ConfigError, LorafactoryError, StageError, first_line
 
 _HUB_URL = re.compile(  # an API call names a repository; a file's URL its repository and path
     r"https?://[^/\s'\"]+/(?:api/(?:models|datasets|spaces)/([\w.-]+/[\w.-]+)"
@@ -42,9 +42,11 @@ def _fetched(chain: list[BaseException]) -> str:
     return ""
 
 
-def hub_failure(exc: BaseException, model: str = "") -> StageError | None:
+def hub_failure(exc: BaseException, model: str = "") -> LorafactoryError | None:
     """A one-line error when ``exc`` (or what it was raised from) is the Hub's failure to give a model; else None.
-    ``model``: the model id the caller asked for, named when the chain's URLs do not name a file."""
+    ``model``: the model id the caller asked for, named when the chain's URLs do not name a file. The Hub's
+    answers (gated, private, no such file, refused) are ConfigErrors: a retry cannot help until a setting or the
+    account changes; no cache offline, no connection or a failing Hub are StageErrors."""
     from huggingface_hub import constants, errors
 
     chain = list(_chain(exc))
@@ -52,15 +54,15 @@ def hub_failure(exc: BaseException, model: str = "") -> StageError | None:
     what = _fetched(chain) or model or "a model"
     if isinstance(hub, errors.GatedRepoError):
         repo = "/".join(what.split("/")[:2])
-        return StageError(
+        return ConfigError(
             f"{what} is gated on the Hugging Face Hub: accept its terms at https://huggingface.co/{repo}, then {LOGIN}"
         )
     if isinstance(hub, errors.RepositoryNotFoundError):
-        return StageError(f"{what} is not on the Hugging Face Hub, or is private: check the model id, or {LOGIN}")
+        return ConfigError(f"{what} is not on the Hugging Face Hub, or is private: check the model id, or {LOGIN}")
     if isinstance(hub, errors.RevisionNotFoundError):
-        return StageError(f"{what}: the Hugging Face Hub has no such revision; check the model id and revision")
+        return ConfigError(f"{what}: the Hugging Face Hub has no such revision; check the model id and revision")
     if isinstance(hub, errors.RemoteEntryNotFoundError):
-        return StageError(f"{what} is not in its repository on the Hugging Face Hub; check the model id")
+        return ConfigError(f"{what} is not in its repository on the Hugging Face Hub; check the model id")
     if isinstance(hub, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
         cache = constants.HF_HUB_CACHE
         if constants.HF_HUB_OFFLINE:
@@ -76,6 +78,6 @@ def hub_failure(exc: BaseException, model: str = "") -> StageError | None:
         )
     if isinstance(hub, errors.HfHubHTTPError):
         if hub.response.status_code in (401, 403):
-            return StageError(f"the Hugging Face Hub refused {what} ({first_line(hub)}): {LOGIN}")
+            return ConfigError(f"the Hugging Face Hub refused {what} ({first_line(hub)}): {LOGIN}")
         return StageError(f"the Hugging Face Hub failed to give {what} ({first_line(hub)}); try again later")
     return None

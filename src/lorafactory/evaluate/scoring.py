@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lorafactory.config import Settings
+from lorafactory.errors import LorafactoryError, first_line
 from lorafactory.evaluate.attention import plain_text
 from lorafactory.evaluate.metrics import (
     bikini_plus,
@@ -27,6 +28,7 @@ from lorafactory.evaluate.metrics import (
     vendi_score,
 )
 from lorafactory.evaluate.prompts import Job
+from lorafactory.hubfetch import hub_failure
 from lorafactory.vision.ccip import differences, extract_features
 from lorafactory.vision.quality import aesthetic_percentile, ai_corrupt_score
 from lorafactory.vision.tagging import is_character_trait, tag_counts, tag_scores
@@ -48,6 +50,14 @@ METRICS: dict[str, str] = {
 }
 # what a missing model or a failing model run raises (huggingface_hub's not-found errors are OSErrors)
 MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, ImportError)
+
+
+def _reason(exc: Exception) -> str:
+    """Why a metric is missing, in one line: the model the Hub did not give, named, or the error's own words."""
+    named = exc if isinstance(exc, LorafactoryError) else hub_failure(exc)
+    if named is not None:
+        return first_line(named)
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
 
 
 # metric averaged over the images -> the key of its per-image values (ccip_image_share comes from "ccip" too)
@@ -93,8 +103,8 @@ class Scorer:
             return None
         try:
             return compute()
-        except MODEL_ERRORS as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        except (*MODEL_ERRORS, LorafactoryError) as exc:  # ours: a model the Hub did not give, named
+            reason = _reason(exc)
             for metric in metrics:
                 self.missing[metric] = reason
             log.warning("%s cannot be computed and is reported as missing: %s", ", ".join(metrics), reason)
