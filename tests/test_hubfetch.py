@@ -2,6 +2,7 @@
 huggingface_hub itself (as imgutils calls it), diffusers, transformers; offline, unreachable, or refused."""
 
 import http.server
+import logging
 import subprocess
 import sys
 import threading
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from lorafactory.demo import offline_env
-from lorafactory.errors import ConfigError, StageError
+from lorafactory.errors import ConfigError, LorafactoryError, StageError
 from lorafactory.hubfetch import hub_failure
 from lorafactory.state import Store
 from lorafactory.workspace import Workspace
@@ -44,7 +45,7 @@ def test_models_missing_from_the_cache_while_offline_are_named():
 
 
 class _RefusingHub(http.server.BaseHTTPRequestHandler):
-    """Answers every file request of repository ``<answer>/model`` as the Hub answers that case."""
+    """Answers every request about repository ``<answer>/model`` as the Hub answers that case."""
 
     ANSWERS = {
         "gated": (403, "GatedRepo"),
@@ -56,7 +57,7 @@ class _RefusingHub(http.server.BaseHTTPRequestHandler):
     }
 
     def do_HEAD(self):
-        status, code = self.ANSWERS[self.path.split("/")[1]]
+        status, code = next(self.ANSWERS[a] for a in self.ANSWERS if f"/{a}/model" in self.path)  # a file or the API
         self.send_response(status)
         if code:
             self.send_header("X-Error-Code", code)
@@ -71,16 +72,22 @@ class _RefusingHub(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def online(monkeypatch, tmp_path):
-    """The Hub client online, on an empty cache, its retries' waits skipped (a refused connection is retried)."""
+    """The Hub client online, on an empty cache, the loopback Hub its endpoint, its retries' waits skipped (a refused
+    connection is retried)."""
     from huggingface_hub import constants
     from huggingface_hub.utils import _http
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingHub)
+    endpoint = f"http://127.0.0.1:{server.server_port}"  # for every library, as HF_ENDPOINT sets it at import
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
+    yield endpoint
     server.shutdown()
     server.server_close()
 
@@ -144,3 +151,35 @@ def test_a_prepare_whose_vision_models_are_not_cached_fails_in_one_line_that_nam
     stages = summary["latest_run"]["stages"]
     assert [(s["stage"], s["status"]) for s in stages] == [("crawl", "succeeded"), ("prepare", "failed")]
     assert "error: " + stages[-1]["error"] == error
+
+
+def test_a_base_model_not_yet_cached_is_said_to_download_before_it_does(online, caplog, tmp_path):
+    """The libraries show no progress while a base model downloads (several GB): the stage says why it waits."""
+    from lorafactory.train.model import load_pipeline
+
+    caplog.set_level(logging.INFO, logger="lorafactory")
+    failed = _raised(lambda: load_pipeline("down/model"))  # the loopback Hub is down: its answers are 502s
+    said = [r.getMessage() for r in caplog.records if r.name == "lorafactory.hubfetch"]
+    assert said == [
+        f"base model down/model is not in the Hugging Face cache ({tmp_path / 'hub'}) yet: downloading it, once; "
+        "this takes a while"
+    ]
+    assert isinstance(failed, LorafactoryError) and "down/model" in str(failed)  # then the load fails, in one line
+
+
+def test_nothing_is_said_of_models_in_the_cache_folders_or_offline(monkeypatch, caplog, kit):
+    from huggingface_hub import constants
+
+    from lorafactory.hubfetch import say_if_downloading
+
+    caplog.set_level(logging.INFO, logger="lorafactory")
+    cached = next(p for p in kit.hub.glob("models--*/snapshots/*/**/*") if p.is_file())
+    repo = cached.relative_to(kit.hub).parts[0].removeprefix("models--").replace("--", "/")
+    probe = "/".join(cached.parts[cached.parts.index("snapshots") + 2 :])
+    say_if_downloading("someone/uncached", "config.json", "CLIP model")  # offline: the stage fails, naming it
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    say_if_downloading(repo, probe, "base model")
+    say_if_downloading(str(kit.tiny_sd), "model_index.json", "base model")
+    assert not [r for r in caplog.records if r.name == "lorafactory.hubfetch"]
+    say_if_downloading("someone/uncached", "config.json", "CLIP model")
+    assert [r.getMessage().split(" is not")[0] for r in caplog.records] == ["CLIP model someone/uncached"]

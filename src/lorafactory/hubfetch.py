@@ -6,8 +6,10 @@ somewhere in the exception's chain, and the URL it was fetching names the reposi
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from lorafactory.errors import ConfigError, LorafactoryError, StageError, first_line
 
@@ -16,6 +18,7 @@ _HUB_URL = re.compile(  # an API call names a repository; a file's URL its repos
     r"|(?:(?:datasets|spaces)/)?([\w.-]+/[\w.-]+)/resolve/[^/\s'\"]+/([^\s'\"]+))"
 )
 LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
+log = logging.getLogger(__name__)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -81,3 +84,25 @@ def hub_failure(exc: BaseException, model: str = "") -> LorafactoryError | None:
             return ConfigError(f"the Hugging Face Hub refused {what} ({first_line(hub)}): {LOGIN}")
         return StageError(f"the Hugging Face Hub failed to give {what} ({first_line(hub)}); try again later")
     return None
+
+
+def say_if_downloading(model_id: str, probe: str, what: str) -> None:
+    """Say so before a hub model that is not in the cache is fetched: the libraries show no progress while they
+    download (a base model is several GB), so the stage would seem to hang. ``probe``: a file every version of
+    the model has (its config)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    if constants.HF_HUB_OFFLINE or Path(model_id).expanduser().exists():
+        return
+    try:
+        cached = try_to_load_from_cache(model_id, probe)
+    except HFValidationError:  # not a hub id: the loader says what is wrong with it
+        return
+    if not isinstance(cached, str):
+        log.info(
+            "%s %s is not in the Hugging Face cache (%s) yet: downloading it, once; this takes a while",
+            what,
+            model_id,
+            constants.HF_HUB_CACHE,
+        )

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lorafactory.hubfetch import hub_failure
+from lorafactory.hubfetch import hub_failure, say_if_downloading
 
 
 class Clip:
@@ -15,6 +15,7 @@ class Clip:
     def __init__(self, model_id: str, device: torch.device, batch_size: int = 16) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
+        say_if_downloading(model_id, "config.json", "CLIP model")
         try:
             self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(model_id)
