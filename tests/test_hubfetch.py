@@ -98,7 +98,7 @@ def online(monkeypatch, tmp_path):
         (
             "gated",
             ConfigError,
-            "is gated on the Hugging Face Hub: accept its terms at https://huggingface.co/gated/model",
+            "is gated on the Hugging Face Hub: accept its terms at {endpoint}/gated/model, then log in",
         ),
         ("private", ConfigError, "is not on the Hugging Face Hub, or is private: check the model id, or log in"),
         ("renamed", ConfigError, "is not in its repository on the Hugging Face Hub; check the model id"),
@@ -116,7 +116,7 @@ def test_the_hubs_refusals_are_named_with_the_fix(online, answer, kind, expected
     assert type(error) is kind and str(error).startswith(
         f"the Hugging Face Hub refused {named}" if answer == "unauthorized" else named
     )
-    assert expected in str(error) and "\n" not in str(error)
+    assert expected.format(endpoint=online) in str(error) and "\n" not in str(error)
 
 
 def test_an_unreachable_hub_is_named(online, tmp_path):

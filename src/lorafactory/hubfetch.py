@@ -58,7 +58,7 @@ def hub_failure(exc: BaseException, model: str = "") -> LorafactoryError | None:
     if isinstance(hub, errors.GatedRepoError):
         repo = "/".join(what.split("/")[:2])
         return ConfigError(
-            f"{what} is gated on the Hugging Face Hub: accept its terms at https://huggingface.co/{repo}, then {LOGIN}"
+            f"{what} is gated on the Hugging Face Hub: accept its terms at {constants.ENDPOINT}/{repo}, then {LOGIN}"
         )
     if isinstance(hub, errors.RepositoryNotFoundError):
         return ConfigError(f"{what} is not on the Hugging Face Hub, or is private: check the model id, or {LOGIN}")
