@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lorafactory.demo import offline_env
-from lorafactory.errors import ConfigError, LorafactoryError, StageError
-from lorafactory.hubfetch import hub_failure
+from lorafactory.errors import LorafactoryError, StageError
+from lorafactory.fleet.worker import PERMANENT
+from lorafactory.hubfetch import HubRefused, HubUnavailable, hub_failure
 from lorafactory.state import Store
 from lorafactory.workspace import Workspace
 
@@ -97,14 +98,14 @@ def online(monkeypatch, tmp_path):
     [  # the Hub's own answers are settings to change (never retried by the fleet); a failing Hub is not
         (
             "gated",
-            ConfigError,
+            HubRefused,
             "is gated on the Hugging Face Hub: accept its terms at {endpoint}/gated/model, then log in",
         ),
-        ("private", ConfigError, "is not on the Hugging Face Hub, or is private: check the model id, or log in"),
-        ("renamed", ConfigError, "is not in its repository on the Hugging Face Hub; check the model id"),
-        ("revision", ConfigError, ": the Hugging Face Hub has no such revision; check the model id and revision"),
-        ("unauthorized", ConfigError, "(Client error '401 Unauthorized'"),
-        ("down", StageError, "and the Hub could not be reached (Server error '502 Bad Gateway'"),
+        ("private", HubRefused, "is not on the Hugging Face Hub, or is private: check the model id, or log in"),
+        ("renamed", HubRefused, "is not in its repository on the Hugging Face Hub; check the model id"),
+        ("revision", HubRefused, ": the Hugging Face Hub has no such revision; check the model id and revision"),
+        ("unauthorized", HubRefused, "(Client error '401 Unauthorized'"),
+        ("down", HubUnavailable, "and the Hub could not be reached (Server error '502 Bad Gateway'"),
     ],
 )
 def test_the_hubs_refusals_are_named_with_the_fix(online, answer, kind, expected):
@@ -113,9 +114,9 @@ def test_the_hubs_refusals_are_named_with_the_fix(online, answer, kind, expected
     raw = _raised(lambda: hf_hub_download(f"{answer}/model", "weights/model.onnx", endpoint=online))
     error = hub_failure(raw)
     named = f"{answer}/model/weights/model.onnx"
-    assert type(error) is kind and str(error).startswith(
-        f"the Hugging Face Hub refused {named}" if answer == "unauthorized" else named
-    )
+    assert type(error) is kind and error.exit_code == (2 if kind is HubRefused else 4)  # bad settings; a failure
+    assert isinstance(error, PERMANENT) == (kind is HubRefused)  # the fleet retries only the failing Hub
+    assert str(error).startswith(f"the Hugging Face Hub refused {named}" if answer == "unauthorized" else named)
     assert expected.format(endpoint=online) in str(error) and "\n" not in str(error)
 
 

@@ -11,13 +11,25 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorafactory.errors import ConfigError, LorafactoryError, StageError, first_line
+from lorafactory.errors import ConfigError, StageError, first_line
 
 _HUB_URL = re.compile(  # an API call names a repository; a file's URL its repository and path
     r"https?://[^/\s'\"]+/(?:api/(?:models|datasets|spaces)/([\w.-]+/[\w.-]+)"
     r"|(?:(?:datasets|spaces)/)?([\w.-]+/[\w.-]+)/resolve/[^/\s'\"]+/([^\s'\"]+))"
 )
 LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
+
+
+class HubRefused(ConfigError):
+    """The Hub's own answer (gated, private, no such file or revision, refused): a setting or the account must
+    change before a retry can help."""
+
+
+class HubUnavailable(StageError):
+    """Not in the cache while offline, no connection, or a failing Hub: a later try, or another machine, may
+    have the model."""
+
+
 log = logging.getLogger(__name__)
 
 
@@ -45,11 +57,9 @@ def _fetched(chain: list[BaseException]) -> str:
     return ""
 
 
-def hub_failure(exc: BaseException, model: str = "") -> LorafactoryError | None:
+def hub_failure(exc: BaseException, model: str = "") -> HubRefused | HubUnavailable | None:
     """A one-line error when ``exc`` (or what it was raised from) is the Hub's failure to give a model; else None.
-    ``model``: the model id the caller asked for, named when the chain's URLs do not name a file. The Hub's
-    answers (gated, private, no such file, refused) are ConfigErrors: a retry cannot help until a setting or the
-    account changes; no cache offline, no connection or a failing Hub are StageErrors."""
+    ``model``: the model id the caller asked for, named when the chain's URLs do not name a file."""
     from huggingface_hub import constants, errors
 
     chain = list(_chain(exc))
@@ -57,32 +67,32 @@ def hub_failure(exc: BaseException, model: str = "") -> LorafactoryError | None:
     what = _fetched(chain) or model or "a model"
     if isinstance(hub, errors.GatedRepoError):
         repo = "/".join(what.split("/")[:2])
-        return ConfigError(
+        return HubRefused(
             f"{what} is gated on the Hugging Face Hub: accept its terms at {constants.ENDPOINT}/{repo}, then {LOGIN}"
         )
     if isinstance(hub, errors.RepositoryNotFoundError):
-        return ConfigError(f"{what} is not on the Hugging Face Hub, or is private: check the model id, or {LOGIN}")
+        return HubRefused(f"{what} is not on the Hugging Face Hub, or is private: check the model id, or {LOGIN}")
     if isinstance(hub, errors.RevisionNotFoundError):
-        return ConfigError(f"{what}: the Hugging Face Hub has no such revision; check the model id and revision")
+        return HubRefused(f"{what}: the Hugging Face Hub has no such revision; check the model id and revision")
     if isinstance(hub, errors.RemoteEntryNotFoundError):
-        return ConfigError(f"{what} is not in its repository on the Hugging Face Hub; check the model id")
+        return HubRefused(f"{what} is not in its repository on the Hugging Face Hub; check the model id")
     if isinstance(hub, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
         cache = constants.HF_HUB_CACHE
         if constants.HF_HUB_OFFLINE:
-            return StageError(
+            return HubUnavailable(
                 f"{what} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set: run once without it "
                 "to download the model, or copy a cache that holds it there (HF_HUB_CACHE)"
             )
         causes = chain[chain.index(hub) + 1 :]
         reason = f" ({first_line(causes[0])})" if causes else ""
-        return StageError(
+        return HubUnavailable(
             f"{what} is not in the Hugging Face cache ({cache}) and the Hub could not be reached{reason}: check the "
             "connection (a proxy, HF_ENDPOINT), or copy a cache that holds it there (HF_HUB_CACHE)"
         )
     if isinstance(hub, errors.HfHubHTTPError):
         if hub.response.status_code in (401, 403):
-            return ConfigError(f"the Hugging Face Hub refused {what} ({first_line(hub)}): {LOGIN}")
-        return StageError(f"the Hugging Face Hub failed to give {what} ({first_line(hub)}); try again later")
+            return HubRefused(f"the Hugging Face Hub refused {what} ({first_line(hub)}): {LOGIN}")
+        return HubUnavailable(f"the Hugging Face Hub failed to give {what} ({first_line(hub)}); try again later")
     return None
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lorafactory.config import Settings
-from lorafactory.errors import LorafactoryError, first_line
+from lorafactory.errors import first_line
 from lorafactory.evaluate.attention import plain_text
 from lorafactory.evaluate.metrics import (
     bikini_plus,
@@ -28,7 +28,7 @@ from lorafactory.evaluate.metrics import (
     vendi_score,
 )
 from lorafactory.evaluate.prompts import Job
-from lorafactory.hubfetch import hub_failure
+from lorafactory.hubfetch import HubRefused, HubUnavailable, hub_failure
 from lorafactory.vision.ccip import differences, extract_features
 from lorafactory.vision.quality import aesthetic_percentile, ai_corrupt_score
 from lorafactory.vision.tagging import is_character_trait, tag_counts, tag_scores
@@ -48,13 +48,14 @@ METRICS: dict[str, str] = {
     "aesthetic": "aesthetic percentile",
     "validation_loss": "validation loss",
 }
-# what a missing model or a failing model run raises (huggingface_hub's not-found errors are OSErrors)
-MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, ImportError)
+# what a missing model or a failing model run raises (huggingface_hub's not-found errors are OSErrors; a loader
+# of ours names the model the Hub did not give)
+MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, ImportError, HubRefused, HubUnavailable)
 
 
 def _reason(exc: Exception) -> str:
     """Why a metric is missing, in one line: the model the Hub did not give, named, or the error's own words."""
-    named = exc if isinstance(exc, LorafactoryError) else hub_failure(exc)
+    named = exc if isinstance(exc, (HubRefused, HubUnavailable)) else hub_failure(exc)
     if named is not None:
         return first_line(named)
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
@@ -103,7 +104,7 @@ class Scorer:
             return None
         try:
             return compute()
-        except (*MODEL_ERRORS, LorafactoryError) as exc:  # ours: a model the Hub did not give, named
+        except MODEL_ERRORS as exc:
             reason = _reason(exc)
             for metric in metrics:
                 self.missing[metric] = reason
