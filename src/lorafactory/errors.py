@@ -1,12 +1,23 @@
 """User-facing errors: each carries a one-line message that names the problem and the fix."""
 
 import errno
+from collections.abc import Iterator
 
 
 def first_line(exc: BaseException) -> str:
     """An exception's message for one line of output: its first line, or its class name when it has none."""
     text = str(exc)
     return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 class LorafactoryError(Exception):

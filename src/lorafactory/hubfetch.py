@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from lorafactory.errors import ConfigError, StageError, first_line
+from lorafactory.errors import ConfigError, StageError, exception_chain, first_line
 
 _HUB_URL = re.compile(  # an API call names a repository; a file's URL its repository and path
     r"https?://[^/\s'\"]+/(?:api/(?:models|datasets|spaces)/([\w.-]+/[\w.-]+)"
@@ -33,28 +33,22 @@ class HubUnavailable(StageError):
 log = logging.getLogger(__name__)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
 def _fetched(chain: list[BaseException]) -> str:
     """The repository (and file) that the chain's URLs name: from a request or response, else the messages."""
     for exc in chain:
-        for holder in (getattr(exc, "response", None), exc):
-            try:
-                url = str(holder.request.url) if holder is not None else ""  # httpx raises when there is none
-            except (AttributeError, RuntimeError):
-                url = ""
-            for text in (url, str(exc)):
-                found = _HUB_URL.search(text)
-                if found:
-                    return "/".join(part for part in found.groups() if part).rstrip(".,:;")
+        for text in (_request_url(getattr(exc, "response", None)), _request_url(exc), str(exc)):
+            found = _HUB_URL.search(text)
+            if found:
+                return "/".join(part for part in found.groups() if part).rstrip(".,:;")
     return ""
+
+
+def _request_url(holder: Any) -> str:
+    """The URL of the request an exception or response holds; empty when it holds none."""
+    try:
+        return str(holder.request.url)
+    except (AttributeError, RuntimeError):  # none, or httpx's "the request instance has not been set"
+        return ""
 
 
 def hub_failure(exc: BaseException, model: str = "") -> HubRefused | HubUnavailable | None:
@@ -62,7 +56,7 @@ def hub_failure(exc: BaseException, model: str = "") -> HubRefused | HubUnavaila
     ``model``: the model id the caller asked for, named when the chain's URLs do not name a file."""
     from huggingface_hub import constants, errors
 
-    chain = list(_chain(exc))
+    chain = list(exception_chain(exc))
     hub = next((e for e in chain if type(e).__module__.startswith("huggingface_hub")), None)
     what = _fetched(chain) or model or "a model"
     if isinstance(hub, errors.GatedRepoError):

@@ -10,19 +10,13 @@ import math
 import sys
 
 from lorafactory.config import Settings
+from lorafactory.errors import exception_chain
 
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is a GPU out-of-memory error."""
     torch = sys.modules.get("torch")
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if torch is not None and isinstance(current, torch.cuda.OutOfMemoryError):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return torch is not None and any(isinstance(e, torch.cuda.OutOfMemoryError) for e in exception_chain(exc))
 
 
 def lighter(settings: Settings, stage: str) -> dict | None:
