@@ -36,6 +36,11 @@ def test_local_folder_with_sidecars_and_a_broken_file(tmp_path, kit):
     tagged = next(p for p in posts if p.post_id == "main_000.png")
     assert tagged.tags["general"] == ["red_hair", "smile", "1girl"]
     assert sorted(p.name for p in dest.iterdir()) == sorted(p.filename for p in posts)
+    for limit in range(1, 6):  # the crawl's bar (total: min(limit, images)) ends full, skipped files or not
+        calls = []
+        (tmp_path / f"limit{limit}").mkdir()
+        posts, _ = crawl_local(LocalFolder(src), tmp_path / f"limit{limit}", limit, lambda: calls.append(1))
+        assert (len(posts), len(calls)) == (min(limit, 2), min(limit, 4)), limit
 
 
 def test_local_folder_errors_are_one_line(tmp_path):

@@ -62,9 +62,10 @@ class LocalFolder:
 def crawl_local(
     folder: LocalFolder, images_dir: Path, limit: int, on_item: Callable[[], None] | None = None, site: str = "local"
 ) -> tuple[list[Post], dict[str, int]]:
-    """Copy readable images (deduplicated by md5) into ``images_dir``, up to ``limit``; returns posts and counts
-    (``on_item`` is called for each image kept). ``site`` labels the posts (``anime`` for a dataset built from
-    episodes)."""
+    """Copy readable images (deduplicated by md5) into ``images_dir``, up to ``limit``; returns posts and counts.
+    ``on_item`` moves a bar whose total is ``min(limit, images)``: it is called for each image kept, and for each
+    file skipped (unreadable, a duplicate) once the folder can no longer reach the limit, so the bar ends full.
+    ``site`` labels the posts (``anime`` for a dataset built from episodes)."""
     if folder.others:
         kinds = sorted({p.suffix.lower() or p.name for p in folder.others})
         log.warning(
@@ -77,7 +78,12 @@ def crawl_local(
     posts: list[Post] = []
     seen: set[str] = set()
     counts = {"found": len(folder.images), "unreadable": 0, "duplicate": 0, "not_images": len(folder.others)}
-    for path in folder.images:
+
+    def skipped(index: int) -> None:
+        if on_item and len(posts) + len(folder.images) - index - 1 < limit:  # the files left cannot reach the limit
+            on_item()
+
+    for index, path in enumerate(folder.images):
         if len(posts) >= limit:
             break
         try:
@@ -88,10 +94,12 @@ def crawl_local(
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             log.warning("skipping unreadable image %s: %s", path.name, exc)
             counts["unreadable"] += 1
+            skipped(index)
             continue
         md5 = file_md5(path)
         if md5 in seen:
             counts["duplicate"] += 1
+            skipped(index)
             continue
         seen.add(md5)
         name = f"{site}_{len(posts):05d}{path.suffix.lower()}"
