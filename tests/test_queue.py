@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from rich.filesize import decimal
 
+import lorafactory.fleet.queue as queue_module
 from lorafactory.fleet.queue import JobQueue
 from lorafactory.state import Store
 from lorafactory.workspace import utcnow
@@ -170,7 +171,7 @@ def test_fleet_run_refuses_at_once_a_ray_address_where_nothing_answers(tmp_path)
     assert bad.exit_code == 2 and "'head:port' has no valid port" in bad.output
 
 
-def test_fleet_status_counts_and_eta(tmp_path):
+def test_fleet_status_counts_and_eta(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from lorafactory.cli import app
@@ -187,6 +188,8 @@ def test_fleet_status_counts_and_eta(tmp_path):
             queue.fail(claim.id, "hostA:1:0", "bad input", transient=False)
     queue.claim("hostB:7:3", lease_s=60)
     _record_releases(queue.store.url, (2, "succeeded"))
+    now = utcnow()
+    monkeypatch.setattr(queue_module, "utcnow", lambda: now)  # the summary and `fleet status` at the same moment
     summary = queue.summary()
     assert summary["by_status"] == {"done": 2, "failed": 1, "queued": 1, "running": 1}
     assert summary["running_per_host"] == {"hostB": 1} and summary["done_today"] == 2
@@ -230,7 +233,7 @@ def _record_releases(url: str, *releases: tuple[float, str]) -> None:
         store.finish_stage(store.start_stage(run, "release", "f"), status)
 
 
-def test_the_eta_follows_the_pace_since_the_earliest_run_of_the_last_day(tmp_path):
+def test_the_eta_follows_the_pace_since_the_earliest_run_of_the_last_day(tmp_path, monkeypatch):
     """Jobs done in the last 24 hours over the time since the earliest run still going or ended in them
     (at most 24 hours): a fleet started 30 minutes ago is not judged by a whole day."""
     from typer.testing import CliRunner
@@ -245,6 +248,7 @@ def test_the_eta_follows_the_pace_since_the_earliest_run_of_the_last_day(tmp_pat
         queue.finish(queue.claim("host:1:0", lease_s=60).id, "host:1:0")
     assert queue.summary()["pace_hours"] == 24 and queue.summary()["eta_hours"] == 48.0  # no runs: the whole day
     now = utcnow()
+    monkeypatch.setattr(queue_module, "utcnow", lambda: now)  # `fleet status` reads the pace at `now`, not later
 
     def run(started_h: float, finished_h: float | None) -> None:
         store = Store(url, clock=lambda: now - timedelta(hours=started_h))
