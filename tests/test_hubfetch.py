@@ -3,6 +3,8 @@ huggingface_hub itself (as imgutils calls it), diffusers, transformers; offline,
 
 import http.server
 import logging
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -71,16 +73,41 @@ class _RefusingHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def online(monkeypatch, tmp_path):
-    """The Hub client online, on an empty cache, the loopback Hub its endpoint, its retries' waits skipped (a refused
-    connection is retried)."""
+class _SlowHub(http.server.BaseHTTPRequestHandler):
+    """Serves any file as the Hub does (its commit and etag in a HEAD's headers), ``SIZE`` bytes in 20 parts over
+    about two seconds: a download long enough to be watched (the client writes
+    what came every 10 MiB)."""
+
+    SIZE = 40_000_000
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+        self.send_header("ETag", '"slow-etag"')
+        self.send_header("Content-Length", str(self.SIZE))
+        self.end_headers()
+
+    def do_GET(self):
+        self.do_HEAD()
+        part = self.SIZE // 20
+        for _ in range(20):
+            self.wfile.write(b"\0" * part)
+            self.wfile.flush()
+            threading.Event().wait(0.1)  # not time.sleep: the fixture skips the client's waits
+
+    def log_message(self, *args):
+        pass
+
+
+def _loopback_hub(monkeypatch, tmp_path, handler):
+    """The Hub client online, on an empty cache, a loopback Hub with ``handler`` its endpoint, its retries' waits
+    skipped (a refused connection is retried)."""
     from huggingface_hub import constants
     from huggingface_hub.utils import _http
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingHub)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     endpoint = f"http://127.0.0.1:{server.server_port}"  # for every library, as HF_ENDPOINT sets it at import
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(
@@ -91,6 +118,16 @@ def online(monkeypatch, tmp_path):
     yield endpoint
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    yield from _loopback_hub(monkeypatch, tmp_path, _RefusingHub)
+
+
+@pytest.fixture
+def slow_hub(monkeypatch, tmp_path):
+    yield from _loopback_hub(monkeypatch, tmp_path, _SlowHub)
 
 
 @pytest.mark.parametrize(
@@ -168,19 +205,46 @@ def test_a_base_model_not_yet_cached_is_said_to_download_before_it_does(online, 
     assert isinstance(failed, LorafactoryError) and "down/model" in str(failed)  # then the load fails, in one line
 
 
+def test_a_download_says_how_much_has_come_as_it_goes_and_its_total_at_the_end(slow_hub, caplog, tmp_path):
+    """Measured from the model's folder in the cache, whichever library fetches the files."""
+    from huggingface_hub import hf_hub_download
+
+    from lorafactory.hubfetch import reporting_download
+
+    caplog.set_level(logging.INFO, logger="lorafactory")
+    with reporting_download("someone/model", "config.json", "base model", every=0.3):
+        fetched = hf_hub_download("someone/model", "unet/model.safetensors", endpoint=slow_hub)
+    assert os.path.getsize(fetched) == _SlowHub.SIZE
+    said = [r.getMessage() for r in caplog.records if r.name == "lorafactory.hubfetch"]
+    assert said[0].startswith("base model someone/model is not in the Hugging Face cache")
+    done = re.fullmatch(r"base model someone/model: downloaded 40\.0 MB in (\d+) s", said[-1])
+    assert done and 1 <= int(done[1]) <= 60, said
+    come = [
+        re.fullmatch(r"base model someone/model: ([\d.]+) (k?B|MB) downloaded, [\d.]+ (k?B|MB)/s", line)
+        for line in said[1:-1]
+    ]
+    assert len(come) >= 2 and all(come), said  # the file arrives over about two seconds, watched every 0.3
+    sizes = [float(m[1]) * {"B": 1, "kB": 1e3, "MB": 1e6}[m[2]] for m in come]
+    assert sizes == sorted(set(sizes)) and 0 < sizes[0] and sizes[-1] <= _SlowHub.SIZE  # a line when more came
+
+
 def test_nothing_is_said_of_models_in_the_cache_folders_or_offline(monkeypatch, caplog, kit):
     from huggingface_hub import constants
 
-    from lorafactory.hubfetch import say_if_downloading
+    from lorafactory.hubfetch import reporting_download
 
     caplog.set_level(logging.INFO, logger="lorafactory")
     cached = next(p for p in kit.hub.glob("models--*/snapshots/*/**/*") if p.is_file())
     repo = cached.relative_to(kit.hub).parts[0].removeprefix("models--").replace("--", "/")
     probe = "/".join(cached.parts[cached.parts.index("snapshots") + 2 :])
-    say_if_downloading("someone/uncached", "config.json", "CLIP model")  # offline: the stage fails, naming it
+    with reporting_download("someone/uncached", "config.json", "CLIP model"):
+        pass  # offline: the stage fails, naming it
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    say_if_downloading(repo, probe, "base model")
-    say_if_downloading(str(kit.tiny_sd), "model_index.json", "base model")
+    with reporting_download(repo, probe, "base model"):
+        pass
+    with reporting_download(str(kit.tiny_sd), "model_index.json", "base model"):
+        pass
     assert not [r for r in caplog.records if r.name == "lorafactory.hubfetch"]
-    say_if_downloading("someone/uncached", "config.json", "CLIP model")
+    with reporting_download("someone/uncached", "config.json", "CLIP model"):
+        pass  # nothing came: no total
     assert [r.getMessage().split(" is not")[0] for r in caplog.records] == ["CLIP model someone/uncached"]

@@ -7,9 +7,15 @@ somewhere in the exception's chain, and the URL it was fetching names the reposi
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from rich.filesize import decimal
 
 from lorafactory.errors import ConfigError, StageError, exception_chain, first_line
 
@@ -90,23 +96,74 @@ def hub_failure(exc: BaseException, model: str = "") -> HubRefused | HubUnavaila
     return None
 
 
-def say_if_downloading(model_id: str, probe: str, what: str) -> None:
-    """Say so before a hub model that is not in the cache is fetched: the libraries show no progress while they
-    download (a base model is several GB), so the stage would seem to hang. ``probe``: a file every version of
-    the model has (its config)."""
+REPORT_EVERY_S = 20.0  # how often a download says how much has come
+
+
+@contextmanager
+def reporting_download(model_id: str, probe: str, what: str, every: float = REPORT_EVERY_S) -> Iterator[None]:
+    """Around a library's fetch of a hub model: when the model is not in the cache, say so first, then every
+    ``every`` seconds how much has come, then the total and time; the libraries show no progress while they
+    download (a base model is several GB), so the stage would seem to hang. Measured from the model's folder in
+    the Hugging Face cache, whichever library fetches it. ``probe``: a file every version of the model has (its
+    config)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    if not _needs_download(model_id, probe):
+        yield
+        return
+    log.info(
+        "%s %s is not in the Hugging Face cache (%s) yet: downloading it, once; this takes a while",
+        what,
+        model_id,
+        constants.HF_HUB_CACHE,
+    )
+    blobs = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=model_id, repo_type="model"), "blobs")
+    before, started, stop = _folder_bytes(blobs), time.monotonic(), threading.Event()
+    watcher = threading.Thread(target=_report, args=(blobs, before, f"{what} {model_id}", every, stop), daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+    come, elapsed = _folder_bytes(blobs) - before, time.monotonic() - started
+    if come > 0:
+        log.info("%s %s: downloaded %s in %.0f s", what, model_id, decimal(come), elapsed)
+
+
+def _needs_download(model_id: str, probe: str) -> bool:
+    """Whether loading ``model_id`` will fetch it from the Hub: online, a hub id, its ``probe`` not cached."""
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
     if constants.HF_HUB_OFFLINE or Path(model_id).expanduser().exists():
-        return
+        return False
     try:
-        cached = try_to_load_from_cache(model_id, probe)
+        return not isinstance(try_to_load_from_cache(model_id, probe), str)
     except HFValidationError:  # not a hub id: the loader says what is wrong with it
-        return
-    if not isinstance(cached, str):
-        log.info(
-            "%s %s is not in the Hugging Face cache (%s) yet: downloading it, once; this takes a while",
-            what,
-            model_id,
-            constants.HF_HUB_CACHE,
-        )
+        return False
+
+
+def _report(blobs: Path, before: int, name: str, every: float, stop: threading.Event) -> None:
+    """Every ``every`` seconds until ``stop``: the bytes come since the start and the rate since the last line,
+    when more have come."""
+    said, last = 0, time.monotonic()
+    while not stop.wait(every):
+        come, now = _folder_bytes(blobs) - before, time.monotonic()
+        if come > said:
+            log.info("%s: %s downloaded, %s/s", name, decimal(come), decimal(int((come - said) / (now - last))))
+            said, last = come, now
+
+
+def _folder_bytes(folder: Path) -> int:
+    """The bytes in a cache folder's files, finished and in progress (a file renamed meanwhile is skipped)."""
+    total = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        with suppress(FileNotFoundError):
+            total += entry.stat().st_size
+    return total
