@@ -75,8 +75,7 @@ class _RefusingHub(http.server.BaseHTTPRequestHandler):
 
 class _SlowHub(http.server.BaseHTTPRequestHandler):
     """Serves any file as the Hub does (its commit and etag in a HEAD's headers), ``SIZE`` bytes in 20 parts over
-    about two seconds: a download long enough to be watched (the client writes
-    what came every 10 MiB)."""
+    about two seconds: a download long enough to be watched (the client writes what came every 10 MiB)."""
 
     SIZE = 40_000_000
 
@@ -205,7 +204,7 @@ def test_a_base_model_not_yet_cached_is_said_to_download_before_it_does(online, 
     assert isinstance(failed, LorafactoryError) and "down/model" in str(failed)  # then the load fails, in one line
 
 
-def test_a_download_says_how_much_has_come_as_it_goes_and_its_total_at_the_end(slow_hub, caplog, tmp_path):
+def test_a_download_says_how_much_has_come_as_it_goes_and_its_total_at_the_end(slow_hub, caplog):
     """Measured from the model's folder in the cache, whichever library fetches the files."""
     from huggingface_hub import hf_hub_download
 
