@@ -3,7 +3,6 @@ huggingface_hub itself (as imgutils calls it), diffusers, transformers; offline,
 
 import http.server
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -204,46 +203,50 @@ def test_a_base_model_not_yet_cached_is_said_to_download_before_it_does(online, 
     assert isinstance(failed, LorafactoryError) and "down/model" in str(failed)  # then the load fails, in one line
 
 
-def test_a_download_says_how_much_has_come_as_it_goes_and_its_total_at_the_end(slow_hub, caplog):
-    """Measured from the model's folder in the cache, whichever library fetches the files."""
+def test_downloads_say_how_much_has_come_as_they_go_and_what_came_at_the_end(slow_hub, caplog, tmp_path):
+    """Measured from the cache's folders, whichever library fetches the files: two repositories at once, one
+    already in the cache that stays as it was."""
     from huggingface_hub import hf_hub_download
 
-    from lorafactory.hubfetch import reporting_download
+    from lorafactory.hubfetch import reporting_downloads
 
+    (tmp_path / "hub" / "models--someone--cached" / "blobs").mkdir(parents=True)
+    (tmp_path / "hub" / "models--someone--cached" / "blobs" / "old").write_bytes(b"0" * 1000)
     caplog.set_level(logging.INFO, logger="lorafactory")
-    with reporting_download("someone/model", "config.json", "base model", every=0.3):
-        fetched = hf_hub_download("someone/model", "unet/model.safetensors", endpoint=slow_hub)
-    assert os.path.getsize(fetched) == _SlowHub.SIZE
+    with reporting_downloads(every=0.3):
+        fetches = [
+            threading.Thread(target=hf_hub_download, args=(repo, "unet/model.safetensors"), kwargs=kind)
+            for repo, kind in (("someone/model", {}), ("someone/images", {"repo_type": "dataset"}))
+        ]
+        for fetch in fetches:
+            fetch.start()
+        for fetch in fetches:
+            fetch.join()
     said = [r.getMessage() for r in caplog.records if r.name == "lorafactory.hubfetch"]
-    assert said[0].startswith("base model someone/model is not in the Hugging Face cache")
-    done = re.fullmatch(r"base model someone/model: downloaded 40\.0 MB in (\d+) s", said[-1])
-    assert done and 1 <= int(done[1]) <= 60, said
-    come = [
-        re.fullmatch(r"base model someone/model: ([\d.]+) (k?B|MB) downloaded, [\d.]+ (k?B|MB)/s", line)
-        for line in said[1:-1]
-    ]
-    assert len(come) >= 2 and all(come), said  # the file arrives over about two seconds, watched every 0.3
-    sizes = [float(m[1]) * {"B": 1, "kB": 1e3, "MB": 1e6}[m[2]] for m in come]
-    assert sizes == sorted(set(sizes)) and 0 < sizes[0] and sizes[-1] <= _SlowHub.SIZE  # a line when more came
+    assert said[-1] == (
+        "downloaded into the Hugging Face cache: datasets/someone/images (40.0 MB), someone/model (40.0 MB)"
+    )
+    for repo in ("someone/model", "datasets/someone/images"):
+        lines = [re.fullmatch(rf"downloading {repo}: ([\d.]+) MB so far, [\d.]+ (k?B|MB)/s", line) for line in said]
+        sizes = [float(m[1]) for m in lines if m]
+        assert len(sizes) >= 2, said  # each file arrives over about two seconds, watched every 0.3 s
+        assert sizes == sorted(set(sizes)) and sizes[-1] <= 40.0  # a line when more came
+    assert not [line for line in said if "someone/cached" in line]
 
 
 def test_nothing_is_said_of_models_in_the_cache_folders_or_offline(monkeypatch, caplog, kit):
     from huggingface_hub import constants
 
-    from lorafactory.hubfetch import reporting_download
+    from lorafactory.hubfetch import say_if_downloading
 
     caplog.set_level(logging.INFO, logger="lorafactory")
     cached = next(p for p in kit.hub.glob("models--*/snapshots/*/**/*") if p.is_file())
     repo = cached.relative_to(kit.hub).parts[0].removeprefix("models--").replace("--", "/")
     probe = "/".join(cached.parts[cached.parts.index("snapshots") + 2 :])
-    with reporting_download("someone/uncached", "config.json", "CLIP model"):
-        pass  # offline: the stage fails, naming it
+    say_if_downloading("someone/uncached", "config.json", "CLIP model")  # offline: the stage fails, naming it
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    with reporting_download(repo, probe, "base model"):
-        pass
-    with reporting_download(str(kit.tiny_sd), "model_index.json", "base model"):
-        pass
+    say_if_downloading(repo, probe, "base model")
+    say_if_downloading(str(kit.tiny_sd), "model_index.json", "base model")
     assert not [r for r in caplog.records if r.name == "lorafactory.hubfetch"]
-    with reporting_download("someone/uncached", "config.json", "CLIP model"):
-        pass  # nothing came: no total
+    say_if_downloading("someone/uncached", "config.json", "CLIP model")
     assert [r.getMessage().split(" is not")[0] for r in caplog.records] == ["CLIP model someone/uncached"]

@@ -96,74 +96,96 @@ def hub_failure(exc: BaseException, model: str = "") -> HubRefused | HubUnavaila
     return None
 
 
+def say_if_downloading(model_id: str, probe: str, what: str) -> None:
+    """Say so before a hub model that is not in the cache is fetched (a base model is several GB; the stage's
+    download lines follow). ``probe``: a file every version of the model has (its config)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    if constants.HF_HUB_OFFLINE or Path(model_id).expanduser().exists():
+        return
+    try:
+        cached = try_to_load_from_cache(model_id, probe)
+    except HFValidationError:  # not a hub id: the loader says what is wrong with it
+        return
+    if not isinstance(cached, str):
+        log.info(
+            "%s %s is not in the Hugging Face cache (%s) yet: downloading it, once; this takes a while",
+            what,
+            model_id,
+            constants.HF_HUB_CACHE,
+        )
+
+
 REPORT_EVERY_S = 20.0  # how often a download says how much has come
 
 
 @contextmanager
-def reporting_download(model_id: str, probe: str, what: str, every: float = REPORT_EVERY_S) -> Iterator[None]:
-    """Around a library's fetch of a hub model: when the model is not in the cache, say so first, then every
-    ``every`` seconds how much has come, then the total and time; the libraries show no progress while they
-    download (a base model is several GB), so the stage would seem to hang. Measured from the model's folder in
-    the Hugging Face cache, whichever library fetches it. ``probe``: a file every version of the model has (its
-    config)."""
+def reporting_downloads(every: float = REPORT_EVERY_S) -> Iterator[None]:
+    """While a stage runs, every ``every`` seconds: each repository of the Hugging Face cache that grew, how much
+    has come and at what rate; at the end, what came. The libraries show no progress while they download (the CLI
+    turns their bars off), so a first run would seem to hang for minutes. Measured from the cache's folders, so it
+    sees every library's downloads (diffusers, transformers, imgutils) in every process of the stage, and those of
+    other processes sharing the cache."""
     from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
 
-    if not _needs_download(model_id, probe):
-        yield
-        return
-    log.info(
-        "%s %s is not in the Hugging Face cache (%s) yet: downloading it, once; this takes a while",
-        what,
-        model_id,
-        constants.HF_HUB_CACHE,
-    )
-    blobs = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=model_id, repo_type="model"), "blobs")
-    before, started, stop = _folder_bytes(blobs), time.monotonic(), threading.Event()
-    watcher = threading.Thread(target=_report, args=(blobs, before, f"{what} {model_id}", every, stop), daemon=True)
+    cache = Path(constants.HF_HUB_CACHE)
+    before, stop = _repo_bytes(cache), threading.Event()
+    watcher = threading.Thread(target=_report, args=(cache, before, every, stop), daemon=True)
     watcher.start()
     try:
         yield
     finally:
         stop.set()
         watcher.join()
-    come, elapsed = _folder_bytes(blobs) - before, time.monotonic() - started
-    if come > 0:
-        log.info("%s %s: downloaded %s in %.0f s", what, model_id, decimal(come), elapsed)
+    come = _grown(before, _repo_bytes(cache))
+    if come:
+        log.info(
+            "downloaded into the Hugging Face cache: %s",
+            ", ".join(f"{repo} ({decimal(n)})" for repo, n in sorted(come.items())),
+        )
 
 
-def _needs_download(model_id: str, probe: str) -> bool:
-    """Whether loading ``model_id`` will fetch it from the Hub: online, a hub id, its ``probe`` not cached."""
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-
-    if constants.HF_HUB_OFFLINE or Path(model_id).expanduser().exists():
-        return False
-    try:
-        return not isinstance(try_to_load_from_cache(model_id, probe), str)
-    except HFValidationError:  # not a hub id: the loader says what is wrong with it
-        return False
-
-
-def _report(blobs: Path, before: int, name: str, every: float, stop: threading.Event) -> None:
-    """Every ``every`` seconds until ``stop``: the bytes come since the start and the rate since the last line,
-    when more have come."""
-    said, last = 0, time.monotonic()
+def _report(cache: Path, before: dict[str, int], every: float, stop: threading.Event) -> None:
+    """Every ``every`` seconds until ``stop``: per repository that grew since the last line, the bytes come since
+    the start and the rate since then."""
+    said, last = dict.fromkeys(before, 0), time.monotonic()
     while not stop.wait(every):
-        come, now = _folder_bytes(blobs) - before, time.monotonic()
-        if come > said:
-            log.info("%s: %s downloaded, %s/s", name, decimal(come), decimal(int((come - said) / (now - last))))
-            said, last = come, now
+        come, now = _grown(before, _repo_bytes(cache)), time.monotonic()
+        for repo, size in come.items():
+            if size > said.get(repo, 0):
+                rate = decimal(int((size - said.get(repo, 0)) / (now - last)))
+                log.info("downloading %s: %s so far, %s/s", repo, decimal(size), rate)
+        said, last = {**said, **come}, now
 
 
-def _folder_bytes(folder: Path) -> int:
-    """The bytes in a cache folder's files, finished and in progress (a file renamed meanwhile is skipped)."""
-    total = 0
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
+def _grown(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+    """The bytes each repository gained since ``before``, for those that gained any."""
+    return {repo: size - before.get(repo, 0) for repo, size in now.items() if size > before.get(repo, 0)}
+
+
+def _repo_bytes(cache: Path) -> dict[str, int]:
+    """Each repository's bytes in the cache's ``blobs`` folders, finished and in progress: its id as the Hub
+    writes it (``org/name``, ``datasets/org/name``); the folder names are huggingface_hub's
+    (``models--org--name``; a repository id cannot hold ``--``)."""
+    sizes = {}
+    for folder in _entries(cache):
+        kind, _, repo = folder.name.partition("--")
+        if kind in ("models", "datasets", "spaces") and repo:
+            name = repo.replace("--", "/")
+            sizes[name if kind == "models" else f"{kind}/{name}"] = sum(_sizes(Path(folder.path, "blobs")))
+    return sizes
+
+
+def _sizes(folder: Path) -> Iterator[int]:
+    """The sizes of a folder's files (one renamed or removed meanwhile is skipped)."""
+    for entry in _entries(folder):
         with suppress(FileNotFoundError):
-            total += entry.stat().st_size
-    return total
+            yield entry.stat().st_size
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []

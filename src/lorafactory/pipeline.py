@@ -37,6 +37,7 @@ from lorafactory.errors import (
     as_user_error,
     first_line,
 )
+from lorafactory.hubfetch import reporting_downloads
 from lorafactory.progress import Progress
 from lorafactory.prune import PRUNED_FILES, plan_pruning, prune
 from lorafactory.state import Store
@@ -527,7 +528,8 @@ def _execute(ctx: Context, head: Manifest, legacy: str) -> Manifest:
             resumable,
             lambda saved: _misfit(_saved_marker(stage, saved), ctx.settings, upstream, legacy),
         )
-        result = _RUNNERS[stage](ctx, out)
+        with reporting_downloads():  # a first run fetches models for minutes: say so as they come
+            result = _RUNNERS[stage](ctx, out)
     except KeyboardInterrupt:
         store.finish_stage(stage_id, "interrupted", "interrupted by the user")
         store.finish_run(ctx.run_id, "interrupted", f"interrupted during {stage}")

@@ -27,6 +27,7 @@ from lorafactory.cli.base import (
 from lorafactory.config import read_toml
 from lorafactory.errors import ConfigError, InputError
 from lorafactory.fleet.phases import STEPS
+from lorafactory.hubfetch import reporting_downloads
 from lorafactory.progress import RichProgress
 from lorafactory.workspace import Workspace
 
@@ -80,7 +81,10 @@ def anime(
         settings = over_saved(where.config_path, config, preset, set_ or [])
         ws.root.mkdir(parents=True, exist_ok=True)
         store = Store(db or ws.default_db_url)
-        result = build_show(ws, store, settings, show, RichProgress(err), episodes, copyright_, list(cast or []), site)
+        with reporting_downloads():  # the first show fetches the vision models
+            result = build_show(
+                ws, store, settings, show, RichProgress(err), episodes, copyright_, list(cast or []), site
+            )
         queued = []
         if queue:
             jobs = job_queue(workspace, db)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from lorafactory.errors import ConfigError, first_line
-from lorafactory.hubfetch import hub_failure, reporting_download
+from lorafactory.hubfetch import hub_failure, say_if_downloading
 
 Family = Literal["sd1", "sdxl"]
 # Graphs one compiled transformer block may have: a run's block widths and shapes (strides, sides of 1, grad
@@ -89,8 +89,8 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32, config: s
             cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
             pipe = cls.from_single_file(str(path), **kwargs, **({"config": config} if config else {}))
         elif path.is_dir() or not (path.suffix in (".safetensors", ".ckpt") or base_model.startswith((".", "/", "~"))):
-            with reporting_download(base_model, "model_index.json", "base model"):
-                pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base_model, **kwargs)
+            say_if_downloading(base_model, "model_index.json", "base model")
+            pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base_model, **kwargs)
         else:
             raise ConfigError(
                 f"base model {base_model} does not exist; set train.base_model to a model folder, file or hub id"

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lorafactory.hubfetch import hub_failure, reporting_download
+from lorafactory.hubfetch import hub_failure, say_if_downloading
 
 
 class Clip:
@@ -15,10 +15,10 @@ class Clip:
     def __init__(self, model_id: str, device: torch.device, batch_size: int = 16) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
+        say_if_downloading(model_id, "config.json", "CLIP model")
         try:
-            with reporting_download(model_id, "config.json", "CLIP model"):
-                self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
-                self.processor = CLIPProcessor.from_pretrained(model_id)
+            self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(model_id)
         except OSError as exc:  # transformers' own words name no model when the Hub did not give it
             hub = hub_failure(exc, model_id)
             if hub is None:
