@@ -2,7 +2,10 @@
 
 The libraries that fetch models (huggingface_hub itself, and diffusers, transformers and imgutils through it) say
 "check your connection" without naming the file, or wrap the Hub's error in their own; the Hub's error is
-somewhere in the exception's chain, and the URL it was fetching names the repository and file."""
+somewhere in the exception's chain, and the URL it was fetching names the repository and file.
+
+And what is being fetched: the libraries show no progress while they download, so a model the cache lacks is
+announced, and a stage's downloads are reported from the cache's folders as they grow."""
 
 from __future__ import annotations
 
