@@ -189,6 +189,33 @@ def test_a_prepare_whose_vision_models_are_not_cached_fails_in_one_line_that_nam
     assert "error: " + stages[-1]["error"] == error
 
 
+def test_a_first_prepare_online_fetches_the_vision_models_and_says_what_came(kit, tmp_path):
+    """The same first run online: imgutils lists and downloads its models from the Hub (a loopback one serving the
+    stand-in cache), into the empty cache, and the stage ends naming what came."""
+    from lorafactory.testing.cache_hub import CacheHub
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for png in sorted(kit.images.glob("main_*.png"))[:6]:
+        (images / png.name).write_bytes(png.read_bytes())
+    with CacheHub(kit.hub) as hub:
+        env = offline_env(kit) | {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "COLUMNS": "2000"}
+        env["HF_HUB_CACHE"] = str(tmp_path / "hub")
+        command = [sys.executable, "-m", "lorafactory", "prepare", "Jo", "--from-dir", str(images)]
+        command += ["--workspace", str(tmp_path / "ws"), "--preset", "tiny-demo"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (came,) = [line for line in result.stderr.splitlines() if "downloaded into the Hugging Face cache: " in line]
+    for repo in ("deepghs/ccip_onnx", "deepghs/anime_person_detection", "SmilingWolf/wd-swinv2-tagger-v3"):
+        assert f" {repo} (" in came, came
+        folder = "models--" + repo.replace("/", "--")
+        fetched = sorted(p for p in (tmp_path / "hub" / folder / "snapshots").rglob("*") if p.is_file())
+        assert fetched and all(  # whole, and as the stand-in cache holds them
+            p.read_bytes() == (kit.hub / folder / p.relative_to(tmp_path / "hub" / folder)).read_bytes()
+            for p in fetched
+        )
+
+
 def test_a_base_model_not_yet_cached_is_said_to_download_before_it_does(online, caplog, tmp_path):
     """The libraries show no progress while a base model downloads (several GB): the stage says why it waits."""
     from lorafactory.train.model import load_pipeline
