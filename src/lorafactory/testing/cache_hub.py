@@ -46,6 +46,8 @@ class CacheHub(LoopbackServer):
             def _answer(self, body: bool) -> None:
                 url = urlparse(self.path)
                 parts = unquote(url.path).strip("/").split("/")
+                if ".." in parts or len(parts) < 2:  # nothing outside the cache's snapshots
+                    return self._send(404, b"{}", body)
                 api = parts[0] == "api"
                 parts = parts[1:] if api else parts
                 kind = parts.pop(0) if parts[0] in KINDS else "models"
