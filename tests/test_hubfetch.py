@@ -192,6 +192,8 @@ def test_a_prepare_whose_vision_models_are_not_cached_fails_in_one_line_that_nam
 def test_a_first_prepare_online_fetches_the_vision_models_and_says_what_came(kit, tmp_path):
     """The same first run online: imgutils lists and downloads its models from the Hub (a loopback one serving the
     stand-in cache), into the empty cache, and the stage ends naming what came."""
+    from huggingface_hub.file_download import repo_folder_name
+
     from lorafactory.testing.cache_hub import CacheHub
 
     images = tmp_path / "images"
@@ -208,7 +210,7 @@ def test_a_first_prepare_online_fetches_the_vision_models_and_says_what_came(kit
     (came,) = [line for line in result.stderr.splitlines() if "downloaded into the Hugging Face cache: " in line]
     for repo in ("deepghs/ccip_onnx", "deepghs/anime_person_detection", "SmilingWolf/wd-swinv2-tagger-v3"):
         assert f" {repo} (" in came, came
-        folder = "models--" + repo.replace("/", "--")
+        folder = repo_folder_name(repo_id=repo, repo_type="model")
         fetched = sorted(p for p in (tmp_path / "hub" / folder / "snapshots").rglob("*") if p.is_file())
         assert fetched and all(  # whole, and as the stand-in cache holds them
             p.read_bytes() == (kit.hub / folder / p.relative_to(tmp_path / "hub" / folder)).read_bytes()

@@ -152,7 +152,8 @@ def reporting_downloads(every: float = REPORT_EVERY_S) -> Iterator[None]:
 def _report(cache: Path, before: dict[str, int], every: float, stop: threading.Event) -> None:
     """Every ``every`` seconds until ``stop``: per repository that grew since the last line, the bytes come since
     the start and the rate since then."""
-    said, last = dict.fromkeys(before, 0), time.monotonic()
+    said: dict[str, int] = {}
+    last = time.monotonic()
     while not stop.wait(every):
         come, now = _grown(before, _repo_bytes(cache)), time.monotonic()
         for repo, size in come.items():

@@ -26,7 +26,9 @@ class CacheHub(LoopbackServer):
 
     def snapshot(self, kind: str, repo: str) -> Path | None:
         """The folder of a repository's (only) snapshot in the cache; None when the cache lacks it."""
-        snapshots = self.cache / f"{kind}--{repo.replace('/', '--')}" / "snapshots"
+        from huggingface_hub.file_download import repo_folder_name
+
+        snapshots = self.cache / repo_folder_name(repo_id=repo, repo_type=kind.removesuffix("s")) / "snapshots"
         found = sorted(snapshots.iterdir()) if snapshots.is_dir() else []
         return found[0] if found else None
 

@@ -72,9 +72,12 @@ HAIR_TAGS = {
 }
 
 
-def _repo_dir(root: Path, repo_id: str, kind: str = "models") -> Path:
-    """Create ``<kind>--org--name`` with ``refs/main`` (no trailing newline) and return its snapshot folder."""
-    repo = root / f"{kind}--{repo_id.replace('/', '--')}"
+def _repo_dir(root: Path, repo_id: str, repo_type: str = "model") -> Path:
+    """Create the repository's cache folder (``models--org--name``) with ``refs/main`` (no trailing newline) and
+    return its snapshot folder."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = root / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(COMMIT)
     snapshot = repo / "snapshots" / COMMIT
@@ -398,7 +401,7 @@ def build_standin_hub(root: Path) -> Path:
     save(_wd14_model(tags), _repo_dir(root, "deepghs/wd14_tagger_with_embeddings") / WD14_MODEL / "model.onnx")
     (_repo_dir(root, WD14_MODEL) / "selected_tags.csv").write_text(_selected_tags_csv(tags))
 
-    filtering = _repo_dir(root, "alea31415/tag_filtering", kind="datasets")
+    filtering = _repo_dir(root, "alea31415/tag_filtering", repo_type="dataset")
     _json(filtering / "overlap_tags_simplified.json", {"long_hair": ["very_long_hair"], "hair_ornament": ["hairclip"]})
     (filtering / "blacklist_tags.txt").write_text("cosplay\nno_eyewear\n")
 
