@@ -97,6 +97,9 @@ class TimedProgress:
             def advance(self, amount: int = 1) -> None:
                 marks.append((time.perf_counter() - start, (marks[-1][1] if marks else 0) + amount))
 
+            def complete(self) -> None:
+                return None
+
         yield _Task()
         self.synchronize()
         self.spans.setdefault(description, []).append(time.perf_counter() - start)

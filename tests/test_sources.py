@@ -64,6 +64,9 @@ class _Counted(SilentProgress):
             def advance(self, amount=1):
                 advanced[2] += amount
 
+            def complete(self):
+                advanced[1] = advanced[2]
+
         yield _Task()
 
 
@@ -142,9 +145,11 @@ def _replay(kit, count=7, **kwargs):
 
 
 def test_keyset_paging_goes_past_the_page_cap(tmp_path, kit):
+    progress = _Counted()
     with _replay(kit, page_cap=1) as replay:
-        posts, counts = crawl(_settings(replay), tmp_path, SilentProgress())
+        posts, counts = crawl(_settings(replay), tmp_path, progress)
     assert len(posts) == 7 and counts["downloaded"] == 7 and len({p.md5 for p in posts}) == 7
+    assert progress.tasks == [["crawling danbooru", 7, 7]]  # ends full: the site had 7, fewer than crawl.limit
     pages = [path for _, path in replay.requests if path.startswith("/posts.json")]
     assert any("page=b" in p for p in pages) and not any("page=2" in p for p in pages)
     assert posts[0].tags["character"] == ["akane"] and posts[0].site == "danbooru"

@@ -214,3 +214,61 @@ def test_an_os_error_of_no_file_operation_keeps_its_own_words():
         "disk full at /ws/a.png: free space (`lorafactory prune` frees released characters' files) and rerun; "
         "nothing was lost"
     )
+
+
+def _bars(progress_run) -> list[tuple[str, str]]:
+    """Each bar's first word and count as RichProgress draws them last, after ``progress_run(progress)``."""
+    import io
+
+    from rich.console import Console
+
+    from lorafactory.progress import RichProgress
+
+    out = io.StringIO()
+    progress_run(RichProgress(Console(file=out, width=100)))
+    return [(words[0], words[-3]) for words in map(str.split, out.getvalue().splitlines())]
+
+
+def _short_crawl_and_others(progress) -> None:
+    with progress.task("crawling sites", total=200) as task:
+        task.advance(120)
+        task.complete()
+    with progress.task("training", total=10) as task:
+        task.advance(4)
+    try:
+        with progress.task("rendering", total=10) as task:
+            task.advance(3)
+            raise RuntimeError("out of memory")
+    except RuntimeError:
+        pass
+
+
+def test_a_completed_bar_ends_full_at_its_count_and_others_where_they_stopped():
+    """A site crawl's bar counts to the image limit, which sites with fewer posts never reach: the crawl says its
+    work is complete, and its bar ends full at what came. Bars not completed keep their totals."""
+    assert _bars(_short_crawl_and_others) == [("crawling", "120/120"), ("training", "4/10"), ("rendering", "3/10")]
+
+
+def test_a_training_workers_bars_and_notes_reach_the_launching_process(capsys):
+    """torchrun's workers draw through the launching process: their progress events, written as lines, drive its
+    bars (a completed one included) and notes; other lines pass through, and the result is kept."""
+    import io
+    import json
+
+    from lorafactory.launch import torchrun
+
+    written = io.StringIO()
+    relay = torchrun._RelayProgress(written)
+    _short_crawl_and_others(relay)
+    relay.note("resumed at step 4")
+    lines = ["a worker's own output\n", *written.getvalue().splitlines(keepends=True)]
+    lines.append(torchrun._EVENT + json.dumps({"result": {"steps": 4}}) + "\n")
+    outcome, notes = {}, []
+
+    def relayed(progress) -> None:
+        progress.note = notes.append
+        torchrun._relay(lines, progress, outcome)
+
+    assert _bars(relayed) == [("crawling", "120/120"), ("training", "4/10"), ("rendering", "3/10")]
+    assert notes == ["resumed at step 4"] and outcome == {"result": {"steps": 4}}
+    assert capsys.readouterr().out == "a worker's own output\n"

@@ -9,6 +9,9 @@ from typing import Iterator, Protocol
 class Task(Protocol):
     def advance(self, amount: int = 1) -> None: ...
 
+    def complete(self) -> None:
+        """The work ended here: the count so far is the whole (a total that was only an upper bound)."""
+
 
 class Progress(Protocol):
     def task(self, description: str, total: int | None) -> Iterator[Task]: ...
@@ -18,6 +21,9 @@ class Progress(Protocol):
 
 class _SilentTask:
     def advance(self, amount: int = 1) -> None:
+        return None
+
+    def complete(self) -> None:
         return None
 
 
@@ -62,6 +68,9 @@ class RichProgress:
             class _Task:
                 def advance(self, amount: int = 1) -> None:
                     bar.advance(task_id, amount)
+
+                def complete(self) -> None:
+                    bar.update(task_id, total=bar.tasks[0].completed)
 
             yield _Task()
 

@@ -52,6 +52,9 @@ class _RelayProgress:
             def advance(self, amount: int = 1) -> None:
                 relay._emit(advance=task_id, amount=amount)
 
+            def complete(self) -> None:
+                relay._emit(complete=task_id)
+
         try:
             yield _Task()
         finally:
@@ -176,6 +179,8 @@ def _relay(lines: Iterable[str], progress: Progress, outcome: dict) -> None:
                 )
             elif "advance" in event:
                 open_tasks[event["advance"]][1].advance(event["amount"])
+            elif "complete" in event:
+                open_tasks[event["complete"]][1].complete()
             elif "end" in event:
                 open_tasks.pop(event["end"])[0].close()
             elif "note" in event:

@@ -333,6 +333,7 @@ def crawl(
             asyncio.run(_crawl_sites(state))
             posts = sorted((post for *_, post in state.kept), key=lambda post: _order(c.sites, post))
             counts = {**state.counts, "kept": len(posts), **({"tags": state.chosen} if state.chosen else {})}
+        task.complete()  # sites with fewer posts than the limit: the bar ends full at what they had
     if not posts:
         where = (
             c.from_dir
